@@ -1,0 +1,80 @@
+"""The embedded default backend: Optuna in this process, one trial at a time.
+
+This wrapper is the one place where a trial's exceptions are caught: Optuna records the trial as FAIL
+with the error and the search goes on; a trial told to stop is recorded PRUNED, never COMPLETE.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from autoft.space import SearchSpace
+from autoft.trial import EpochMetrics, Report, TrialOutcome
+
+__all__ = ["Execute", "optimize"]
+
+log = logging.getLogger(__name__)
+
+# execute(number, params, report) -> outcome: the controller's "run one trial"; knows nothing of Optuna.
+Execute = Callable[[int, dict, Report], TrialOutcome]
+
+
+def _objective(space: SearchSpace, execute: Execute) -> Callable[[optuna.Trial], float]:
+    def objective(trial: optuna.Trial) -> float:
+        params = space.sample(trial)
+
+        def report(epoch: int, metrics: EpochMetrics) -> bool:
+            trial.report(metrics.val_accuracy, epoch)
+            return trial.should_prune()
+
+        try:
+            outcome = execute(trial.number, params, report)
+        except Exception as exc:  # recorded in the study; Optuna then marks the trial FAIL and logs the traceback
+            trial.set_user_attr("error", f"{type(exc).__name__}: {exc}"[:2000])
+            raise
+        trial.set_user_attr("best_epoch", outcome.best_epoch)
+        trial.set_user_attr("best_score", outcome.best_score)
+        trial.set_user_attr("val_loss", [m.val_loss for m in outcome.history])
+        trial.set_user_attr("train_loss", [m.train_loss for m in outcome.history])
+        trial.set_user_attr("epoch_seconds", [round(m.seconds, 3) for m in outcome.history])
+        if outcome.stopped_early:
+            raise optuna.TrialPruned(f"stopped after epoch {len(outcome.history)}")
+        return outcome.best_score
+
+    return objective
+
+
+def optimize(
+    study: optuna.Study,
+    space: SearchSpace,
+    execute: Execute,
+    *,
+    n_trials: int | None,
+    timeout: float | None,
+    on_trial_end: Callable[[FrozenTrial], None],
+    should_stop: Callable[[optuna.Study], bool],
+) -> None:
+    """Run up to ``n_trials`` trials (or until ``timeout`` seconds) in this process.
+
+    >>> optimize(study, load_space("default"), execute, n_trials=10, timeout=None,
+    ...          on_trial_end=print, should_stop=lambda s: False)  # doctest: +SKIP
+    """
+
+    def callback(study: optuna.Study, trial: FrozenTrial) -> None:
+        if trial.state == TrialState.FAIL:
+            log.warning("trial %d failed: %s", trial.number, trial.user_attrs.get("error", "see the log"))
+        on_trial_end(trial)
+        if should_stop(study):
+            study.stop()
+
+    study.optimize(
+        _objective(space, execute),
+        n_trials=n_trials,
+        timeout=timeout,
+        catch=(Exception,),
+        callbacks=[callback],
+    )

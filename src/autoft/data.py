@@ -1,0 +1,510 @@
+"""Image folders: find the splits, decode every image once at working resolution, batch, augment, normalize.
+
+A data set is small enough for fine-tuning to keep in memory as one uint8 tensor per split, so images
+are decoded and resized exactly once (in a thread pool) and every epoch after that is tensor slicing.
+Augmentation runs on uint8 batches on whatever device they live on; normalization comes last.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision.transforms import v2
+
+from autoft.errors import AutoftError, closest
+
+__all__ = [
+    "AUGMENT_LEVELS",
+    "IMAGE_EXTENSIONS",
+    "INTERPOLATIONS",
+    "Dataset",
+    "ImageSet",
+    "augment",
+    "batches",
+    "load_image",
+    "load_image_folder",
+    "normalize",
+]
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+INTERPOLATIONS: dict[str, Image.Resampling] = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "nearest": Image.Resampling.NEAREST,
+}
+AUGMENT_LEVELS: tuple[str, ...] = ("none", "light", "strong")
+
+# Random-resized-crop ranges for the "light" level (fraction of the area kept, width/height ratio).
+_CROP_SCALE = (0.6, 1.0)
+_CROP_RATIO = (3 / 4, 4 / 3)
+# Errors PIL raises for unreadable, truncated or absurd files; anything else is a bug and propagates.
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    """One split, decoded once: ``images`` uint8 ``(N, 3, S, S)`` and ``labels`` int64 ``(N,)``.
+
+    >>> s = ImageSet(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), torch.tensor([0, 1]))
+    >>> len(s)
+    2
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """An image-folder data set: class names (sorted; label ``i`` is ``classes[i]``) and its splits.
+
+    >>> ds = load_image_folder("data/flowers", image_size=224)  # doctest: +SKIP
+    >>> ds.summary()  # doctest: +SKIP
+    {'classes': 5, 'train': 2936, 'val': 734, 'test': 0, 'image_size': 224, 'skipped': 0}
+    """
+
+    classes: tuple[str, ...]
+    train: ImageSet
+    val: ImageSet
+    test: ImageSet | None
+    root: Path
+    image_size: int
+    skipped: int
+
+    def summary(self) -> dict:
+        """Counts for logs and reports.
+
+        >>> ds.summary()["classes"]  # doctest: +SKIP
+        5
+        """
+        return {
+            "classes": len(self.classes),
+            "train": len(self.train),
+            "val": len(self.val),
+            "test": len(self.test) if self.test is not None else 0,
+            "image_size": self.image_size,
+            "skipped": self.skipped,
+        }
+
+
+# ----------------------------------------------------------------------------- finding files
+
+
+def _visible(path: Path) -> bool:
+    return not path.name.startswith(".")
+
+
+def _class_dirs(folder: Path) -> list[Path]:
+    return sorted((p for p in folder.iterdir() if p.is_dir() and _visible(p)), key=lambda p: p.name)
+
+
+def _image_files(folder: Path) -> list[Path]:
+    """Image files under ``folder`` (recursively), sorted, skipping hidden files and folders."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        found.extend(
+            Path(dirpath, f) for f in filenames if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTENSIONS
+        )
+    return sorted(found)
+
+
+def _scan_split(folder: Path) -> dict[str, list[Path]]:
+    """``{class name: image files}`` for one split folder, with errors for the empty cases."""
+    dirs = _class_dirs(folder)
+    if not dirs:
+        raise AutoftError(
+            f"Data folder {folder} has no class folders; put the images in one subfolder per class "
+            f"(e.g. {folder}/cat/1.jpg, {folder}/dog/2.jpg)."
+        )
+    files = {d.name: _image_files(d) for d in dirs}
+    empty = [name for name, paths in files.items() if not paths]
+    if empty:
+        raise AutoftError(
+            f"Class folder {folder / empty[0]} has no images (looked for "
+            f"{', '.join(sorted(IMAGE_EXTENSIONS))}); add images or remove the folder"
+            + (f" (also empty: {', '.join(empty[1:])})." if len(empty) > 1 else ".")
+        )
+    return files
+
+
+def _check_same_classes(train: dict[str, list[Path]], other: dict[str, list[Path]], split: Path) -> None:
+    missing_here = sorted(set(train) - set(other))
+    missing_train = sorted(set(other) - set(train))
+    if missing_here or missing_train:
+        raise AutoftError(
+            f"Class folders in {split} differ from those in {split.parent / 'train'}: "
+            f"missing in {split.name}/: {missing_here or 'none'}; "
+            f"missing in train/: {missing_train or 'none'}; "
+            "give every split the same class folders."
+        )
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """Scale 16-bit and 32-bit grayscale to 8 bits (PIL's own convert clips them to white)."""
+    if img.mode.startswith("I;16"):
+        arr = np.asarray(img, dtype=np.float32) / 257.0
+    elif img.mode in ("I", "F"):
+        arr = np.asarray(img, dtype=np.float32)
+        top = float(arr.max()) if arr.size else 0.0
+        if img.mode == "F" and top <= 1.0:
+            arr = arr * 255.0
+        elif top > 255.0:
+            arr = arr / (257.0 if top <= 65535.0 else top / 255.0)
+    else:
+        return img
+    return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8))
+
+
+def _decode(path: Path, size: int, resample: Image.Resampling) -> np.ndarray:
+    """One file -> uint8 ``(S, S, 3)``: RGB, shorter side resized to ``size``, center-cropped."""
+    with Image.open(path) as img:
+        img.draft("RGB", (size, size))  # JPEG only: decode at a reduced scale that is still >= size
+        img = _to_8bit(img)
+        if img.mode == "P":  # via RGBA so palette transparency is handled without a PIL warning
+            img = img.convert("RGBA")
+        if img.mode != "RGB":
+            img = img.convert("RGB")
+        w, h = img.size
+        scale = size / min(w, h)
+        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+        left, top = (nw - size) // 2, (nh - size) // 2
+        img = img.resize((nw, nh), resample).crop((left, top, left + size, top + size))
+        return np.array(img, dtype=np.uint8)  # a writable copy, so torch.from_numpy does not warn
+
+
+def load_image(path: str | Path, *, image_size: int, interpolation: str = "bicubic") -> torch.Tensor:
+    """One image file as the model sees it before normalization: uint8 ``(3, S, S)``.
+
+    >>> load_image("cat.jpg", image_size=224).shape  # doctest: +SKIP
+    torch.Size([3, 224, 224])
+    """
+    path = Path(path)
+    if interpolation not in INTERPOLATIONS:
+        raise AutoftError(f"Unknown interpolation {interpolation!r}; choose one of: {', '.join(INTERPOLATIONS)}.")
+    try:
+        array = _decode(path, image_size, INTERPOLATIONS[interpolation])
+    except _DECODE_ERRORS as exc:
+        raise AutoftError(f"Cannot read image {path}: {exc}") from None
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def _decode_all(paths: list[Path], size: int, resample: Image.Resampling) -> tuple[torch.Tensor, list[Path]]:
+    """Decode ``paths`` in a thread pool into one uint8 ``(N, 3, S, S)`` tensor; returns it and the failures.
+
+    Rows of failed files are left as zeros; the caller drops them.
+    """
+    out = torch.zeros((len(paths), 3, size, size), dtype=torch.uint8)
+    failed: list[Path] = []
+
+    def work(i: int) -> None:
+        try:
+            arr = _decode(paths[i], size, resample)
+        except _DECODE_ERRORS:
+            failed.append(paths[i])  # list.append is atomic under the GIL
+            return
+        out[i] = torch.from_numpy(arr).permute(2, 0, 1)
+
+    # PIL releases the GIL while decoding and resizing, so threads give real parallelism here.
+    with ThreadPoolExecutor(max_workers=min(16, (os.cpu_count() or 1) + 2)) as pool:
+        list(pool.map(work, range(len(paths))))
+    return out, sorted(failed)
+
+
+# ----------------------------------------------------------------------------- splitting
+
+
+def _stratified_split(
+    labels: torch.Tensor, *, n_classes: int, val_fraction: float, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Train and val row indices; every class keeps at least one image on each side."""
+    rng = np.random.default_rng(seed)
+    train_idx: list[np.ndarray] = []
+    val_idx: list[np.ndarray] = []
+    lab = labels.numpy()
+    for c in range(n_classes):
+        rows = np.flatnonzero(lab == c)
+        rows = rows[rng.permutation(len(rows))]
+        n_val = min(max(1, round(len(rows) * val_fraction)), len(rows) - 1)
+        val_idx.append(np.sort(rows[:n_val]))
+        train_idx.append(np.sort(rows[n_val:]))
+    return torch.from_numpy(np.concatenate(train_idx)), torch.from_numpy(np.concatenate(val_idx))
+
+
+def _select(images: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor) -> ImageSet:
+    return ImageSet(images.index_select(0, rows).contiguous(), labels.index_select(0, rows))
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _check_options(root: Path, image_size: int, val_fraction: float, interpolation: str) -> None:
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 8:
+        raise AutoftError(f"image_size must be an integer of at least 8, but got {image_size!r}.")
+    if isinstance(val_fraction, bool) or not isinstance(val_fraction, int | float) or not 0.0 < val_fraction < 1.0:
+        raise AutoftError(
+            f"val_fraction must be a number strictly between 0 and 1 (e.g. 0.2), but got {val_fraction!r}."
+        )
+    if interpolation not in INTERPOLATIONS:
+        hint = closest(str(interpolation), INTERPOLATIONS)
+        raise AutoftError(
+            f"Unknown interpolation {interpolation!r}; use one of {', '.join(INTERPOLATIONS)}"
+            + (f" (did you mean {hint[0]!r}?)." if hint else ".")
+        )
+    if not root.exists():
+        raise AutoftError(f"Data path {root} does not exist; pass the folder that holds your images.")
+    if not root.is_dir():
+        raise AutoftError(
+            f"Data path {root} is a file, not a folder; pass a folder with one subfolder per class "
+            "(or train/ and val/ subfolders)."
+        )
+
+
+def _split_folders(root: Path) -> dict[str, Path]:
+    """Which split folders ``root`` holds: ``{"train", "val"?, "test"?}`` or ``{"all"}`` for a flat layout."""
+    names = {p.name for p in root.iterdir() if p.is_dir()}
+    if "train" in names:
+        return {s: root / s for s in ("train", "val", "test") if s in names}
+    if "val" in names or "test" in names:
+        raise AutoftError(
+            f"Data folder {root} has val/ or test/ but no train/; add {root / 'train'} "
+            "(or put the class folders directly in the data folder)."
+        )
+    return {"all": root}
+
+
+def load_image_folder(
+    root: str | Path,
+    *,
+    image_size: int,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    interpolation: str = "bicubic",
+) -> Dataset:
+    """Load an image-folder data set into memory, decoded once at ``image_size``.
+
+    Layouts: ``root/train/<class>/*`` + ``root/val/<class>/*`` (+ optional ``root/test/<class>/*``),
+    or ``root/<class>/*``. Without a val folder, train is split stratified by ``val_fraction`` and
+    ``seed`` (every class keeps at least one image on each side). Unreadable files are skipped
+    with one warning and counted in ``Dataset.skipped``.
+
+    >>> ds = load_image_folder("data/flowers", image_size=224, val_fraction=0.2, seed=0)  # doctest: +SKIP
+    >>> ds.classes, ds.train.images.shape  # doctest: +SKIP
+    (('daisy', 'rose', 'tulip'), torch.Size([2936, 3, 224, 224]))
+    """
+    root = Path(root).expanduser()
+    _check_options(root, image_size, val_fraction, interpolation)
+    folders = _split_folders(root)
+    files = {split: _scan_split(folder) for split, folder in folders.items()}
+    first = "train" if "train" in files else "all"
+    classes = tuple(files[first])
+    for split in ("val", "test"):
+        if split in files:
+            _check_same_classes(files[first], files[split], folders[split])
+    if len(classes) < 2:
+        raise AutoftError(
+            f"Data folder {folders[first]} has only one class folder ({classes[0]!r}); "
+            "classification needs at least two, one subfolder per class."
+        )
+
+    resample = INTERPOLATIONS[interpolation]
+    index = {name: i for i, name in enumerate(classes)}
+    decoded: dict[str, ImageSet] = {}
+    all_failed: list[Path] = []
+    for split, per_class in files.items():
+        paths = [p for name in classes for p in per_class[name]]
+        labels = torch.tensor([index[name] for name in classes for _ in per_class[name]], dtype=torch.int64)
+        images, failed = _decode_all(paths, image_size, resample)
+        all_failed += failed
+        bad = set(failed)
+        keep = torch.tensor([i for i, p in enumerate(paths) if p not in bad], dtype=torch.int64)
+        decoded[split] = _select(images, labels, keep)
+        need = 2 if split == first and "val" not in files else 1  # splitting needs one train + one val
+        _check_not_emptied(decoded[split], classes, folders[split], need=need)
+
+    if all_failed:
+        names = ", ".join(str(p) for p in all_failed[:3])
+        more = f" and {len(all_failed) - 3} more" if len(all_failed) > 3 else ""
+        logger.warning("Skipped %d unreadable image file(s): %s%s.", len(all_failed), names, more)
+
+    if "val" in decoded:
+        train, val = decoded[first], decoded["val"]
+    else:
+        t_rows, v_rows = _stratified_split(
+            decoded[first].labels, n_classes=len(classes), val_fraction=val_fraction, seed=seed
+        )
+        train = _select(decoded[first].images, decoded[first].labels, t_rows)
+        val = _select(decoded[first].images, decoded[first].labels, v_rows)
+    dataset = Dataset(
+        classes=classes,
+        train=train,
+        val=val,
+        test=decoded.get("test"),
+        root=root.resolve(),
+        image_size=image_size,
+        skipped=len(all_failed),
+    )
+    logger.info("Loaded %s: %s", root, dataset.summary())
+    return dataset
+
+
+def _check_not_emptied(split: ImageSet, classes: tuple[str, ...], folder: Path, *, need: int) -> None:
+    """Raise if corrupt files left a class with fewer readable images than ``need``."""
+    counts = torch.bincount(split.labels, minlength=len(classes)).tolist()
+    short = [(name, n) for name, n in zip(classes, counts, strict=True) if n < need]
+    if not short:
+        return
+    name, n = short[0]
+    if n == 0:
+        raise AutoftError(
+            f"Class folder {folder / name} has no readable images (all were corrupt or unreadable); "
+            "replace the broken files or remove the folder."
+        )
+    raise AutoftError(
+        f"Class folder {folder / name} has only {n} readable image, too few to split into train and val; "
+        "add images to it, or use train/ and val/ folders so no split is needed."
+    )
+
+
+# ----------------------------------------------------------------------------- batches and transforms
+
+
+def batches(
+    split: ImageSet,
+    *,
+    batch_size: int,
+    shuffle: bool,
+    generator: torch.Generator | None = None,
+    drop_last: bool = False,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield ``(uint8 images, int64 labels)`` batches covering ``split`` once (one epoch).
+
+    With ``shuffle`` the order comes from ``generator`` (same generator state, same order); without
+    it, batches are views in stored order.
+
+    >>> s = ImageSet(torch.zeros(5, 3, 8, 8, dtype=torch.uint8), torch.arange(5))
+    >>> [len(y) for _, y in batches(s, batch_size=2, shuffle=False)]
+    [2, 2, 1]
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise AutoftError(f"batch_size must be a positive integer, but got {batch_size!r}.")
+    n = len(split)
+    stop = n - n % batch_size if drop_last else n
+    if not shuffle:
+        for start in range(0, stop, batch_size):
+            yield split.images[start : start + batch_size], split.labels[start : start + batch_size]
+        return
+    order = torch.randperm(n, generator=generator)
+    for start in range(0, stop, batch_size):
+        rows = order[start : start + batch_size].to(split.labels.device)
+        yield split.images.index_select(0, rows), split.labels.index_select(0, rows)
+
+
+def _check_batch(images: torch.Tensor) -> None:
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+        raise AutoftError(
+            "Expected a uint8 image batch of shape (N, 3, H, W), but got "
+            f"dtype {images.dtype} and shape {tuple(images.shape)}."
+        )
+
+
+def _light(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random horizontal flip + random-resized crop (back to the same size) per sample, in one grid_sample."""
+    n = images.shape[0]
+    g_device = generator.device
+
+    def uniform(low: float, high: float) -> torch.Tensor:
+        return low + (high - low) * torch.rand(n, generator=generator, device=g_device)
+
+    area = uniform(*_CROP_SCALE)
+    log_ratio = uniform(math.log(_CROP_RATIO[0]), math.log(_CROP_RATIO[1]))
+    ratio = log_ratio.exp()
+    w = (area * ratio).sqrt().clamp(max=1.0)  # crop width and height as fractions of the image
+    h = (area / ratio).sqrt().clamp(max=1.0)
+    x0 = uniform(0.0, 1.0) * (1.0 - w)
+    y0 = uniform(0.0, 1.0) * (1.0 - h)
+    flip = torch.where(uniform(0.0, 1.0) < 0.5, -1.0, 1.0)
+
+    # Affine map from output coordinates in [-1, 1] to the crop window in input coordinates.
+    theta = torch.zeros(n, 2, 3, device=g_device)
+    theta[:, 0, 0] = w * flip
+    theta[:, 0, 2] = 2 * x0 + w - 1
+    theta[:, 1, 1] = h
+    theta[:, 1, 2] = 2 * y0 + h - 1
+    theta = theta.to(images.device)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    out = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return out.round_().clamp_(0, 255).to(torch.uint8)
+
+
+_TRIVIAL_AUGMENT = v2.TrivialAugmentWide()
+
+
+def _strong(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Light, then TrivialAugmentWide per sample, its global-RNG draws seeded from ``generator``."""
+    out = _light(images, generator)
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
+    # TrivialAugmentWide draws from torch's global CPU RNG; fork it so callers' RNG state is untouched.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return torch.stack([_TRIVIAL_AUGMENT(img) for img in out])
+
+
+def augment(images: torch.Tensor, level: str, *, generator: torch.Generator) -> torch.Tensor:
+    """Augment a uint8 ``(N, 3, S, S)`` batch; same shape and dtype out, all randomness from ``generator``.
+
+    Levels: ``"none"`` (input returned as is), ``"light"`` (random horizontal flip + random-resized crop,
+    scale 0.6-1.0, ratio 3/4-4/3), ``"strong"`` (light + TrivialAugmentWide per sample).
+
+    >>> g = torch.Generator().manual_seed(0)
+    >>> augment(torch.zeros(2, 3, 16, 16, dtype=torch.uint8), "light", generator=g).shape
+    torch.Size([2, 3, 16, 16])
+    """
+    if level not in AUGMENT_LEVELS:
+        hint = closest(str(level), AUGMENT_LEVELS)
+        raise AutoftError(
+            f"Unknown augmentation level {level!r}; use one of {', '.join(AUGMENT_LEVELS)}"
+            + (f" (did you mean {hint[0]!r}?)." if hint else ".")
+        )
+    _check_batch(images)
+    if level == "none" or images.shape[0] == 0:
+        return images
+    if level == "light":
+        return _light(images, generator)
+    return _strong(images, generator)
+
+
+def normalize(images: torch.Tensor, *, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 ``(N, 3, S, S)`` -> float32 ``(x / 255 - mean) / std``, computed on the images' device.
+
+    >>> x = torch.full((1, 3, 2, 2), 255, dtype=torch.uint8)
+    >>> normalize(x, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))[0, :, 0, 0].tolist()
+    [1.0, 1.0, 1.0]
+    """
+    _check_batch(images)
+    if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
+        raise AutoftError(
+            f"mean and std need three values each (one per RGB channel) with std > 0, "
+            f"but got mean={tuple(mean)} and std={tuple(std)}."
+        )
+    m = torch.tensor(mean, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
+    return (images.float() / 255.0 - m) / s

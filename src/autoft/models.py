@@ -1,0 +1,414 @@
+"""timm models for fine-tuning: create, load weights, group blocks, freeze, and set the train mode.
+
+Everything here goes through timm's own machinery (``create_model``, ``group_matcher``,
+``get_classifier``, ``resolve_model_data_config``), so there is no per-architecture code.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import safetensors
+import safetensors.torch
+import timm
+import timm.data
+import torch
+from timm.models import group_parameters, parse_model_name, split_model_name_tag
+from torch import nn
+
+from autoft.errors import AutoftError, closest
+
+__all__ = [
+    "apply_freeze",
+    "block_groups",
+    "count_parameters",
+    "create",
+    "data_config",
+    "head_parameter_names",
+    "load_weights",
+    "set_train_mode",
+]
+
+logger = logging.getLogger(__name__)
+
+_TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+_SAFETENSORS_SUFFIXES = (".safetensors",)
+_CONTAINER_KEYS = ("state_dict", "model", "model_state_dict")
+_KEY_PREFIXES = ("module.", "_orig_mod.")
+_BN_COUNTER = "num_batches_tracked"
+
+
+def create(name: str, *, num_classes: int, pretrained: bool = True, weights: str | Path | None = None) -> nn.Module:
+    """Create the timm model ``name`` with a fresh ``num_classes``-way head.
+
+    With ``weights``, the backbone comes from that file instead of timm's hub (see `load_weights`).
+
+    Example:
+        >>> model = create("test_resnet", num_classes=10, pretrained=False)
+        >>> model.get_classifier().out_features
+        10
+    """
+    _check_model_name(name)
+    from_hub = pretrained and weights is None
+    try:
+        model = timm.create_model(name, pretrained=from_hub, num_classes=num_classes)
+    except OSError as err:  # hub download failed: no network, or the weights are not in the cache
+        if not from_hub:
+            raise
+        raise AutoftError(
+            f"Pretrained weights could not be fetched for model '{name}' ({_brief(err)}); "
+            "pass a local file with --weights FILE, or train from scratch with --no-pretrained."
+        ) from err
+    if weights is not None:
+        load_weights(model, weights)
+    return model
+
+
+def load_weights(model: nn.Module, path: str | Path) -> None:
+    """Load a weights file into ``model``'s backbone; the classifier keeps its new shape.
+
+    Keys are matched by name first; when the names differ (weights from another codebase)
+    they are matched by order, with every backbone shape checked (only for ``.pth``-style files:
+    safetensors sorts its keys, so its names must match). File classifier tensors
+    whose shapes do not fit the model's head are dropped, so the head stays freshly initialized.
+    Pickled ``.pth`` files are read with ``weights_only=True``: only tensors, never arbitrary objects.
+
+    Example:
+        >>> import tempfile, safetensors.torch
+        >>> source = create("test_resnet", num_classes=5, pretrained=False)
+        >>> path = Path(tempfile.mkdtemp()) / "w.safetensors"
+        >>> safetensors.torch.save_file(source.state_dict(), path)
+        >>> target = create("test_resnet", num_classes=3, pretrained=False)
+        >>> load_weights(target, path)
+        >>> torch.equal(target.conv1[0].weight, source.conv1[0].weight)
+        True
+    """
+    path = Path(path)
+    tensors = _read_tensors(path)
+    target = model.state_dict()
+    head = _head_state_keys(model, target)
+    backbone = [k for k in target if k not in head]
+
+    picked, how = _match_by_name(tensors, target, backbone, head)
+    if picked is None:
+        if path.suffix.lower() in _SAFETENSORS_SUFFIXES:
+            order_problem = "not tried: safetensors files sort their keys, so names must match"
+        else:
+            picked, order_problem = _match_by_order(tensors, target, backbone, head)
+        if picked is None:
+            raise AutoftError(
+                f"Weights file {path} does not fit model {_model_name(model)}: "
+                f"by name {how}; by order, {order_problem}. "
+                "Pass weights saved from the same architecture."
+            )
+        how = "by order (key names differ)"
+
+    model.load_state_dict(picked, strict=False)
+    head_loaded = any(k in picked for k in head)
+    logger.info(
+        "Loaded %d tensors from %s into %s, matched %s; classifier %s.",
+        len(picked),
+        path,
+        _model_name(model),
+        how,
+        "loaded from the file" if head_loaded else "left freshly initialized",
+    )
+
+
+def block_groups(model: nn.Module) -> list[list[str]]:
+    """The backbone's coarse parameter groups in forward order (stem first), classifier excluded.
+
+    Groups come from the model's ``group_matcher(coarse=True)``; models without one are grouped
+    by their top-level children.
+
+    Example:
+        >>> groups = block_groups(create("test_resnet", num_classes=2, pretrained=False))
+        >>> groups[0][0], groups[-1][0]
+        ('conv1.0.weight', 'layer4.0.conv1.weight')
+    """
+    head = head_parameter_names(model)
+    matcher = getattr(model, "group_matcher", None)
+    if callable(matcher):
+        grouped = group_parameters(model, matcher(coarse=True))
+        raw = [grouped[k] for k in sorted(grouped)]
+    else:
+        by_child: dict[str, list[str]] = {}
+        for name, _ in model.named_parameters():
+            by_child.setdefault(name.split(".", 1)[0], []).append(name)
+        raw = list(by_child.values())
+    groups = [[n for n in names if n not in head] for names in raw]
+    return [g for g in groups if g]
+
+
+def head_parameter_names(model: nn.Module) -> set[str]:
+    """Names of the classifier's parameters (``model.get_classifier()``), as in ``named_parameters``.
+
+    Example:
+        >>> sorted(head_parameter_names(create("test_resnet", num_classes=2, pretrained=False)))
+        ['fc.bias', 'fc.weight']
+    """
+    head_ids = {id(p) for p in _classifier(model).parameters()}
+    return {name for name, p in model.named_parameters() if id(p) in head_ids}
+
+
+def apply_freeze(model: nn.Module, *, train_blocks: int | None) -> None:
+    """Set ``requires_grad``: the head always trains, plus the last ``train_blocks`` block groups.
+
+    ``None`` trains everything (full fine-tuning), ``0`` only the head (linear probe); a count
+    larger than the number of groups trains everything.
+
+    Example:
+        >>> model = create("test_resnet", num_classes=2, pretrained=False)
+        >>> apply_freeze(model, train_blocks=0)
+        >>> count_parameters(model, trainable_only=True)
+        194
+    """
+    if train_blocks is not None and train_blocks < 0:
+        raise AutoftError(f"train_blocks must be None or >= 0, but got {train_blocks}; use 0 for a linear probe.")
+    for p in model.parameters():
+        p.requires_grad_(True)
+    if train_blocks is None:
+        return
+    groups = block_groups(model)
+    frozen = {n for g in groups[: max(len(groups) - train_blocks, 0)] for n in g}
+    for name, p in model.named_parameters():
+        if name in frozen:
+            p.requires_grad_(False)
+
+
+def set_train_mode(model: nn.Module, *, freeze_bn_stats: bool) -> None:
+    """Put ``model`` in train mode, except parts that must stay fixed.
+
+    Every module whose parameters are all frozen goes to eval (its BatchNorm statistics and
+    dropout stay fixed, so frozen features stay frozen); with ``freeze_bn_stats`` every
+    normalization layer with running statistics goes to eval as well.
+
+    Example:
+        >>> model = create("test_resnet", num_classes=2, pretrained=False)
+        >>> apply_freeze(model, train_blocks=0)
+        >>> set_train_mode(model, freeze_bn_stats=False)
+        >>> model.training, model.bn1.training, model.fc.training
+        (True, False, True)
+    """
+    model.train()
+    for module in model.modules():
+        params = list(module.parameters())
+        all_frozen = bool(params) and not any(p.requires_grad for p in params)
+        if all_frozen or (freeze_bn_stats and _has_running_stats(module)):
+            module.eval()
+
+
+def data_config(model: nn.Module) -> dict[str, Any]:
+    """The model's expected input: size, mean, std, interpolation and crop, from timm.
+
+    Example:
+        >>> data_config(create("test_resnet", num_classes=2, pretrained=False))["input_size"]
+        (3, 160, 160)
+    """
+    return dict(timm.data.resolve_model_data_config(model))
+
+
+def count_parameters(model: nn.Module, *, trainable_only: bool = False) -> int:
+    """Number of parameter elements, optionally only those with ``requires_grad``.
+
+    Example:
+        >>> count_parameters(nn.Linear(3, 2))
+        8
+    """
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def _check_model_name(name: str) -> None:
+    """Raise with the closest timm names when ``name`` is not a timm model."""
+    source, model_name = parse_model_name(name)
+    if source is not None:  # hf-hub: / local-dir: names are resolved by timm itself
+        return
+    architecture, _ = split_model_name_tag(model_name)
+    if timm.is_model(architecture):
+        return
+    matches = closest(architecture, timm.list_models())
+    hint = f" Did you mean: {', '.join(matches)}?" if matches else ""
+    raise AutoftError(f"Unknown model '{name}'.{hint} (see timm.list_models())")
+
+
+def _brief(err: BaseException, limit: int = 160) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _model_name(model: nn.Module) -> str:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return str(cfg.get("architecture") or type(model).__name__)
+
+
+def _classifier(model: nn.Module) -> nn.Module:
+    get = getattr(model, "get_classifier", None)
+    if not callable(get):
+        raise AutoftError(f"Model {_model_name(model)} has no get_classifier(); create it with autoft.models.create.")
+    return get()
+
+
+def _head_state_keys(model: nn.Module, state: Mapping[str, torch.Tensor]) -> set[str]:
+    """State-dict keys (parameters and buffers) of the classifier module."""
+    classifier = _classifier(model)
+    prefix = next((f"{n}." for n, m in model.named_modules() if m is classifier and n), None)
+    if prefix is None:
+        return set()
+    return {k for k in state if k.startswith(prefix)}
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The file's tensors in file order, unwrapped from common containers, ``module.`` stripped."""
+    suffix = path.suffix.lower()
+    if suffix not in _TORCH_SUFFIXES + _SAFETENSORS_SUFFIXES:
+        raise AutoftError(
+            f"Weights file {path} has an unsupported suffix '{path.suffix}'; "
+            f"use one of {', '.join(_SAFETENSORS_SUFFIXES + _TORCH_SUFFIXES)}."
+        )
+    if not path.is_file():
+        raise AutoftError(f"Weights file {path} does not exist; check the --weights path.")
+    try:
+        if suffix in _SAFETENSORS_SUFFIXES:
+            loaded: Any = safetensors.torch.load_file(path, device="cpu")
+        else:
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        detail = _unpickler_detail(err)
+        if "Unsupported global" in detail:
+            raise AutoftError(
+                f"Weights file {path} holds pickled objects other than tensors, which are not loaded "
+                f"for safety ({detail}); save it as a plain state_dict or as .safetensors."
+            ) from err
+        raise AutoftError(
+            f"Weights file {path} could not be read ({detail}); check that it is a complete PyTorch file."
+        ) from err
+    except (OSError, RuntimeError, ValueError, EOFError, safetensors.SafetensorError) as err:
+        raise AutoftError(
+            f"Weights file {path} could not be read ({_brief(err)}); check that it is a complete "
+            "PyTorch or safetensors file."
+        ) from err
+
+    while isinstance(loaded, Mapping):
+        inner = next((loaded[k] for k in _CONTAINER_KEYS if isinstance(loaded.get(k), Mapping)), None)
+        if inner is None:
+            break
+        loaded = inner
+    tensors = (
+        {_strip_prefixes(str(k)): v for k, v in loaded.items() if isinstance(v, torch.Tensor)}
+        if isinstance(loaded, Mapping)
+        else {}
+    )
+    if not tensors:
+        raise AutoftError(
+            f"Weights file {path} contains no named tensors (found {type(loaded).__name__}); "
+            "save model.state_dict() rather than the model object."
+        )
+    return tensors
+
+
+def _unpickler_detail(err: pickle.UnpicklingError) -> str:
+    """The one informative line of torch's long ``weights_only`` error."""
+    text = str(err)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        text = text.split(marker, 1)[1].strip().split("\n", 1)[0].split(". ", 1)[0]
+    return _brief(text)
+
+
+def _strip_prefixes(key: str) -> str:
+    for prefix in _KEY_PREFIXES:
+        while key.startswith(prefix):
+            key = key[len(prefix) :]
+    return key
+
+
+def _shape(t: torch.Tensor) -> tuple[int, ...]:
+    return tuple(t.shape)
+
+
+def _match_by_name(
+    tensors: Mapping[str, torch.Tensor],
+    target: Mapping[str, torch.Tensor],
+    backbone: list[str],
+    head: set[str],
+) -> tuple[dict[str, torch.Tensor] | None, str]:
+    """Pick the file's tensors by key name; (None, why not) unless every backbone key fits."""
+    missing = [k for k in backbone if k not in tensors and not k.endswith(_BN_COUNTER)]
+    misfit = [k for k in backbone if k in tensors and _shape(tensors[k]) != _shape(target[k])]
+    if missing:
+        return None, f"{len(missing)} keys missing (e.g. '{missing[0]}')"
+    if misfit:
+        k = misfit[0]
+        return None, (
+            f"{len(misfit)} keys differ in shape (e.g. '{k}' is {_shape(tensors[k])} "
+            f"but the model needs {_shape(target[k])})"
+        )
+    picked = {k: tensors[k] for k in backbone if k in tensors}
+    picked.update(_fitting_head(tensors, target, head, list(head)))
+    unused = [k for k in tensors if k not in target]
+    if unused:
+        logger.info(
+            "%d tensors in the weights file have no counterpart in the model (e.g. '%s').",
+            len(unused),
+            unused[0],
+        )
+    return picked, "by name"
+
+
+def _match_by_order(
+    tensors: Mapping[str, torch.Tensor],
+    target: Mapping[str, torch.Tensor],
+    backbone: list[str],
+    head: set[str],
+) -> tuple[dict[str, torch.Tensor] | None, str]:
+    """Pair the file's tensors with the model's backbone keys position by position, shapes checked.
+
+    The file's trailing tensors after the backbone are its classifier: kept when they fit the
+    head, dropped otherwise. BatchNorm counters are paired too when the file has them.
+    """
+    file_keys = list(tensors)
+    if not any(k.endswith(_BN_COUNTER) for k in file_keys):
+        backbone = [k for k in backbone if not k.endswith(_BN_COUNTER)]
+    head_keys = [k for k in target if k in head]
+    for i, (file_key, model_key) in enumerate(zip(file_keys, backbone, strict=False)):
+        if _shape(tensors[file_key]) != _shape(target[model_key]):
+            return None, (
+                f"tensor {i} '{file_key}' has shape {_shape(tensors[file_key])} "
+                f"but the model's '{model_key}' needs {_shape(target[model_key])}"
+            )
+    extra = len(file_keys) - len(backbone)
+    most = max(len(head_keys), 2)
+    if extra < 0 or extra > most:
+        return None, (
+            f"the file has {len(file_keys)} tensors but the model's backbone needs {len(backbone)} "
+            f"(plus at most {most} classifier tensors)"
+        )
+    picked = {m: tensors[f] for f, m in zip(file_keys, backbone, strict=False)}
+    trailing = {m: tensors[f] for f, m in zip(file_keys[len(backbone) :], head_keys, strict=False)}
+    if len(trailing) == len(head_keys) == extra:
+        picked.update(_fitting_head(trailing, target, head, head_keys))
+    return picked, ""
+
+
+def _fitting_head(
+    tensors: Mapping[str, torch.Tensor],
+    target: Mapping[str, torch.Tensor],
+    head: set[str],
+    head_keys: list[str],
+) -> dict[str, torch.Tensor]:
+    """The file's head tensors, only when all of them fit the model's head (else the head stays new)."""
+    if not head or not all(k in tensors and _shape(tensors[k]) == _shape(target[k]) for k in head_keys):
+        return {}
+    return {k: tensors[k] for k in head_keys}
+
+
+def _has_running_stats(module: nn.Module) -> bool:
+    return isinstance(getattr(module, "running_mean", None), torch.Tensor)

@@ -1,0 +1,125 @@
+"""A fine-tuning recipe: the complete, resolved strategy one trial trains with.
+
+Search spaces produce plain dicts of chosen values; :func:`Recipe.from_params` turns one into a
+recipe with defaults for everything the space left out, so the trial loop never guesses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from autoft.data import AUGMENT_LEVELS
+from autoft.errors import AutoftError
+
+__all__ = ["BASELINE", "FREEZE_MODES", "OPTIMIZERS", "SCHEDULES", "Recipe"]
+
+FREEZE_MODES = ("linear_probe", "partial", "full", "lp_ft")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("cosine", "constant")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How to fine-tune: what trains, with which optimizer and schedule, for how long, on what augmentation.
+
+    >>> Recipe.from_params({"freeze": "partial", "train_blocks": 2, "lr": 3e-4}).describe()
+    'last 2 block groups, adamw lr 3e-04, head lr x10, 10 epochs, cosine, augment light'
+    """
+
+    freeze: str = "full"
+    train_blocks: int = 2  # partial: how many of the last block groups train (with the head)
+    lp_epochs: int = 1  # lp_ft: epochs of head-only training before everything unfreezes
+    freeze_bn_stats: bool = False
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    momentum: float = 0.9
+    head_lr_ratio: float = 10.0
+    layer_decay: float = 1.0
+    weight_decay: float = 0.05
+    epochs: int = 10
+    warmup_epochs: int = 0
+    schedule: str = "cosine"
+    batch_size: int = 64
+    label_smoothing: float = 0.0
+    augment: str = "light"
+
+    def __post_init__(self) -> None:
+        for name, value, valid in (
+            ("freeze", self.freeze, FREEZE_MODES),
+            ("optimizer", self.optimizer, OPTIMIZERS),
+            ("schedule", self.schedule, SCHEDULES),
+            ("augment", self.augment, AUGMENT_LEVELS),
+        ):
+            if value not in valid:
+                raise AutoftError(f"Recipe field {name}={value!r} is not known; choose one of: {', '.join(valid)}.")
+        if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
+            raise AutoftError(
+                f"Recipe needs epochs >= 1, batch_size >= 1 and lr > 0, but got "
+                f"epochs={self.epochs}, batch_size={self.batch_size}, lr={self.lr}."
+            )
+        # Out-of-range values would otherwise train silently wrong (a negative rate scale ascends the loss).
+        for name, value, ok, rule in (
+            ("train_blocks", self.train_blocks, self.train_blocks >= 0, ">= 0"),
+            ("lp_epochs", self.lp_epochs, self.lp_epochs >= 0, ">= 0"),
+            ("warmup_epochs", self.warmup_epochs, self.warmup_epochs >= 0, ">= 0"),
+            ("head_lr_ratio", self.head_lr_ratio, self.head_lr_ratio > 0, "> 0"),
+            ("layer_decay", self.layer_decay, self.layer_decay > 0, "> 0"),
+            ("weight_decay", self.weight_decay, self.weight_decay >= 0, ">= 0"),
+            ("momentum", self.momentum, 0 < self.momentum < 1, "in (0, 1) (timm's sgd is Nesterov)"),
+            ("label_smoothing", self.label_smoothing, 0 <= self.label_smoothing < 1, "in [0, 1)"),
+        ):
+            if not ok:
+                raise AutoftError(f"Recipe field {name}={value!r} is out of range; it must be {rule}.")
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> Recipe:
+        """Build a recipe from a space's chosen values; unknown keys are an error, missing ones take defaults."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(params) - fields)
+        if unknown:
+            raise AutoftError(
+                f"Search space parameter(s) {', '.join(unknown)} are not fine-tuning knobs; "
+                f"known knobs: {', '.join(sorted(fields))}."
+            )
+        recipe = cls(**params)
+        # Warmup and the linear-probe phase must leave at least one epoch of the main phase.
+        return dataclasses.replace(
+            recipe,
+            warmup_epochs=min(recipe.warmup_epochs, recipe.epochs - 1),
+            lp_epochs=min(recipe.lp_epochs, recipe.epochs - 1),
+        )
+
+    def train_blocks_at(self, epoch: int) -> int | None:
+        """How many block groups train at ``epoch``: None = all, 0 = head only (linear probe)."""
+        if self.freeze == "linear_probe":
+            return 0
+        if self.freeze == "partial":
+            return self.train_blocks
+        if self.freeze == "lp_ft" and epoch < self.lp_epochs:
+            return 0
+        return None
+
+    def describe(self) -> str:
+        """The strategy in plain words, for summaries and reports."""
+        what = {
+            "linear_probe": "linear probe (head only)",
+            "partial": f"last {self.train_blocks} block groups",
+            "full": "full fine-tune",
+            "lp_ft": f"LP-FT ({self.lp_epochs} head-only epochs, then all)",
+        }[self.freeze]
+        parts = [what, f"{self.optimizer} lr {self.lr:.0e}"]
+        if self.freeze != "linear_probe":
+            parts.append(f"head lr x{self.head_lr_ratio:.3g}")
+            if self.layer_decay < 1.0:
+                parts.append(f"layer decay {self.layer_decay:.2f}")
+        parts += [f"{self.epochs} epochs", self.schedule]
+        if self.label_smoothing > 0:
+            parts.append(f"label smoothing {self.label_smoothing:.2f}")
+        parts.append(f"augment {self.augment}")
+        return ", ".join(parts)
+
+
+# The untuned default recipe people reach for first: one full fine-tune with Adam at lr 1e-3.
+BASELINE = Recipe(freeze="full", optimizer="adam", lr=1e-3, head_lr_ratio=1.0, weight_decay=0.0, augment="light")

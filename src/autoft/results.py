@@ -1,0 +1,57 @@
+"""Reading a search back out of its Optuna study: the trials table and the ranking of the best trials."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from autoft.recipe import Recipe
+
+__all__ = ["finished_count", "ranked_trials", "trial_row", "write_trials_csv"]
+
+
+def trial_row(trial: FrozenTrial) -> dict[str, Any]:
+    """One trial as plain data: number, state, value, epochs run, seconds, error, parameters."""
+    duration = trial.duration.total_seconds() if trial.duration else None
+    return {
+        "number": trial.number,
+        "state": trial.state.name,
+        "value": trial.value,
+        "best_epoch": trial.user_attrs.get("best_epoch"),
+        "epochs_run": len(trial.intermediate_values),
+        "seconds": round(duration, 2) if duration is not None else None,
+        "error": trial.user_attrs.get("error", ""),
+        **{f"param_{k}": v for k, v in trial.params.items()},
+    }
+
+
+def write_trials_csv(study: optuna.Study, path: Path) -> Path:
+    """Write every trial of the study as one CSV row (parameters a trial did not use are left empty)."""
+    rows = [trial_row(t) for t in study.get_trials(deepcopy=False)]
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def ranked_trials(study: optuna.Study, *, top: int = 5) -> list[dict[str, Any]]:
+    """The best COMPLETE trials, best first, each with its strategy in plain words.
+
+    >>> ranked_trials(study, top=3)[0]["strategy"]  # doctest: +SKIP
+    'last 2 block groups, adamw lr 3e-04, ...'
+    """
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    best_first = sorted(complete, key=lambda t: (-t.value, t.number))[:top]
+    return [trial_row(t) | {"strategy": Recipe.from_params(t.params).describe()} for t in best_first]
+
+
+def finished_count(study: optuna.Study) -> int:
+    """Trials that count toward the budget: finished, except those a crash interrupted (they are retried)."""
+    finished = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+    return sum(1 for t in study.get_trials(deepcopy=False, states=finished) if not t.user_attrs.get("interrupted"))

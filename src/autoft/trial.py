@@ -1,0 +1,185 @@
+"""One fine-tuning run: setup -> (train epoch -> evaluate -> report -> stop?) -> best epoch's weights.
+
+This module never imports optuna or ray. Its only link to a search backend is ``report(epoch, metrics)``,
+which answers "should this trial stop now?" (pruning). Read it top to bottom in one pass.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from autoft import data, models, optim
+from autoft.recipe import Recipe
+
+__all__ = ["EpochMetrics", "Report", "TrialOutcome", "evaluate", "resolve_device", "run_trial"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EpochMetrics:
+    """What one epoch measured; ``val_accuracy`` is the score searches maximize."""
+
+    epoch: int
+    train_loss: float
+    val_loss: float
+    val_accuracy: float
+    seconds: float
+
+
+Report = Callable[[int, EpochMetrics], bool]
+
+
+@dataclass
+class TrialOutcome:
+    """A finished (or stopped) trial: its best epoch's score and weights, and every epoch's metrics."""
+
+    best_score: float
+    best_epoch: int
+    history: list[EpochMetrics] = field(default_factory=list)
+    stopped_early: bool = False
+    best_state: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` picks CUDA, then Apple's MPS, then the CPU.
+
+    >>> resolve_device("cpu")
+    device(type='cpu')
+    """
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA GPUs that support it; full precision elsewhere (CPU autocast is slower here)."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def run_trial(
+    base_model: nn.Module,
+    recipe: Recipe,
+    dataset: data.Dataset,
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    device: torch.device,
+    seed: int,
+    report: Report,
+) -> TrialOutcome:
+    """Fine-tune a copy of ``base_model`` with ``recipe``; ``report`` after each epoch may stop it.
+
+    >>> outcome = run_trial(model, Recipe(epochs=2), ds, mean=m, std=s, device=cpu, seed=0,
+    ...                     report=lambda epoch, metrics: False)  # doctest: +SKIP
+    """
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    model = copy.deepcopy(base_model).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    steps_per_epoch = math.ceil(len(dataset.train) / recipe.batch_size)
+    total_steps, warmup_steps = recipe.epochs * steps_per_epoch, recipe.warmup_epochs * steps_per_epoch
+    outcome = TrialOutcome(best_score=-math.inf, best_epoch=-1)
+    trainable, optimizer, step = object(), None, 0
+    for epoch in range(recipe.epochs):
+        if recipe.train_blocks_at(epoch) != trainable:  # LP-FT unfreezes here; a fresh optimizer follows
+            trainable = recipe.train_blocks_at(epoch)
+            models.apply_freeze(model, train_blocks=trainable)
+            optimizer = optim.create_optimizer(model, recipe)
+        started = time.perf_counter()
+        models.set_train_mode(model, freeze_bn_stats=recipe.freeze_bn_stats)
+        train_loss_sum = torch.zeros((), device=device)
+        for images, labels in data.batches(
+            dataset.train, batch_size=recipe.batch_size, shuffle=True, generator=generator
+        ):
+            optim.set_lr(
+                optimizer,
+                recipe.lr
+                * optim.lr_factor(step, total_steps=total_steps, warmup_steps=warmup_steps, schedule=recipe.schedule),
+            )
+            images = data.augment(images, recipe.augment, generator=generator)
+            inputs = data.normalize(images.to(device, non_blocking=True), mean=mean, std=std)
+            labels = labels.to(device, non_blocking=True)
+            with _autocast(device):
+                loss = F.cross_entropy(model(inputs), labels, label_smoothing=recipe.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            train_loss_sum += loss.detach() * len(labels)  # stays on the device: no per-step host sync
+            step += 1
+        train_loss = train_loss_sum.item() / len(dataset.train)  # one host sync per epoch
+        if not math.isfinite(train_loss):
+            raise FloatingPointError(
+                f"training loss became {train_loss} in epoch {epoch + 1} (learning rate {recipe.lr:.2e} too high?)"
+            )
+        val_loss, val_accuracy = evaluate(model, dataset.val, mean=mean, std=std, device=device)
+        metrics = EpochMetrics(epoch, train_loss, val_loss, val_accuracy, time.perf_counter() - started)
+        outcome.history.append(metrics)
+        if val_accuracy > outcome.best_score:
+            outcome.best_score, outcome.best_epoch = val_accuracy, epoch
+            outcome.best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        log.debug("epoch %d: %s", epoch, metrics)
+        if report(epoch, metrics):
+            outcome.stopped_early = epoch < recipe.epochs - 1
+            break
+    return outcome
+
+
+@torch.inference_mode()
+def evaluate(
+    model: nn.Module,
+    split: data.ImageSet,
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    device: torch.device,
+    batch_size: int = 256,
+) -> tuple[float, float]:
+    """Mean cross-entropy loss and accuracy of ``model`` on ``split``.
+
+    >>> loss, accuracy = evaluate(model, ds.val, mean=m, std=s, device=cpu)  # doctest: +SKIP
+    """
+    logits = predict_logits(model, split.images, mean=mean, std=std, device=device, batch_size=batch_size)
+    labels = split.labels.to(logits.device)
+    loss = F.cross_entropy(logits, labels).item()
+    accuracy = (logits.argmax(1) == labels).float().mean().item()
+    return loss, accuracy
+
+
+@torch.inference_mode()
+def predict_logits(
+    model: nn.Module,
+    images: torch.Tensor,
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    device: torch.device,
+    batch_size: int = 256,
+) -> torch.Tensor:
+    """Logits (float32, on ``device``) for a uint8 image batch of any size, in eval mode."""
+    was_training = model.training
+    model.eval()
+    outputs = []
+    for start in range(0, len(images), batch_size):
+        chunk = images[start : start + batch_size].to(device, non_blocking=True)
+        with _autocast(device):
+            outputs.append(model(data.normalize(chunk, mean=mean, std=std)).float())
+    model.train(was_training)
+    return torch.cat(outputs)

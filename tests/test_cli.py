@@ -1,0 +1,151 @@
+"""The ``autoft`` command as a user runs it: a real subprocess, a real tiny search, and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import autoft
+from autoft.cli import main
+from autoft.models import create
+from conftest import make_image_folder
+
+
+def autoft_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "COLUMNS": "120"}
+    return subprocess.run(
+        [sys.executable, "-m", "autoft", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest.mark.slow
+def test_search_end_to_end_then_load_and_predict(tmp_path: Path) -> None:
+    data = make_image_folder(tmp_path / "data", per_class=8, size=(16, 16), with_test=True)
+    args = ("search", "--model", "test_resnet", "--no-pretrained", "--data", str(data))
+    done = autoft_cli(*args, "--trials", "3", "--max-epochs", "2", "--image-size", "16", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "Best trials" in done.stderr and "test accuracy" in done.stderr
+    run = tmp_path / "runs" / "test_resnet-data"
+    assert (run / "study.db").is_file() and (run / "trials.csv").read_text().count("\n") == 4
+    meta = json.loads((run / "best" / "config.json").read_text())
+    tuned = autoft.load_model(run / "best")
+    files = sorted((data / "test").glob("*/*.png"))
+    accuracy = sum(p == f.parent.name for p, f in zip(tuned.predict(files), files, strict=True)) / len(files)
+    assert accuracy == pytest.approx(meta["test_accuracy"])
+
+    again = autoft_cli(*args, "--trials", "4", "--max-epochs", "2", "--image-size", "16", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert (run / "trials.csv").read_text().count("\n") == 5  # continued the study: one more trial
+
+
+def test_help_documents_every_option(tmp_path: Path) -> None:
+    done = autoft_cli("search", "--help", cwd=tmp_path)
+    assert done.returncode == 0
+    for option in ("--model", "--data", "--weights", "--no-pretrained", "--trials", "--timeout", "--image-size",
+                   "--val-fraction", "--storage", "--study-name", "--seed", "--run-dir", "--max-epochs"):  # fmt: skip
+        assert option in done.stdout
+
+
+def run_in_process(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str]:
+    """The CLI's own entry point in this process (no interpreter start-up): exit code and what it printed."""
+    code = main(list(args))
+    return code, capsys.readouterr().err
+
+
+def _bad_folders(tmp: Path) -> dict[str, tuple[list[str], str]]:
+    """Each case: extra CLI arguments and a phrase the one-sentence error must contain."""
+    no_classes = tmp / "no_classes"
+    no_classes.mkdir()
+    empty_class = make_image_folder(tmp / "empty_class", layout="flat", per_class=4)
+    (empty_class / "zebra").mkdir()
+    one_class = make_image_folder(tmp / "one_class", classes=("cat",), layout="flat", per_class=4)
+    differ = make_image_folder(tmp / "differ", per_class=4)
+    (differ / "val" / "fish").rename(differ / "val" / "shark")
+    lost = make_image_folder(tmp / "lost", layout="flat", per_class=4)
+    for image in (lost / "dog").iterdir():
+        image.write_bytes(b"not an image")
+    return {
+        "missing": (["--data", str(tmp / "nope")], "does not exist"),
+        "no class folders": (["--data", str(no_classes)], "class"),
+        "empty class": (["--data", str(empty_class)], "zebra"),
+        "one class": (["--data", str(one_class)], "one class"),
+        "classes differ": (["--data", str(differ)], "shark"),
+        "class lost to unreadable files": (["--data", str(lost)], "dog"),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing",
+        "no class folders",
+        "empty class",
+        "one class",
+        "classes differ",
+        "class lost to unreadable files",
+    ],
+)
+def test_bad_data_is_one_clear_error_and_exit_2(tmp_path: Path, case: str, capsys: pytest.CaptureFixture) -> None:
+    extra, phrase = _bad_folders(tmp_path)[case]
+    run_dir = ["--run-dir", str(tmp_path / "run")]
+    code, err = run_in_process(capsys, "search", "--model", "test_resnet", "--no-pretrained", *extra, *run_dir)
+    assert code == 2, err
+    assert "Traceback" not in err and "error:" in err
+    assert phrase.lower() in " ".join(err.lower().split())
+
+
+@pytest.mark.parametrize(
+    ("extra", "phrase"),
+    [
+        (["--trials", "0"], "--trials"),
+        (["--timeout", "ten minutes"], "--timeout"),
+        (["--model", "resnet5"], "resnet50"),  # suggests close names
+        (["--val-fraction", "1.5"], "--val-fraction"),
+    ],
+)
+def test_bad_options_are_one_clear_error_and_exit_2(
+    tmp_path: Path, extra: list[str], phrase: str, capsys: pytest.CaptureFixture
+) -> None:
+    data = make_image_folder(tmp_path / "data", per_class=4)
+    model = [] if "--model" in extra else ["--model", "test_resnet"]
+    args = [
+        "search",
+        *model,
+        "--no-pretrained",
+        "--data",
+        str(data),
+        "--run-dir",
+        str(tmp_path / "run"),
+        *extra,
+    ]
+    code, err = run_in_process(capsys, *args)
+    assert code == 2, err
+    assert "Traceback" not in err and phrase in err
+
+
+def test_weights_that_do_not_fit_the_model_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    data = make_image_folder(tmp_path / "data", per_class=4)
+    weights = tmp_path / "other.pth"
+    torch.save(create("test_efficientnet", num_classes=3, pretrained=False).state_dict(), weights)
+    args = ["--weights", str(weights), "--data", str(data), "--run-dir", str(tmp_path / "run")]
+    code, err = run_in_process(capsys, "search", "--model", "test_resnet", *args)
+    assert code == 2, err
+    assert "Traceback" not in err and "does not fit" in err
+
+
+@pytest.mark.slow
+def test_unreadable_image_is_skipped_with_a_count(tmp_path: Path) -> None:
+    data = make_image_folder(tmp_path / "data", per_class=6, size=(16, 16))
+    (data / "train" / "cat" / "broken.png").write_bytes(b"\x89PNG truncated")
+    done = autoft_cli(
+        "search", "--model", "test_resnet", "--no-pretrained", "--data", str(data),
+        "--trials", "1", "--max-epochs", "1", "--image-size", "16", cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "skipped 1" in done.stderr.lower() or "1 unreadable" in done.stderr.lower()

@@ -1,0 +1,97 @@
+"""The search end to end through the Python API: real Optuna study in SQLite, real tiny timm model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+import autoft
+from autoft import results
+from autoft.config import SearchConfig
+from autoft.controller import _systematic_error, open_study, run_search
+from conftest import make_image_folder
+
+pytestmark = pytest.mark.slow
+
+TINY = {"pretrained": False, "image_size": 16, "max_epochs": 3}
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    return make_image_folder(tmp_path / "data", per_class=8, size=(16, 16), with_test=True, noise=90)
+
+
+def test_search_exports_best_model_that_reproduces_its_scores(data: Path, tmp_path: Path) -> None:
+    result = autoft.search("test_resnet", data, trials=6, run_dir=tmp_path / "run", seed=1, **TINY)
+    run = tmp_path / "run"
+    assert {"study.db", "trials.csv", "config.yaml", "best"} <= {p.name for p in run.iterdir()}
+    meta = json.loads((run / "best" / "config.json").read_text())
+    assert meta["trial"] == result.best_trial and meta["val_accuracy"] == pytest.approx(result.best_score)
+    assert meta["classes"] == ["cat", "dog", "fish"] and meta["image_size"] == 16
+    assert result.study.best_trial.number == result.best_trial
+    assert len(result.study.trials) == 6
+
+    tuned = autoft.load_model(result.model_dir)
+    test_files = sorted((data / "test").glob("*/*.png"))
+    predicted = tuned.predict(test_files)
+    accuracy = sum(p == f.parent.name for p, f in zip(predicted, test_files, strict=True)) / len(test_files)
+    assert accuracy == pytest.approx(result.test_score) == pytest.approx(meta["test_accuracy"])
+
+
+def test_pruned_trials_are_recorded_pruned_with_their_curves(data: Path, tmp_path: Path) -> None:
+    # Seed 2 is one whose (deterministic) search has the median pruner stop 3 of 10 trials.
+    options = TINY | {"max_epochs": 4}
+    result = autoft.search("test_resnet", data, trials=10, run_dir=tmp_path / "run", seed=2, **options)
+    pruned = result.study.get_trials(states=(TrialState.PRUNED,))
+    assert len(pruned) >= 2
+    for trial in pruned:
+        stopped_at = len(trial.intermediate_values)
+        assert stopped_at < trial.params["epochs"], "a PRUNED trial must have been stopped before its last epoch"
+        assert trial.value is None or trial.value in trial.intermediate_values.values()
+    exported = json.loads((result.model_dir / "config.json").read_text())["trial"]
+    assert result.study.trials[exported].state == TrialState.COMPLETE
+
+
+def test_running_again_continues_the_same_study(data: Path, tmp_path: Path) -> None:
+    first = autoft.search("test_resnet", data, trials=3, run_dir=tmp_path / "run", **TINY)
+    numbers = [t.number for t in first.study.trials]
+    second = autoft.search("test_resnet", data, trials=5, run_dir=tmp_path / "run", **TINY)
+    assert [t.number for t in second.study.trials] == [*numbers, 3, 4]
+    assert second.study.trials[0].params == first.study.trials[0].params  # kept, not re-run
+    third = autoft.search("test_resnet", data, trials=5, run_dir=tmp_path / "run", **TINY)
+    assert len(third.study.trials) == 5  # budget reached: nothing more runs
+
+
+def test_interrupted_trial_is_failed_and_retried(data: Path, tmp_path: Path) -> None:
+    config = SearchConfig(model="test_resnet", data=data, trials=2, run_dir=tmp_path / "run", **TINY).resolved()
+    config.run_dir.mkdir(parents=True)
+    study = open_study(config)
+    crashed = study.ask({"lr": optuna.distributions.FloatDistribution(1e-5, 3e-2, log=True)})
+    assert crashed.params["lr"] > 0  # left RUNNING, as a killed driver leaves it
+    result = run_search(config)
+    states = [t.state for t in result.study.trials]
+    assert states[0] == TrialState.FAIL and result.study.trials[0].user_attrs["interrupted"] is True
+    assert result.study.trials[1].params["lr"] == pytest.approx(crashed.params["lr"])  # its parameters retried
+    assert results.finished_count(result.study) == 2 and len(result.study.trials) == 3
+
+
+def test_same_error_in_first_trials_stops_the_search_with_that_error(data: Path, tmp_path: Path) -> None:
+    bad_space = tmp_path / "bad.yaml"
+    bad_space.write_text("params:\n  lr: {type: float, low: 0.1, high: 0.2}\n  not_a_knob: 3\n")
+    with pytest.raises(autoft.AutoftError, match="not_a_knob"):
+        autoft.search("test_resnet", data, trials=10, space=str(bad_space), run_dir=tmp_path / "run", **TINY)
+    study = optuna.load_study(study_name="test_resnet-data", storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}")
+    assert len(study.trials) == 3 and all(t.state == TrialState.FAIL for t in study.trials)
+    assert _systematic_error(study) is not None
+    assert "not_a_knob" in study.trials[0].user_attrs["error"]
+
+
+def test_same_seed_same_search(data: Path, tmp_path: Path) -> None:
+    a = autoft.search("test_resnet", data, trials=3, run_dir=tmp_path / "a", seed=3, **TINY)
+    b = autoft.search("test_resnet", data, trials=3, run_dir=tmp_path / "b", seed=3, **TINY)
+    assert [t.params for t in a.study.trials] == [t.params for t in b.study.trials]
+    assert [t.intermediate_values for t in a.study.trials] == [t.intermediate_values for t in b.study.trials]
