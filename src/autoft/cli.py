@@ -98,6 +98,7 @@ def _setup_logging(run_dir: Path, *, verbose: bool) -> None:
     file_handler = logging.FileHandler(run_dir / "search.log")
     file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     terminal = RichHandler(console=console, show_path=False, show_time=False)
+    terminal.setFormatter(logging.Formatter("%(message)s"))
     terminal.setLevel(logging.INFO if verbose else logging.WARNING)
     terminal.addFilter(lambda record: record.name.startswith("autoft"))
     logging.basicConfig(level=logging.INFO, handlers=[file_handler, terminal], force=True)
