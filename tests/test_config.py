@@ -132,9 +132,7 @@ def test_resolved_leaves_trials_open_when_only_a_timeout_bounds_the_search() -> 
 
 
 def test_save_round_trips_through_yaml(tmp_path: Path) -> None:
-    cfg = _config(
-        data=tmp_path / "data", weights=tmp_path / "w.pth", timeout=90.0, extra={"note": "x", "n": [1, 2]}
-    ).resolved()
+    cfg = _config(data=tmp_path / "data", weights=tmp_path / "w.pth", timeout=90.0, warm_start=False).resolved()
     path = tmp_path / "config.yaml"
     cfg.save(path)
     loaded = yaml.safe_load(path.read_text())

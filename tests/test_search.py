@@ -17,7 +17,8 @@ from conftest import make_image_folder
 
 pytestmark = pytest.mark.slow
 
-TINY = {"pretrained": False, "image_size": 16, "max_epochs": 3}
+# warm_start=False: these tests pin what the seeded sampler does; the portfolio has a test of its own.
+TINY = {"pretrained": False, "image_size": 16, "max_epochs": 3, "warm_start": False}
 
 
 @pytest.fixture
@@ -95,3 +96,15 @@ def test_same_seed_same_search(data: Path, tmp_path: Path) -> None:
     b = autoft.search("test_resnet", data, trials=3, run_dir=tmp_path / "b", seed=3, **TINY)
     assert [t.params for t in a.study.trials] == [t.params for t in b.study.trials]
     assert [t.intermediate_values for t in a.study.trials] == [t.intermediate_values for t in b.study.trials]
+
+
+def test_a_new_study_tries_the_portfolio_first_then_samples(data: Path, tmp_path: Path) -> None:
+    portfolio = autoft.load_space("default").with_max_epochs(2).portfolio
+    options = TINY | {"warm_start": True, "max_epochs": 2}
+    result = autoft.search("test_resnet", data, trials=len(portfolio) + 1, run_dir=tmp_path / "run", **options)
+    trials = result.study.trials
+    for trial, recipe in zip(trials, portfolio, strict=False):
+        assert {k: trial.params[k] for k in recipe} == dict(recipe)
+    assert trials[-1].params != trials[0].params
+    again = autoft.search("test_resnet", data, trials=len(trials) + 1, run_dir=tmp_path / "run", **options)
+    assert len(again.study.trials) == len(trials) + 1  # resuming does not enqueue the portfolio again

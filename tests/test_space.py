@@ -38,7 +38,7 @@ def test_default_preset_loads_in_order() -> None:
     assert {"lr", "optimizer", "epochs", "train_blocks", "lp_epochs", "momentum"} <= set(names)
     assert names.index("freeze") < names.index("train_blocks")
     lr = space.params[names.index("lr")]
-    assert (lr.kind, lr.low, lr.high, lr.log) == ("float", 1e-5, 3e-2, True)
+    assert (lr.kind, lr.low, lr.high, lr.log) == ("float", 1e-5, 1e-2, True)
 
 
 def test_preset_names_lists_the_bundled_folder() -> None:
@@ -253,3 +253,18 @@ def test_yaml_syntax_error_names_the_file(tmp_path: Path) -> None:
     with pytest.raises(AutoftError, match=r"is not valid YAML") as info:
         load_space(path)
     assert str(path) in str(info.value)
+
+
+def test_portfolio_entries_must_name_parameters_of_the_space(tmp_path: Path) -> None:
+    path = tmp_path / "space.yaml"
+    path.write_text("params:\n  lr: {type: float, low: 1.0e-4, high: 1.0e-2}\nportfolio:\n  - {lr: 1.0e-3, lrr: 2}\n")
+    with pytest.raises(AutoftError, match=r"portfolio entry 1 sets lrr"):
+        load_space(path)
+    path.write_text("params:\n  lr: {type: float, low: 1.0e-4, high: 1.0e-2}\nportfolio: {lr: 1.0e-3}\n")
+    with pytest.raises(AutoftError, match="list of mappings"):
+        load_space(path)
+
+
+def test_portfolio_epochs_are_capped_with_the_space() -> None:
+    portfolio = load_space("default").with_max_epochs(3).portfolio
+    assert portfolio and all(entry["epochs"] <= 3 for entry in portfolio)

@@ -65,6 +65,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--study-name", help="study name (default: MODEL-DATAFOLDER)")
     s.add_argument("--run-dir", type=Path, help="where results go (default: runs/STUDY_NAME)")
     s.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 or mps (default auto)")
+    s.add_argument(
+        "--no-warm-start",
+        dest="warm_start",
+        action="store_false",
+        help="do not try the space's portfolio of known strong recipes before sampling",
+    )
     s.add_argument("-v", "--verbose", action="store_true", help="show the library's log messages")
     return parser
 
@@ -88,6 +94,7 @@ def _config(args: argparse.Namespace) -> SearchConfig:
         study_name=args.study_name,
         run_dir=args.run_dir,
         device=args.device,
+        warm_start=args.warm_start,
     ).resolved()
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +81,7 @@ class SearchConfig:
     study_name: str | None = None
     run_dir: Path | None = None
     device: str = "auto"
-    extra: dict[str, Any] = field(default_factory=dict)
+    warm_start: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data", Path(self.data))

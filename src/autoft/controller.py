@@ -267,6 +267,9 @@ def run_search(config: SearchConfig, *, progress: Callable[[Progress], None] | N
     log.info("data: %s", setup.dataset.summary())
     study = open_study(cfg)
     _recover_interrupted(study)
+    if cfg.warm_start and not study.trials:
+        for params in space.portfolio:  # a new study tries the known strong recipes first
+            study.enqueue_trial(dict(params))
     remaining = None if cfg.trials is None else max(0, cfg.trials - results.finished_count(study))
     executor = _Executor(cfg, setup, study, show)
 

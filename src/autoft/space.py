@@ -73,6 +73,8 @@ class SearchSpace:
 
     params: tuple[Param, ...]
     source: str = "<code>"
+    # Known strong recipes tried first (warm start); each maps some of the params to values.
+    portfolio: tuple[Mapping[str, Any], ...] = ()
 
     def names(self) -> list[str]:
         return [p.name for p in self.params]
@@ -94,7 +96,11 @@ class SearchSpace:
             elif p.name == "epochs" and p.kind == "fixed":
                 p = dataclasses.replace(p, value=min(int(p.value), max_epochs))
             capped.append(p)
-        return dataclasses.replace(self, params=tuple(capped))
+        portfolio = tuple(
+            {**entry, "epochs": min(int(entry["epochs"]), max_epochs)} if "epochs" in entry else entry
+            for entry in self.portfolio
+        )
+        return dataclasses.replace(self, params=tuple(capped), portfolio=portfolio)
 
 
 def _presets_dir() -> Path:
@@ -139,7 +145,21 @@ def _parse(document: Any, *, source: str) -> SearchSpace:
     params: list[Param] = []
     for name, spec in document["params"].items():
         params.append(_parse_param(str(name), spec, earlier=[p.name for p in params], source=source))
-    return SearchSpace(tuple(params), source=source)
+    return SearchSpace(tuple(params), source=source, portfolio=_parse_portfolio(document, params, source=source))
+
+
+def _parse_portfolio(document: dict, params: list[Param], *, source: str) -> tuple[dict[str, Any], ...]:
+    entries = document.get("portfolio") or []
+    names = {p.name for p in params}
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise AutoftError(f"{source}: 'portfolio:' must be a list of mappings from parameter names to values.")
+    for i, entry in enumerate(entries):
+        unknown = sorted(set(entry) - names)
+        if unknown:
+            raise AutoftError(
+                f"{source}: portfolio entry {i + 1} sets {', '.join(unknown)}, which the space does not define."
+            )
+    return tuple(entries)
 
 
 def _parse_param(name: str, spec: Any, *, earlier: list[str], source: str) -> Param:
