@@ -356,7 +356,7 @@ def _finish(cfg: SearchConfig, setup: Setup, study: optuna.Study, model_dir: Pat
     return SearchResult(
         best_trial=best.number,
         best_score=best.value,
-        best_params=best.params,
+        best_params=results.knobs(best),
         test_score=test_score,
         model_dir=model_dir,
         run_dir=cfg.run_dir,

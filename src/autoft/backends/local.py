@@ -26,6 +26,8 @@ Execute = Callable[[int, dict, Report], TrialOutcome]
 def _objective(space: Space, execute: Execute) -> Callable[[optuna.Trial], float]:
     def objective(trial: optuna.Trial) -> float:
         params = space.sample(trial)
+        # The knobs as the recipe sees them: fixed values and define-by-run names are not in trial.params.
+        trial.set_user_attr("knobs", params)
 
         def report(epoch: int, metrics: EpochMetrics) -> bool:
             trial.report(metrics.val_accuracy, epoch)
