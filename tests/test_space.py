@@ -167,3 +167,9 @@ def test_cli_rejects_a_bad_space_before_any_trial(tmp_path: Path, capsys: pytest
     assert code == 2 and "log range cannot include 0" in err and "Traceback" not in err
     assert not (tmp_path / "run" / "study.db").exists()
     assert main([*args, "--space", "default", "--set", "lr.low=-1", "--run-dir", str(tmp_path / "run")]) == 2
+
+
+def test_max_epochs_caps_spaces_that_do_not_search_epochs() -> None:
+    space = SearchSpace([Param("lr", "fixed", value=0.1)]).with_max_epochs(3)
+    assert space.sample(None) == {"lr": 0.1, "epochs": 3}
+    assert load_space(lambda trial: {"lr": 0.1}).with_max_epochs(2).sample(None)["epochs"] == 2

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import yaml
 
 from autoft.errors import AutoftError, closest
-from autoft.recipe import knob_choices, knob_names
+from autoft.recipe import Recipe, knob_choices, knob_names
 
 __all__ = [
     "KINDS",
@@ -156,6 +156,9 @@ class SearchSpace:
 
     def with_max_epochs(self, max_epochs: int) -> SearchSpace:
         """The same space with the ``epochs`` range capped at ``max_epochs`` (the budget's fidelity)."""
+        if "epochs" not in self.names():  # the recipe's default must respect the cap too
+            default = Recipe.__dataclass_fields__["epochs"].default
+            return self.with_param(Param("epochs", "fixed", value=min(default, max_epochs)))
         capped = []
         for p in self.params:
             if p.name == "epochs" and p.kind == "int":
@@ -216,8 +219,9 @@ class FunctionSpace:
         if not isinstance(chosen, Mapping):
             raise AutoftError(f"The space function {_fn_name(self.fn)} must return a dict of knobs, not {chosen!r}.")
         chosen = dict(chosen)
-        if self.max_epochs is not None and "epochs" in chosen:
-            chosen["epochs"] = min(int(chosen["epochs"]), self.max_epochs)
+        if self.max_epochs is not None:
+            default = Recipe.__dataclass_fields__["epochs"].default
+            chosen["epochs"] = min(int(chosen.get("epochs", default)), self.max_epochs)
         return chosen
 
     def with_max_epochs(self, max_epochs: int) -> FunctionSpace:
