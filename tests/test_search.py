@@ -82,13 +82,14 @@ def test_interrupted_trial_is_failed_and_retried(data: Path, tmp_path: Path) -> 
 
 def test_same_error_in_first_trials_stops_the_search_with_that_error(data: Path, tmp_path: Path) -> None:
     bad_space = tmp_path / "bad.yaml"
-    bad_space.write_text("params:\n  lr: {type: float, low: 0.1, high: 0.2}\n  not_a_knob: 3\n")
-    with pytest.raises(autoft.AutoftError, match="not_a_knob"):
+    # A space that validates but whose recipes cannot train: label smoothing must be below 1.
+    bad_space.write_text("params:\n  lr: {type: float, low: 0.1, high: 0.2}\n  label_smoothing: 1.5\n")
+    with pytest.raises(autoft.AutoftError, match="label_smoothing"):
         autoft.search("test_resnet", data, trials=10, space=str(bad_space), run_dir=tmp_path / "run", **TINY)
     study = optuna.load_study(study_name="test_resnet-data", storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}")
     assert len(study.trials) == 3 and all(t.state == TrialState.FAIL for t in study.trials)
     assert _systematic_error(study) is not None
-    assert "not_a_knob" in study.trials[0].user_attrs["error"]
+    assert "label_smoothing" in study.trials[0].user_attrs["error"]
 
 
 def test_same_seed_same_search(data: Path, tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Tests for autoft.space: presets, conditional sampling with a real Optuna study, and YAML validation."""
+"""Search spaces: every bundled preset, the YAML format's validation, --set / --fix, the Python API, the CLI."""
 
 from __future__ import annotations
 
@@ -7,264 +7,169 @@ from pathlib import Path
 import optuna
 import pytest
 
-from autoft.errors import AutoftError
+import autoft
+from autoft.cli import main
 from autoft.recipe import Recipe
-from autoft.space import Param, SearchSpace, _presets_dir, load_space, preset_names
+from autoft.space import Param, SearchSpace, load_space, preset_description, preset_names, preset_path
 
-optuna.logging.set_verbosity(optuna.logging.WARNING)
-
-PRESETS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "search_spaces").glob("*.yaml"))
+PRESETS = sorted((Path(__file__).resolve().parents[1] / "search_spaces").glob("*.yaml"))
 
 
-def _asks(space: SearchSpace, n: int, *, seed: int = 0) -> list[dict]:
-    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
-    return [space.sample(study.ask()) for _ in range(n)]
+def test_the_issue_presets_are_bundled() -> None:
+    assert {"default", "quick", "full", "lp-ft"} <= {p.stem for p in PRESETS} == set(preset_names())
 
 
-def _write(tmp_path: Path, text: str, name: str = "space.yaml") -> Path:
-    path = tmp_path / name
+@pytest.mark.parametrize("path", PRESETS, ids=[p.stem for p in PRESETS])
+def test_preset_loads_validates_and_samples_recipes(path: Path) -> None:
+    assert path.read_text().startswith(f"# {path.stem} — "), "each preset starts by saying when to use it"
+    assert len(preset_description(path)) > 40
+    space = load_space(path.stem).with_max_epochs(3)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0), direction="maximize")
+    seen = set()
+    for _ in range(20):
+        trial = study.ask()
+        recipe = Recipe.from_params(space.sample(trial))  # every sample is a recipe that can train
+        assert 1 <= recipe.epochs <= 3
+        seen.add(recipe.freeze)
+        study.tell(trial, 0.5)
+    freeze = next(p for p in space.params if p.name == "freeze")
+    assert seen == set(freeze.choices or (freeze.value,))  # conditional knobs never block a branch
+
+
+def test_full_preset_searches_everything_the_issue_lists() -> None:
+    names = set(load_space("full").names())
+    assert {"lp_epochs", "layer_decay", "mixup", "cutmix", "label_smoothing", "augment", "warmup_epochs"} <= names
+
+
+def test_quick_preset_stays_cheap() -> None:
+    space = load_space("quick")
+    freeze = next(p for p in space.params if p.name == "freeze")
+    epochs = next(p for p in space.params if p.name == "epochs")
+    assert set(freeze.choices) == {"linear_probe", "partial"} and epochs.high <= 4
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "space.yaml"
     path.write_text(text)
     return path
 
 
-# --- presets --------------------------------------------------------------------------------------
+BAD_FILES = {
+    "low_above_high": ("params:\n  lr: {type: float, low: 0.1, high: 0.01}\n", r"parameter 'lr'.*low <= high.*low=0.1"),
+    "unknown_type": (
+        "params:\n  lr: {type: floot, low: 0.1, high: 1}\n",
+        r"parameter 'lr' has unknown type 'floot'.*'float'",
+    ),
+    "unknown_knob": (
+        "params:\n  learning_rate: {type: float, low: 0.1, high: 1}\n",
+        r"parameter 'learning_rate' is not a strategy knob",
+    ),
+    "when_names_nothing": (
+        "params:\n  train_blocks: {type: int, low: 1, high: 3, when: {frozen: partial}}\n",
+        r"parameter 'train_blocks': 'when' names 'frozen', which is no parameter of this space",
+    ),
+    "when_names_later": (
+        "params:\n  momentum: {type: float, low: 0.8, high: 0.9, when: {optimizer: sgd}}\n"
+        "  optimizer: {type: categorical, choices: [sgd, adamw]}\n",
+        r"parameter 'momentum': 'when' names 'optimizer', which is listed after it",
+    ),
+    "log_range_includes_zero": (
+        "params:\n  weight_decay: {type: float, low: 0.0, high: 0.1, log: true}\n",
+        r"parameter 'weight_decay': a log range cannot include 0.*low=0.0",
+    ),
+    "yaml_syntax_error": ("params:\n  lr: {type: float, low: 0.1\n  epochs: 3\n", r"YAML syntax error at line 3"),
+    "unknown_choice": (
+        "params:\n  optimizer: {type: categorical, choices: [adamw, lamb]}\n",
+        r"'lamb' is not a known optimizer",
+    ),
+    "misspelt_key": ("params:\n  lr: {type: float, low: 0.1, hihg: 1}\n", r"unknown key 'hihg'.*did you mean 'high'"),
+    "no_params": ("parameters:\n  lr: 0.1\n", r"non-empty mapping 'params:'"),
+    "int_with_float_bounds": ("params:\n  epochs: {type: int, low: 1.5, high: 4}\n", r"whole-number bounds"),
+}
 
 
-def test_default_preset_loads_in_order() -> None:
-    space = load_space("default")
-    assert space.source.endswith("default.yaml")
-    names = space.names()
-    assert names[0] == "freeze"
-    assert {"lr", "optimizer", "epochs", "train_blocks", "lp_epochs", "momentum"} <= set(names)
-    assert names.index("freeze") < names.index("train_blocks")
-    lr = space.params[names.index("lr")]
-    assert (lr.kind, lr.low, lr.high, lr.log) == ("float", 1e-5, 1e-2, True)
+@pytest.mark.parametrize("case", BAD_FILES, ids=list(BAD_FILES))
+def test_bad_file_is_rejected_naming_file_parameter_and_problem(tmp_path: Path, case: str) -> None:
+    text, message = BAD_FILES[case]
+    path = write(tmp_path, text)
+    with pytest.raises(autoft.AutoftError, match=message) as caught:
+        load_space(path)
+    assert str(path) in str(caught.value)
 
 
-def test_preset_names_lists_the_bundled_folder() -> None:
-    assert "default" in preset_names()
-    assert preset_names() == PRESETS
-    assert _presets_dir().is_dir()
+def test_yaml_1_1_exponent_without_dot_is_read_as_a_number(tmp_path: Path) -> None:
+    space = load_space(write(tmp_path, "params:\n  lr: {type: float, low: 1e-5, high: 1e-2, log: true}\n"))
+    assert space.params[0].low == pytest.approx(1e-5)
 
 
-def test_load_space_by_path_equals_by_name() -> None:
-    by_name = load_space("default")
-    by_path = load_space(_presets_dir() / "default.yaml")
-    assert by_name.params == by_path.params
-
-
-def test_unknown_preset_lists_presets_and_closest_match() -> None:
-    with pytest.raises(AutoftError) as info:
-        load_space("defualt")
-    message = str(info.value)
-    assert "'defualt'" in message
-    assert "did you mean 'default'" in message
-    assert f"Presets: {', '.join(preset_names())}" in message
-
-
-def test_missing_space_file_names_the_path(tmp_path: Path) -> None:
-    with pytest.raises(AutoftError, match=r"does not exist") as info:
-        load_space(tmp_path / "nope.yaml")
-    assert str(tmp_path / "nope.yaml") in str(info.value)
-
-
-@pytest.mark.parametrize("preset", PRESETS)
-def test_every_preset_loads_samples_and_builds_a_recipe(preset: str) -> None:
-    space = load_space(preset)
-    for params in _asks(space, 20):
-        assert set(params) <= set(space.names())
-        Recipe.from_params(params)  # every preset knob is a recipe field with a valid value
-
-
-# --- sampling -------------------------------------------------------------------------------------
-
-
-def test_default_space_conditional_params_appear_only_when_their_condition_holds() -> None:
-    samples = _asks(load_space("default"), 150, seed=1)
-    seen_freeze = {s["freeze"] for s in samples}
-    seen_opt = {s["optimizer"] for s in samples}
-    assert seen_freeze == {"linear_probe", "partial", "full", "lp_ft"}
-    assert seen_opt == {"adamw", "adam", "sgd"}
-    for s in samples:
-        assert ("train_blocks" in s) == (s["freeze"] == "partial")
-        assert ("lp_epochs" in s) == (s["freeze"] == "lp_ft")
-        assert ("momentum" in s) == (s["optimizer"] == "sgd")
-        assert ("head_lr_ratio" in s) == (s["freeze"] != "linear_probe")
-        assert ("layer_decay" in s) == (s["freeze"] != "linear_probe")
-        assert 1e-5 <= s["lr"] <= 3e-2
-        assert 2 <= s["epochs"] <= 12
-        assert isinstance(s["epochs"], int)
-        assert s["batch_size"] in (32, 64, 128)
-        if "train_blocks" in s:
-            assert 1 <= s["train_blocks"] <= 4
-
-
-def test_sampled_params_are_recorded_on_the_optuna_trial() -> None:
-    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
-    trial = study.ask()
-    chosen = load_space("default").sample(trial)
-    assert trial.params == chosen
-
-
-def test_same_seed_same_samples() -> None:
-    space = load_space("default")
-    assert _asks(space, 5, seed=7) == _asks(space, 5, seed=7)
-    assert _asks(space, 5, seed=7) != _asks(space, 5, seed=8)
-
-
-def test_fixed_params_are_returned_without_asking_the_trial() -> None:
-    space = SearchSpace((Param("optimizer", "fixed", value="sgd"), Param("lr", "float", low=0.1, high=0.2)))
-    study = optuna.create_study()
-    trial = study.ask()
-    chosen = space.sample(trial)
-    assert chosen["optimizer"] == "sgd"
-    assert set(trial.params) == {"lr"}
-
-
-def test_plain_yaml_values_are_fixed_params(tmp_path: Path) -> None:
-    path = _write(tmp_path, "params:\n  optimizer: sgd\n  epochs: 3\n  lr: {type: fixed, value: 0.01}\n")
-    space = load_space(path)
-    assert [(p.kind, p.value) for p in space.params] == [("fixed", "sgd"), ("fixed", 3), ("fixed", 0.01)]
-    assert _asks(space, 1) == [{"optimizer": "sgd", "epochs": 3, "lr": 0.01}]
-
-
-def test_when_accepts_a_single_value_or_a_list(tmp_path: Path) -> None:
-    path = _write(
-        tmp_path,
-        "params:\n"
-        "  a: {type: categorical, choices: [x, y, z]}\n"
-        "  b: {type: int, low: 1, high: 2, when: {a: x}}\n"
-        "  c: {type: int, low: 1, high: 2, when: {a: [y, z]}}\n",
-    )
-    space = load_space(path)
-    assert space.params[1].when == {"a": ("x",)}
-    assert space.params[2].when == {"a": ("y", "z")}
-    for s in _asks(space, 30):
-        assert ("b" in s) == (s["a"] == "x")
-        assert ("c" in s) == (s["a"] != "x")
-
-
-def test_int_step_and_float_step_are_respected(tmp_path: Path) -> None:
-    path = _write(
-        tmp_path,
-        "params:\n  bs: {type: int, low: 8, high: 64, step: 8}\n  ls: {type: float, low: 0.0, high: 0.2, step: 0.05}\n",
-    )
-    for s in _asks(load_space(path), 30):
-        assert s["bs"] % 8 == 0
-        assert round(s["ls"] / 0.05, 6) == round(s["ls"] / 0.05)
-
-
-def test_with_max_epochs_caps_the_range() -> None:
-    space = load_space("default")
-    capped = space.with_max_epochs(5)
-    epochs = capped.params[capped.names().index("epochs")]
-    assert (epochs.low, epochs.high) == (2, 5)
-    assert max(s["epochs"] for s in _asks(capped, 40)) <= 5
-    tight = space.with_max_epochs(1).params[space.names().index("epochs")]
-    assert (tight.low, tight.high) == (1, 1)
-    roomy = space.with_max_epochs(50).params[space.names().index("epochs")]
-    assert (roomy.low, roomy.high) == (2, 12)
-    assert space.params[space.names().index("epochs")].high == 12  # the original is unchanged
-
-
-def test_with_max_epochs_caps_a_fixed_epochs_value() -> None:
-    space = SearchSpace((Param("epochs", "fixed", value=8), Param("lr", "float", low=0.1, high=0.2)))
-    assert space.with_max_epochs(3).params[0].value == 3
-    assert space.with_max_epochs(20).params[0].value == 8
-
-
-# --- bad YAML -------------------------------------------------------------------------------------
+def test_set_and_fix_tweak_a_preset_without_copying_it() -> None:
+    space = load_space("default", overrides=["lr.high=1e-2", "epochs.low=3"], fixed=["optimizer=adamw"])
+    params = {p.name: p for p in space.params}
+    assert params["lr"].high == pytest.approx(1e-2) and params["epochs"].low == 3
+    assert params["optimizer"].kind == "fixed" and params["optimizer"].value == "adamw"
+    assert "--set lr.high=1e-2" in space.source
 
 
 @pytest.mark.parametrize(
-    ("body", "param", "pattern"),
+    ("overrides", "fixed", "message"),
     [
-        ("  lr: {type: number, low: 0.1, high: 1}\n", "lr", r"has type 'number'; use one of: float, int"),
-        ("  lr: {low: 0.1, high: 1}\n", "lr", r"has type None"),
-        ("  lr: {type: float, low: 1.0, high: 0.1}\n", "lr", r"`low <= high` must hold, but got low=1.0, high=0.1"),
-        ("  lr: {type: float, low: 0, high: 0.1, log: true}\n", "lr", r"log range must be positive, but got low=0"),
-        ("  lr: {type: float, low: -1, high: 0.1, log: true}\n", "lr", r"log range must be positive"),
-        ("  lr: {type: float, low: a, high: 0.1}\n", "lr", r"needs numeric 'low' and 'high', but got low='a'"),
-        ("  lr: {type: float, high: 0.1}\n", "lr", r"needs numeric 'low' and 'high', but got low=None"),
-        ("  opt: {type: categorical, choices: []}\n", "opt", r"non-empty list 'choices'"),
-        ("  opt: {type: categorical, choices: sgd}\n", "opt", r"non-empty list 'choices'"),
-        (
-            "  momentum: {type: float, low: 0.8, high: 0.9, when: {optimizer: sgd}}\n"
-            "  optimizer: {type: categorical, choices: [sgd, adam]}\n",
-            "momentum",
-            r"'when' names 'optimizer', which is not a parameter listed before it",
-        ),
-        (
-            "  lr: {type: float, low: 0.1, high: 1, when: {ghost: 1}}\n",
-            "lr",
-            r"'when' names 'ghost'",
-        ),
-        ("  lr: {type: float, low: 0.1, high: 1, when: {lr: 0.5}}\n", "lr", r"'when' names 'lr'"),
-        # Found by these tests: each used to load and then crash or misbehave only when sampled.
-        (
-            "  a: {type: categorical, choices: [x]}\n  b: {type: int, low: 1, high: 2, when: a}\n",
-            "b",
-            r"'when' must map earlier parameters to values, but got 'a'",
-        ),
-        ("  lr: {type: float, low: 0.1, high: 1, log: true, step: 0.1}\n", "lr", r"cannot be combined with 'log"),
-        ("  n: {type: int, low: 1.5, high: 2.5}\n", "n", r"whole-number bounds, but got low=1.5, high=2.5"),
-        ("  n: {type: int, low: 1, high: 8, step: 0}\n", "n", r"'step' must be a positive int.* step=0"),
-        ("  n: {type: int, low: 1, high: 8, step: 2.5}\n", "n", r"'step' must be a positive int.* step=2.5"),
-        ("  x: {type: float, low: 0, high: 1, step: -0.1}\n", "x", r"'step' must be a positive float"),
-    ],
-    ids=[
-        "unknown-type",
-        "missing-type",
-        "low-above-high",
-        "log-with-zero",
-        "log-with-negative",
-        "non-numeric-low",
-        "missing-low",
-        "empty-choices",
-        "choices-not-a-list",
-        "when-names-later-param",
-        "when-names-unknown-param",
-        "when-names-itself",
-        "when-not-a-mapping",
-        "log-with-step",
-        "int-with-fractional-bounds",
-        "int-step-zero",
-        "int-step-fractional",
-        "float-step-negative",
+        (["lr.high"], [], r"--set expects PARAM.FIELD=VALUE"),
+        (["lrr.high=1"], [], r"has no parameter 'lrr' \(did you mean 'lr'\?\)"),
+        (["lr.high=1e-9"], [], r"parameter 'lr'.*low <= high"),
+        ([], ["optimizer=lamb"], r"'lamb' is not a known optimizer"),
+        ([], ["optimizer"], r"--fix expects PARAM=VALUE"),
     ],
 )
-def test_bad_parameter_names_file_and_parameter(tmp_path: Path, body: str, param: str, pattern: str) -> None:
-    path = _write(tmp_path, "params:\n" + body)
-    with pytest.raises(AutoftError, match=pattern) as info:
-        load_space(path)
-    assert f"{path}: parameter {param!r}" in str(info.value)
+def test_bad_set_or_fix_says_what_is_wrong(overrides: list[str], fixed: list[str], message: str) -> None:
+    with pytest.raises(autoft.AutoftError, match=message):
+        load_space("default", overrides=overrides, fixed=fixed)
 
 
-@pytest.mark.parametrize("text", ["", "params:\n", "params: {}\n", "params: [lr, wd]\n", "lr: 0.1\n", "- 1\n"])
-def test_missing_or_empty_params_names_the_file(tmp_path: Path, text: str) -> None:
-    path = _write(tmp_path, text)
-    with pytest.raises(AutoftError, match=r"needs a non-empty mapping 'params:'") as info:
-        load_space(path)
-    assert str(path) in str(info.value)
+def test_space_built_in_code_round_trips_through_yaml(tmp_path: Path) -> None:
+    space = autoft.SearchSpace(
+        [
+            Param("freeze", "categorical", choices=["linear_probe", "partial"]),
+            Param("train_blocks", "int", low=1, high=3, when={"freeze": "partial"}),
+            Param("lr", "float", low=1e-4, high=1e-1, log=True),
+            Param("epochs", "fixed", value=2),
+        ]
+    )
+    path = tmp_path / "mine.yaml"
+    space.to_yaml(path)
+    again = SearchSpace.from_yaml(path)
+    assert again.params == space.params and again.to_yaml() == space.to_yaml()
 
 
-def test_yaml_syntax_error_names_the_file(tmp_path: Path) -> None:
-    path = _write(tmp_path, "params:\n  lr: {type: float, low: 0.1\n")
-    with pytest.raises(AutoftError, match=r"is not valid YAML") as info:
-        load_space(path)
-    assert str(path) in str(info.value)
+def test_space_built_in_code_is_validated_like_a_file() -> None:
+    with pytest.raises(autoft.AutoftError, match=r"search space <code>: parameter 'lr': .*low <= high"):
+        SearchSpace([Param("lr", "float", low=1.0, high=0.1)])
+    with pytest.raises(autoft.AutoftError, match=r"parameter 'lr' is listed twice"):
+        SearchSpace([Param("lr", "fixed", value=0.1), Param("lr", "fixed", value=0.2)])
 
 
-def test_portfolio_entries_must_name_parameters_of_the_space(tmp_path: Path) -> None:
-    path = tmp_path / "space.yaml"
-    path.write_text("params:\n  lr: {type: float, low: 1.0e-4, high: 1.0e-2}\nportfolio:\n  - {lr: 1.0e-3, lrr: 2}\n")
-    with pytest.raises(AutoftError, match=r"portfolio entry 1 sets lrr"):
-        load_space(path)
-    path.write_text("params:\n  lr: {type: float, low: 1.0e-4, high: 1.0e-2}\nportfolio: {lr: 1.0e-3}\n")
-    with pytest.raises(AutoftError, match="list of mappings"):
-        load_space(path)
+def test_cli_spaces_list_and_show(capsys: pytest.CaptureFixture) -> None:
+    assert main(["spaces", "list"]) == 0
+    listed = capsys.readouterr().out
+    for name in ("default", "quick", "full", "lp-ft"):
+        assert name in listed
+    assert "small budgets" in listed
+    assert main(["spaces", "show", "lp-ft"]) == 0
+    assert capsys.readouterr().out.endswith(preset_path("lp-ft").read_text())
+    assert main(["spaces", "show", "quick", "--fix", "optimizer=sgd"]) == 0
+    assert "optimizer: sgd" in capsys.readouterr().out
 
 
-def test_portfolio_epochs_are_capped_with_the_space() -> None:
-    portfolio = load_space("default").with_max_epochs(3).portfolio
-    assert portfolio and all(entry["epochs"] <= 3 for entry in portfolio)
+def test_cli_rejects_a_bad_space_before_any_trial(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    bad = write(tmp_path, "params:\n  lr: {type: float, low: 0, high: 1, log: true}\n")
+    args = ["search", "--model", "test_resnet", "--no-pretrained", "--data", str(tmp_path / "nodata")]
+    code = main([*args, "--space", str(bad), "--run-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and "log range cannot include 0" in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "study.db").exists()
+    assert main([*args, "--space", "default", "--set", "lr.low=-1", "--run-dir", str(tmp_path / "run")]) == 2
+
+
+def test_max_epochs_caps_spaces_that_do_not_search_epochs() -> None:
+    space = SearchSpace([Param("lr", "fixed", value=0.1)]).with_max_epochs(3)
+    assert space.sample(None) == {"lr": 0.1, "epochs": 3}
+    assert load_space(lambda trial: {"lr": 0.1}).with_max_epochs(2).sample(None)["epochs"] == 2

@@ -15,12 +15,14 @@ from autoft.config import SearchConfig, parse_duration
 from autoft.controller import Progress, SearchResult, run_search
 from autoft.errors import AutoftError
 from autoft.export import TunedModel, load_model
+from autoft.pieces import register_freeze, register_optimizer
 from autoft.recipe import BASELINE, Recipe
-from autoft.space import SearchSpace, load_space
+from autoft.space import Param, SearchSpace, load_space
 
 __all__ = [
     "BASELINE",
     "AutoftError",
+    "Param",
     "Progress",
     "Recipe",
     "SearchConfig",
@@ -29,6 +31,8 @@ __all__ = [
     "TunedModel",
     "load_model",
     "load_space",
+    "register_freeze",
+    "register_optimizer",
     "search",
 ]
 __version__ = "0.1.0"
@@ -46,6 +50,7 @@ def search(
     """Search fine-tuning strategies for ``model`` on the image folder ``data``; export the best model.
 
     ``options`` are the other :class:`SearchConfig` fields (``weights``, ``max_epochs``, ``seed``, ...).
+    ``space`` may be a preset name, a YAML path, a :class:`SearchSpace`, or a function ``space(trial) -> dict``.
 
     >>> result = search("efficientnet_lite0", "./data", trials=10, timeout="15m")  # doctest: +SKIP
     >>> result.best_score, result.model_dir  # doctest: +SKIP

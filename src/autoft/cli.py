@@ -14,7 +14,7 @@ from rich.live import Live
 from rich.logging import RichHandler
 from rich.table import Table
 
-from autoft import results
+from autoft import results, space
 from autoft.config import PRUNERS, SAMPLERS, SearchConfig, parse_duration
 from autoft.controller import Progress, SearchResult, run_search
 from autoft.errors import AutoftError
@@ -49,7 +49,27 @@ def _parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--trials", type=int, help="number of trials in the study (default 20 unless --timeout is given)")
     s.add_argument("--timeout", help="wall-clock budget for the search, e.g. 90s, 30m, 2h, 1h30m")
-    s.add_argument("--space", default="default", help="search space preset name or YAML file (default: default)")
+    s.add_argument(
+        "--space",
+        default="default",
+        help=f"search space: a preset ({', '.join(space.preset_names())}) or a YAML file (default: default)",
+    )
+    s.add_argument(
+        "--set",
+        dest="space_overrides",
+        action="append",
+        default=[],
+        metavar="PARAM.FIELD=VALUE",
+        help="change one field of a space parameter, e.g. --set lr.high=1e-2 (repeatable)",
+    )
+    s.add_argument(
+        "--fix",
+        dest="space_fixed",
+        action="append",
+        default=[],
+        metavar="PARAM=VALUE",
+        help="fix a parameter instead of searching it, e.g. --fix optimizer=adamw (repeatable)",
+    )
     s.add_argument("--max-epochs", type=int, default=10, help="most epochs a trial may train (default 10)")
     s.add_argument("--image-size", type=int, help="working resolution in pixels (default: the model's own)")
     s.add_argument(
@@ -72,6 +92,13 @@ def _parser() -> argparse.ArgumentParser:
         help="do not try the space's portfolio of known strong recipes before sampling",
     )
     s.add_argument("-v", "--verbose", action="store_true", help="show the library's log messages")
+    spaces = commands.add_parser("spaces", help="list the bundled search space presets, or show one")
+    what = spaces.add_subparsers(dest="spaces_command", required=True)
+    what.add_parser("list", help="each preset's name and when to use it")
+    show = what.add_parser("show", help="print a preset (or a YAML file) after validating it")
+    show.add_argument("name", help="preset name or path to a YAML file")
+    show.add_argument("--set", dest="space_overrides", action="append", default=[], metavar="PARAM.FIELD=VALUE")
+    show.add_argument("--fix", dest="space_fixed", action="append", default=[], metavar="PARAM=VALUE")
     return parser
 
 
@@ -84,6 +111,8 @@ def _config(args: argparse.Namespace) -> SearchConfig:
         trials=args.trials,
         timeout=parse_duration(args.timeout),
         space=args.space,
+        space_overrides=tuple(args.space_overrides),
+        space_fixed=tuple(args.space_fixed),
         max_epochs=args.max_epochs,
         image_size=args.image_size,
         val_fraction=args.val_fraction,
@@ -163,11 +192,27 @@ def _search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _spaces(args: argparse.Namespace) -> int:
+    """``autoft spaces list`` / ``autoft spaces show NAME``: the presets, to stdout (they are the output)."""
+    out = Console(highlight=False, soft_wrap=True)
+    if args.spaces_command == "list":
+        for name in space.preset_names():
+            out.print(f"[bold]{name:<10}[/] {space.preset_description(space.preset_path(name))}")
+        return 0
+    path = space.preset_path(args.name)
+    loaded = space.load_space(args.name, overrides=args.space_overrides, fixed=args.space_fixed)
+    if args.space_overrides or args.space_fixed:
+        out.print(loaded.to_yaml(), end="", markup=False)
+    else:
+        out.print(f"# {path}\n{path.read_text()}", end="", markup=False)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``autoft`` command; returns the exit code (2 for bad input)."""
     args = _parser().parse_args(argv)
     try:
-        return _search(args)
+        return _spaces(args) if args.command == "spaces" else _search(args)
     except AutoftError as exc:
         console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         return 2

@@ -15,11 +15,12 @@ from typing import Any
 import yaml
 
 from autoft.errors import AutoftError
+from autoft.space import describe_space
 
 __all__ = ["PRUNERS", "SAMPLERS", "SearchConfig", "parse_duration"]
 
-SAMPLERS = ("tpe", "random")
-PRUNERS = ("median", "none")
+SAMPLERS = ("tpe", "gp", "cmaes", "random", "qmc")
+PRUNERS = ("median", "hyperband", "sha", "wilcoxon", "none")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
@@ -70,7 +71,9 @@ class SearchConfig:
     pretrained: bool = True
     trials: int | None = 20
     timeout: float | None = None
-    space: str = "default"
+    space: Any = "default"  # preset name, YAML path, SearchSpace, or a space(trial) -> dict function
+    space_overrides: tuple[str, ...] = ()  # --set PARAM.FIELD=VALUE
+    space_fixed: tuple[str, ...] = ()  # --fix PARAM=VALUE
     max_epochs: int = 10
     image_size: int | None = None
     val_fraction: float = 0.2
@@ -89,6 +92,8 @@ class SearchConfig:
             object.__setattr__(self, "weights", Path(self.weights))
         if self.run_dir is not None:
             object.__setattr__(self, "run_dir", Path(self.run_dir))
+        object.__setattr__(self, "space_overrides", tuple(self.space_overrides or ()))
+        object.__setattr__(self, "space_fixed", tuple(self.space_fixed or ()))
         self._validate()
 
     def _validate(self) -> None:
@@ -124,8 +129,9 @@ class SearchConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (paths as strings) for ``config.yaml`` and ``best/config.json``."""
-        out = dataclasses.asdict(self)
-        return {k: (str(v) if isinstance(v, Path) else v) for k, v in out.items()}
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["space"] = describe_space(self.space)
+        return {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v) for k, v in out.items()}
 
     def save(self, path: Path) -> None:
         """Write the configuration as YAML."""

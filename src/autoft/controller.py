@@ -28,7 +28,17 @@ from autoft.recipe import Recipe
 from autoft.space import load_space
 from autoft.trial import EpochMetrics, Report, TrialOutcome, evaluate, resolve_device, run_trial
 
-__all__ = ["Progress", "SearchResult", "Setup", "open_study", "prepare", "run_search", "train_recipe"]
+__all__ = [
+    "Progress",
+    "SearchResult",
+    "Setup",
+    "create_pruner",
+    "create_sampler",
+    "open_study",
+    "prepare",
+    "run_search",
+    "train_recipe",
+]
 
 log = logging.getLogger(__name__)
 
@@ -124,28 +134,70 @@ def train_recipe(setup: Setup, recipe: Recipe, *, seed: int, report: Report | No
 
 def open_study(config: SearchConfig) -> optuna.Study:
     """Create the study in its storage, or load it to continue: running the same command again resumes."""
-    n_startup = max(3, min(10, (config.trials or 20) // 4))
-    with warnings.catch_warnings():  # `group` (needed for conditional knobs) is flagged experimental
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        sampler = (
-            optuna.samplers.TPESampler(seed=config.seed, n_startup_trials=n_startup, multivariate=True, group=True)
-            if config.sampler == "tpe"
-            else optuna.samplers.RandomSampler(seed=config.seed)
-        )
-    # Epoch-level reports: judge a trial only after its first epoch, and only once a few trials have finished.
-    pruner = (
-        optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
-        if config.pruner == "median"
-        else optuna.pruners.NopPruner()
-    )
     return optuna.create_study(
         storage=config.storage,
         study_name=config.study_name,
-        sampler=sampler,
-        pruner=pruner,
+        sampler=create_sampler(config.sampler, seed=config.seed, trials=config.trials),
+        pruner=create_pruner(config.pruner, max_epochs=config.max_epochs),
         direction="maximize",
         load_if_exists=True,
     )
+
+
+def create_sampler(name: str, *, seed: int, trials: int | None) -> optuna.samplers.BaseSampler:
+    """The Optuna sampler for ``--sampler``, seeded; model-based ones start after a few random trials.
+
+    Conditional knobs (``when``) give a dynamic space: TPE handles it (``group=True``); GP, CMA-ES and QMC
+    model the knobs every trial shares and sample the rest independently (their warning about it is silenced).
+
+    >>> type(create_sampler("qmc", seed=0, trials=20)).__name__
+    'QMCSampler'
+    """
+    n_startup = max(3, min(10, (trials or 20) // 4))
+    factories: dict[str, Callable[[], optuna.samplers.BaseSampler]] = {
+        "tpe": lambda: optuna.samplers.TPESampler(seed=seed, n_startup_trials=n_startup, multivariate=True, group=True),
+        # GP (scipy + torch): sample-efficient for small budgets of expensive trials.
+        "gp": lambda: optuna.samplers.GPSampler(seed=seed, n_startup_trials=n_startup, warn_independent_sampling=False),
+        # CMA-ES (the `cmaes` package): continuous knobs only; categorical ones go to the independent sampler.
+        "cmaes": lambda: optuna.samplers.CmaEsSampler(
+            seed=seed, n_startup_trials=n_startup, warn_independent_sampling=False
+        ),
+        "random": lambda: optuna.samplers.RandomSampler(seed=seed),
+        "qmc": lambda: optuna.samplers.QMCSampler(
+            seed=seed, scramble=True, warn_independent_sampling=False, warn_asynchronous_seeding=False
+        ),
+    }
+    if name not in factories:
+        raise AutoftError(f"--sampler {name!r} is not known; choose one of: {', '.join(factories)}.")
+    with warnings.catch_warnings():  # `group`, GPSampler and QMC options are flagged experimental
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return factories[name]()
+
+
+def create_pruner(name: str, *, max_epochs: int) -> optuna.pruners.BasePruner:
+    """The Optuna pruner for ``--pruner``, set for one report per epoch (step = epoch index).
+
+    Median: judge a trial only after its first epoch, once 3 trials have finished. Hyperband / SHA: rungs at
+    1, 3, 9, ... epochs (reduction factor 3) up to ``max_epochs``. Wilcoxon: compares the trial's epoch curve
+    with the best trial's, from the second epoch on.
+
+    >>> type(create_pruner("hyperband", max_epochs=9)).__name__
+    'HyperbandPruner'
+    """
+    factories: dict[str, Callable[[], optuna.pruners.BasePruner]] = {
+        "median": lambda: optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1),
+        "hyperband": lambda: optuna.pruners.HyperbandPruner(
+            min_resource=1, max_resource=max(max_epochs, 1), reduction_factor=3
+        ),
+        "sha": lambda: optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3),
+        "wilcoxon": lambda: optuna.pruners.WilcoxonPruner(p_threshold=0.1, n_startup_steps=2),
+        "none": optuna.pruners.NopPruner,
+    }
+    if name not in factories:
+        raise AutoftError(f"--pruner {name!r} is not known; choose one of: {', '.join(factories)}.")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return factories[name]()
 
 
 def _recover_interrupted(study: optuna.Study) -> int:
@@ -261,14 +313,15 @@ def run_search(config: SearchConfig, *, progress: Callable[[Progress], None] | N
     cfg = config.resolved()
     show = progress or (lambda event: None)
     _check_run_dir(cfg.run_dir)
-    space = load_space(cfg.space).with_max_epochs(cfg.max_epochs)
+    space = load_space(cfg.space, overrides=cfg.space_overrides, fixed=cfg.space_fixed)
+    space = space.with_max_epochs(cfg.max_epochs)
     setup = prepare(cfg)
     cfg.save(cfg.run_dir / "config.yaml")
     log.info("data: %s", setup.dataset.summary())
     study = open_study(cfg)
     _recover_interrupted(study)
     if cfg.warm_start and not study.trials:
-        for params in space.portfolio:  # a new study tries the known strong recipes first
+        for params in getattr(space, "portfolio", ()):  # a new study tries the known strong recipes first
             study.enqueue_trial(dict(params))
     remaining = None if cfg.trials is None else max(0, cfg.trials - results.finished_count(study))
     executor = _Executor(cfg, setup, study, show)
@@ -306,7 +359,7 @@ def _finish(cfg: SearchConfig, setup: Setup, study: optuna.Study, model_dir: Pat
     return SearchResult(
         best_trial=best.number,
         best_score=best.value,
-        best_params=best.params,
+        best_params=results.knobs(best),
         test_score=test_score,
         model_dir=model_dir,
         run_dir=cfg.run_dir,

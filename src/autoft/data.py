@@ -33,6 +33,7 @@ __all__ = [
     "batches",
     "load_image",
     "load_image_folder",
+    "mix",
     "normalize",
 ]
 
@@ -490,6 +491,47 @@ def augment(images: torch.Tensor, level: str, *, generator: torch.Generator) -> 
     if level == "light":
         return _light(images, generator)
     return _strong(images, generator)
+
+
+def mix(
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    *,
+    mixup: float,
+    cutmix: float,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixup or CutMix of a normalized float batch with a shuffled copy of itself; returns inputs and soft targets.
+
+    ``mixup`` / ``cutmix`` are the Beta(alpha, alpha) parameters (0 = off); with both on, each batch uses one of
+    the two at random. Unlike timm's ``Mixup`` it takes batches of any size (an odd last batch included), and all
+    randomness comes from ``generator``.
+
+    >>> g = torch.Generator().manual_seed(0)
+    >>> x, y = mix(torch.zeros(3, 3, 8, 8), torch.tensor([0, 1, 2]), 3, mixup=0.2, cutmix=0.0, generator=g)
+    >>> y.sum(1).tolist()
+    [1.0, 1.0, 1.0]
+    """
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
+    rng = np.random.default_rng(seed)
+    use_cutmix = cutmix > 0 and (mixup <= 0 or rng.random() < 0.5)
+    alpha = cutmix if use_cutmix else mixup
+    lam = float(rng.beta(alpha, alpha))
+    perm = torch.randperm(len(inputs), generator=generator, device=generator.device).to(inputs.device)
+    if use_cutmix:  # paste a box of area (1 - lam) from the partner image; lam becomes the exact kept share
+        height, width = inputs.shape[-2:]
+        cut_h, cut_w = int(height * math.sqrt(1 - lam)), int(width * math.sqrt(1 - lam))
+        cy, cx = int(rng.integers(height)), int(rng.integers(width))
+        y0, y1 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, height)
+        x0, x1 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, width)
+        mixed = inputs.clone()
+        mixed[:, :, y0:y1, x0:x1] = inputs[perm][:, :, y0:y1, x0:x1]
+        lam = 1.0 - (y1 - y0) * (x1 - x0) / (height * width)
+    else:
+        mixed = lam * inputs + (1.0 - lam) * inputs[perm]
+    one_hot = F.one_hot(labels, num_classes).float()
+    return mixed, lam * one_hot + (1.0 - lam) * one_hot[perm]
 
 
 def normalize(images: torch.Tensor, *, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:

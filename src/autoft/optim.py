@@ -8,7 +8,7 @@ import torch
 from timm.optim import create_optimizer_v2
 from torch import nn
 
-from autoft import models
+from autoft import models, pieces
 from autoft.recipe import Recipe
 
 __all__ = ["create_optimizer", "lr_factor", "param_groups", "set_lr"]
@@ -40,7 +40,12 @@ def param_groups(model: nn.Module, recipe: Recipe) -> list[dict]:
 
 
 def create_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
-    """The recipe's optimizer over the model's trainable parameters (timm's factory does the construction)."""
+    """The recipe's optimizer over the model's trainable parameters (timm's factory, or a registered piece)."""
+    custom = pieces.get("optimizer", recipe.optimizer)
+    if custom is not None:
+        optimizer = custom.fn(param_groups(model, recipe), recipe)
+        set_lr(optimizer, recipe.lr)
+        return optimizer
     extra = {"momentum": recipe.momentum} if recipe.optimizer == "sgd" else {}
     optimizer = create_optimizer_v2(
         param_groups(model, recipe),

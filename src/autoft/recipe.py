@@ -7,13 +7,15 @@ recipe with defaults for everything the space left out, so the trial loop never 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
+from autoft import pieces
 from autoft.data import AUGMENT_LEVELS
 from autoft.errors import AutoftError
 
-__all__ = ["BASELINE", "FREEZE_MODES", "OPTIMIZERS", "SCHEDULES", "Recipe"]
+__all__ = ["BASELINE", "FREEZE_MODES", "OPTIMIZERS", "SCHEDULES", "Recipe", "knob_choices", "knob_names"]
 
 FREEZE_MODES = ("linear_probe", "partial", "full", "lp_ft")
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -44,14 +46,13 @@ class Recipe:
     batch_size: int = 64
     label_smoothing: float = 0.0
     augment: str = "light"
+    mixup: float = 0.0  # Beta(alpha, alpha) mixing of image pairs; 0 = off
+    cutmix: float = 0.0  # Beta(alpha, alpha) pasted boxes; with mixup on too, one of the two per batch
+    extra: Mapping[str, Any] = field(default_factory=dict)  # knobs of registered custom pieces
 
     def __post_init__(self) -> None:
-        for name, value, valid in (
-            ("freeze", self.freeze, FREEZE_MODES),
-            ("optimizer", self.optimizer, OPTIMIZERS),
-            ("schedule", self.schedule, SCHEDULES),
-            ("augment", self.augment, AUGMENT_LEVELS),
-        ):
+        for name in ("freeze", "optimizer", "schedule", "augment"):
+            value, valid = getattr(self, name), knob_choices(name)
             if value not in valid:
                 raise AutoftError(f"Recipe field {name}={value!r} is not known; choose one of: {', '.join(valid)}.")
         if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
@@ -69,6 +70,8 @@ class Recipe:
             ("weight_decay", self.weight_decay, self.weight_decay >= 0, ">= 0"),
             ("momentum", self.momentum, 0 < self.momentum < 1, "in (0, 1) (timm's sgd is Nesterov)"),
             ("label_smoothing", self.label_smoothing, 0 <= self.label_smoothing < 1, "in [0, 1)"),
+            ("mixup", self.mixup, self.mixup >= 0, ">= 0"),
+            ("cutmix", self.cutmix, self.cutmix >= 0, ">= 0"),
         ):
             if not ok:
                 raise AutoftError(f"Recipe field {name}={value!r} is out of range; it must be {rule}.")
@@ -76,14 +79,16 @@ class Recipe:
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> Recipe:
         """Build a recipe from a space's chosen values; unknown keys are an error, missing ones take defaults."""
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(params) - fields)
+        custom = pieces.knob_defaults()
+        unknown = sorted(set(params) - set(knob_names()))
         if unknown:
             raise AutoftError(
                 f"Search space parameter(s) {', '.join(unknown)} are not fine-tuning knobs; "
-                f"known knobs: {', '.join(sorted(fields))}."
+                f"known knobs: {', '.join(knob_names())}."
             )
-        recipe = cls(**params)
+        builtin = {k: v for k, v in params.items() if k not in custom}
+        extra = custom | {k: v for k, v in params.items() if k in custom}
+        recipe = cls(**builtin, extra=extra)
         # Warmup and the linear-probe phase must leave at least one epoch of the main phase.
         return dataclasses.replace(
             recipe,
@@ -101,6 +106,12 @@ class Recipe:
             return 0
         return None
 
+    def knob(self, name: str) -> Any:
+        """The value of a registered custom piece's knob (its default when the space did not search it)."""
+        if name not in self.extra:
+            raise AutoftError(f"No custom knob {name!r}; register it with the piece: knobs={{{name!r}: default}}.")
+        return self.extra[name]
+
     def describe(self) -> str:
         """The strategy in plain words, for summaries and reports."""
         what = {
@@ -108,7 +119,7 @@ class Recipe:
             "partial": f"last {self.train_blocks} block groups",
             "full": "full fine-tune",
             "lp_ft": f"LP-FT ({self.lp_epochs} head-only epochs, then all)",
-        }[self.freeze]
+        }.get(self.freeze, f"custom freeze {self.freeze}")
         parts = [what, f"{self.optimizer} lr {self.lr:.0e}"]
         if self.freeze != "linear_probe":
             parts.append(f"head lr x{self.head_lr_ratio:.3g}")
@@ -118,7 +129,28 @@ class Recipe:
         if self.label_smoothing > 0:
             parts.append(f"label smoothing {self.label_smoothing:.2f}")
         parts.append(f"augment {self.augment}")
+        for name in ("mixup", "cutmix"):
+            if getattr(self, name) > 0:
+                parts.append(f"{name} {getattr(self, name):.2g}")
+        parts += [f"{k} {v}" for k, v in sorted(self.extra.items())]
         return ", ".join(parts)
+
+
+def knob_names() -> list[str]:
+    """Every knob a search space may set: the recipe's fields and the registered custom pieces' knobs."""
+    builtin = [f.name for f in dataclasses.fields(Recipe) if f.name != "extra"]
+    return builtin + sorted(set(pieces.knob_defaults()) - set(builtin))
+
+
+def knob_choices(name: str) -> tuple[Any, ...] | None:
+    """The values a knob with a fixed vocabulary may take (custom pieces included); None for numeric knobs."""
+    vocab = {
+        "freeze": FREEZE_MODES + pieces.names("freeze"),
+        "optimizer": OPTIMIZERS + pieces.names("optimizer"),
+        "schedule": SCHEDULES,
+        "augment": AUGMENT_LEVELS,
+    }
+    return vocab.get(name)
 
 
 # The untuned default recipe people reach for first: one full fine-tune with Adam at lr 1e-3.

@@ -11,7 +11,12 @@ from optuna.trial import FrozenTrial, TrialState
 
 from autoft.recipe import Recipe
 
-__all__ = ["finished_count", "ranked_trials", "trial_row", "write_trials_csv"]
+__all__ = ["finished_count", "knobs", "ranked_trials", "trial_row", "write_trials_csv"]
+
+
+def knobs(trial: FrozenTrial) -> dict[str, Any]:
+    """The recipe knobs a trial trained with (fixed values included); Optuna's own params for older studies."""
+    return dict(trial.user_attrs.get("knobs", trial.params))
 
 
 def trial_row(trial: FrozenTrial) -> dict[str, Any]:
@@ -25,7 +30,7 @@ def trial_row(trial: FrozenTrial) -> dict[str, Any]:
         "epochs_run": len(trial.intermediate_values),
         "seconds": round(duration, 2) if duration is not None else None,
         "error": trial.user_attrs.get("error", ""),
-        **{f"param_{k}": v for k, v in trial.params.items()},
+        **{f"param_{k}": v for k, v in knobs(trial).items()},
     }
 
 
@@ -48,7 +53,7 @@ def ranked_trials(study: optuna.Study, *, top: int = 5) -> list[dict[str, Any]]:
     """
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     best_first = sorted(complete, key=lambda t: (-t.value, t.number))[:top]
-    return [trial_row(t) | {"strategy": Recipe.from_params(t.params).describe()} for t in best_first]
+    return [trial_row(t) | {"strategy": Recipe.from_params(knobs(t)).describe()} for t in best_first]
 
 
 def finished_count(study: optuna.Study) -> int:

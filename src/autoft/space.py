@@ -1,14 +1,17 @@
-"""Search spaces: the fine-tuning knobs a search may vary, as data (YAML presets) rather than code.
+"""Search spaces: the fine-tuning knobs a search may vary, as data (YAML presets) or code.
 
 A space is an ordered list of :class:`Param`. Sampling walks it in order, so a parameter's ``when``
 condition can only name parameters listed before it; a parameter whose condition does not hold is not
 suggested at all (Optuna then never sees it, and the sampler's model stays clean).
+
+Three ways to give one: a preset name or YAML file (:func:`load_space`), a :class:`SearchSpace` built in
+code, or a define-by-run function ``space(trial) -> dict`` for logic no file can express.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -17,10 +20,29 @@ from typing import Any, Protocol
 import yaml
 
 from autoft.errors import AutoftError, closest
+from autoft.recipe import Recipe, knob_choices, knob_names
 
-__all__ = ["KINDS", "Param", "SearchSpace", "load_space", "preset_names"]
+__all__ = [
+    "KINDS",
+    "FunctionSpace",
+    "Param",
+    "SearchSpace",
+    "Space",
+    "load_space",
+    "preset_description",
+    "preset_names",
+    "preset_path",
+]
 
 KINDS = ("float", "int", "categorical", "fixed")
+_SPEC_KEYS = {
+    "float": {"low", "high", "log", "step"},
+    "int": {"low", "high", "log", "step"},
+    "categorical": {"choices"},
+    "fixed": {"value"},
+}
+# Searched by the controller rather than the recipe: the model (`--model a,b`).
+CONTROLLER_KNOBS = ("model",)
 
 
 class TrialLike(Protocol):
@@ -33,9 +55,21 @@ class TrialLike(Protocol):
     def suggest_categorical(self, name: str, choices: Any) -> Any: ...
 
 
+class Space(Protocol):
+    """What a search needs of a space: values for one trial, and a cap on the epochs."""
+
+    def sample(self, trial: TrialLike) -> dict[str, Any]: ...
+    def with_max_epochs(self, max_epochs: int) -> Space: ...
+
+
 @dataclass(frozen=True)
 class Param:
-    """One searched knob. ``when`` maps earlier parameters to the values under which this one applies."""
+    """One searched knob: ``kind`` is float / int (``low``, ``high``, ``log``, ``step``), categorical
+    (``choices``) or fixed (``value``). ``when`` maps earlier parameters to the value(s) under which it applies.
+
+    >>> Param("train_blocks", "int", low=1, high=4, when={"freeze": "partial"}).when
+    {'freeze': ('partial',)}
+    """
 
     name: str
     kind: str
@@ -46,6 +80,11 @@ class Param:
     choices: tuple[Any, ...] = ()
     value: Any = None
     when: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        when = {k: tuple(v) if isinstance(v, list | tuple) else (v,) for k, v in dict(self.when or {}).items()}
+        object.__setattr__(self, "when", when)
+        object.__setattr__(self, "choices", tuple(self.choices))
 
     def applies(self, chosen: Mapping[str, Any]) -> bool:
         """True when every ``when`` condition holds for the values chosen so far."""
@@ -61,20 +100,58 @@ class Param:
             return trial.suggest_int(self.name, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
         return trial.suggest_float(self.name, float(self.low), float(self.high), step=self.step, log=self.log)
 
+    def to_spec(self) -> Any:
+        """The YAML form: a bare value for an unconditional fixed parameter, else a mapping."""
+        if self.kind == "fixed" and not self.when:
+            return self.value
+        spec: dict[str, Any] = {"type": self.kind}
+        if self.kind == "categorical":
+            spec["choices"] = list(self.choices)
+        elif self.kind == "fixed":
+            spec["value"] = self.value
+        else:
+            spec |= {"low": self.low, "high": self.high}
+            if self.log:
+                spec["log"] = True
+            if self.step is not None:
+                spec["step"] = self.step
+        if self.when:
+            spec["when"] = {k: (v[0] if len(v) == 1 else list(v)) for k, v in self.when.items()}
+        return spec
+
 
 @dataclass(frozen=True)
 class SearchSpace:
-    """An ordered set of parameters; ``sample(trial)`` returns the values chosen for one trial.
+    """An ordered set of parameters, validated on construction; ``sample(trial)`` returns one trial's values.
 
-    >>> space = load_space("default")
-    >>> "lr" in space.names()
-    True
+    >>> space = SearchSpace([Param("lr", "float", low=1e-4, high=1e-2, log=True), Param("epochs", "fixed", value=3)])
+    >>> print(space.to_yaml(), end="")
+    params:
+      lr: {type: float, low: 0.0001, high: 0.01, log: true}
+      epochs: 3
     """
 
     params: tuple[Param, ...]
-    source: str = "<code>"
-    # Known strong recipes tried first (warm start); each maps some of the params to values.
+    source: str = "search space <code>"
+    # Warm start: known strong recipes tried before sampling; each maps some of the params to values.
     portfolio: tuple[Mapping[str, Any], ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "params", tuple(self.params))
+        object.__setattr__(self, "portfolio", tuple(dict(entry) for entry in self.portfolio))
+        if not self.params:
+            raise AutoftError(f"{self.source}: a search space needs at least one parameter.")
+        earlier: dict[str, Param] = {}
+        for param in self.params:
+            _check_param(param, earlier, self.source)
+            earlier[param.name] = param
+        for i, entry in enumerate(self.portfolio):
+            unknown = sorted(set(entry) - set(earlier))
+            if unknown:
+                raise AutoftError(
+                    f"{self.source}: portfolio entry {i + 1} sets {', '.join(unknown)}, "
+                    "which the space does not define."
+                )
 
     def names(self) -> list[str]:
         return [p.name for p in self.params]
@@ -89,6 +166,9 @@ class SearchSpace:
 
     def with_max_epochs(self, max_epochs: int) -> SearchSpace:
         """The same space with the ``epochs`` range capped at ``max_epochs`` (the budget's fidelity)."""
+        if "epochs" not in self.names():  # the recipe's default must respect the cap too
+            default = Recipe.__dataclass_fields__["epochs"].default
+            return self.with_param(Param("epochs", "fixed", value=min(default, max_epochs)))
         capped = []
         for p in self.params:
             if p.name == "epochs" and p.kind == "int":
@@ -102,6 +182,222 @@ class SearchSpace:
         )
         return dataclasses.replace(self, params=tuple(capped), portfolio=portfolio)
 
+    def with_param(self, param: Param, *, first: bool = False) -> SearchSpace:
+        """The same space with ``param`` added (or replacing the one of the same name)."""
+        others = [p for p in self.params if p.name != param.name]
+        params = [param, *others] if first else [*others, param]
+        return dataclasses.replace(self, params=tuple(params))
+
+    def to_dict(self) -> dict[str, Any]:
+        document: dict[str, Any] = {"params": {p.name: p.to_spec() for p in self.params}}
+        return document | ({"portfolio": [dict(e) for e in self.portfolio]} if self.portfolio else {})
+
+    def to_yaml(self, path: str | Path | None = None) -> str:
+        """The space as YAML (one line per parameter); written to ``path`` when given."""
+        lines = ["params:"]
+        for p in self.params:
+            spec = yaml.safe_dump(p.to_spec(), default_flow_style=True, sort_keys=False, width=10_000).strip()
+            lines.append(f"  {p.name}: {spec.removesuffix(chr(10) + '...').strip()}")
+        if self.portfolio:
+            lines.append("portfolio:")
+            for entry in self.portfolio:
+                flow = yaml.safe_dump(dict(entry), default_flow_style=True, sort_keys=False, width=10_000).strip()
+                lines.append(f"  - {flow}")
+        text = "\n".join(lines) + "\n"
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def from_dict(cls, document: Any, *, source: str = "search space <code>") -> SearchSpace:
+        """Build and validate a space from the YAML document's data (``{"params": {...}}``)."""
+        if not isinstance(document, dict) or not isinstance(document.get("params"), dict) or not document["params"]:
+            raise AutoftError(f"{source}: a search space needs a non-empty mapping 'params:' of parameter definitions.")
+        extra = sorted(set(document) - {"params", "portfolio"})
+        if extra:
+            raise AutoftError(
+                f"{source}: unknown top-level key(s) {', '.join(map(repr, extra))}; only 'params:' and 'portfolio:'."
+            )
+        portfolio = document.get("portfolio") or []
+        if not isinstance(portfolio, list) or not all(isinstance(entry, dict) for entry in portfolio):
+            raise AutoftError(f"{source}: 'portfolio:' must be a list of mappings from parameter names to values.")
+        params = tuple(_param_from_spec(str(n), s, source) for n, s in document["params"].items())
+        return cls(params, source=source, portfolio=tuple(portfolio))
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> SearchSpace:
+        """Load and validate a YAML file (same as ``load_space(path)``)."""
+        return load_space(Path(path))
+
+
+@dataclass(frozen=True)
+class FunctionSpace:
+    """A define-by-run space: ``fn(trial) -> dict`` of knob values (any logic; Optuna's suggest_* calls).
+
+    >>> space = FunctionSpace(lambda trial: {"lr": trial.suggest_float("lr", 1e-4, 1e-2, log=True)})
+    """
+
+    fn: Callable[[TrialLike], Mapping[str, Any]]
+    max_epochs: int | None = None
+
+    def sample(self, trial: TrialLike) -> dict[str, Any]:
+        chosen = self.fn(trial)
+        if not isinstance(chosen, Mapping):
+            raise AutoftError(f"The space function {_fn_name(self.fn)} must return a dict of knobs, not {chosen!r}.")
+        chosen = dict(chosen)
+        if self.max_epochs is not None:
+            default = Recipe.__dataclass_fields__["epochs"].default
+            chosen["epochs"] = min(int(chosen.get("epochs", default)), self.max_epochs)
+        return chosen
+
+    def with_max_epochs(self, max_epochs: int) -> FunctionSpace:
+        return dataclasses.replace(self, max_epochs=max_epochs)
+
+
+def _fn_name(fn: Callable[..., Any]) -> str:
+    return getattr(fn, "__qualname__", repr(fn))
+
+
+def describe_space(spec: Any) -> str:
+    """A short text for ``config.yaml``: the preset name, path, or what kind of Python space was given."""
+    if isinstance(spec, SearchSpace):
+        return f"<SearchSpace: {', '.join(spec.names())}>"
+    if callable(spec):
+        return f"<function {_fn_name(spec)}>"
+    return str(spec)
+
+
+# ----------------------------------------------------------------------------------------------- validation
+
+
+def _number(value: Any) -> Any:
+    """YAML 1.1 reads ``1e-5`` (no dot) as a string; accept it as the number everyone means."""
+    if isinstance(value, str):
+        for convert in (int, float):
+            try:
+                return convert(value)
+            except ValueError:
+                pass
+    return value
+
+
+def _param_from_spec(name: str, spec: Any, source: str) -> Param:
+    where = f"{source}: parameter {name!r}"
+    if not isinstance(spec, dict):
+        return Param(name, "fixed", value=spec)
+    kind = spec.get("type")
+    if kind not in KINDS:
+        hint = closest(str(kind), KINDS)
+        raise AutoftError(
+            f"{where} has unknown type {kind!r}"
+            + (f" (did you mean {hint[0]!r}?)" if hint else "")
+            + f"; use one of: {', '.join(KINDS)}."
+        )
+    unknown = sorted(set(spec) - _SPEC_KEYS[kind] - {"type", "when"})
+    if unknown:
+        allowed = sorted(_SPEC_KEYS[kind] | {"type", "when"})
+        hint = closest(unknown[0], allowed)
+        raise AutoftError(
+            f"{where}: unknown key {unknown[0]!r} for a {kind} parameter"
+            + (f" (did you mean {hint[0]!r}?)" if hint else "")
+            + f"; allowed: {', '.join(allowed)}."
+        )
+    when = spec.get("when") or {}
+    if not isinstance(when, dict):
+        raise AutoftError(f"{where}: 'when' must map earlier parameters to values, but got {when!r}.")
+    choices = spec.get("choices", ())
+    if kind == "categorical" and not isinstance(choices, list):
+        raise AutoftError(f"{where}: a categorical parameter needs a non-empty list 'choices', but got {choices!r}.")
+    return Param(
+        name,
+        kind,
+        low=_number(spec.get("low")),
+        high=_number(spec.get("high")),
+        log=spec.get("log", False),
+        step=_number(spec.get("step")),
+        choices=tuple(choices),
+        value=spec.get("value"),
+        when=when,
+    )
+
+
+def _check_param(p: Param, earlier: Mapping[str, Param], source: str) -> None:
+    """Every rule a parameter must meet, each failing with one sentence naming the source and the parameter."""
+    where = f"{source}: parameter {p.name!r}"
+    if p.kind not in KINDS:
+        raise AutoftError(f"{where} has unknown type {p.kind!r}; use one of: {', '.join(KINDS)}.")
+    if p.name in earlier:
+        raise AutoftError(f"{where} is listed twice; give each parameter once.")
+    knobs = knob_names() + list(CONTROLLER_KNOBS)
+    if p.name not in knobs:
+        hint = closest(p.name, knobs)
+        raise AutoftError(
+            f"{where} is not a strategy knob"
+            + (f" (did you mean {hint[0]!r}?)" if hint else "")
+            + f"; knobs: {', '.join(knobs)}, or the knobs of a custom piece registered with autoft.register_freeze "
+            "or autoft.register_optimizer."
+        )
+    for other, allowed in p.when.items():
+        if other not in earlier:
+            problem = "which is listed after it" if other in knobs else "which is no parameter of this space"
+            raise AutoftError(f"{where}: 'when' names {other!r}, {problem}; a condition names an earlier parameter.")
+        source_param = earlier[other]
+        if source_param.kind == "categorical":
+            stray = [v for v in allowed if v not in source_param.choices]
+            if stray:
+                raise AutoftError(
+                    f"{where}: 'when' asks for {other}={stray[0]!r}, which is not among its choices "
+                    f"{list(source_param.choices)}."
+                )
+    vocabulary = knob_choices(p.name)
+    if p.kind == "categorical":
+        if not p.choices:
+            raise AutoftError(f"{where}: a categorical parameter needs a non-empty list 'choices'.")
+        values = p.choices
+    elif p.kind == "fixed":
+        values = (p.value,)
+    else:
+        values = ()
+        _check_range(p, where)
+    if vocabulary is not None:
+        for value in values:
+            if value not in vocabulary:
+                hint = closest(str(value), [str(v) for v in vocabulary])
+                raise AutoftError(
+                    f"{where}: {value!r} is not a known {p.name}"
+                    + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                    + f"; choose from: {', '.join(map(str, vocabulary))} (or register a custom piece)."
+                )
+    if p.kind == "categorical" and any(isinstance(v, dict | list) for v in p.choices):
+        raise AutoftError(f"{where}: choices must be plain values (numbers, strings, booleans).")
+
+
+def _check_range(p: Param, where: str) -> None:
+    low, high = p.low, p.high
+    if not isinstance(low, int | float) or not isinstance(high, int | float) or isinstance(low, bool):
+        raise AutoftError(f"{where} needs numeric 'low' and 'high', but got low={low!r}, high={high!r}.")
+    if low > high:
+        raise AutoftError(f"{where}: `low <= high` must hold, but got low={low}, high={high}.")
+    if not isinstance(p.log, bool):
+        raise AutoftError(f"{where}: 'log' must be true or false, but got {p.log!r}.")
+    if p.log and low <= 0:
+        raise AutoftError(
+            f"{where}: a log range cannot include 0 or negative values, but got low={low}; "
+            "use a small positive low (e.g. 1.0e-6) or drop 'log: true'."
+        )
+    if p.kind == "int" and not (isinstance(low, int) and isinstance(high, int)):
+        raise AutoftError(f"{where}: an int parameter needs whole-number bounds, but got low={low!r}, high={high!r}.")
+    step = p.step
+    step_types = (int,) if p.kind == "int" else (int, float)
+    if step is not None and (not isinstance(step, step_types) or step <= 0 or p.log):
+        raise AutoftError(
+            f"{where}: 'step' must be a positive {p.kind} and cannot be combined with 'log: true', "
+            f"but got step={step!r}, log={p.log}."
+        )
+
+
+# ----------------------------------------------------------------------------------------------- presets, files
+
 
 def _presets_dir() -> Path:
     """Presets ship inside the wheel as ``autoft/search_spaces``; an editable install reads the repo's folder."""
@@ -110,16 +406,16 @@ def _presets_dir() -> Path:
 
 
 def preset_names() -> list[str]:
-    """Names of the bundled YAML presets."""
+    """Names of the bundled YAML presets.
+
+    >>> {"default", "quick", "full", "lp-ft"} <= set(preset_names())
+    True
+    """
     return sorted(p.stem for p in _presets_dir().glob("*.yaml"))
 
 
-def load_space(name_or_path: str | Path) -> SearchSpace:
-    """Load a preset by name (``"default"``) or a YAML file by path, validated.
-
-    >>> load_space("default").source.endswith("default.yaml")
-    True
-    """
+def preset_path(name_or_path: str | Path) -> Path:
+    """The file of a preset name (``"quick"``) or a path to a user's YAML file; unknown names list the presets."""
     path = Path(name_or_path)
     if not path.suffix:
         path = _presets_dir() / f"{name_or_path}.yaml"
@@ -132,72 +428,89 @@ def load_space(name_or_path: str | Path) -> SearchSpace:
             )
     if not path.is_file():
         raise AutoftError(f"Search space file {path} does not exist; check the path given to --space.")
-    try:
-        document = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise AutoftError(f"Search space file {path} is not valid YAML: {exc}") from None
-    return _parse(document, source=str(path))
+    return path
 
 
-def _parse(document: Any, *, source: str) -> SearchSpace:
-    if not isinstance(document, dict) or not isinstance(document.get("params"), dict) or not document["params"]:
-        raise AutoftError(f"{source}: a search space needs a non-empty mapping 'params:' of parameter definitions.")
-    params: list[Param] = []
-    for name, spec in document["params"].items():
-        params.append(_parse_param(str(name), spec, earlier=[p.name for p in params], source=source))
-    return SearchSpace(tuple(params), source=source, portfolio=_parse_portfolio(document, params, source=source))
+def preset_description(path: Path) -> str:
+    """The leading comment of a space file, as one line of text."""
+    lines = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line.lstrip("#").strip())
+    return " ".join(lines)
 
 
-def _parse_portfolio(document: dict, params: list[Param], *, source: str) -> tuple[dict[str, Any], ...]:
-    entries = document.get("portfolio") or []
-    names = {p.name for p in params}
-    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
-        raise AutoftError(f"{source}: 'portfolio:' must be a list of mappings from parameter names to values.")
-    for i, entry in enumerate(entries):
-        unknown = sorted(set(entry) - names)
-        if unknown:
+def load_space(
+    spec: str | Path | SearchSpace | Callable[[TrialLike], Mapping[str, Any]] = "default",
+    *,
+    overrides: Sequence[str] = (),
+    fixed: Sequence[str] = (),
+) -> SearchSpace | FunctionSpace:
+    """A validated space from a preset name, a YAML path, a :class:`SearchSpace` or a ``space(trial)`` function.
+
+    ``overrides`` are ``PARAM.FIELD=VALUE`` edits (``"lr.high=1e-2"``, the CLI's ``--set``); ``fixed`` are
+    ``PARAM=VALUE`` (``"optimizer=adamw"``, the CLI's ``--fix``): the parameter stops being searched.
+
+    >>> load_space("default", overrides=["lr.high=1e-2"], fixed=["optimizer=adamw"]).params[4].value
+    'adamw'
+    """
+    if callable(spec) and not isinstance(spec, SearchSpace):
+        if overrides or fixed:
+            raise AutoftError("--set and --fix edit a YAML or SearchSpace space, not a space(trial) function.")
+        return FunctionSpace(spec)
+    if isinstance(spec, SearchSpace):
+        document, source = spec.to_dict(), spec.source
+    else:
+        path = preset_path(spec)
+        source = str(path)
+        try:
+            document = yaml.safe_load(path.read_text())
+        except yaml.MarkedYAMLError as exc:
+            mark = exc.problem_mark or exc.context_mark
+            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
             raise AutoftError(
-                f"{source}: portfolio entry {i + 1} sets {', '.join(unknown)}, which the space does not define."
+                f"Search space file {path} has a YAML syntax error{at}: {exc.problem or exc.context}."
+            ) from None
+        except yaml.YAMLError as exc:
+            raise AutoftError(f"Search space file {path} is not valid YAML: {exc}") from None
+    if overrides or fixed:
+        document = _edited(document, overrides, fixed, source)
+        source += " (with " + ", ".join([*(f"--set {o}" for o in overrides), *(f"--fix {f}" for f in fixed)]) + ")"
+    return SearchSpace.from_dict(document, source=source)
+
+
+def _value(text: str) -> Any:
+    parsed = yaml.safe_load(text) if text.strip() else ""
+    return _number(parsed)
+
+
+def _edited(document: Any, overrides: Sequence[str], fixed: Sequence[str], source: str) -> dict[str, Any]:
+    if not isinstance(document, dict) or not isinstance(document.get("params"), dict):
+        return document  # from_dict says what is wrong with it
+    params = {name: (dict(spec) if isinstance(spec, dict) else spec) for name, spec in document["params"].items()}
+    for edit in overrides:
+        key, sep, text = edit.partition("=")
+        name, dot, attribute = key.strip().partition(".")
+        if not sep or not dot or not name or not attribute:
+            raise AutoftError(f"--set expects PARAM.FIELD=VALUE (e.g. lr.high=1e-2), but got {edit!r}.")
+        if name not in params:
+            hint = closest(name, list(params))
+            raise AutoftError(
+                f"--set {edit}: {source} has no parameter {name!r}"
+                + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                + "; use --fix NAME=VALUE to add a fixed one."
             )
-    return tuple(entries)
-
-
-def _parse_param(name: str, spec: Any, *, earlier: list[str], source: str) -> Param:
-    where = f"{source}: parameter {name!r}"
-    if not isinstance(spec, dict):
-        return Param(name, "fixed", value=spec)
-    kind = spec.get("type")
-    if kind not in KINDS:
-        raise AutoftError(f"{where} has type {kind!r}; use one of: {', '.join(KINDS)}.")
-    when_spec = spec.get("when") or {}
-    if not isinstance(when_spec, dict):
-        raise AutoftError(f"{where}: 'when' must map earlier parameters to values, but got {when_spec!r}.")
-    when = {}
-    for other, allowed in when_spec.items():
-        if other not in earlier:
-            raise AutoftError(f"{where}: 'when' names {other!r}, which is not a parameter listed before it.")
-        when[other] = tuple(allowed) if isinstance(allowed, list) else (allowed,)
-    if kind == "categorical":
-        choices = spec.get("choices")
-        if not isinstance(choices, list) or not choices:
-            raise AutoftError(f"{where}: a categorical parameter needs a non-empty list 'choices'.")
-        return Param(name, kind, choices=tuple(choices), when=when)
-    if kind == "fixed":
-        return Param(name, kind, value=spec.get("value"), when=when)
-    low, high, log = spec.get("low"), spec.get("high"), bool(spec.get("log", False))
-    if not isinstance(low, int | float) or not isinstance(high, int | float):
-        raise AutoftError(f"{where} needs numeric 'low' and 'high', but got low={low!r}, high={high!r}.")
-    if low > high:
-        raise AutoftError(f"{where}: `low <= high` must hold, but got low={low}, high={high}.")
-    if log and low <= 0:
-        raise AutoftError(f"{where}: a log range must be positive, but got low={low}.")
-    step = spec.get("step")
-    step_types = (int,) if kind == "int" else (int, float)
-    if kind == "int" and not (isinstance(low, int) and isinstance(high, int)):
-        raise AutoftError(f"{where}: an int parameter needs whole-number bounds, but got low={low!r}, high={high!r}.")
-    if step is not None and (not isinstance(step, step_types) or step <= 0 or log):
-        raise AutoftError(
-            f"{where}: 'step' must be a positive {kind} and cannot be combined with 'log: true', "
-            f"but got step={step!r}, log={log}."
-        )
-    return Param(name, kind, low=low, high=high, log=log, step=step, when=when)
+        if not isinstance(params[name], dict):
+            raise AutoftError(f"--set {edit}: parameter {name!r} is a fixed value in {source}; use --fix {name}=VALUE.")
+        params[name][attribute] = _value(text)
+    for edit in fixed:
+        name, sep, text = edit.partition("=")
+        if not sep or not name.strip():
+            raise AutoftError(f"--fix expects PARAM=VALUE (e.g. optimizer=adamw), but got {edit!r}.")
+        name = name.strip()
+        when = params[name].get("when") if isinstance(params.get(name), dict) else None
+        params[name] = {"type": "fixed", "value": _value(text)} | ({"when": when} if when else {})
+    fixed_names = {edit.partition("=")[0].strip() for edit in fixed}
+    portfolio = [{k: v for k, v in entry.items() if k not in fixed_names} for entry in document.get("portfolio") or []]
+    return document | {"params": params} | ({"portfolio": portfolio} if portfolio else {})

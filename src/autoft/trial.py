@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from autoft import data, models, optim
+from autoft import data, models, optim, pieces
 from autoft.recipe import Recipe
 
 __all__ = ["EpochMetrics", "Report", "TrialOutcome", "evaluate", "resolve_device", "run_trial"]
@@ -102,6 +102,9 @@ def run_trial(
         if recipe.train_blocks_at(epoch) != trainable:  # LP-FT unfreezes here; a fresh optimizer follows
             trainable = recipe.train_blocks_at(epoch)
             models.apply_freeze(model, train_blocks=trainable)
+            custom_freeze = pieces.get("freeze", recipe.freeze)
+            if custom_freeze is not None:  # a registered policy freezes what it wants of a fully trainable model
+                custom_freeze.fn(model, recipe)
             optimizer = optim.create_optimizer(model, recipe)
         started = time.perf_counter()
         models.set_train_mode(model, freeze_bn_stats=recipe.freeze_bn_stats)
@@ -116,9 +119,13 @@ def run_trial(
             )
             images = data.augment(images, recipe.augment, generator=generator)
             inputs = data.normalize(images.to(device, non_blocking=True), mean=mean, std=std)
-            labels = labels.to(device, non_blocking=True)
+            targets = labels = labels.to(device, non_blocking=True)
+            if recipe.mixup > 0 or recipe.cutmix > 0:  # soft targets: cross_entropy takes class probabilities
+                inputs, targets = data.mix(
+                    inputs, labels, len(dataset.classes), mixup=recipe.mixup, cutmix=recipe.cutmix, generator=generator
+                )
             with _autocast(device):
-                loss = F.cross_entropy(model(inputs), labels, label_smoothing=recipe.label_smoothing)
+                loss = F.cross_entropy(model(inputs), targets, label_smoothing=recipe.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

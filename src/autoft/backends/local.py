@@ -12,7 +12,7 @@ from collections.abc import Callable
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from autoft.space import SearchSpace
+from autoft.space import Space
 from autoft.trial import EpochMetrics, Report, TrialOutcome
 
 __all__ = ["Execute", "optimize"]
@@ -23,9 +23,11 @@ log = logging.getLogger(__name__)
 Execute = Callable[[int, dict, Report], TrialOutcome]
 
 
-def _objective(space: SearchSpace, execute: Execute) -> Callable[[optuna.Trial], float]:
+def _objective(space: Space, execute: Execute) -> Callable[[optuna.Trial], float]:
     def objective(trial: optuna.Trial) -> float:
         params = space.sample(trial)
+        # The knobs as the recipe sees them: fixed values and define-by-run names are not in trial.params.
+        trial.set_user_attr("knobs", params)
 
         def report(epoch: int, metrics: EpochMetrics) -> bool:
             trial.report(metrics.val_accuracy, epoch)
@@ -50,7 +52,7 @@ def _objective(space: SearchSpace, execute: Execute) -> Callable[[optuna.Trial],
 
 def optimize(
     study: optuna.Study,
-    space: SearchSpace,
+    space: Space,
     execute: Execute,
     *,
     n_trials: int | None,

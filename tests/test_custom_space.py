@@ -1,0 +1,109 @@
+"""Custom spaces and strategy pieces in Python, through the runnable example examples/custom_space.py."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+from optuna.trial import TrialState
+
+import autoft
+import autoft.data
+from autoft import pieces
+from autoft.config import SearchConfig
+from autoft.controller import prepare, train_recipe
+from autoft.optim import create_optimizer
+from autoft.space import load_space
+from conftest import make_image_folder
+
+TINY = {"pretrained": False, "image_size": 16, "max_epochs": 2}
+
+
+def _load_example() -> ModuleType:
+    path = Path(__file__).resolve().parents[1] / "examples" / "custom_space.py"
+    spec = importlib.util.spec_from_file_location("custom_space_example", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def example() -> Iterator[ModuleType]:
+    module = _load_example()
+    module.register()
+    yield module
+    pieces.unregister("freeze", "bitfit")
+    pieces.unregister("optimizer", "rmsprop")
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    return make_image_folder(tmp_path / "data", per_class=8, size=(16, 16), with_test=True)
+
+
+def test_custom_knob_is_unknown_until_its_piece_is_registered() -> None:
+    with pytest.raises(autoft.AutoftError, match=r"'rms_alpha' is not a strategy knob.*register_optimizer"):
+        autoft.SearchSpace([autoft.Param("rms_alpha", "float", low=0.9, high=0.99)])
+    with pytest.raises(autoft.AutoftError, match=r"'bitfit' is not a known freeze.*register a custom piece"):
+        _load_example().yaml_space()
+
+
+def test_custom_piece_names_become_valid_choices(example: ModuleType) -> None:
+    space = load_space(example.yaml_space(), fixed=["freeze=bitfit", "optimizer=rmsprop"])
+    assert {p.name: p.value for p in space.params if p.kind == "fixed"}["freeze"] == "bitfit"
+    with pytest.raises(autoft.AutoftError, match=r"'bitfix' is not a known freeze \(did you mean 'bitfit'\?\)"):
+        load_space(example.yaml_space(), fixed=["freeze=bitfix"])
+
+
+def test_bitfit_trains_biases_and_head_only_with_the_custom_optimizer(example: ModuleType, data: Path) -> None:
+    setup = prepare(SearchConfig(model="test_resnet", data=data, **TINY))
+    recipe = autoft.Recipe.from_params({"freeze": "bitfit", "optimizer": "rmsprop", "rms_alpha": 0.95, "epochs": 1})
+    assert recipe.knob("rms_alpha") == 0.95
+    outcome = train_recipe(setup, recipe, seed=0)
+    before = setup.base_model.state_dict()
+    changed = {k for k, v in outcome.best_state.items() if v.dtype.is_floating_point and not torch.equal(v, before[k])}
+    assert "conv1.0.weight" not in changed and "layer1.0.conv1.weight" not in changed  # conv weights frozen
+    assert "fc.weight" in changed and "conv1.1.bias" in changed  # head and norm biases trained
+    model = setup.base_model
+    example.bitfit(model, recipe)
+    optimizer = create_optimizer(model, recipe)
+    assert isinstance(optimizer, torch.optim.RMSprop) and optimizer.defaults["alpha"] == 0.95
+
+
+@pytest.mark.slow
+def test_define_by_run_space_searches_end_to_end(example: ModuleType, data: Path, tmp_path: Path) -> None:
+    result = autoft.search("test_resnet", data, trials=3, space=example.space, run_dir=tmp_path / "run", **TINY)
+    trials = result.study.trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
+    for trial in trials:  # the knobs the recipe saw, not Optuna's names (lr_partial / lr_full)
+        assert trial.user_attrs["knobs"]["epochs"] == 2 and "lr" in trial.user_attrs["knobs"]
+    assert result.best_recipe.epochs == 2
+    assert "space: <function space>" in (tmp_path / "run" / "config.yaml").read_text()
+
+
+@pytest.mark.slow
+def test_custom_pieces_search_end_to_end(example: ModuleType, data: Path, tmp_path: Path) -> None:
+    space = load_space(example.yaml_space(), fixed=["freeze=bitfit", "optimizer=rmsprop"])
+    result = autoft.search("test_resnet", data, trials=2, space=space, run_dir=tmp_path / "run", **TINY)
+    assert all(t.state == TrialState.COMPLETE for t in result.study.trials)
+    assert result.best_recipe.freeze == "bitfit" and 0.9 <= result.best_recipe.knob("rms_alpha") <= 0.999
+    meta = json.loads((result.model_dir / "config.json").read_text())
+    assert meta["strategy"].startswith("custom freeze bitfit, rmsprop") and "rms_alpha" in meta["strategy"]
+
+
+def test_mixup_and_cutmix_give_soft_targets_and_train(data: Path) -> None:
+    g = torch.Generator().manual_seed(0)
+    images, labels = torch.randn(5, 3, 16, 16), torch.tensor([0, 1, 2, 0, 1])  # odd batch: timm's Mixup refuses it
+    mixed, targets = autoft.data.mix(images, labels, 3, mixup=0.0, cutmix=1.0, generator=g)
+    kept = (mixed == images).flatten(1).all(0).float().mean().item()  # share of pixels no image changed
+    assert targets.shape == (5, 3) and torch.allclose(targets.sum(1), torch.ones(5))
+    assert 0.0 <= kept <= 1.0 and (targets.max(1).values >= 0.5).all()
+    setup = prepare(SearchConfig(model="test_resnet", data=data, **TINY))
+    recipe = autoft.Recipe(freeze="linear_probe", epochs=1, mixup=0.2, cutmix=1.0, label_smoothing=0.1)
+    outcome = train_recipe(setup, recipe, seed=0)
+    assert len(outcome.history) == 1 and outcome.history[0].train_loss > 0
