@@ -146,6 +146,8 @@ def importance_data(study: optuna.Study) -> tuple[dict[str, float], str]:
         return {}, "Parameter importances are shown for single-objective studies only."
     if len(complete) < 2:
         return {}, f"Parameter importances need at least 2 complete trials; this study has {len(complete)}."
+    if len({t.value for t in complete}) == 1:
+        return {}, "Parameter importances need scores that differ; every complete trial scored the same."
     space = intersection_search_space(complete)
     varied = [p for p in space if len({repr(t.params[p]) for t in complete}) > 1]
     if not varied:
@@ -500,7 +502,7 @@ def render_html(report: StudyReport) -> str:
     body = "\n".join(_section_html(t, items, ids) for t, items in report.sections)
     return (
         f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>\n'
-        f"<style>{_STYLE}</style>\n<script>{get_plotlyjs()}</script></head>\n<body>\n"
+        f"<style>{_STYLE}</style>\n<script id='plotly-js'>{get_plotlyjs()}</script></head>\n<body>\n"
         f"<h1>{html.escape(title)}</h1>\n<h2>Summary</h2>\n{_summary_html(report.summary)}\n{body}\n"
         f"<script>{_SORT_JS}</script>\n</body></html>\n"
     )
