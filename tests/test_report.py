@@ -248,3 +248,13 @@ def test_dashboard_serves_the_study_on_loopback(tmp_path: Path) -> None:
         server.terminate()
         output, _ = server.communicate(timeout=10)
     assert f"http://127.0.0.1:{port}/" in output
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs chromium (make test installs it)")
+def test_png_writes_every_figure(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "run", [_trial(0, curve=(0.2, 0.4)), _trial(1, TrialState.PRUNED, (0.1,))])
+    assert main(["report", str(run), "--png"]) == 0
+    pngs = sorted(p.name for p in (run / "figures").glob("*.png"))
+    assert pngs == ["history.png", "learning_curves.png", "timeline.png"]
+    assert all((run / "figures" / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)

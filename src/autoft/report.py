@@ -208,7 +208,7 @@ def _curves_figure(curves: list[dict[str, Any]]) -> go.Figure:
         )
     figure.update_layout(
         title="Learning curves (validation accuracy per epoch; pruned trials dashed, stopped at the cross)",
-        xaxis_title="epoch",
+        xaxis={"title": "epoch", "dtick": 1},
         yaxis_title="validation accuracy",
     )
     return figure
@@ -538,21 +538,21 @@ def _plain(value: Any) -> Any:
 
 
 def write_pngs(report: StudyReport, folder: Path) -> list[Path]:
-    """Each figure as a PNG via Kaleido (which drives a local Chrome or Chromium; no network needed)."""
+    """Each figure as a PNG via Kaleido, which drives a local Chrome or Chromium (one browser for all; offline)."""
     try:
         import kaleido  # noqa: F401
     except ImportError:
         raise AutoftError("--png needs Kaleido; install it with: pip install 'autoft[report]'.") from None
+    import plotly.io
+
     folder.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name, figure in report.figures.items():
-        path = folder / f"{name}.png"
-        try:
-            figure.write_image(path, width=1000, height=600)
-        except (RuntimeError, ValueError, OSError) as exc:
-            raise AutoftError(
-                f"Kaleido could not write {path} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
-                "it needs Chrome or Chromium installed (e.g. apt-get install chromium)."
-            ) from None
-        written.append(path)
-    return written
+    paths = [folder / f"{name}.png" for name in report.figures]
+    try:
+        plotly.io.write_images(list(report.figures.values()), paths, width=1000, height=600)
+    except (RuntimeError, ValueError, OSError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise AutoftError(
+            f"The report was written, but Kaleido could not write PNGs to {folder} ({reason}); it needs Chrome "
+            "or Chromium installed (e.g. apt-get install chromium, or set BROWSER_PATH to the browser)."
+        ) from None
+    return paths
