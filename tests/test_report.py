@@ -162,11 +162,13 @@ PROBE = """<script>
 window.__errors = [];
 window.addEventListener('error', function (e) { window.__errors.push(String(e.message)); });
 var __consoleError = console.error;
-console.error = function () { window.__errors.push(Array.from(arguments).join(' ')); __consoleError.apply(console, arguments); };
+console.error = function () {
+  window.__errors.push(Array.from(arguments).join(' ')); __consoleError.apply(console, arguments); };
 window.addEventListener('load', function () { setTimeout(function () {
   var out = document.createElement('pre'); out.id = 'probe';
   var plots = document.querySelectorAll('.js-plotly-plot');
-  out.textContent = JSON.stringify({errors: window.__errors, divs: document.querySelectorAll('.plotly-graph-div').length,
+  out.textContent = JSON.stringify({errors: window.__errors,
+    divs: document.querySelectorAll('.plotly-graph-div').length,
     rendered: Array.from(plots).filter(function (p) { return p.querySelector('svg.main-svg'); }).length});
   document.body.appendChild(out); }, 300); });
 </script>"""

@@ -96,7 +96,8 @@ def test_cli_predict_evaluate_and_bad_input(
     out = tmp_path / "preds.csv"
     assert main(["predict", str(tuned_dir), str(images / "test"), "--top-k", "3", "--output", str(out)]) == 0
     rows = list(csv.DictReader(out.open()))
-    assert len(rows) == 3 and set(rows[0]) == {"path", *(f"{c}{i}" for i in (1, 2, 3) for c in ("class", "probability"))}
+    columns = {"path", *(f"{c}{i}" for i in (1, 2, 3) for c in ("class", "probability"))}
+    assert len(rows) == 3 and set(rows[0]) == columns
     assert sum(float(r[f"probability{i}"]) for r in rows[:1] for i in (1, 2, 3)) == pytest.approx(1, abs=1e-4)
     capsys.readouterr()
     assert main(["evaluate", str(tuned_dir), str(images / "test"), "--device", "cpu"]) == 0
