@@ -225,6 +225,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_dashboard_serves_the_study_on_loopback(tmp_path: Path) -> None:
     run = make_run(tmp_path / "run", [_trial(0), _trial(1)])
     port = free_port()

@@ -71,6 +71,7 @@ def test_evaluate_matches_predictions_on_the_folder(tuned_dir: Path, images: Pat
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
 @pytest.mark.parametrize("format", ["onnx", "torchscript"])
 def test_exported_file_gives_the_model_s_outputs(tuned_dir: Path, tmp_path: Path, format: str) -> None:
     path, difference = export_model(tuned_dir, format=format, output=tmp_path / f"model.{format}")
