@@ -15,8 +15,11 @@ $(BIN)/autoft: pyproject.toml
 demo: $(BIN)/autoft
 	$(BIN)/python examples/demo.py
 
-# Lint, format check and the whole test suite.
+# Lint, format check and the whole test suite. The report's browser test needs headless Chromium (Debian's package).
 test: $(BIN)/autoft
+	@command -v chromium >/dev/null 2>&1 || { echo "installing chromium for the browser test"; \
+		$$([ "$$(id -u)" = 0 ] || echo sudo) apt-get update -qq && \
+		$$([ "$$(id -u)" = 0 ] || echo sudo) apt-get install -y -qq chromium >/dev/null; }
 	$(BIN)/ruff check src tests examples
 	$(BIN)/ruff format --check src tests examples
 	$(BIN)/python -m pytest -q

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import logging
 import sys
 from collections.abc import Sequence
@@ -12,11 +13,13 @@ import optuna
 from rich.console import Console
 from rich.live import Live
 from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from autoft import results, space
+from autoft import data, export, report, results, space
 from autoft.config import PRUNERS, SAMPLERS, SearchConfig, parse_duration
-from autoft.controller import Progress, SearchResult, run_search
+from autoft.controller import Progress as SearchProgress
+from autoft.controller import SearchResult, run_search
 from autoft.errors import AutoftError
 
 __all__ = ["main"]
@@ -99,7 +102,41 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("name", help="preset name or path to a YAML file")
     show.add_argument("--set", dest="space_overrides", action="append", default=[], metavar="PARAM.FIELD=VALUE")
     show.add_argument("--fix", dest="space_fixed", action="append", default=[], metavar="PARAM=VALUE")
+    _add_using_commands(commands)
     return parser
+
+
+def _add_using_commands(commands: argparse._SubParsersAction) -> None:
+    """The commands that look at a finished search or use its tuned model."""
+    r = commands.add_parser(
+        "report",
+        help="write RUN_DIR/report.html: the study's figures, the best model's scores and mistakes",
+        description="Write RUN_DIR/report.html, one self-contained page that opens offline (also written "
+        "at the end of every search).",
+    )
+    r.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run folder, e.g. runs/resnet50-data")
+    r.add_argument("--png", action="store_true", help="also write each figure as RUN_DIR/figures/NAME.png (Kaleido)")
+    r.add_argument("--device", default="cpu", help="device to evaluate the best model on (default cpu)")
+    d = commands.add_parser("dashboard", help="start optuna-dashboard on the run's study")
+    d.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run folder, e.g. runs/resnet50-data")
+    d.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    d.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    p = commands.add_parser("predict", help="classify image files, folders or globs with a tuned model")
+    p.add_argument("model_dir", type=Path, metavar="MODEL_DIR", help="an exported model, e.g. runs/x/best")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders (recursive) or glob patterns")
+    p.add_argument("--top-k", type=int, default=3, help="how many classes to list per image (default 3)")
+    p.add_argument("--output", type=Path, help="write the predictions as CSV here instead of a table")
+    p.add_argument("--batch-size", type=int, default=64, help="images decoded and classified at once (default 64)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 or mps (default auto)")
+    e = commands.add_parser("evaluate", help="accuracy, per-class accuracy and confusion matrix on a folder")
+    e.add_argument("model_dir", type=Path, metavar="MODEL_DIR", help="an exported model, e.g. runs/x/best")
+    e.add_argument("data", type=Path, metavar="DATA_SPLIT_DIR", help="a folder of class sub-folders, e.g. data/test")
+    e.add_argument("--batch-size", type=int, default=64, help="images decoded and classified at once (default 64)")
+    e.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 or mps (default auto)")
+    x = commands.add_parser("export", help="write an ONNX or TorchScript file of a tuned model, checked against it")
+    x.add_argument("model_dir", type=Path, metavar="MODEL_DIR", help="an exported model, e.g. runs/x/best")
+    x.add_argument("--format", required=True, choices=export.EXPORT_FORMATS, help="onnx or torchscript")
+    x.add_argument("--output", type=Path, help="file to write (default MODEL_DIR/model.onnx or model.pt)")
 
 
 def _config(args: argparse.Namespace) -> SearchConfig:
@@ -146,7 +183,7 @@ class _Display:
     def __init__(self, live: Live, total: int | None):
         self.live, self.total, self.strategy = live, total, ""
 
-    def __call__(self, event: Progress) -> None:
+    def __call__(self, event: SearchProgress) -> None:
         of = f"/{self.total}" if self.total else ""
         best = f"{event.best:.4f}" if event.best is not None else "-"
         if event.kind == "trial_start":
@@ -179,7 +216,8 @@ def _summary(result: SearchResult) -> None:
     test = f", test accuracy {result.test_score:.4f}" if result.test_score is not None else ""
     console.print(
         f"Best: trial {result.best_trial}, val accuracy {result.best_score:.4f}{test}\n"
-        f"Model: {result.model_dir}  (load with autoft.load_model)\nStudy: {result.run_dir / 'study.db'}"
+        f"Model: {result.model_dir}  (load with autoft.load_model)\nStudy: {result.run_dir / 'study.db'}\n"
+        f"Report: {result.run_dir / report.REPORT}"
     )
 
 
@@ -208,11 +246,97 @@ def _spaces(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    path = report.write_report(args.run_dir, device=args.device, png=args.png)
+    console.print(f"Report: {path}" + (f"\nFigures: {args.run_dir / 'figures'}" if args.png else ""))
+    return 0
+
+
+def _dashboard(args: argparse.Namespace) -> int:
+    try:
+        from optuna_dashboard import run_server
+    except ImportError:
+        raise AutoftError(
+            "The dashboard needs optuna-dashboard; install it with: pip install 'autoft[report]'."
+        ) from None
+    config, _ = report.load_study(args.run_dir)
+    console.print(f"optuna-dashboard for {config['study_name']}: http://{args.host}:{args.port}/  (Ctrl-C stops it)")
+    run_server(config["storage"], host=args.host, port=args.port)
+    return 0
+
+
+def _counting_progress(total: int, what: str) -> Progress:
+    bar = Progress(
+        TextColumn(what), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console, transient=True
+    )
+    bar.add_task(what, total=total)
+    return bar
+
+
+def _predict(args: argparse.Namespace) -> int:
+    tuned = export.load_model(args.model_dir, device=args.device)
+    files = data.find_images(args.paths)
+    with _counting_progress(len(files), "predicting") as bar:
+        rows = export.predict_files(
+            tuned, files, top_k=args.top_k, batch_size=args.batch_size, progress=lambda n: bar.advance(0, n)
+        )
+    k = max(len(r.classes) for r in rows)
+    header = ["path"] + [f"{name}{i + 1}" for i in range(k) for name in ("class", "probability")]
+    table = [[str(r.path)] + [v for pair in zip(r.classes, r.probabilities, strict=True) for v in pair] for r in rows]
+    if args.output:
+        with args.output.open("w", newline="") as handle:
+            csv.writer(handle).writerows([header, *table])
+        console.print(f"{len(rows)} predictions written to {args.output}")
+        return 0
+    out = Table(*header, box=None)
+    for row in table:
+        out.add_row(*(f"{v:.4f}" if isinstance(v, float) else v for v in row))
+    Console().print(out)
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    tuned = export.load_model(args.model_dir, device=args.device)
+    count = len(data.find_images([args.data])) if args.data.is_dir() else 0
+    with _counting_progress(count, "evaluating") as bar:
+        result = export.evaluate_folder(
+            tuned, args.data, batch_size=args.batch_size, progress=lambda n: bar.advance(0, n)
+        )
+    out = Console()
+    out.print(f"accuracy {result.accuracy:.4f} on {result.count} images in {args.data}")
+    per_class = Table("class", "accuracy", "images", box=None)
+    for i, (name, value) in enumerate(result.per_class.items()):
+        per_class.add_row(name, "-" if value is None else f"{value:.4f}", str(sum(result.confusion[i])))
+    out.print(per_class)
+    matrix = Table("true \\ predicted", *result.classes, box=None)
+    for name, row in zip(result.classes, result.confusion, strict=True):
+        matrix.add_row(name, *map(str, row))
+    out.print(matrix)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    path, difference = export.export_model(args.model_dir, format=args.format, output=args.output)
+    console.print(f"Wrote {path}; checked against the PyTorch model on a batch: max abs difference {difference:.3g}")
+    return 0
+
+
+_COMMANDS = {
+    "search": _search,
+    "spaces": _spaces,
+    "report": _report,
+    "dashboard": _dashboard,
+    "predict": _predict,
+    "evaluate": _evaluate,
+    "export": _export,
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``autoft`` command; returns the exit code (2 for bad input)."""
     args = _parser().parse_args(argv)
     try:
-        return _spaces(args) if args.command == "spaces" else _search(args)
+        return _COMMANDS[args.command](args)
     except AutoftError as exc:
         console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         return 2

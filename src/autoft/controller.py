@@ -25,6 +25,7 @@ from autoft.backends import local
 from autoft.config import SearchConfig
 from autoft.errors import AutoftError
 from autoft.recipe import Recipe
+from autoft.report import write_report
 from autoft.space import load_space
 from autoft.trial import EpochMetrics, Report, TrialOutcome, evaluate, resolve_device, run_trial
 
@@ -341,11 +342,14 @@ def run_search(config: SearchConfig, *, progress: Callable[[Progress], None] | N
         )
     results.write_trials_csv(study, cfg.run_dir / "trials.csv")
     systematic = _systematic_error(study)
-    if systematic:
-        raise AutoftError(f"Stopped the search: every recent trial failed with the same error: {systematic}")
-    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+    if systematic or not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        write_report(cfg.run_dir, dataset=setup.dataset, device=str(setup.device))  # says what failed
+        if systematic:
+            raise AutoftError(f"Stopped the search: every recent trial failed with the same error: {systematic}")
         raise _no_complete_trial_error(study)
-    return _finish(cfg, setup, study, executor.model_dir)
+    result = _finish(cfg, setup, study, executor.model_dir)
+    write_report(cfg.run_dir, dataset=setup.dataset, device=str(setup.device))
+    return result
 
 
 def _finish(cfg: SearchConfig, setup: Setup, study: optuna.Study, model_dir: Path) -> SearchResult:

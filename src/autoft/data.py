@@ -31,6 +31,7 @@ __all__ = [
     "ImageSet",
     "augment",
     "batches",
+    "find_images",
     "load_image",
     "load_image_folder",
     "mix",
@@ -550,3 +551,30 @@ def normalize(images: torch.Tensor, *, mean: Sequence[float], std: Sequence[floa
     m = torch.tensor(mean, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
     s = torch.tensor(std, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
     return (images.float() / 255.0 - m) / s
+
+
+def find_images(specs: Sequence[str | Path]) -> list[Path]:
+    """Image files named by ``specs``: files, folders (searched recursively) or glob patterns, in order, no repeats.
+
+    >>> find_images(["cat.jpg", "more/", "shots/*.png"])  # doctest: +SKIP
+    [PosixPath('cat.jpg'), PosixPath('more/a.jpg'), PosixPath('shots/b.png')]
+    """
+    found: list[Path] = []
+    for spec in specs:
+        path = Path(spec).expanduser()
+        if path.is_dir():
+            matches = _image_files(path)
+        elif path.is_file():
+            matches = [path]
+        else:
+            pattern = str(path)
+            root = Path(pattern.split("*")[0].split("?")[0].split("[")[0] or ".")
+            base = root if root.is_dir() else root.parent
+            matches = sorted(p for p in base.glob(str(path.relative_to(base))) if p.is_file())
+            matches = [p for p in matches if p.suffix.lower() in IMAGE_EXTENSIONS]
+            if not matches:
+                raise AutoftError(f"{spec} is not an image file, a folder or a glob that matches image files.")
+        found.extend(matches)
+    if not found:
+        raise AutoftError(f"No image files found in {', '.join(map(str, specs))}; give files, folders or globs.")
+    return list(dict.fromkeys(found))

@@ -7,8 +7,10 @@ file; the weights carry the trial number in their metadata and loading checks it
 from __future__ import annotations
 
 import json
+import logging
 import os
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,9 +24,23 @@ from autoft import data, models
 from autoft.errors import AutoftError
 from autoft.trial import predict_logits, resolve_device
 
-__all__ = ["TunedModel", "load_model", "save_model", "update_config"]
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "EXPORT_FORMATS",
+    "Evaluation",
+    "Prediction",
+    "TunedModel",
+    "evaluate_folder",
+    "export_model",
+    "load_model",
+    "predict_files",
+    "save_model",
+    "update_config",
+]
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
+EXPORT_FORMATS = ("onnx", "torchscript")
 
 
 def _replace_atomically(path: Path, write: Any) -> None:
@@ -87,6 +103,10 @@ class TunedModel:
         """The most likely class name for each image."""
         return [self.classes[i] for i in self.predict_proba(images).argmax(1).tolist()]
 
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """Raw class scores (N, classes) on the CPU for a uint8 batch (N, 3, S, S)."""
+        return predict_logits(self.model, images, mean=self.mean, std=self.std, device=self.device).cpu()
+
 
 def load_model(path: str | Path, *, device: str = "auto") -> TunedModel:
     """Load an exported model (a ``best/`` folder) ready to predict.
@@ -125,3 +145,206 @@ def load_model(path: str | Path, *, device: str = "auto") -> TunedModel:
         meta=meta,
         device=torch_device,
     )
+
+
+# ----------------------------------------------------------------------------- using the tuned model
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The ``top_k`` most likely classes of one image, best first, with their probabilities."""
+
+    path: Path
+    classes: tuple[str, ...]
+    probabilities: tuple[float, ...]
+
+
+def _batched_proba(
+    tuned: TunedModel, files: Sequence[Path], *, batch_size: int, progress: Callable[[int], None] | None
+) -> torch.Tensor:
+    """Probabilities for ``files``, decoded ``batch_size`` at a time (memory stays flat for any number of files)."""
+    chunks = []
+    for start in range(0, len(files), batch_size):
+        batch = files[start : start + batch_size]
+        chunks.append(tuned.predict_proba(batch))
+        if progress is not None:
+            progress(len(batch))
+    return torch.cat(chunks) if chunks else torch.zeros(0, len(tuned.classes))
+
+
+def predict_files(
+    tuned: TunedModel,
+    files: Sequence[Path],
+    *,
+    top_k: int = 3,
+    batch_size: int = 64,
+    progress: Callable[[int], None] | None = None,
+) -> list[Prediction]:
+    """Top-``k`` classes with probabilities for each image file; ``progress(n)`` after every batch of ``n``.
+
+    >>> predict_files(load_model("runs/demo/best"), [Path("cat.jpg")], top_k=2)[0].classes  # doctest: +SKIP
+    ('cat', 'dog')
+    """
+    if top_k < 1:
+        raise AutoftError(f"--top-k must be at least 1, but got {top_k}.")
+    proba = _batched_proba(tuned, files, batch_size=batch_size, progress=progress)
+    values, indices = proba.topk(min(top_k, len(tuned.classes)), dim=1)
+    return [
+        Prediction(path, tuple(tuned.classes[i] for i in idx), tuple(round(v, 6) for v in vals))
+        for path, vals, idx in zip(files, values.tolist(), indices.tolist(), strict=True)
+    ]
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Accuracy, per-class accuracy and confusion matrix (rows: true class, columns: predicted) of one split."""
+
+    classes: tuple[str, ...]
+    accuracy: float
+    per_class: dict[str, float | None]  # None: the split has no image of that class
+    confusion: list[list[int]]
+    count: int
+
+    @classmethod
+    def from_predictions(cls, labels: torch.Tensor, predicted: torch.Tensor, classes: Sequence[str]) -> Evaluation:
+        """Score predicted class indices against true ones.
+
+        >>> Evaluation.from_predictions(torch.tensor([0, 1, 1]), torch.tensor([0, 1, 0]), ["a", "b"]).confusion
+        [[1, 0], [1, 1]]
+        """
+        n = len(classes)
+        confusion = torch.bincount(labels * n + predicted, minlength=n * n).reshape(n, n)
+        per_class = {
+            name: (confusion[i, i].item() / int(confusion[i].sum())) if confusion[i].sum() > 0 else None
+            for i, name in enumerate(classes)
+        }
+        correct = int(confusion.diagonal().sum())
+        return cls(
+            classes=tuple(classes),
+            accuracy=correct / max(1, len(labels)),
+            per_class=per_class,
+            confusion=confusion.tolist(),
+            count=len(labels),
+        )
+
+
+def evaluate_folder(
+    tuned: TunedModel, folder: str | Path, *, batch_size: int = 64, progress: Callable[[int], None] | None = None
+) -> Evaluation:
+    """Score the model on a folder of class sub-folders (e.g. ``data/test``) whose names are the model's classes.
+
+    >>> evaluate_folder(load_model("runs/demo/best"), "data/test").accuracy  # doctest: +SKIP
+    0.97
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise AutoftError(f"{folder} is not a folder; give a folder of class sub-folders such as data/test.")
+    class_dirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    unknown = [p.name for p in class_dirs if p.name not in tuned.classes]
+    if unknown or not class_dirs:
+        raise AutoftError(
+            f"{folder} must hold one sub-folder per class the model knows ({', '.join(tuned.classes)}), "
+            f"but has {', '.join(unknown) if unknown else 'none'}."
+        )
+    files: list[Path] = []
+    labels: list[int] = []
+    for class_dir in class_dirs:
+        found = data.find_images([class_dir]) if any(class_dir.iterdir()) else []
+        files += found
+        labels += [tuned.classes.index(class_dir.name)] * len(found)
+    if not files:
+        raise AutoftError(f"{folder} has class folders but no image files in them.")
+    proba = _batched_proba(tuned, files, batch_size=batch_size, progress=progress)
+    return Evaluation.from_predictions(torch.tensor(labels), proba.argmax(1), tuned.classes)
+
+
+class _Deployable(nn.Module):
+    """The model with its normalization built in: input float (N, 3, S, S) pixel values 0-255, output logits."""
+
+    def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1) * 255)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1) * 255)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model((images - self.mean) / self.std)
+
+
+def _write_onnx(module: nn.Module, example: torch.Tensor, path: Path, meta: dict[str, Any]) -> Callable:
+    import onnx
+    import onnxruntime
+
+    batch = torch.export.Dim("batch", min=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module,
+            (example,),
+            str(path),
+            input_names=["images"],
+            output_names=["logits"],
+            dynamic_shapes={"images": {0: batch}},
+            dynamo=True,
+            verbose=False,
+        )
+    proto = onnx.load(str(path))
+    onnx.helper.set_model_props(proto, {"autoft": json.dumps(meta)})
+    onnx.save(proto, str(path))
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return lambda x: torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
+
+
+def _write_torchscript(module: nn.Module, example: torch.Tensor, path: Path, meta: dict[str, Any]) -> Callable:
+    with warnings.catch_warnings():  # torch.jit is deprecated in favour of torch.export, but still the portable file
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(module, example)
+        torch.jit.save(traced, str(path), _extra_files={CONFIG: json.dumps(meta)})
+        loaded = torch.jit.load(str(path))
+    return lambda x: loaded(x).detach()
+
+
+_WRITERS = {"onnx": (".onnx", _write_onnx), "torchscript": (".pt", _write_torchscript)}
+
+
+def export_model(
+    path: str | Path, *, format: str, output: str | Path | None = None, tolerance: float = 1e-4
+) -> tuple[Path, float]:
+    """Write a deployable file of an exported model and check it against PyTorch on a batch.
+
+    The file takes float images ``(N, 3, S, S)`` with pixel values 0-255 (normalization is built in) and
+    returns logits; the classes and preprocessing travel in its metadata. Returns the file and the largest
+    absolute difference between its logits and PyTorch's on a batch of 4 (above ``tolerance``: an error).
+
+    >>> export_model("runs/demo/best", format="onnx")  # doctest: +SKIP
+    (PosixPath('runs/demo/best/model.onnx'), 2.1e-06)
+    """
+    if format not in _WRITERS:
+        raise AutoftError(f"Export format {format!r} is not known; choose one of: {', '.join(_WRITERS)}.")
+    suffix, write = _WRITERS[format]
+    tuned = load_model(path, device="cpu")
+    target = Path(output) if output else Path(path) / f"model{suffix}"
+    module = _Deployable(tuned.model, tuned.mean, tuned.std).eval()
+    generator = torch.Generator().manual_seed(0)
+    size = tuned.image_size
+    example = torch.randint(0, 256, (4, 3, size, size), generator=generator).float()
+    meta = {k: tuned.meta[k] for k in ("model", "classes", "image_size", "interpolation") if k in tuned.meta}
+    meta["input"] = "float32 (N, 3, S, S) RGB pixel values 0-255; normalization is built in"
+    try:
+        run = write(module, example, target, meta)
+    except ImportError as exc:
+        raise AutoftError(
+            f"Exporting to {format} needs {exc.name}; install it with: pip install 'autoft[export]'."
+        ) from None
+    odd_batch = torch.randint(0, 256, (3, 3, size, size), generator=generator).float()  # not the traced size
+    with torch.inference_mode():
+        expected = tuned.logits(odd_batch.to(torch.uint8))
+    difference = (run(odd_batch) - expected).abs().max().item()
+    scale = max(1.0, expected.abs().max().item())
+    if not difference <= tolerance * scale:
+        raise AutoftError(
+            f"The {format} file {target} differs from the PyTorch model by up to {difference:.3g} "
+            f"(tolerance {tolerance * scale:.3g}); the model may use an operation {format} does not support."
+        )
+    log.info("exported %s (max abs difference from PyTorch %.3g)", target, difference)
+    return target, difference

@@ -25,7 +25,7 @@ def trial_row(trial: FrozenTrial) -> dict[str, Any]:
     return {
         "number": trial.number,
         "state": trial.state.name,
-        "value": trial.value,
+        "value": trial.values[0] if trial.values and len(trial.values) == 1 else trial.values,
         "best_epoch": trial.user_attrs.get("best_epoch"),
         "epochs_run": len(trial.intermediate_values),
         "seconds": round(duration, 2) if duration is not None else None,

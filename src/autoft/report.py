@@ -1,0 +1,558 @@
+"""The study report: one self-contained ``report.html`` (Plotly's JavaScript embedded once, opens offline).
+
+Every section is built in two steps, as Optuna's own plots are: plain data first (dicts and lists that
+tests check), figures second. A study with one trial, only failed trials or no learning curves still
+gives a report; the sections that cannot be drawn say why.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import logging
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+import plotly.graph_objects as go
+import torch
+import yaml
+from optuna.importance import FanovaImportanceEvaluator
+from optuna.search_space import intersection_search_space
+from optuna.trial import TrialState
+from PIL import Image
+
+from autoft import data, export, results
+from autoft.errors import AutoftError
+from autoft.recipe import Recipe
+
+__all__ = [
+    "StudyReport",
+    "build_report",
+    "confident_mistakes",
+    "curves_data",
+    "history_data",
+    "importance_data",
+    "load_study",
+    "summary_data",
+    "trials_table",
+    "write_report",
+]
+
+log = logging.getLogger(__name__)
+
+REPORT = "report.html"
+MISTAKES_SHOWN = 12
+
+
+# ----------------------------------------------------------------------------- reading a run
+
+
+def load_study(run_dir: Path) -> tuple[dict[str, Any], optuna.Study]:
+    """The run's saved configuration and its Optuna study (the single record of the search)."""
+    config_file = run_dir / "config.yaml"
+    if not config_file.is_file():
+        raise AutoftError(
+            f"{run_dir} is not a run folder (no config.yaml); give the folder autoft search wrote, "
+            "e.g. runs/resnet50-data."
+        )
+    config = yaml.safe_load(config_file.read_text())
+    try:
+        study = optuna.load_study(study_name=config["study_name"], storage=config["storage"])
+    except KeyError:
+        raise AutoftError(
+            f"{config_file} names study {config['study_name']!r} but its storage {config['storage']} has no such "
+            "study; was the study deleted?"
+        ) from None
+    return config, study
+
+
+# ----------------------------------------------------------------------------- plain data
+
+
+def _strategy(params: dict[str, Any]) -> str:
+    try:
+        return Recipe.from_params(params).describe()
+    except AutoftError:  # a failed trial may hold parameters that are no recipe (that is why it failed)
+        return ""
+
+
+def summary_data(
+    study: optuna.Study, config: dict[str, Any], *, meta: dict[str, Any] | None, counts: dict[str, int] | None
+) -> dict[str, Any]:
+    """The headline numbers: data counts, model, budget used, best and test score, the best strategy in words."""
+    trials = study.get_trials(deepcopy=False)
+    states = {s.name: sum(t.state == s for t in trials) for s in TrialState}
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    starts = [t.datetime_start for t in trials if t.datetime_start]
+    ends = [t.datetime_complete for t in trials if t.datetime_complete]
+    best = max(complete, key=lambda t: (t.value, -t.number)) if complete and len(study.directions) == 1 else None
+    return {
+        "study_name": study.study_name,
+        "model": config.get("model"),
+        "weights": config.get("weights") or ("pretrained" if config.get("pretrained", True) else "from scratch"),
+        "data": config.get("data"),
+        "counts": counts,
+        "classes": (meta or {}).get("classes"),
+        "trials": len(trials),
+        "trials_budget": config.get("trials"),
+        "timeout_s": config.get("timeout"),
+        "states": {k: v for k, v in states.items() if v},
+        "search_seconds": round((max(ends) - min(starts)).total_seconds(), 1) if starts and ends else None,
+        "best_trial": best.number if best else None,
+        "best_score": best.value if best else None,
+        "best_strategy": _strategy(results.knobs(best)) if best else None,
+        "test_score": (meta or {}).get("test_accuracy"),
+    }
+
+
+def history_data(study: optuna.Study) -> dict[str, list]:
+    """Scores of COMPLETE trials in order, and the best so far after each (what the history plot shows)."""
+    numbers, values, best = [], [], []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        numbers.append(t.number)
+        values.append(t.value)
+        best.append(max(values))
+    return {"numbers": numbers, "values": values, "best_so_far": best}
+
+
+def curves_data(study: optuna.Study) -> list[dict[str, Any]]:
+    """Every trial's learning curve (validation accuracy per epoch) with its state and planned epochs."""
+    return [
+        {
+            "number": t.number,
+            "state": t.state.name,
+            "epochs": sorted(t.intermediate_values),
+            "values": [t.intermediate_values[e] for e in sorted(t.intermediate_values)],
+            "planned_epochs": results.knobs(t).get("epochs"),
+        }
+        for t in study.get_trials(deepcopy=False)
+        if t.intermediate_values
+    ]
+
+
+def importance_data(study: optuna.Study) -> tuple[dict[str, float], str]:
+    """fANOVA importances of the parameters every COMPLETE trial shares, most important first, or a reason why not.
+
+    >>> importance_data(study)  # doctest: +SKIP
+    ({'lr': 0.61, 'freeze': 0.25, ...}, '')
+    """
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if len(study.directions) > 1:
+        return {}, "Parameter importances are shown for single-objective studies only."
+    if len(complete) < 2:
+        return {}, f"Parameter importances need at least 2 complete trials; this study has {len(complete)}."
+    if len({t.value for t in complete}) == 1:
+        return {}, "Parameter importances need scores that differ; every complete trial scored the same."
+    space = intersection_search_space(complete)
+    varied = [p for p in space if len({repr(t.params[p]) for t in complete}) > 1]
+    if not varied:
+        return {}, "Parameter importances need parameters that vary between complete trials; none did."
+    evaluator = FanovaImportanceEvaluator(seed=0)
+    importances = optuna.importance.get_param_importances(study, evaluator=evaluator, params=varied)
+    return dict(importances), ""
+
+
+def trials_table(study: optuna.Study) -> list[dict[str, Any]]:
+    """Every trial as one row (state, value, epochs, seconds, strategy, parameters), in trial order."""
+    return [results.trial_row(t) | {"strategy": _strategy(results.knobs(t))} for t in study.get_trials(deepcopy=False)]
+
+
+def confident_mistakes(
+    probabilities: torch.Tensor, labels: torch.Tensor, classes: tuple[str, ...], *, top: int = MISTAKES_SHOWN
+) -> list[dict[str, Any]]:
+    """The wrongly classified images the model was surest of, surest first: index, true, predicted, confidence."""
+    confidence, predicted = probabilities.max(1)
+    wrong = (predicted != labels).nonzero().flatten()
+    order = wrong[confidence[wrong].argsort(descending=True, stable=True)][:top]
+    return [
+        {
+            "index": i,
+            "true": classes[labels[i]],
+            "predicted": classes[predicted[i]],
+            "confidence": round(confidence[i].item(), 4),
+        }
+        for i in order.tolist()
+    ]
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def _history_figure(study: optuna.Study) -> go.Figure:
+    return optuna.visualization.plot_optimization_history(study, target_name="validation accuracy")
+
+
+def _curves_figure(curves: list[dict[str, Any]]) -> go.Figure:
+    """Learning curves; pruned trials dashed, in orange, ending in a cross where they were stopped."""
+    colours = {"COMPLETE": "#1f77b4", "PRUNED": "#ff7f0e", "FAIL": "#d62728", "RUNNING": "#7f7f7f"}
+    figure = go.Figure()
+    for c in curves:
+        pruned = c["state"] == "PRUNED"
+        figure.add_trace(
+            go.Scatter(
+                x=[e + 1 for e in c["epochs"]],
+                y=c["values"],
+                mode="lines+markers",
+                name=f"trial {c['number']} ({c['state'].lower()})",
+                line={"color": colours.get(c["state"], "#7f7f7f"), "dash": "dash" if pruned else "solid"},
+                marker={
+                    "symbol": ["circle"] * (len(c["epochs"]) - 1) + ["x" if pruned else "circle"],
+                    "size": [6] * (len(c["epochs"]) - 1) + [12 if pruned else 6],
+                },
+            )
+        )
+    figure.update_layout(
+        title="Learning curves (validation accuracy per epoch; pruned trials dashed, stopped at the cross)",
+        xaxis={"title": "epoch", "dtick": 1},
+        yaxis_title="validation accuracy",
+    )
+    return figure
+
+
+def _importance_figure(importances: dict[str, float]) -> go.Figure:
+    names = list(importances)[::-1]
+    figure = go.Figure(go.Bar(x=[importances[n] for n in names], y=names, orientation="h"))
+    figure.update_layout(title="Parameter importances (fANOVA)", xaxis_title="importance")
+    return figure
+
+
+def _confusion_figure(evaluation: export.Evaluation, split: str) -> go.Figure:
+    figure = go.Figure(
+        go.Heatmap(
+            z=evaluation.confusion,
+            x=list(evaluation.classes),
+            y=list(evaluation.classes),
+            colorscale="Blues",
+            text=evaluation.confusion,
+            texttemplate="%{text}",
+        )
+    )
+    figure.update_layout(
+        title=f"Confusion matrix on {split} (accuracy {evaluation.accuracy:.4f}, {evaluation.count} images)",
+        xaxis_title="predicted",
+        yaxis_title="true",
+        yaxis={"autorange": "reversed"},
+    )
+    return figure
+
+
+def _per_class_figure(evaluation: export.Evaluation, split: str) -> go.Figure:
+    names = [n for n, v in evaluation.per_class.items() if v is not None]
+    figure = go.Figure(go.Bar(x=names, y=[evaluation.per_class[n] for n in names]))
+    figure.update_layout(title=f"Per-class accuracy on {split}", yaxis={"range": [0, 1], "title": "accuracy"})
+    return figure
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+@dataclass
+class StudyReport:
+    """What the report shows, section by section: titles with figures, notes and HTML fragments."""
+
+    summary: dict[str, Any]
+    sections: list[tuple[str, list[Any]]] = field(default_factory=list)  # (title, [go.Figure | str note | _Html])
+    figures: dict[str, go.Figure] = field(default_factory=dict)
+
+    def add(self, title: str, *items: Any) -> None:
+        self.sections.append((title, list(items)))
+
+    def figure(self, name: str, figure: go.Figure) -> go.Figure:
+        self.figures[name] = figure
+        return figure
+
+
+@dataclass(frozen=True)
+class _Html:
+    text: str
+
+
+def _study_sections(report: StudyReport, study: optuna.Study) -> None:
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    multi = len(study.directions) > 1
+    if multi:
+        report.add("Pareto front", report.figure("pareto_front", optuna.visualization.plot_pareto_front(study)))
+    elif complete:
+        report.add("Optimization history", report.figure("history", _history_figure(study)))
+    else:
+        report.add("Optimization history", "No trial completed, so there is no score to plot.")
+
+    curves = curves_data(study)
+    if curves:
+        report.add("Learning curves", report.figure("learning_curves", _curves_figure(curves)))
+    else:
+        report.add("Learning curves", "No trial reported a validation score per epoch (no intermediate values).")
+
+    importances, why = importance_data(study)
+    if not importances:
+        report.add("Parameter importances", why)
+        return
+    report.add("Parameter importances", report.figure("importances", _importance_figure(importances)))
+    names = list(importances)
+    report.add(
+        "Parallel coordinates",
+        report.figure("parallel", optuna.visualization.plot_parallel_coordinate(study, params=names)),
+    )
+    report.add("Slice", report.figure("slice", optuna.visualization.plot_slice(study, params=names)))
+    if len(names) >= 2:
+        contour = optuna.visualization.plot_contour(study, params=names[:2])
+        report.add(f"Contour of {names[0]} and {names[1]}", report.figure("contour", contour))
+    else:
+        report.add("Contour", "A contour needs two parameters that vary; only one did.")
+
+
+def _png_data_uri(image: torch.Tensor) -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(image.permute(1, 2, 0).numpy()).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _mistakes_html(mistakes: list[dict[str, Any]], images: torch.Tensor) -> _Html:
+    cells = "".join(
+        f'<figure><img src="{_png_data_uri(images[m["index"]])}" alt="image {m["index"]}">'
+        f"<figcaption>true <b>{html.escape(m['true'])}</b><br>predicted <b>{html.escape(m['predicted'])}</b>"
+        f" ({m['confidence']:.0%})</figcaption></figure>"
+        for m in mistakes
+    )
+    return _Html(f'<div class="mistakes">{cells}</div>')
+
+
+def _model_sections(report: StudyReport, tuned: export.TunedModel, splits: dict[str, data.ImageSet]) -> None:
+    for split, images in splits.items():
+        probabilities = tuned.logits(images.images).softmax(1)
+        evaluation = export.Evaluation.from_predictions(images.labels, probabilities.argmax(1), tuned.classes)
+        report.summary.setdefault("evaluations", {})[split] = evaluation
+        mistakes = confident_mistakes(probabilities, images.labels, tuned.classes)
+        grid: Any = (
+            _mistakes_html(mistakes, images.images) if mistakes else f"No image of {split} is classified wrongly."
+        )
+        report.add(
+            f"Best model on {split}",
+            report.figure(f"confusion_{split}", _confusion_figure(evaluation, split)),
+            report.figure(f"per_class_{split}", _per_class_figure(evaluation, split)),
+            _Html(f"<h3>Most confidently wrong on {split}</h3>"),
+            grid,
+        )
+
+
+def _load_splits(config: dict[str, Any], meta: dict[str, Any]) -> tuple[dict[str, data.ImageSet], dict[str, int]]:
+    dataset = data.load_image_folder(
+        config["data"],
+        image_size=int(meta["image_size"]),
+        val_fraction=float(config.get("val_fraction", 0.2)),
+        seed=int(config.get("seed", 0)),
+        interpolation=meta["interpolation"],
+    )
+    return _splits_of(dataset)
+
+
+def _splits_of(dataset: data.Dataset) -> tuple[dict[str, data.ImageSet], dict[str, int]]:
+    splits = {"validation": dataset.val} | ({"test": dataset.test} if dataset.test is not None else {})
+    return splits, dataset.summary()
+
+
+def build_report(run_dir: str | Path, *, dataset: data.Dataset | None = None, device: str = "cpu") -> StudyReport:
+    """Gather everything the report shows from a run folder (study, best model, data), as data and figures.
+
+    ``dataset``: the run's already decoded data (the search passes it); otherwise it is loaded from the path
+    in ``config.yaml``, and if that is gone the best-model sections say so.
+
+    >>> build_report("runs/demo").summary["best_score"]  # doctest: +SKIP
+    0.97
+    """
+    run_dir = Path(run_dir)
+    config, study = load_study(run_dir)
+    best_dir = run_dir / "best"
+    tuned = export.load_model(best_dir, device=device) if (best_dir / export.CONFIG).is_file() else None
+    splits: dict[str, data.ImageSet] = {}
+    counts = None
+    model_note = "No model was exported (no trial completed)."
+    if tuned is not None and dataset is not None:
+        splits, counts = _splits_of(dataset)
+    elif tuned is not None and Path(config["data"]).is_dir():
+        splits, counts = _load_splits(config, tuned.meta)
+    elif tuned is not None:
+        model_note = f"The data folder {config['data']} is no longer there, so the best model is not evaluated."
+    report = StudyReport(summary=summary_data(study, config, meta=tuned.meta if tuned else None, counts=counts))
+    with warnings.catch_warnings():  # plot_timeline and friends are flagged experimental
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        _study_sections(report, study)
+        if study.trials:
+            report.add("Timeline", report.figure("timeline", optuna.visualization.plot_timeline(study)))
+    if splits and tuned is not None:
+        _model_sections(report, tuned, splits)
+    else:
+        report.add("Best model", model_note)
+    report.add("All trials", _trials_html(trials_table(study)))
+    return report
+
+
+# ----------------------------------------------------------------------------- HTML
+
+
+_STYLE = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1200px;color:#222}
+h1{margin-bottom:.2rem} h2{border-bottom:1px solid #ddd;padding-bottom:.2rem;margin-top:2.5rem}
+dl.summary{display:grid;grid-template-columns:max-content 1fr;gap:.3rem 1.2rem} dl.summary dt{font-weight:600}
+p.note{background:#fff8e1;border-left:4px solid #f0b400;padding:.6rem 1rem}
+.mistakes{display:flex;flex-wrap:wrap;gap:1rem} .mistakes figure{margin:0;text-align:center;font-size:.85rem}
+.mistakes img{width:112px;height:112px;image-rendering:pixelated;border:1px solid #ccc}
+table.trials{border-collapse:collapse;font-size:.85rem;width:100%}
+table.trials th,table.trials td{border:1px solid #ddd;padding:.25rem .5rem;text-align:left;vertical-align:top}
+table.trials th{background:#f3f3f3;cursor:pointer;user-select:none;position:sticky;top:0}
+tr.COMPLETE td:nth-child(2){color:#1a7f37} tr.PRUNED td:nth-child(2){color:#b35900} tr.FAIL td:nth-child(2){color:#c00}
+"""
+
+# Click a column header to sort by it (numbers numerically, empty cells last); click again to reverse.
+_SORT_JS = """
+document.querySelectorAll('table.trials th').forEach(function (th, col) {
+  th.addEventListener('click', function () {
+    var body = th.closest('table').tBodies[0], rows = Array.from(body.rows);
+    var asc = th.dataset.order !== 'asc';
+    th.closest('tr').querySelectorAll('th').forEach(function (h) { delete h.dataset.order; });
+    th.dataset.order = asc ? 'asc' : 'desc';
+    rows.sort(function (a, b) {
+      var x = a.cells[col].dataset.v, y = b.cells[col].dataset.v;
+      if (x === '') return 1; if (y === '') return -1;
+      var nx = parseFloat(x), ny = parseFloat(y);
+      var c = (!isNaN(nx) && !isNaN(ny)) ? nx - ny : x.localeCompare(y);
+      return asc ? c : -c;
+    });
+    rows.forEach(function (r) { body.appendChild(r); });
+  });
+});
+"""
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return '<td data-v=""></td>'
+    shown = f"{value:.4g}" if isinstance(value, float) else str(value)
+    return f'<td data-v="{html.escape(str(value))}">{html.escape(shown)}</td>'
+
+
+def _trials_html(rows: list[dict[str, Any]]) -> _Html:
+    if not rows:
+        return _Html('<p class="note">The study has no trials yet.</p>')
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    head = "".join(f"<th>{html.escape(c.removeprefix('param_'))}</th>" for c in columns)
+    body = "".join(
+        f'<tr class="{html.escape(r["state"])}">' + "".join(_cell(r.get(c)) for c in columns) + "</tr>" for r in rows
+    )
+    note = "<p>Click a column header to sort.</p>"
+    return _Html(f'{note}<table class="trials"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>')
+
+
+def _summary_html(s: dict[str, Any]) -> str:
+    def fmt(value: Any, spec: str = "") -> str:
+        return "—" if value is None else format(value, spec)
+
+    counts = s["counts"]
+    data_line = (
+        f"{counts['classes']} classes; {counts['train']} train, {counts['val']} validation, "
+        f"{counts['test']} test images at {counts['image_size']} px"
+        if counts
+        else "not loaded"
+    )
+    budget = f"{s['trials']} trials" + (f" of {s['trials_budget']}" if s["trials_budget"] else "")
+    budget += f" ({', '.join(f'{v} {k.lower()}' for k, v in s['states'].items())})" if s["states"] else ""
+    if s["search_seconds"] is not None:
+        budget += f", {s['search_seconds']:.0f} s"
+    if s["timeout_s"]:
+        budget += f" of a {s['timeout_s']:.0f} s timeout"
+    rows = [
+        ("Study", s["study_name"]),
+        ("Model", f"{s['model']} ({s['weights']})"),
+        ("Data", f"{s['data']}: {data_line}"),
+        ("Budget used", budget),
+        ("Best trial", fmt(s["best_trial"])),
+        ("Best validation accuracy", fmt(s["best_score"], ".4f")),
+        ("Test accuracy", fmt(s["test_score"], ".4f")),
+        ("Best strategy", s["best_strategy"] or "—"),
+    ]
+    items = "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(str(v))}</dd>" for k, v in rows)
+    return f'<dl class="summary">{items}</dl>'
+
+
+def _section_html(title: str, items: list[Any], figure_ids: dict[int, str]) -> str:
+    parts = [f"<h2>{html.escape(title)}</h2>"]
+    for item in items:
+        if isinstance(item, go.Figure):
+            parts.append(
+                item.to_html(full_html=False, include_plotlyjs=False, div_id=figure_ids[id(item)], default_height=480)
+            )
+        elif isinstance(item, _Html):
+            parts.append(item.text)
+        else:
+            parts.append(f'<p class="note">{html.escape(str(item))}</p>')
+    return "\n".join(parts)
+
+
+def render_html(report: StudyReport) -> str:
+    """The report as one HTML page with Plotly's JavaScript inlined once (no network needed to open it)."""
+    from plotly.offline import get_plotlyjs
+
+    ids = {id(figure): f"figure-{name}" for name, figure in report.figures.items()}
+    title = f"autoft report: {report.summary['study_name']}"
+    body = "\n".join(_section_html(t, items, ids) for t, items in report.sections)
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>\n'
+        f"<style>{_STYLE}</style>\n<script id='plotly-js'>{get_plotlyjs()}</script></head>\n<body>\n"
+        f"<h1>{html.escape(title)}</h1>\n<h2>Summary</h2>\n{_summary_html(report.summary)}\n{body}\n"
+        f"<script>{_SORT_JS}</script>\n</body></html>\n"
+    )
+
+
+def write_report(
+    run_dir: str | Path, *, dataset: data.Dataset | None = None, device: str = "cpu", png: bool = False
+) -> Path:
+    """Write ``RUN_DIR/report.html`` (and with ``png`` each figure as ``RUN_DIR/figures/NAME.png``).
+
+    >>> write_report("runs/demo")  # doctest: +SKIP
+    PosixPath('runs/demo/report.html')
+    """
+    run_dir = Path(run_dir)
+    report = build_report(run_dir, dataset=dataset, device=device)
+    path = run_dir / REPORT
+    tmp = path.with_name(f".{REPORT}.tmp")
+    tmp.write_text(render_html(report), encoding="utf-8")
+    tmp.replace(path)
+    (run_dir / "report.json").write_text(json.dumps(_plain(report.summary), indent=2) + "\n")
+    if png:
+        write_pngs(report, run_dir / "figures")
+    log.info("wrote the report %s", path)
+    return path
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, export.Evaluation):
+        return {"accuracy": value.accuracy, "per_class": value.per_class, "confusion": value.confusion}
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def write_pngs(report: StudyReport, folder: Path) -> list[Path]:
+    """Each figure as a PNG via Kaleido, which drives a local Chrome or Chromium (one browser for all; offline)."""
+    try:
+        import kaleido  # noqa: F401
+    except ImportError:
+        raise AutoftError("--png needs Kaleido; install it with: pip install 'autoft[report]'.") from None
+    import plotly.io
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"{name}.png" for name in report.figures]
+    try:
+        plotly.io.write_images(list(report.figures.values()), paths, width=1000, height=600)
+    except (RuntimeError, ValueError, OSError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise AutoftError(
+            f"The report was written, but Kaleido could not write PNGs to {folder} ({reason}); it needs Chrome "
+            "or Chromium installed (e.g. apt-get install chromium, or set BROWSER_PATH to the browser)."
+        ) from None
+    return paths
