@@ -16,7 +16,7 @@ from rich.table import Table
 
 from autoft import results
 from autoft.config import PRUNERS, SAMPLERS, SearchConfig, parse_duration
-from autoft.controller import Progress, SearchResult, run_search
+from autoft.controller import Progress, SearchInterrupted, SearchResult, run_search
 from autoft.errors import AutoftError
 
 __all__ = ["main"]
@@ -157,14 +157,19 @@ def _search(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``autoft`` command; returns the exit code (2 for bad input)."""
+    """Entry point of the ``autoft`` command; returns the exit code (2 for bad input, 130/143 when interrupted)."""
     args = _parser().parse_args(argv)
     try:
         return _search(args)
     except AutoftError as exc:
         console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         return 2
-    except KeyboardInterrupt:
+    except SearchInterrupted as exc:  # the first Ctrl-C / SIGTERM: the search wrote what it had
+        if exc.result is not None:
+            _summary(exc.result)
+        console.print(f"{exc}: the study keeps every finished trial; run the same command to continue.")
+        return exc.exit_code
+    except KeyboardInterrupt:  # a second Ctrl-C: out at once
         console.print("interrupted: the study keeps every finished trial; run the same command to continue.")
         return 130
 

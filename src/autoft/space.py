@@ -8,6 +8,7 @@ suggested at all (Optuna then never sees it, and the sampler's model stays clean
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
@@ -138,6 +139,8 @@ def _parse(document: Any, *, source: str) -> SearchSpace:
         raise AutoftError(f"{source}: a search space needs a non-empty mapping 'params:' of parameter definitions.")
     params: list[Param] = []
     for name, spec in document["params"].items():
+        if str(name) in {p.name for p in params}:
+            raise AutoftError(f"{source}: parameter {str(name)!r} is defined twice; keep one definition.")
         params.append(_parse_param(str(name), spec, earlier=[p.name for p in params], source=source))
     return SearchSpace(tuple(params), source=source)
 
@@ -161,12 +164,17 @@ def _parse_param(name: str, spec: Any, *, earlier: list[str], source: str) -> Pa
         choices = spec.get("choices")
         if not isinstance(choices, list) or not choices:
             raise AutoftError(f"{where}: a categorical parameter needs a non-empty list 'choices'.")
+        odd = [c for c in choices if c is not None and not isinstance(c, bool | int | float | str)]
+        if odd:
+            raise AutoftError(f"{where}: choices must be plain values (numbers, strings, true/false), not {odd[0]!r}.")
+        if len(set(map(repr, choices))) < len(choices):
+            raise AutoftError(f"{where}: 'choices' lists a value twice: {choices!r}.")
         return Param(name, kind, choices=tuple(choices), when=when)
     if kind == "fixed":
         return Param(name, kind, value=spec.get("value"), when=when)
     low, high, log = spec.get("low"), spec.get("high"), bool(spec.get("log", False))
-    if not isinstance(low, int | float) or not isinstance(high, int | float):
-        raise AutoftError(f"{where} needs numeric 'low' and 'high', but got low={low!r}, high={high!r}.")
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in (low, high)):
+        raise AutoftError(f"{where} needs finite numeric 'low' and 'high', but got low={low!r}, high={high!r}.")
     if low > high:
         raise AutoftError(f"{where}: `low <= high` must hold, but got low={low}, high={high}.")
     if log and low <= 0:
@@ -175,7 +183,9 @@ def _parse_param(name: str, spec: Any, *, earlier: list[str], source: str) -> Pa
     step_types = (int,) if kind == "int" else (int, float)
     if kind == "int" and not (isinstance(low, int) and isinstance(high, int)):
         raise AutoftError(f"{where}: an int parameter needs whole-number bounds, but got low={low!r}, high={high!r}.")
-    if step is not None and (not isinstance(step, step_types) or step <= 0 or log):
+    if step is not None and (
+        isinstance(step, bool) or not isinstance(step, step_types) or not 0 < step < math.inf or log
+    ):
         raise AutoftError(
             f"{where}: 'step' must be a positive {kind} and cannot be combined with 'log: true', "
             f"but got step={step!r}, log={log}."
