@@ -16,7 +16,7 @@ from rich.table import Table
 
 from autoft import results
 from autoft.config import PRUNERS, SAMPLERS, SearchConfig, parse_duration
-from autoft.controller import Progress, SearchInterrupted, SearchResult, run_search
+from autoft.controller import Progress, SearchInterrupted, SearchResult, check_run_dir, run_search
 from autoft.errors import AutoftError
 
 __all__ = ["main"]
@@ -95,6 +95,7 @@ def _setup_logging(run_dir: Path, *, verbose: bool) -> None:
     """Everything goes to RUN_DIR/search.log; the terminal shows autoft's warnings (or all of autoft's with -v)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     optuna.logging.disable_default_handler()
+    optuna.logging.enable_propagation()  # Optuna's records (failed-trial tracebacks) go to search.log, not stderr
     file_handler = logging.FileHandler(run_dir / "search.log")
     file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     terminal = RichHandler(console=console, show_path=False, show_time=False)
@@ -149,6 +150,7 @@ def _summary(result: SearchResult) -> None:
 
 def _search(args: argparse.Namespace) -> int:
     config = _config(args)
+    check_run_dir(config.run_dir)  # before the log file goes there: an unusable run dir is one clear error
     _setup_logging(config.run_dir, verbose=args.verbose)
     with Live("preparing model and data…", console=console, transient=True, refresh_per_second=4) as live:
         result = run_search(config, progress=_Display(live, config.trials))

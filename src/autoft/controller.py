@@ -42,6 +42,7 @@ __all__ = [
     "SearchInterrupted",
     "SearchResult",
     "Setup",
+    "check_run_dir",
     "open_study",
     "prepare",
     "run_search",
@@ -188,19 +189,16 @@ def open_study(config: SearchConfig) -> optuna.Study:
 
 def _recover_interrupted(study: optuna.Study) -> int:
     """Interrupted trials are retried: those a crash (kill -9) left RUNNING are first recorded FAIL and
-    marked ``interrupted``, like those a signal stopped; each one's parameters are queued once (``retried``)."""
+    marked ``interrupted``, like those a signal stopped; each one's parameters are queued once (``retry_of``)."""
     storage = study._storage
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         storage.set_trial_user_attr(trial._trial_id, "interrupted", True)
         storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-    pending = [
-        t
-        for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
-        if t.user_attrs.get("interrupted") and not t.user_attrs.get("retried")
-    ]
+    trials = study.get_trials(deepcopy=False)
+    queued = {t.user_attrs.get("retry_of") for t in trials}
+    pending = [t for t in trials if t.user_attrs.get("interrupted") and t.number not in queued]
     for trial in pending:
-        study.enqueue_trial(trial.params)
-        storage.set_trial_user_attr(trial._trial_id, "retried", True)
+        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
     if pending:
         log.warning("resuming: %d interrupted trial(s) recorded FAIL and queued again", len(pending))
     return len(pending)
@@ -310,7 +308,7 @@ def _free_device_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def _check_run_dir(run_dir: Path) -> None:
+def check_run_dir(run_dir: Path) -> None:
     """Fail before any training if results could not be written: create the folder and write a probe file."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -407,7 +405,7 @@ def run_search(
     """
     cfg = config.resolved()
     show = progress or (lambda event: None)
-    _check_run_dir(cfg.run_dir)
+    check_run_dir(cfg.run_dir)
     space = load_space(cfg.space).with_max_epochs(cfg.max_epochs)
     stop, received = threading.Event(), []
     with _stop_on_signals(stop, received):
