@@ -268,3 +268,113 @@ def test_unwritable_run_dir_is_exit_2(tmp_path: Path, capsys: pytest.CaptureFixt
                             "--run-dir", str(locked)])  # fmt: skip
     err = capsys.readouterr().err
     assert code == 2 and "not writable" in err
+
+
+# ----------------------------------------------------------------------------- bad input (exit 2, one sentence)
+
+
+def _bad_input_cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
+    (tmp / "corrupt.pth").write_bytes(b"\x80\x02 this is not a checkpoint")
+    (tmp / "empty.safetensors").write_bytes(b"")
+    spaces = {
+        "yaml": "params: {lr: [unclosed\n",
+        "type": "params:\n  lr: {type: floaty, low: 1, high: 2}\n",
+        "bounds": "params:\n  lr: {type: float, low: 2, high: 1}\n",
+        "when": "params:\n  train_blocks: {type: int, low: 1, high: 3, when: {freeze: partial}}\n",
+        "empty": "params: {}\n",
+    }
+    for name, text in spaces.items():
+        (tmp / f"{name}.yaml").write_text(text)
+    return {
+        "weights missing": (["--weights", str(tmp / "nope.pth")], "does not exist"),
+        "weights corrupt": (["--weights", str(tmp / "corrupt.pth")], "could not be read"),
+        "weights zero bytes": (["--weights", str(tmp / "empty.safetensors")], "could not be read"),
+        "space file missing": (["--space", str(tmp / "nope.yaml")], "does not exist"),
+        "space preset unknown": (["--space", "defualt"], "did you mean 'default'"),
+        "space yaml syntax": (["--space", str(tmp / "yaml.yaml")], "not valid YAML"),
+        "space unknown type": (["--space", str(tmp / "type.yaml")], "'floaty'"),
+        "space low > high": (["--space", str(tmp / "bounds.yaml")], "low <= high"),
+        "space bad when": (["--space", str(tmp / "when.yaml")], "'freeze'"),
+        "space empty": (["--space", str(tmp / "empty.yaml")], "non-empty mapping"),
+        "max epochs 0": (["--max-epochs", "0"], "--max-epochs"),
+        "image size 8": (["--image-size", "8"], "--image-size"),
+        "device unknown": (["--device", "tpu"], "--device"),
+        "timeout negative": (["--timeout", "-5"], "--timeout"),
+        "timeout infinite": (["--timeout", "inf"], "--timeout"),
+        "seed negative": (["--seed", "-1"], "--seed"),
+        "val fraction 0": (["--val-fraction", "0"], "--val-fraction"),
+    }
+
+
+BAD_INPUT_CASES = [
+    "weights missing", "weights corrupt", "weights zero bytes", "space file missing", "space preset unknown",
+    "space yaml syntax", "space unknown type", "space low > high", "space bad when", "space empty", "max epochs 0",
+    "image size 8", "device unknown", "timeout negative", "timeout infinite", "seed negative", "val fraction 0",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", BAD_INPUT_CASES)
+def test_bad_input_is_one_clear_error_and_exit_2(tmp_path: Path, case: str, capsys: pytest.CaptureFixture) -> None:
+    extra, phrase = _bad_input_cases(tmp_path)[case]
+    data = make_image_folder(tmp_path / "data", per_class=3)
+    pretrained = [] if "--weights" in extra else ["--no-pretrained"]
+    code = autoft.cli.main(["search", "--model", "test_resnet", *pretrained, "--data", str(data),
+                            "--run-dir", str(tmp_path / "run"), *extra])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err and "error:" in err and phrase in " ".join(err.split())
+
+
+def test_an_unknown_choice_is_rejected_by_the_parser_with_exit_2(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        autoft.cli.main(["search", "--model", "test_resnet", "--data", "d", "--sampler", "grid"])
+    assert exit_.value.code == 2 and "invalid choice: 'grid'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_odd_images_end_to_end_unreadable_skipped_with_a_count_and_text_ignored(tmp_path: Path) -> None:
+    from PIL import Image
+
+    data = make_image_folder(tmp_path / "data", per_class=6, size=(16, 16))
+    cat, dog, fish = (data / "train" / c for c in ("cat", "dog", "fish"))
+    Image.new("L", (16, 16), 90).save(cat / "gray.png")
+    Image.new("RGBA", (16, 16), (200, 10, 10, 128)).save(cat / "rgba.png")
+    Image.new("I;16", (16, 16), 40000).save(dog / "deep.png")
+    Image.new("P", (16, 16), 3).save(dog / "palette.gif")
+    Image.new("RGB", (16, 16), (10, 200, 10)).save(fish / "whole.jpg")
+    (fish / "truncated.jpg").write_bytes((fish / "whole.jpg").read_bytes()[:100])
+    (fish / "zero.png").write_bytes(b"")
+    (cat / "corrupt.png").write_bytes(b"\x89PNG not really")
+    (dog / "notes.txt").write_text("not an image")
+    done = subprocess.run(
+        [sys.executable, "-m", "autoft", "search", "--model", "test_resnet", "--no-pretrained", "--data", str(data),
+         "--trials", "1", "--max-epochs", "1", "--image-size", "16", "--run-dir", str(tmp_path / "run")],
+        env=_env(), capture_output=True, text=True, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "Skipped 3 unreadable image file(s)" in " ".join(done.stderr.split())
+    assert "notes.txt" not in done.stderr
+
+
+# ----------------------------------------------------------------------------- security
+
+
+OFFLINE_PROBE = """
+import sys
+attempts = []
+NET = ("socket.connect", "socket.getaddrinfo")
+sys.addaudithook(lambda event, args: attempts.append(event) if event in NET else None)
+import autoft.models
+try:
+    autoft.models.create("resnet18", num_classes=2, pretrained=True)
+except autoft.AutoftError as exc:
+    print("AutoftError:", exc)
+print("network attempts:", len(attempts))
+"""
+
+
+def test_hf_hub_offline_means_no_network_attempt(tmp_path: Path) -> None:
+    env = _env() | {"HF_HOME": str(tmp_path / "hf")}  # an empty cache: the weights are not there
+    done = subprocess.run([sys.executable, "-c", OFFLINE_PROBE], env=env, capture_output=True, text=True, timeout=120)
+    assert "AutoftError: Pretrained weights could not be fetched" in done.stdout, done.stderr
+    assert "network attempts: 0" in done.stdout
