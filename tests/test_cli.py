@@ -137,15 +137,3 @@ def test_weights_that_do_not_fit_the_model_exit_2(tmp_path: Path, capsys: pytest
     code, err = run_in_process(capsys, "search", "--model", "test_resnet", *args)
     assert code == 2, err
     assert "Traceback" not in err and "does not fit" in err
-
-
-@pytest.mark.slow
-def test_unreadable_image_is_skipped_with_a_count(tmp_path: Path) -> None:
-    data = make_image_folder(tmp_path / "data", per_class=6, size=(16, 16))
-    (data / "train" / "cat" / "broken.png").write_bytes(b"\x89PNG truncated")
-    done = autoft_cli(
-        "search", "--model", "test_resnet", "--no-pretrained", "--data", str(data),
-        "--trials", "1", "--max-epochs", "1", "--image-size", "16", cwd=tmp_path,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    assert "skipped 1" in done.stderr.lower() or "1 unreadable" in done.stderr.lower()

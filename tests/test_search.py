@@ -97,6 +97,8 @@ def test_same_seed_same_search(data: Path, tmp_path: Path) -> None:
     b = autoft.search("test_resnet", data, trials=3, run_dir=tmp_path / "b", seed=3, **TINY)
     assert [t.params for t in a.study.trials] == [t.params for t in b.study.trials]
     assert [t.intermediate_values for t in a.study.trials] == [t.intermediate_values for t in b.study.trials]
+    assert a.best_trial == b.best_trial  # and the same best model, bit for bit
+    assert (a.model_dir / "model.safetensors").read_bytes() == (b.model_dir / "model.safetensors").read_bytes()
 
 
 def test_a_new_study_tries_the_portfolio_first_then_samples(data: Path, tmp_path: Path) -> None:

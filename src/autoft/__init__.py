@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from autoft.config import SearchConfig, parse_duration
-from autoft.controller import Progress, SearchResult, run_search
+from autoft.controller import Progress, SearchInterrupted, SearchResult, run_search
 from autoft.errors import AutoftError
 from autoft.export import TunedModel, load_model
 from autoft.pieces import register_freeze, register_optimizer
@@ -26,6 +26,7 @@ __all__ = [
     "Progress",
     "Recipe",
     "SearchConfig",
+    "SearchInterrupted",
     "SearchResult",
     "SearchSpace",
     "TunedModel",

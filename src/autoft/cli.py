@@ -19,7 +19,7 @@ from rich.table import Table
 from autoft import data, export, report, results, space
 from autoft.config import PRUNERS, SAMPLERS, SearchConfig, parse_duration
 from autoft.controller import Progress as SearchProgress
-from autoft.controller import SearchResult, run_search
+from autoft.controller import SearchInterrupted, SearchResult, check_run_dir, run_search
 from autoft.errors import AutoftError
 
 __all__ = ["main"]
@@ -168,6 +168,7 @@ def _setup_logging(run_dir: Path, *, verbose: bool) -> None:
     """Everything goes to RUN_DIR/search.log; the terminal shows autoft's warnings (or all of autoft's with -v)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     optuna.logging.disable_default_handler()
+    optuna.logging.enable_propagation()  # Optuna's records (failed-trial tracebacks) go to search.log, not stderr
     file_handler = logging.FileHandler(run_dir / "search.log")
     file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     terminal = RichHandler(console=console, show_path=False, show_time=False)
@@ -223,6 +224,7 @@ def _summary(result: SearchResult) -> None:
 
 def _search(args: argparse.Namespace) -> int:
     config = _config(args)
+    check_run_dir(config.run_dir)  # before the log file goes there: an unusable run dir is one clear error
     _setup_logging(config.run_dir, verbose=args.verbose)
     with Live("preparing model and data…", console=console, transient=True, refresh_per_second=4) as live:
         result = run_search(config, progress=_Display(live, config.trials))
@@ -333,14 +335,19 @@ _COMMANDS = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``autoft`` command; returns the exit code (2 for bad input)."""
+    """Entry point of the ``autoft`` command; returns the exit code (2 for bad input, 130/143 when interrupted)."""
     args = _parser().parse_args(argv)
     try:
         return _COMMANDS[args.command](args)
     except AutoftError as exc:
         console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         return 2
-    except KeyboardInterrupt:
+    except SearchInterrupted as exc:  # the first Ctrl-C / SIGTERM: the search wrote what it had
+        if exc.result is not None:
+            _summary(exc.result)
+        console.print(f"{exc}: the study keeps every finished trial; run the same command to continue.")
+        return exc.exit_code
+    except KeyboardInterrupt:  # a second Ctrl-C: out at once
         console.print("interrupted: the study keeps every finished trial; run the same command to continue.")
         return 130
 

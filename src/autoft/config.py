@@ -7,6 +7,7 @@ to ``config.yaml`` beside every run so a search can be read back and repeated.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,8 @@ def parse_duration(text: str | float | int | None) -> float | None:
     """
     if text is None:
         return None
+    if isinstance(text, bool) or not isinstance(text, str | int | float):
+        raise AutoftError(f"--timeout must be a duration such as 30m or a number of seconds, but got {text!r}.")
     if isinstance(text, int | float):
         seconds = float(text)
     else:
@@ -47,13 +50,28 @@ def parse_duration(text: str | float | int | None) -> float | None:
             raise AutoftError(
                 f"--timeout {text!r} is not a duration; write it like 90s, 30m, 2h or 1h30m (or plain seconds)."
             )
-    if seconds <= 0:
-        raise AutoftError(f"--timeout must be positive, but got {text!r}.")
+    if not 0 < seconds < math.inf:
+        raise AutoftError(f"--timeout must be a positive, finite duration, but got {text!r}.")
     return seconds
 
 
 def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "study"
+    """A safe single path component: no separators, and no leading dots (so never ``..``)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-.") or "study"
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _path(flag: str, value: Any) -> Path:
+    if not isinstance(value, str | Path) or not str(value).strip() or "\0" in str(value):
+        raise AutoftError(f"{flag} must be a path, but got {value!r}.")
+    return Path(value)
 
 
 @dataclass(frozen=True)
@@ -87,42 +105,60 @@ class SearchConfig:
     warm_start: bool = True
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "data", Path(self.data))
-        if self.weights is not None:
-            object.__setattr__(self, "weights", Path(self.weights))
-        if self.run_dir is not None:
-            object.__setattr__(self, "run_dir", Path(self.run_dir))
+        object.__setattr__(self, "data", _path("--data", self.data))
+        for name, flag in (("weights", "--weights"), ("run_dir", "--run-dir")):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, _path(flag, getattr(self, name)))
         object.__setattr__(self, "space_overrides", tuple(self.space_overrides or ()))
         object.__setattr__(self, "space_fixed", tuple(self.space_fixed or ()))
         self._validate()
 
     def _validate(self) -> None:
-        if not self.model or not self.model.strip():
-            raise AutoftError("--model is empty; give a timm model name such as resnet50.")
-        if self.trials is not None and (not isinstance(self.trials, int) or self.trials < 1):
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise AutoftError(f"--model must be a timm model name such as resnet50, but got {self.model!r}.")
+        if not isinstance(self.pretrained, bool):
+            raise AutoftError(f"pretrained must be True or False, but got {self.pretrained!r}.")
+        if self.trials is not None and (not _whole(self.trials) or self.trials < 1):
             raise AutoftError(f"--trials must be a whole number of at least 1, but got {self.trials!r}.")
-        if self.timeout is not None and self.timeout <= 0:
-            raise AutoftError(f"--timeout must be positive, but got {self.timeout!r} seconds.")
-        if not isinstance(self.max_epochs, int) or self.max_epochs < 1:
+        if self.timeout is not None and (not _number(self.timeout) or self.timeout <= 0):
+            raise AutoftError(f"--timeout must be a positive number of seconds, but got {self.timeout!r}.")
+        if isinstance(self.space, str | Path) and not str(self.space).strip():
+            raise AutoftError(f"--space must be a preset name or a YAML file, but got {self.space!r}.")
+        if not isinstance(self.space, str | Path) and not callable(self.space) and not hasattr(self.space, "sample"):
+            raise AutoftError(
+                f"space must be a preset name, a YAML file, a SearchSpace or a space(trial) function, "
+                f"but got {self.space!r}."
+            )
+        if not isinstance(self.warm_start, bool):
+            raise AutoftError(f"warm_start must be True or False, but got {self.warm_start!r}.")
+        if not _whole(self.max_epochs) or self.max_epochs < 1:
             raise AutoftError(f"--max-epochs must be a whole number of at least 1, but got {self.max_epochs!r}.")
-        if self.image_size is not None and (not isinstance(self.image_size, int) or self.image_size < 16):
-            raise AutoftError(f"--image-size must be a whole number of pixels >= 16, but got {self.image_size!r}.")
-        if not 0.0 < self.val_fraction < 1.0:
+        if self.image_size is not None and (not _whole(self.image_size) or not 16 <= self.image_size <= 4096):
+            raise AutoftError(
+                f"--image-size must be a whole number of pixels from 16 to 4096, but got {self.image_size!r}."
+            )
+        if not _number(self.val_fraction) or not 0.0 < self.val_fraction < 1.0:
             raise AutoftError(f"--val-fraction must lie strictly between 0 and 1, but got {self.val_fraction!r}.")
-        for flag, value, valid in (
-            ("--sampler", self.sampler, SAMPLERS),
-            ("--pruner", self.pruner, PRUNERS),
-            ("--device", self.device, DEVICES),
-        ):
-            if value not in valid:
+        if not _whole(self.seed) or not 0 <= self.seed < 2**31:
+            raise AutoftError(f"--seed must be a whole number from 0 to 2**31 - 1, but got {self.seed!r}.")
+        for flag, value, valid in (("--sampler", self.sampler, SAMPLERS), ("--pruner", self.pruner, PRUNERS)):
+            if not isinstance(value, str) or value not in valid:
                 raise AutoftError(f"{flag} {value!r} is not known; choose one of: {', '.join(valid)}.")
+        if not isinstance(self.device, str) or not (self.device in DEVICES or re.fullmatch(r"cuda:\d+", self.device)):
+            raise AutoftError(f"--device {self.device!r} is not known; choose one of: {', '.join(DEVICES)}, cuda:N.")
+        for flag, value in (("--storage", self.storage), ("--study-name", self.study_name)):
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise AutoftError(f"{flag} must be a non-empty string, but got {value!r}.")
         if self.weights is not None and not self.pretrained:
             raise AutoftError("--weights and --no-pretrained contradict each other; give one of them.")
 
     def resolved(self) -> SearchConfig:
-        """A copy with the defaults that depend on other fields filled in (study name, run dir, storage)."""
+        """A copy with the defaults that depend on other fields filled in (study name, run dir, storage).
+
+        The default run dir is ``runs/`` + the study name as a safe slug: a name like ``../x`` stays inside.
+        """
         study_name = self.study_name or _slug(f"{self.model}-{self.data.resolve().name}")
-        run_dir = self.run_dir or Path("runs") / study_name
+        run_dir = self.run_dir or Path("runs") / _slug(study_name)
         storage = self.storage or f"sqlite:///{(run_dir / 'study.db').resolve()}"
         trials = self.trials if (self.trials is not None or self.timeout is not None) else 20
         return dataclasses.replace(self, study_name=study_name, run_dir=run_dir, storage=storage, trials=trials)

@@ -2,15 +2,24 @@
 
 Flow: ``prepare`` (model, data, device) -> ``open_study`` (storage, sampler, pruner; resume) ->
 backend ``optimize`` (trials call ``_Executor``) -> best model in ``best/`` -> test score -> result.
+
+Faults (docs/reliability.md): trials a crash left RUNNING are failed and retried on resume; a trial out of
+device memory is retried once at half the batch size; the first SIGINT/SIGTERM stops the running trial at
+its next step, writes what the search has and raises :class:`SearchInterrupted`; a second one acts at once.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import gc
 import logging
-import os
+import shutil
+import signal
+import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,8 +40,10 @@ from autoft.trial import EpochMetrics, Report, TrialOutcome, evaluate, resolve_d
 
 __all__ = [
     "Progress",
+    "SearchInterrupted",
     "SearchResult",
     "Setup",
+    "check_run_dir",
     "create_pruner",
     "create_sampler",
     "open_study",
@@ -87,6 +98,18 @@ class SearchResult:
         return Recipe.from_params(self.best_params)
 
 
+class SearchInterrupted(Exception):
+    """Ctrl-C or SIGTERM stopped the search after it wrote what it had (trials.csv, the best model so far).
+
+    ``result`` is the search so far (None when no trial completed); ``exit_code`` is 128 + the signal number.
+    """
+
+    def __init__(self, signum: int, result: SearchResult | None):
+        self.signum, self.result = signum, result
+        self.exit_code = 128 + signum
+        super().__init__(f"search interrupted by {signal.Signals(signum).name}")
+
+
 def prepare(config: SearchConfig) -> Setup:
     """Create the model (weights loaded once) and decode the data once, at the model's input size.
 
@@ -116,7 +139,14 @@ def prepare(config: SearchConfig) -> Setup:
     )
 
 
-def train_recipe(setup: Setup, recipe: Recipe, *, seed: int, report: Report | None = None) -> TrialOutcome:
+def train_recipe(
+    setup: Setup,
+    recipe: Recipe,
+    *,
+    seed: int,
+    report: Report | None = None,
+    stop: threading.Event | None = None,
+) -> TrialOutcome:
     """Fine-tune once with a fixed recipe (no search), e.g. the untuned baseline.
 
     >>> outcome = train_recipe(setup, BASELINE, seed=0)  # doctest: +SKIP
@@ -130,6 +160,7 @@ def train_recipe(setup: Setup, recipe: Recipe, *, seed: int, report: Report | No
         device=setup.device,
         seed=seed,
         report=report or (lambda epoch, metrics: False),
+        stop=stop,
     )
 
 
@@ -202,15 +233,20 @@ def create_pruner(name: str, *, max_epochs: int) -> optuna.pruners.BasePruner:
 
 
 def _recover_interrupted(study: optuna.Study) -> int:
-    """Trials left RUNNING by a crashed driver become FAIL (marked interrupted) and their parameters are retried."""
-    stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    for trial in stale:
-        study._storage.set_trial_user_attr(trial._trial_id, "interrupted", True)
-        study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-        study.enqueue_trial(trial.params)
-    if stale:
-        log.warning("resuming: %d interrupted trial(s) recorded FAIL and queued again", len(stale))
-    return len(stale)
+    """Interrupted trials are retried: those a crash (kill -9) left RUNNING are first recorded FAIL and
+    marked ``interrupted``, like those a signal stopped; each one's parameters are queued once (``retry_of``)."""
+    storage = study._storage
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        storage.set_trial_user_attr(trial._trial_id, "interrupted", True)
+        storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+    trials = study.get_trials(deepcopy=False)
+    queued = {t.user_attrs.get("retry_of") for t in trials}
+    pending = [t for t in trials if t.user_attrs.get("interrupted") and t.number not in queued]
+    for trial in pending:
+        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+    if pending:
+        log.warning("resuming: %d interrupted trial(s) recorded FAIL and queued again", len(pending))
+    return len(pending)
 
 
 def _systematic_error(study: optuna.Study) -> str | None:
@@ -228,8 +264,15 @@ def _systematic_error(study: optuna.Study) -> str | None:
 class _Executor:
     """Runs one trial for a backend and keeps ``best/`` holding the best COMPLETE trial's weights."""
 
-    def __init__(self, config: SearchConfig, setup: Setup, study: optuna.Study, progress: Callable[[Progress], None]):
-        self.config, self.setup, self.progress = config, setup, progress
+    def __init__(
+        self,
+        config: SearchConfig,
+        setup: Setup,
+        study: optuna.Study,
+        progress: Callable[[Progress], None],
+        stop: threading.Event,
+    ):
+        self.config, self.setup, self.progress, self.stop = config, setup, progress, stop
         self.model_dir = config.run_dir / "best"
         complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         self.best_score = max((t.value for t in complete), default=-float("inf"))
@@ -246,10 +289,33 @@ class _Executor:
             out_of_time = self.deadline is not None and time.monotonic() > self.deadline
             return report(epoch, metrics) or out_of_time
 
-        outcome = train_recipe(self.setup, recipe, seed=self.config.seed + number, report=report_and_show)
+        outcome = self._train_unless_oom(recipe, number, report_and_show)
+        if outcome is None:  # out of device memory: once more at half the batch size; a second OOM fails the trial
+            if recipe.batch_size < 2:
+                raise torch.OutOfMemoryError(f"out of device memory at batch size {recipe.batch_size}")
+            recipe = dataclasses.replace(recipe, batch_size=recipe.batch_size // 2)
+            params = params | {"batch_size": recipe.batch_size}
+            log.warning("trial %d ran out of device memory: retrying at batch size %d", number, recipe.batch_size)
+            _free_device_memory(self.setup.device)
+            try:
+                outcome = self._train(recipe, number, report_and_show)
+            except torch.OutOfMemoryError as exc:
+                raise torch.OutOfMemoryError(f"also at half the batch size ({recipe.batch_size}): {exc}") from None
+            outcome.notes["oom_retry_batch_size"] = recipe.batch_size
         if not outcome.stopped_early and outcome.best_score > self.best_score:
             self._export(number, params, recipe, outcome)
         return outcome
+
+    def _train(self, recipe: Recipe, number: int, report: Report) -> TrialOutcome:
+        return train_recipe(self.setup, recipe, seed=self.config.seed + number, report=report, stop=self.stop)
+
+    def _train_unless_oom(self, recipe: Recipe, number: int, report: Report) -> TrialOutcome | None:
+        """Train, or None when the device ran out of memory (returning drops the failed attempt's tensors)."""
+        try:
+            return self._train(recipe, number, report)
+        except torch.OutOfMemoryError:
+            log.debug("trial %d: out of memory at batch size %d", number, recipe.batch_size, exc_info=True)
+            return None
 
     def _best(self) -> float | None:
         return None if self.best_score == -float("inf") else self.best_score
@@ -281,31 +347,102 @@ class _Executor:
         )
 
 
-def _check_run_dir(run_dir: Path) -> None:
-    """Fail before any training if results could not be written."""
+def _free_device_memory(device: torch.device) -> None:
+    gc.collect()  # the failed attempt's model and activations may sit in reference cycles
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """Fail before any training if results could not be written: create the folder and write a probe file."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise AutoftError(
             f"Cannot create run directory {run_dir} ({exc.strerror}); choose another with --run-dir."
         ) from None
-    if not os.access(run_dir, os.W_OK):
-        raise AutoftError(f"Run directory {run_dir} is not writable; choose another with --run-dir.")
+    probe = run_dir / ".autoft-write-probe"
+    try:
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as exc:
+        raise AutoftError(
+            f"Run directory {run_dir} is not writable ({exc.strerror}); choose another with --run-dir."
+        ) from None
+
+
+def _check_free_space(run_dir: Path, model: nn.Module) -> None:
+    """Fail before any training if the disk cannot hold the exported model (two copies: write, then rename)."""
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    need = 2 * weights + (16 << 20)  # + room for the study, logs and trials.csv
+    free = shutil.disk_usage(run_dir).free
+    if free < need:
+        raise AutoftError(
+            f"Not enough free disk space in {run_dir}: {free / 2**20:.0f} MiB free, but saving the best model "
+            f"needs about {need / 2**20:.0f} MiB; free some space or choose another --run-dir."
+        )
 
 
 def _no_complete_trial_error(study: optuna.Study) -> AutoftError:
+    """Every trial failed or was pruned: one sentence with each distinct error and how many trials it hit."""
     trials = study.get_trials(deepcopy=False)
-    errors = sorted({t.user_attrs["error"] for t in trials if "error" in t.user_attrs})
+    errors: dict[str, int] = {}
+    for t in trials:
+        if "error" in t.user_attrs:
+            errors[t.user_attrs["error"]] = errors.get(t.user_attrs["error"], 0) + 1
     pruned = sum(t.state == TrialState.PRUNED for t in trials)
-    detail = "; ".join(errors[:3]) or "no errors were recorded"
+    diverged = sum("diverged" in t.user_attrs for t in trials)
+    detail = "; ".join(f"{e} ({n} trial{'s' if n > 1 else ''})" for e, n in sorted(errors.items(), key=lambda x: -x[1]))
+    detail = (f"{len(errors)} distinct error(s): {detail}" if errors else "no errors were recorded") + (
+        f"; {diverged} diverged (loss NaN/inf: lower the learning-rate range)" if diverged else ""
+    )
     return AutoftError(
-        f"No trial completed ({len(trials)} trials, {pruned} pruned). Errors: {detail}. "
+        f"No trial completed ({len(trials)} trials, {pruned} pruned). {detail}. "
         "Fix the cause and run the same command again: the study keeps what ran."
     )
 
 
-def run_search(config: SearchConfig, *, progress: Callable[[Progress], None] | None = None) -> SearchResult:
+@contextlib.contextmanager
+def _stop_on_signals(stop: threading.Event, received: list[int]) -> Iterator[None]:
+    """The first SIGINT/SIGTERM sets ``stop`` (the running trial ends at its next step and the search writes
+    what it has); the previous handlers come back at once, so a second Ctrl-C raises KeyboardInterrupt."""
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
+        yield
+        return
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def restore() -> None:
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+
+    def handle(signum: int, frame: object) -> None:
+        received.append(signum)
+        stop.set()
+        restore()
+        log.warning(
+            "%s: stopping after the running trial's current step (again to quit at once)",
+            signal.Signals(signum).name,
+        )
+
+    for s in previous:
+        signal.signal(s, handle)
+    try:
+        yield
+    finally:
+        restore()
+
+
+def run_search(
+    config: SearchConfig,
+    *,
+    progress: Callable[[Progress], None] | None = None,
+    setup: Setup | None = None,
+) -> SearchResult:
     """Run (or continue) a search and export the best fine-tuned model.
+
+    ``setup`` reuses a model and data already prepared (``prepare(config)``). Ctrl-C or SIGTERM stops the
+    running trial, writes trials.csv (the best model so far is already in ``best/``) and raises
+    :class:`SearchInterrupted`.
 
     >>> result = run_search(SearchConfig(model="test_resnet", data=Path("data"), trials=4))  # doctest: +SKIP
     >>> result.model_dir
@@ -313,34 +450,42 @@ def run_search(config: SearchConfig, *, progress: Callable[[Progress], None] | N
     """
     cfg = config.resolved()
     show = progress or (lambda event: None)
-    _check_run_dir(cfg.run_dir)
+    check_run_dir(cfg.run_dir)
     space = load_space(cfg.space, overrides=cfg.space_overrides, fixed=cfg.space_fixed)
     space = space.with_max_epochs(cfg.max_epochs)
-    setup = prepare(cfg)
-    cfg.save(cfg.run_dir / "config.yaml")
-    log.info("data: %s", setup.dataset.summary())
-    study = open_study(cfg)
-    _recover_interrupted(study)
-    if cfg.warm_start and not study.trials:
-        for params in getattr(space, "portfolio", ()):  # a new study tries the known strong recipes first
-            study.enqueue_trial(dict(params))
-    remaining = None if cfg.trials is None else max(0, cfg.trials - results.finished_count(study))
-    executor = _Executor(cfg, setup, study, show)
+    stop, received = threading.Event(), []
+    with _stop_on_signals(stop, received):
+        setup = setup or prepare(cfg)
+        _check_free_space(cfg.run_dir, setup.base_model)
+        cfg.save(cfg.run_dir / "config.yaml")
+        log.info("data: %s", setup.dataset.summary())
+        study = open_study(cfg)
+        _recover_interrupted(study)
+        if cfg.warm_start and not study.trials:
+            for params in getattr(space, "portfolio", ()):  # a new study tries the known strong recipes first
+                study.enqueue_trial(dict(params))
+        remaining = None if cfg.trials is None else max(0, cfg.trials - results.finished_count(study))
+        executor = _Executor(cfg, setup, study, show, stop)
 
-    def on_trial_end(trial: FrozenTrial) -> None:
-        show(Progress("trial_end", trial.number, score=trial.value, best=executor._best(), state=trial.state.name))
+        def on_trial_end(trial: FrozenTrial) -> None:
+            show(Progress("trial_end", trial.number, score=trial.value, best=executor._best(), state=trial.state.name))
 
-    if remaining != 0:
-        local.optimize(
-            study,
-            space,
-            executor,
-            n_trials=remaining,
-            timeout=cfg.timeout,
-            on_trial_end=on_trial_end,
-            should_stop=lambda s: _systematic_error(s) is not None,
-        )
-    results.write_trials_csv(study, cfg.run_dir / "trials.csv")
+        if remaining != 0 and not stop.is_set():
+            local.optimize(
+                study,
+                space,
+                executor,
+                n_trials=remaining,
+                timeout=cfg.timeout,
+                on_trial_end=on_trial_end,
+                should_stop=lambda s: stop.is_set() or _systematic_error(s) is not None,
+            )
+        results.write_trials_csv(study, cfg.run_dir / "trials.csv")
+    if received:  # the handlers are restored by now: a second signal during the wrap-up acts at once
+        done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        partial = _finish(cfg, setup, study, executor.model_dir) if done else None
+        write_report(cfg.run_dir, dataset=setup.dataset, device=str(setup.device))
+        raise SearchInterrupted(received[0], partial)
     systematic = _systematic_error(study)
     if systematic or not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         write_report(cfg.run_dir, dataset=setup.dataset, device=str(setup.device))  # says what failed

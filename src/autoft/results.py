@@ -20,7 +20,7 @@ def knobs(trial: FrozenTrial) -> dict[str, Any]:
 
 
 def trial_row(trial: FrozenTrial) -> dict[str, Any]:
-    """One trial as plain data: number, state, value, epochs run, seconds, error, parameters."""
+    """One trial as plain data: number, state, value, epochs run, seconds, error, note, parameters."""
     duration = trial.duration.total_seconds() if trial.duration else None
     return {
         "number": trial.number,
@@ -30,8 +30,21 @@ def trial_row(trial: FrozenTrial) -> dict[str, Any]:
         "epochs_run": len(trial.intermediate_values),
         "seconds": round(duration, 2) if duration is not None else None,
         "error": trial.user_attrs.get("error", ""),
+        "note": _note(trial.user_attrs),
         **{f"param_{k}": v for k, v in knobs(trial).items()},
     }
+
+
+def _note(attrs: dict[str, Any]) -> str:
+    """What happened to a trial beyond its state: diverged, interrupted, retried after running out of memory."""
+    notes = []
+    if "diverged" in attrs:
+        notes.append(f"diverged: {attrs['diverged']}")
+    if attrs.get("interrupted"):
+        notes.append("interrupted (its parameters run again on resume)")
+    if "oom_retry_batch_size" in attrs:
+        notes.append(f"out of memory: ran at batch size {attrs['oom_retry_batch_size']}")
+    return "; ".join(notes)
 
 
 def write_trials_csv(study: optuna.Study, path: Path) -> Path:

@@ -11,6 +11,7 @@ code, or a define-by-run function ``space(trial) -> dict`` for logic no file can
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -368,14 +369,18 @@ def _check_param(p: Param, earlier: Mapping[str, Param], source: str) -> None:
                     + (f" (did you mean {hint[0]!r}?)" if hint else "")
                     + f"; choose from: {', '.join(map(str, vocabulary))} (or register a custom piece)."
                 )
-    if p.kind == "categorical" and any(isinstance(v, dict | list) for v in p.choices):
+    if p.kind == "categorical" and any(
+        v is not None and not isinstance(v, bool | int | float | str) for v in p.choices
+    ):
         raise AutoftError(f"{where}: choices must be plain values (numbers, strings, booleans).")
+    if p.kind == "categorical" and len(set(map(repr, p.choices))) < len(p.choices):
+        raise AutoftError(f"{where}: 'choices' lists a value twice: {list(p.choices)!r}.")
 
 
 def _check_range(p: Param, where: str) -> None:
     low, high = p.low, p.high
-    if not isinstance(low, int | float) or not isinstance(high, int | float) or isinstance(low, bool):
-        raise AutoftError(f"{where} needs numeric 'low' and 'high', but got low={low!r}, high={high!r}.")
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in (low, high)):
+        raise AutoftError(f"{where} needs finite numeric 'low' and 'high', but got low={low!r}, high={high!r}.")
     if low > high:
         raise AutoftError(f"{where}: `low <= high` must hold, but got low={low}, high={high}.")
     if not isinstance(p.log, bool):
@@ -389,7 +394,9 @@ def _check_range(p: Param, where: str) -> None:
         raise AutoftError(f"{where}: an int parameter needs whole-number bounds, but got low={low!r}, high={high!r}.")
     step = p.step
     step_types = (int,) if p.kind == "int" else (int, float)
-    if step is not None and (not isinstance(step, step_types) or step <= 0 or p.log):
+    if step is not None and (
+        isinstance(step, bool) or not isinstance(step, step_types) or not 0 < step < math.inf or p.log
+    ):
         raise AutoftError(
             f"{where}: 'step' must be a positive {p.kind} and cannot be combined with 'log: true', "
             f"but got step={step!r}, log={p.log}."

@@ -1,7 +1,9 @@
 """One fine-tuning run: setup -> (train epoch -> evaluate -> report -> stop?) -> best epoch's weights.
 
 This module never imports optuna or ray. Its only link to a search backend is ``report(epoch, metrics)``,
-which answers "should this trial stop now?" (pruning). Read it top to bottom in one pass.
+which answers "should this trial stop now?" (pruning), and an optional ``stop`` event (Ctrl-C / SIGTERM),
+checked before every step. A loss that becomes NaN/inf ends the trial as diverged (not an exception:
+the epochs before it are real measurements). Read it top to bottom in one pass.
 """
 
 from __future__ import annotations
@@ -10,9 +12,11 @@ import contextlib
 import copy
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -42,12 +46,19 @@ Report = Callable[[int, EpochMetrics], bool]
 
 @dataclass
 class TrialOutcome:
-    """A finished (or stopped) trial: its best epoch's score and weights, and every epoch's metrics."""
+    """A finished (or stopped) trial: its best epoch's score and weights, and every epoch's metrics.
+
+    ``stopped_early``: ended before its last epoch (pruned or diverged); ``diverged``: why the loss went
+    non-finite; ``interrupted``: stopped by the ``stop`` event mid-epoch; ``notes``: extra facts for the record.
+    """
 
     best_score: float
     best_epoch: int
     history: list[EpochMetrics] = field(default_factory=list)
     stopped_early: bool = False
+    diverged: str = ""
+    interrupted: bool = False
+    notes: dict[str, Any] = field(default_factory=dict)
     best_state: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
 
@@ -83,8 +94,11 @@ def run_trial(
     device: torch.device,
     seed: int,
     report: Report,
+    stop: threading.Event | None = None,
 ) -> TrialOutcome:
     """Fine-tune a copy of ``base_model`` with ``recipe``; ``report`` after each epoch may stop it.
+
+    ``stop``, once set, ends the trial before its next step (``outcome.interrupted``).
 
     >>> outcome = run_trial(model, Recipe(epochs=2), ds, mean=m, std=s, device=cpu, seed=0,
     ...                     report=lambda epoch, metrics: False)  # doctest: +SKIP
@@ -112,6 +126,9 @@ def run_trial(
         for images, labels in data.batches(
             dataset.train, batch_size=recipe.batch_size, shuffle=True, generator=generator
         ):
+            if stop is not None and stop.is_set():  # a flag read, no device sync
+                outcome.interrupted = outcome.stopped_early = True
+                return outcome
             optim.set_lr(
                 optimizer,
                 recipe.lr
@@ -132,10 +149,12 @@ def run_trial(
             train_loss_sum += loss.detach() * len(labels)  # stays on the device: no per-step host sync
             step += 1
         train_loss = train_loss_sum.item() / len(dataset.train)  # one host sync per epoch
-        if not math.isfinite(train_loss):
-            raise FloatingPointError(
+        if not math.isfinite(train_loss):  # diverged: more epochs cannot recover it
+            outcome.diverged = (
                 f"training loss became {train_loss} in epoch {epoch + 1} (learning rate {recipe.lr:.2e} too high?)"
             )
+            outcome.stopped_early = True
+            break
         val_loss, val_accuracy = evaluate(model, dataset.val, mean=mean, std=std, device=device)
         metrics = EpochMetrics(epoch, train_loss, val_loss, val_accuracy, time.perf_counter() - started)
         outcome.history.append(metrics)

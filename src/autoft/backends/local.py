@@ -1,7 +1,10 @@
 """The embedded default backend: Optuna in this process, one trial at a time.
 
 This wrapper is the one place where a trial's exceptions are caught: Optuna records the trial as FAIL
-with the error and the search goes on; a trial told to stop is recorded PRUNED, never COMPLETE.
+with the error and the search goes on; a trial told to stop is recorded PRUNED, never COMPLETE; a trial
+whose loss diverged is recorded PRUNED with the reason (user attr ``diverged``), so the sampler learns
+that region is bad (Optuna's TPE ignores FAIL trials but ranks PRUNED ones); a trial stopped by Ctrl-C /
+SIGTERM (or a second Ctrl-C) is recorded FAIL with user attr ``interrupted`` and retried on resume.
 """
 
 from __future__ import annotations
@@ -15,12 +18,16 @@ from optuna.trial import FrozenTrial, TrialState
 from autoft.space import Space
 from autoft.trial import EpochMetrics, Report, TrialOutcome
 
-__all__ = ["Execute", "optimize"]
+__all__ = ["Execute", "TrialInterrupted", "optimize"]
 
 log = logging.getLogger(__name__)
 
 # execute(number, params, report) -> outcome: the controller's "run one trial"; knows nothing of Optuna.
 Execute = Callable[[int, dict, Report], TrialOutcome]
+
+
+class TrialInterrupted(Exception):
+    """The trial was stopped by a signal before it finished; it is recorded FAIL and retried on resume."""
 
 
 def _objective(space: Space, execute: Execute) -> Callable[[optuna.Trial], float]:
@@ -38,11 +45,22 @@ def _objective(space: Space, execute: Execute) -> Callable[[optuna.Trial], float
         except Exception as exc:  # recorded in the study; Optuna then marks the trial FAIL and logs the traceback
             trial.set_user_attr("error", f"{type(exc).__name__}: {exc}"[:2000])
             raise
+        except KeyboardInterrupt:  # a second Ctrl-C: leave at once, but keep the record straight
+            trial.set_user_attr("interrupted", True)
+            raise
+        for key, value in outcome.notes.items():
+            trial.set_user_attr(key, value)
+        if outcome.interrupted:
+            trial.set_user_attr("interrupted", True)
+            raise TrialInterrupted(f"stopped by a signal in epoch {len(outcome.history) + 1}")
         trial.set_user_attr("best_epoch", outcome.best_epoch)
         trial.set_user_attr("best_score", outcome.best_score)
         trial.set_user_attr("val_loss", [m.val_loss for m in outcome.history])
         trial.set_user_attr("train_loss", [m.train_loss for m in outcome.history])
         trial.set_user_attr("epoch_seconds", [round(m.seconds, 3) for m in outcome.history])
+        if outcome.diverged:
+            trial.set_user_attr("diverged", outcome.diverged)
+            raise optuna.TrialPruned(f"diverged: {outcome.diverged}")
         if outcome.stopped_early:
             raise optuna.TrialPruned(f"stopped after epoch {len(outcome.history)}")
         return outcome.best_score
@@ -67,8 +85,12 @@ def optimize(
     """
 
     def callback(study: optuna.Study, trial: FrozenTrial) -> None:
-        if trial.state == TrialState.FAIL:
+        if trial.user_attrs.get("interrupted"):
+            log.warning("trial %d interrupted: recorded FAIL, it runs again when the search resumes", trial.number)
+        elif trial.state == TrialState.FAIL:
             log.warning("trial %d failed: %s", trial.number, trial.user_attrs.get("error", "see the log"))
+        elif "diverged" in trial.user_attrs:
+            log.warning("trial %d diverged (recorded PRUNED): %s", trial.number, trial.user_attrs["diverged"])
         on_trial_end(trial)
         if should_stop(study):
             study.stop()
