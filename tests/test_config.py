@@ -43,7 +43,7 @@ def test_parse_duration_rejects_non_durations_naming_the_value(text: str) -> Non
 
 @pytest.mark.parametrize("text", ["0", "0s", "0h0m", 0, -3, -0.5])
 def test_parse_duration_rejects_zero_and_negative(text: str | int | float) -> None:
-    with pytest.raises(AutoftError, match="must be positive") as info:
+    with pytest.raises(AutoftError, match="must be a positive, finite duration") as info:
         parse_duration(text)
     assert repr(text) in str(info.value)
 
@@ -72,22 +72,22 @@ def test_config_is_frozen() -> None:
 @pytest.mark.parametrize(
     ("overrides", "pattern"),
     [
-        ({"model": ""}, r"--model is empty"),
-        ({"model": "   "}, r"--model is empty"),
+        ({"model": ""}, r"--model must be a timm model name such as resnet50"),
+        ({"model": "   "}, r"--model must be a timm model name such as resnet50"),
         ({"trials": 0}, r"--trials must be a whole number of at least 1, but got 0\."),
         ({"trials": -2}, r"--trials .* but got -2\."),
         ({"trials": 2.5}, r"--trials .* but got 2\.5\."),
-        ({"timeout": 0}, r"--timeout must be positive, but got 0 seconds"),
-        ({"timeout": -1.0}, r"--timeout must be positive, but got -1\.0 seconds"),
+        ({"timeout": 0}, r"--timeout must be a positive number of seconds, but got 0\."),
+        ({"timeout": -1.0}, r"--timeout must be a positive number of seconds, but got -1\.0\."),
         ({"max_epochs": 0}, r"--max-epochs must be a whole number of at least 1, but got 0\."),
         ({"max_epochs": 1.5}, r"--max-epochs .* but got 1\.5\."),
-        ({"image_size": 8}, r"--image-size must be a whole number of pixels >= 16, but got 8\."),
+        ({"image_size": 8}, r"--image-size must be a whole number of pixels from 16 to 4096, but got 8\."),
         ({"val_fraction": 0.0}, r"--val-fraction must lie strictly between 0 and 1, but got 0\.0\."),
         ({"val_fraction": 1.0}, r"--val-fraction .* but got 1\.0\."),
         ({"val_fraction": -0.1}, r"--val-fraction .* but got -0\.1\."),
         ({"sampler": "grid"}, r"--sampler 'grid' is not known; choose one of: tpe, gp, cmaes, random, qmc\."),
         ({"pruner": "asha"}, r"--pruner 'asha' is not known; choose one of: median, hyperband, sha, wilcoxon, none\."),
-        ({"device": "tpu"}, r"--device 'tpu' is not known; choose one of: auto, cpu, cuda, mps\."),
+        ({"device": "tpu"}, r"--device 'tpu' is not known; choose one of: auto, cpu, cuda, mps, cuda:N\."),
         ({"weights": "w.pth", "pretrained": False}, r"--weights and --no-pretrained contradict"),
     ],
 )

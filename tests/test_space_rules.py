@@ -189,8 +189,8 @@ def test_with_max_epochs_caps_a_fixed_epochs_value() -> None:
             r"log range cannot include 0 or negative values, but got low=0",
         ),
         ("  lr: {type: float, low: -1, high: 0.1, log: true}\n", "lr", r"log range cannot include 0"),
-        ("  lr: {type: float, low: a, high: 0.1}\n", "lr", r"needs numeric 'low' and 'high', but got low='a'"),
-        ("  lr: {type: float, high: 0.1}\n", "lr", r"needs numeric 'low' and 'high', but got low=None"),
+        ("  lr: {type: float, low: a, high: 0.1}\n", "lr", r"needs finite numeric 'low' and 'high', but got low='a'"),
+        ("  lr: {type: float, high: 0.1}\n", "lr", r"needs finite numeric 'low' and 'high', but got low=None"),
         ("  optimizer: {type: categorical, choices: []}\n", "optimizer", r"non-empty list 'choices'"),
         ("  optimizer: {type: categorical, choices: sgd}\n", "optimizer", r"non-empty list 'choices'"),
         (
