@@ -15,7 +15,7 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 from autoft import results
-from autoft.config import PRUNERS, SAMPLERS, SearchConfig, parse_duration
+from autoft.config import BACKENDS, PRUNERS, SAMPLERS, SearchConfig, parse_duration
 from autoft.controller import Progress, SearchResult, run_search
 from autoft.errors import AutoftError
 
@@ -65,6 +65,20 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--study-name", help="study name (default: MODEL-DATAFOLDER)")
     s.add_argument("--run-dir", type=Path, help="where results go (default: runs/STUDY_NAME)")
     s.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 or mps (default auto)")
+    s.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="auto",
+        help="local (in-process) or ray (Ray Tune); auto: ray when --address is given or >1 GPU is visible",
+    )
+    s.add_argument("--address", help="Ray cluster to run on, e.g. auto or 10.0.0.1:6379 (default: start one here)")
+    s.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs each Ray trial reserves (default 1)")
+    s.add_argument(
+        "--gpus-per-trial",
+        type=float,
+        help="GPUs each Ray trial reserves; 0.5 puts two trials on a GPU (default 1 if the cluster has GPUs, else 0)",
+    )
+    s.add_argument("--max-concurrent", type=int, help="most Ray trials at once (default: as many as resources allow)")
     s.add_argument("-v", "--verbose", action="store_true", help="show the library's log messages")
     return parser
 
@@ -88,6 +102,11 @@ def _config(args: argparse.Namespace) -> SearchConfig:
         study_name=args.study_name,
         run_dir=args.run_dir,
         device=args.device,
+        backend=args.backend,
+        address=args.address,
+        cpus_per_trial=args.cpus_per_trial,
+        gpus_per_trial=args.gpus_per_trial,
+        max_concurrent=args.max_concurrent,
     ).resolved()
 
 

@@ -16,11 +16,12 @@ import yaml
 
 from autoft.errors import AutoftError
 
-__all__ = ["PRUNERS", "SAMPLERS", "SearchConfig", "parse_duration"]
+__all__ = ["BACKENDS", "PRUNERS", "SAMPLERS", "SearchConfig", "parse_duration"]
 
 SAMPLERS = ("tpe", "random")
 PRUNERS = ("median", "none")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+BACKENDS = ("auto", "local", "ray")
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
 _SECONDS_PER_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -81,6 +82,11 @@ class SearchConfig:
     study_name: str | None = None
     run_dir: Path | None = None
     device: str = "auto"
+    backend: str = "auto"
+    address: str | None = None
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float | None = None
+    max_concurrent: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -108,9 +114,17 @@ class SearchConfig:
             ("--sampler", self.sampler, SAMPLERS),
             ("--pruner", self.pruner, PRUNERS),
             ("--device", self.device, DEVICES),
+            ("--backend", self.backend, BACKENDS),
         ):
             if value not in valid:
                 raise AutoftError(f"{flag} {value!r} is not known; choose one of: {', '.join(valid)}.")
+        for flag, value in (("--cpus-per-trial", self.cpus_per_trial), ("--gpus-per-trial", self.gpus_per_trial)):
+            if value is not None and (not isinstance(value, int | float) or value < 0):
+                raise AutoftError(f"{flag} must be a number >= 0 (fractions share a device), but got {value!r}.")
+        if self.max_concurrent is not None and (not isinstance(self.max_concurrent, int) or self.max_concurrent < 1):
+            raise AutoftError(f"--max-concurrent must be a whole number >= 1, but got {self.max_concurrent!r}.")
+        if self.backend == "local" and self.address is not None:
+            raise AutoftError("--address names a Ray cluster but --backend is local; drop one of them.")
         if self.weights is not None and not self.pretrained:
             raise AutoftError("--weights and --no-pretrained contradict each other; give one of them.")
 

@@ -6,6 +6,7 @@ backend ``optimize`` (trials call ``_Executor``) -> best model in ``best/`` -> t
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -172,11 +173,25 @@ def _systematic_error(study: optuna.Study) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class _Worker:
+    """Trains one trial: picklable, so the Ray backend ships it (model and data inside) to its workers once."""
+
+    config: SearchConfig
+    setup: Setup
+
+    def __call__(self, number: int, params: dict, report: Report) -> TrialOutcome:
+        # The device is resolved where the trial runs: a Ray worker may have a GPU that the driver lacks.
+        setup = dataclasses.replace(self.setup, device=resolve_device(self.config.device))
+        return train_recipe(setup, Recipe.from_params(params), seed=self.config.seed + number, report=report)
+
+
 class _Executor:
     """Runs one trial for a backend and keeps ``best/`` holding the best COMPLETE trial's weights."""
 
     def __init__(self, config: SearchConfig, setup: Setup, study: optuna.Study, progress: Callable[[Progress], None]):
         self.config, self.setup, self.progress = config, setup, progress
+        self.worker = _Worker(config, setup)
         self.model_dir = config.run_dir / "best"
         complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         self.best_score = max((t.value for t in complete), default=-float("inf"))
@@ -193,10 +208,17 @@ class _Executor:
             out_of_time = self.deadline is not None and time.monotonic() > self.deadline
             return report(epoch, metrics) or out_of_time
 
-        outcome = train_recipe(self.setup, recipe, seed=self.config.seed + number, report=report_and_show)
-        if not outcome.stopped_early and outcome.best_score > self.best_score:
-            self._export(number, params, recipe, outcome)
+        outcome = self.worker(number, params, report_and_show)
+        self.keep(number, params, outcome)
         return outcome
+
+    def keep(self, number: int, params: dict, outcome: TrialOutcome) -> None:
+        """Export the trial's best weights if it ran to its end and beats every COMPLETE trial so far.
+
+        Called in the driver only (one trial at a time), so concurrent trials never race for ``best/``.
+        """
+        if not outcome.stopped_early and outcome.best_score > self.best_score:
+            self._export(number, params, Recipe.from_params(params), outcome)
 
     def _best(self) -> float | None:
         return None if self.best_score == -float("inf") else self.best_score
@@ -226,6 +248,36 @@ class _Executor:
             outcome.best_score,
             self.model_dir,
         )
+
+
+def _should_stop(study: optuna.Study) -> bool:
+    return _systematic_error(study) is not None
+
+
+def _backend(cfg: SearchConfig) -> str:
+    """``auto`` means Ray when a cluster address is given or more than one GPU is visible, else in-process."""
+    if cfg.backend != "auto":
+        return cfg.backend
+    if cfg.address is None and torch.cuda.device_count() <= 1:
+        return "local"
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        log.warning("more than one GPU but Ray is not installed (pip install 'autoft[ray]'): running in-process")
+        return "local"
+    return "ray"
+
+
+def _cluster(cfg: SearchConfig) -> Any:
+    from autoft.backends.ray import Cluster
+
+    return Cluster(
+        address=cfg.address,
+        cpus_per_trial=cfg.cpus_per_trial,
+        gpus_per_trial=cfg.gpus_per_trial,
+        max_concurrent=cfg.max_concurrent,
+        storage_path=cfg.run_dir.resolve() / "ray",
+    )
 
 
 def _check_run_dir(run_dir: Path) -> None:
@@ -274,15 +326,13 @@ def run_search(config: SearchConfig, *, progress: Callable[[Progress], None] | N
         show(Progress("trial_end", trial.number, score=trial.value, best=executor._best(), state=trial.state.name))
 
     if remaining != 0:
-        local.optimize(
-            study,
-            space,
-            executor,
-            n_trials=remaining,
-            timeout=cfg.timeout,
-            on_trial_end=on_trial_end,
-            should_stop=lambda s: _systematic_error(s) is not None,
-        )
+        stop = dict(n_trials=remaining, timeout=cfg.timeout, on_trial_end=on_trial_end, should_stop=_should_stop)
+        if _backend(cfg) == "ray":
+            from autoft.backends import ray as ray_backend  # ray is optional: imported only when used
+
+            ray_backend.optimize(study, space, executor.worker, executor.keep, cluster=_cluster(cfg), **stop)
+        else:
+            local.optimize(study, space, executor, **stop)
     results.write_trials_csv(study, cfg.run_dir / "trials.csv")
     systematic = _systematic_error(study)
     if systematic:
