@@ -251,7 +251,7 @@ def optimize(
     ...          n_trials=10, timeout=None, on_trial_end=print, should_stop=lambda s: False)  # doctest: +SKIP
     """
     _connect(cluster.address)
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # Optuna is the record, not Tune's files
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no tables of Tune's own on the terminal
     holder = _Holder.remote()
     bridge = _Bridge(study, space, keep, holder, n_trials=n_trials, on_trial_end=on_trial_end, should_stop=should_stop)
     trainable = tune.with_resources(
@@ -265,6 +265,8 @@ def optimize(
             num_samples=n_trials if n_trials is not None else -1,
             max_concurrent_trials=cluster.max_concurrent,
             time_budget_s=timeout,
+            reuse_actors=True,  # a worker that has imported torch and holds the data runs the next trial too
+            trial_dirname_creator=lambda trial: f"trial-{trial.config['number']}",
         ),
         run_config=tune.RunConfig(
             name=f"search-{time.strftime('%Y%m%d-%H%M%S')}",
@@ -275,6 +277,9 @@ def optimize(
             verbose=0,
         ),
     )
+    quiet = logging.getLogger("ray.tune.search.searcher"), logging.getLogger("ray.tune.analysis.experiment_analysis")
+    for logger in quiet:  # "save not implemented" / "could not fetch metrics": Optuna's study is the record
+        logger.setLevel(logging.ERROR)
     try:
         tuner.fit()
     finally:
