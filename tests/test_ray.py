@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -16,6 +17,7 @@ from pathlib import Path
 import optuna
 import pytest
 import ray
+import sqlalchemy
 import torch
 from optuna.trial import TrialState
 
@@ -30,6 +32,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 ENV = os.environ | {
     "HF_HUB_OFFLINE": "1",
     "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_AUTH_MODE": "disabled",  # a throwaway cluster on localhost; docs/cluster.md covers tokens
     "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
 }
 
@@ -100,8 +103,9 @@ def ray_node(*args: str) -> subprocess.Popen:
              "--metrics-export-port")  # fmt: skip
     command = [str(Path(sys.executable).parent / "ray"), "start", "--block", "--node-ip-address=127.0.0.1", *args]
     command += [f"{flag}={free_port()}" for flag in ports]
-    return subprocess.Popen(command, env=ENV, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)  # fmt: skip
+    return subprocess.Popen(
+        command, env=ENV, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
 
 
 @pytest.fixture(scope="module")
@@ -109,19 +113,20 @@ def two_nodes() -> Iterator[str]:
     """A Ray cluster of two nodes on this machine, one CPU each, told apart by their own resources."""
     port = free_port()
     temp = tempfile.mkdtemp(prefix="ray")
-    head = ray_node("--head", f"--port={port}", f"--ray-client-server-port={free_port()}", "--num-cpus=1",
+    head = ray_node("--head", f"--port={port}", "--num-cpus=1",
                     '--resources={"node_a": 1}', "--include-dashboard=false", f"--temp-dir={temp}")  # fmt: skip
     address = f"127.0.0.1:{port}"
     time.sleep(8)
     second = ray_node(f"--address={address}", "--num-cpus=1", '--resources={"node_b": 1}')
     time.sleep(8)
     yield address
-    for node in (second, head):
+    for node in (second, head):  # each node's process group: `ray start` and every process it started
         os.killpg(node.pid, signal.SIGTERM)
-        try:
-            node.wait(timeout=30)
-        except subprocess.TimeoutExpired:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            node.wait(timeout=5)
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(node.pid, signal.SIGKILL)
+        node.wait()
 
 
 def search_command(data: Path, address: str, trials: int) -> list[str]:
@@ -145,12 +150,14 @@ def test_driver_killed_mid_search_then_resumed(two_nodes: str, data: Path, tmp_p
     command = search_command(data, two_nodes, 5)
     storage = f"sqlite:///{tmp_path}/runs/test_resnet-data/study.db"
     driver = subprocess.Popen(command, cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 240
+    deadline, db = time.monotonic() + 240, tmp_path / "runs" / "test_resnet-data" / "study.db"
     while time.monotonic() < deadline:
         time.sleep(1)
+        if not db.is_file():  # the driver creates it; reading before then would race its schema creation
+            continue
         try:
             states = [t.state for t in optuna.load_study(study_name="test_resnet-data", storage=storage).trials]
-        except (KeyError, optuna.exceptions.StorageInternalError, ValueError):
+        except (KeyError, sqlalchemy.exc.OperationalError):  # not created yet, or locked by the writer
             continue
         if states.count(TrialState.COMPLETE) + states.count(TrialState.PRUNED) >= 1 and TrialState.RUNNING in states:
             break

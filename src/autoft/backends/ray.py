@@ -120,6 +120,11 @@ class _Bridge:
         self.history: dict[str, list[dict]] = {}
         self.asked, self.stopping = 0, False
 
+    def __getstate__(self) -> dict:
+        # Tune pickles its searcher, stopper and callbacks to resume its own experiments. autoft resumes from
+        # the Optuna study instead, so the bridge (an open study, the CLI's live display) is left out.
+        return {}
+
     def ask(self, trial_id: str) -> dict | None:
         if self.stopping or (self.n_trials is not None and self.asked >= self.n_trials):
             return None
@@ -265,7 +270,9 @@ def optimize(
             num_samples=n_trials if n_trials is not None else -1,
             max_concurrent_trials=cluster.max_concurrent,
             time_budget_s=timeout,
-            reuse_actors=True,  # a worker that has imported torch and holds the data runs the next trial too
+            # On this machine a worker that has imported torch and holds the data runs the next trial too; on a
+            # cluster each trial gets a fresh worker, so Tune places it wherever resources are free.
+            reuse_actors=cluster.address is None,
             trial_dirname_creator=lambda trial: f"trial-{trial.config['number']}",
         ),
         run_config=tune.RunConfig(
