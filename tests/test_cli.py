@@ -107,6 +107,9 @@ def test_bad_data_is_one_clear_error_and_exit_2(tmp_path: Path, case: str, capsy
         (["--timeout", "ten minutes"], "--timeout"),
         (["--model", "resnet5"], "resnet50"),  # suggests close names
         (["--val-fraction", "1.5"], "--val-fraction"),
+        (["--max-concurrent", "0"], "--max-concurrent"),
+        (["--gpus-per-trial", "-1"], "--gpus-per-trial"),
+        (["--backend", "local", "--address", "auto"], "--address"),
     ],
 )
 def test_bad_options_are_one_clear_error_and_exit_2(

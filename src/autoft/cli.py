@@ -17,7 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from autoft import data, export, report, results, space
-from autoft.config import PRUNERS, SAMPLERS, SearchConfig, parse_duration
+from autoft.config import BACKENDS, PRUNERS, SAMPLERS, SearchConfig, parse_duration
 from autoft.controller import Progress as SearchProgress
 from autoft.controller import SearchInterrupted, SearchResult, check_run_dir, run_search
 from autoft.errors import AutoftError
@@ -94,6 +94,20 @@ def _parser() -> argparse.ArgumentParser:
         action="store_false",
         help="do not try the space's portfolio of known strong recipes before sampling",
     )
+    s.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="auto",
+        help="local (in-process) or ray (Ray Tune); auto: ray when --address is given or >1 GPU is visible",
+    )
+    s.add_argument("--address", help="Ray cluster to run on, e.g. auto or 10.0.0.1:6379 (default: start one here)")
+    s.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs each Ray trial reserves (default 1)")
+    s.add_argument(
+        "--gpus-per-trial",
+        type=float,
+        help="GPUs each Ray trial reserves; 0.5 puts two trials on a GPU (default 1 if the cluster has GPUs, else 0)",
+    )
+    s.add_argument("--max-concurrent", type=int, help="most Ray trials at once (default: as many as resources allow)")
     s.add_argument("-v", "--verbose", action="store_true", help="show the library's log messages")
     spaces = commands.add_parser("spaces", help="list the bundled search space presets, or show one")
     what = spaces.add_subparsers(dest="spaces_command", required=True)
@@ -161,6 +175,11 @@ def _config(args: argparse.Namespace) -> SearchConfig:
         run_dir=args.run_dir,
         device=args.device,
         warm_start=args.warm_start,
+        backend=args.backend,
+        address=args.address,
+        cpus_per_trial=args.cpus_per_trial,
+        gpus_per_trial=args.gpus_per_trial,
+        max_concurrent=args.max_concurrent,
     ).resolved()
 
 

@@ -18,11 +18,12 @@ import yaml
 from autoft.errors import AutoftError
 from autoft.space import describe_space
 
-__all__ = ["PRUNERS", "SAMPLERS", "SearchConfig", "parse_duration"]
+__all__ = ["BACKENDS", "PRUNERS", "SAMPLERS", "SearchConfig", "parse_duration"]
 
 SAMPLERS = ("tpe", "gp", "cmaes", "random", "qmc")
 PRUNERS = ("median", "hyperband", "sha", "wilcoxon", "none")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+BACKENDS = ("auto", "local", "ray")
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
 _SECONDS_PER_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -103,6 +104,11 @@ class SearchConfig:
     run_dir: Path | None = None
     device: str = "auto"
     warm_start: bool = True
+    backend: str = "auto"
+    address: str | None = None
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float | None = None
+    max_concurrent: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data", _path("--data", self.data))
@@ -141,14 +147,29 @@ class SearchConfig:
             raise AutoftError(f"--val-fraction must lie strictly between 0 and 1, but got {self.val_fraction!r}.")
         if not _whole(self.seed) or not 0 <= self.seed < 2**31:
             raise AutoftError(f"--seed must be a whole number from 0 to 2**31 - 1, but got {self.seed!r}.")
-        for flag, value, valid in (("--sampler", self.sampler, SAMPLERS), ("--pruner", self.pruner, PRUNERS)):
+        for flag, value, valid in (
+            ("--sampler", self.sampler, SAMPLERS),
+            ("--pruner", self.pruner, PRUNERS),
+            ("--backend", self.backend, BACKENDS),
+        ):
             if not isinstance(value, str) or value not in valid:
                 raise AutoftError(f"{flag} {value!r} is not known; choose one of: {', '.join(valid)}.")
         if not isinstance(self.device, str) or not (self.device in DEVICES or re.fullmatch(r"cuda:\d+", self.device)):
             raise AutoftError(f"--device {self.device!r} is not known; choose one of: {', '.join(DEVICES)}, cuda:N.")
-        for flag, value in (("--storage", self.storage), ("--study-name", self.study_name)):
+        for flag, value in (
+            ("--storage", self.storage),
+            ("--study-name", self.study_name),
+            ("--address", self.address),
+        ):
             if value is not None and (not isinstance(value, str) or not value.strip()):
                 raise AutoftError(f"{flag} must be a non-empty string, but got {value!r}.")
+        for flag, value in (("--cpus-per-trial", self.cpus_per_trial), ("--gpus-per-trial", self.gpus_per_trial)):
+            if value is not None and (not _number(value) or value < 0):
+                raise AutoftError(f"{flag} must be a number >= 0 (fractions share a device), but got {value!r}.")
+        if self.max_concurrent is not None and (not _whole(self.max_concurrent) or self.max_concurrent < 1):
+            raise AutoftError(f"--max-concurrent must be a whole number >= 1, but got {self.max_concurrent!r}.")
+        if self.backend == "local" and self.address is not None:
+            raise AutoftError("--address names a Ray cluster but --backend is local; drop one of them.")
         if self.weights is not None and not self.pretrained:
             raise AutoftError("--weights and --no-pretrained contradict each other; give one of them.")
 

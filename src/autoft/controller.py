@@ -261,6 +261,50 @@ def _systematic_error(study: optuna.Study) -> str | None:
     return None
 
 
+class _Worker:
+    """Trains one trial where it runs (in-process, or shipped once to Ray workers with the model and data inside).
+
+    Out of device memory, it tries once more at half the batch size; a second OOM fails the trial. ``stop`` is
+    the signal handler's flag (in-process only: an Event cannot travel to another process).
+    """
+
+    def __init__(self, config: SearchConfig, setup: Setup, stop: threading.Event | None = None):
+        self.config, self.setup, self.stop = config, setup, stop
+
+    def detached(self) -> _Worker:
+        """A copy without the in-process stop flag, for backends that pickle the worker."""
+        return _Worker(self.config, self.setup)
+
+    def __call__(self, number: int, params: dict, report: Report) -> TrialOutcome:
+        # The device is resolved where the trial runs: a Ray worker may have a GPU that the driver lacks.
+        setup = dataclasses.replace(self.setup, device=resolve_device(self.config.device))
+        recipe = Recipe.from_params(params)
+        outcome = self._train_unless_oom(setup, recipe, number, report)
+        if outcome is None:
+            if recipe.batch_size < 2:
+                raise torch.OutOfMemoryError(f"out of device memory at batch size {recipe.batch_size}")
+            recipe = dataclasses.replace(recipe, batch_size=recipe.batch_size // 2)
+            log.warning("trial %d ran out of device memory: retrying at batch size %d", number, recipe.batch_size)
+            _free_device_memory(setup.device)
+            try:
+                outcome = self._train(setup, recipe, number, report)
+            except torch.OutOfMemoryError as exc:
+                raise torch.OutOfMemoryError(f"also at half the batch size ({recipe.batch_size}): {exc}") from None
+            outcome.notes["oom_retry_batch_size"] = recipe.batch_size
+        return outcome
+
+    def _train(self, setup: Setup, recipe: Recipe, number: int, report: Report) -> TrialOutcome:
+        return train_recipe(setup, recipe, seed=self.config.seed + number, report=report, stop=self.stop)
+
+    def _train_unless_oom(self, setup: Setup, recipe: Recipe, number: int, report: Report) -> TrialOutcome | None:
+        """Train, or None when the device ran out of memory (returning drops the failed attempt's tensors)."""
+        try:
+            return self._train(setup, recipe, number, report)
+        except torch.OutOfMemoryError:
+            log.debug("trial %d: out of memory at batch size %d", number, recipe.batch_size, exc_info=True)
+            return None
+
+
 class _Executor:
     """Runs one trial for a backend and keeps ``best/`` holding the best COMPLETE trial's weights."""
 
@@ -272,7 +316,8 @@ class _Executor:
         progress: Callable[[Progress], None],
         stop: threading.Event,
     ):
-        self.config, self.setup, self.progress, self.stop = config, setup, progress, stop
+        self.config, self.setup, self.progress = config, setup, progress
+        self.worker = _Worker(config, setup, stop)
         self.model_dir = config.run_dir / "best"
         complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         self.best_score = max((t.value for t in complete), default=-float("inf"))
@@ -289,33 +334,19 @@ class _Executor:
             out_of_time = self.deadline is not None and time.monotonic() > self.deadline
             return report(epoch, metrics) or out_of_time
 
-        outcome = self._train_unless_oom(recipe, number, report_and_show)
-        if outcome is None:  # out of device memory: once more at half the batch size; a second OOM fails the trial
-            if recipe.batch_size < 2:
-                raise torch.OutOfMemoryError(f"out of device memory at batch size {recipe.batch_size}")
-            recipe = dataclasses.replace(recipe, batch_size=recipe.batch_size // 2)
-            params = params | {"batch_size": recipe.batch_size}
-            log.warning("trial %d ran out of device memory: retrying at batch size %d", number, recipe.batch_size)
-            _free_device_memory(self.setup.device)
-            try:
-                outcome = self._train(recipe, number, report_and_show)
-            except torch.OutOfMemoryError as exc:
-                raise torch.OutOfMemoryError(f"also at half the batch size ({recipe.batch_size}): {exc}") from None
-            outcome.notes["oom_retry_batch_size"] = recipe.batch_size
-        if not outcome.stopped_early and outcome.best_score > self.best_score:
-            self._export(number, params, recipe, outcome)
+        outcome = self.worker(number, params, report_and_show)
+        self.keep(number, params, outcome)
         return outcome
 
-    def _train(self, recipe: Recipe, number: int, report: Report) -> TrialOutcome:
-        return train_recipe(self.setup, recipe, seed=self.config.seed + number, report=report, stop=self.stop)
+    def keep(self, number: int, params: dict, outcome: TrialOutcome) -> None:
+        """Export the trial's best weights if it ran to its end and beats every COMPLETE trial so far.
 
-    def _train_unless_oom(self, recipe: Recipe, number: int, report: Report) -> TrialOutcome | None:
-        """Train, or None when the device ran out of memory (returning drops the failed attempt's tensors)."""
-        try:
-            return self._train(recipe, number, report)
-        except torch.OutOfMemoryError:
-            log.debug("trial %d: out of memory at batch size %d", number, recipe.batch_size, exc_info=True)
-            return None
+        Called in the driver only (one trial at a time), so concurrent trials never race for ``best/``.
+        """
+        if "oom_retry_batch_size" in outcome.notes:  # it trained at half the batch size: export what it trained with
+            params = params | {"batch_size": outcome.notes["oom_retry_batch_size"]}
+        if not outcome.stopped_early and outcome.best_score > self.best_score:
+            self._export(number, params, Recipe.from_params(params), outcome)
 
     def _best(self) -> float | None:
         return None if self.best_score == -float("inf") else self.best_score
@@ -351,6 +382,32 @@ def _free_device_memory(device: torch.device) -> None:
     gc.collect()  # the failed attempt's model and activations may sit in reference cycles
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def _backend(cfg: SearchConfig) -> str:
+    """``auto`` means Ray when a cluster address is given or more than one GPU is visible, else in-process."""
+    if cfg.backend != "auto":
+        return cfg.backend
+    if cfg.address is None and torch.cuda.device_count() <= 1:
+        return "local"
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        log.warning("more than one GPU but Ray is not installed (pip install 'autoft[ray]'): running in-process")
+        return "local"
+    return "ray"
+
+
+def _cluster(cfg: SearchConfig) -> Any:
+    from autoft.backends.ray import Cluster
+
+    return Cluster(
+        address=cfg.address,
+        cpus_per_trial=cfg.cpus_per_trial,
+        gpus_per_trial=cfg.gpus_per_trial,
+        max_concurrent=cfg.max_concurrent,
+        storage_path=cfg.run_dir.resolve() / "ray",
+    )
 
 
 def check_run_dir(run_dir: Path) -> None:
@@ -471,15 +528,17 @@ def run_search(
             show(Progress("trial_end", trial.number, score=trial.value, best=executor._best(), state=trial.state.name))
 
         if remaining != 0 and not stop.is_set():
-            local.optimize(
-                study,
-                space,
-                executor,
-                n_trials=remaining,
-                timeout=cfg.timeout,
-                on_trial_end=on_trial_end,
-                should_stop=lambda s: stop.is_set() or _systematic_error(s) is not None,
-            )
+            budget = dict(n_trials=remaining, timeout=cfg.timeout, on_trial_end=on_trial_end)
+            should_stop = lambda s: stop.is_set() or _systematic_error(s) is not None  # noqa: E731
+            if _backend(cfg) == "ray":
+                from autoft.backends import ray as ray_backend  # ray is optional: imported only when used
+
+                ray_backend.optimize(
+                    study, space, executor.worker.detached(), executor.keep, cluster=_cluster(cfg),
+                    should_stop=should_stop, **budget,
+                )  # fmt: skip
+            else:
+                local.optimize(study, space, executor, should_stop=should_stop, **budget)
         results.write_trials_csv(study, cfg.run_dir / "trials.csv")
     if received:  # the handlers are restored by now: a second signal during the wrap-up acts at once
         done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))

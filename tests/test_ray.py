@@ -1,0 +1,180 @@
+"""The Ray Tune backend on real Ray: an in-process cluster, two nodes started by `ray start`, a killed driver."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import optuna
+import pytest
+import ray
+import sqlalchemy
+import torch
+from optuna.trial import TrialState
+
+import autoft
+from autoft import results
+from conftest import make_image_folder
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+TINY = {"pretrained": False, "image_size": 16, "max_epochs": 4}
+SRC = Path(__file__).resolve().parents[1] / "src"
+ENV = os.environ | {
+    "HF_HUB_OFFLINE": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_AUTH_MODE": "disabled",  # a throwaway cluster on localhost; docs/cluster.md covers tokens
+    "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
+}
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    return make_image_folder(tmp_path / "data", per_class=8, size=(16, 16), with_test=True, noise=90)
+
+
+@pytest.fixture
+def local_ray() -> Iterator[None]:
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
+def shape(study: optuna.Study) -> list[tuple]:
+    return [(t.number, t.state, t.params, t.value, t.intermediate_values) for t in study.trials]
+
+
+def test_ray_search_records_pruned_trials_and_matches_local(local_ray: None, data: Path, tmp_path: Path) -> None:
+    # Seed 2: the median pruner stops trial 3 (the same under both backends, one trial at a time).
+    on_ray = autoft.search(
+        "test_resnet", data, trials=5, run_dir=tmp_path / "ray", seed=2, backend="ray", max_concurrent=1, **TINY
+    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as a Ray worker with one CPU: same arithmetic, same numbers
+    try:
+        local = autoft.search("test_resnet", data, trials=5, run_dir=tmp_path / "local", seed=2, **TINY)
+    finally:
+        torch.set_num_threads(threads)
+    assert shape(on_ray.study) == shape(local.study)
+
+    pruned = on_ray.study.get_trials(states=(TrialState.PRUNED,))
+    assert pruned, "the median pruner must stop a trial under Ray too"
+    for trial in pruned:
+        assert len(trial.intermediate_values) < trial.params["epochs"]
+        assert trial.user_attrs["node_id"] and len(trial.user_attrs["val_loss"]) == len(trial.intermediate_values)
+    meta = json.loads((on_ray.model_dir / "config.json").read_text())
+    assert meta["trial"] == on_ray.best_trial and on_ray.study.trials[meta["trial"]].state == TrialState.COMPLETE
+    tuned = autoft.load_model(on_ray.model_dir)
+    files = sorted((data / "test").glob("*/*.png"))
+    accuracy = sum(p == f.parent.name for p, f in zip(tuned.predict(files), files, strict=True)) / len(files)
+    assert accuracy == pytest.approx(on_ray.test_score)
+    assert not list((tmp_path / "ray").rglob("checkpoint_*")), "trials keep no checkpoints of their own"
+
+
+def test_trial_raising_on_a_worker_is_recorded_fail_with_its_error(local_ray: None, data: Path, tmp_path: Path) -> None:
+    bad_space = tmp_path / "bad.yaml"
+    bad_space.write_text("params:\n  lr: {type: float, low: 0.1, high: 0.2}\n  label_smoothing: 1.5\n")
+    with pytest.raises(autoft.AutoftError, match="label_smoothing"):
+        autoft.search("test_resnet", data, trials=6, space=str(bad_space), run_dir=tmp_path / "run", backend="ray",
+                      max_concurrent=1, **TINY)  # fmt: skip
+    study = optuna.load_study(study_name="test_resnet-data", storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}")
+    assert [t.state for t in study.trials] == [TrialState.FAIL] * 3  # the same error 3 times stops the search
+    assert "label_smoothing" in study.trials[0].user_attrs["error"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ray_node(*args: str) -> subprocess.Popen:
+    """`ray start --block` in its own process group, so the test ends exactly the processes it started."""
+    ports = ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port",
+             "--metrics-export-port")  # fmt: skip
+    command = [str(Path(sys.executable).parent / "ray"), "start", "--block", "--node-ip-address=127.0.0.1", *args]
+    command += [f"{flag}={free_port()}" for flag in ports]
+    return subprocess.Popen(
+        command, env=ENV, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+
+
+@pytest.fixture(scope="module")
+def two_nodes() -> Iterator[str]:
+    """A Ray cluster of two nodes on this machine, one CPU each, told apart by their own resources."""
+    port = free_port()
+    temp = tempfile.mkdtemp(prefix="ray")
+    head = ray_node("--head", f"--port={port}", "--num-cpus=1",
+                    '--resources={"node_a": 1}', "--include-dashboard=false", f"--temp-dir={temp}")  # fmt: skip
+    address = f"127.0.0.1:{port}"
+    time.sleep(8)
+    second = ray_node(f"--address={address}", "--num-cpus=1", '--resources={"node_b": 1}')
+    time.sleep(8)
+    yield address
+    for node in (second, head):  # each node's process group: `ray start` and every process it started
+        os.killpg(node.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            node.wait(timeout=5)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(node.pid, signal.SIGKILL)
+        node.wait()
+
+
+def search_command(data: Path, address: str, trials: int) -> list[str]:
+    return [sys.executable, "-m", "autoft", "search", "--model", "test_resnet", "--no-pretrained", "--data",
+            str(data), "--image-size", "16", "--max-epochs", "3", "--trials", str(trials), "--seed", "5",
+            "--address", address, "--cpus-per-trial", "1"]  # fmt: skip
+
+
+def test_search_with_address_runs_trials_on_both_nodes(two_nodes: str, data: Path, tmp_path: Path) -> None:
+    done = subprocess.run(search_command(data, two_nodes, 3), cwd=tmp_path, env=ENV, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    study = optuna.load_study(
+        study_name="test_resnet-data", storage=f"sqlite:///{tmp_path}/runs/test_resnet-data/study.db"
+    )
+    assert len(study.trials) == 3 and all(t.state.is_finished() for t in study.trials)
+    assert len({t.user_attrs["node_id"] for t in study.trials}) == 2, "one CPU per node: trials must use both nodes"
+
+
+def test_driver_killed_mid_search_then_resumed(two_nodes: str, data: Path, tmp_path: Path) -> None:
+    command = search_command(data, two_nodes, 5)
+    storage = f"sqlite:///{tmp_path}/runs/test_resnet-data/study.db"
+    driver = subprocess.Popen(command, cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline, db = time.monotonic() + 240, tmp_path / "runs" / "test_resnet-data" / "study.db"
+    while time.monotonic() < deadline:
+        time.sleep(1)
+        if not db.is_file():  # the driver creates it; reading before then would race its schema creation
+            continue
+        try:
+            states = [t.state for t in optuna.load_study(study_name="test_resnet-data", storage=storage).trials]
+        except (KeyError, sqlalchemy.exc.OperationalError):  # not created yet, or locked by the writer
+            continue
+        if states.count(TrialState.COMPLETE) + states.count(TrialState.PRUNED) >= 1 and TrialState.RUNNING in states:
+            break
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    before = optuna.load_study(study_name="test_resnet-data", storage=storage).trials
+    finished = {t.number: t.params for t in before if t.state.is_finished()}
+    interrupted = [t.number for t in before if t.state == TrialState.RUNNING]
+    assert finished and interrupted, "the driver must be killed between trials' ends"
+
+    again = subprocess.run(command, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    study = optuna.load_study(study_name="test_resnet-data", storage=storage)
+    assert {n: study.trials[n].params for n in finished} == finished  # kept, not re-run
+    for number in interrupted:
+        assert study.trials[number].state == TrialState.FAIL and study.trials[number].user_attrs["interrupted"]
+    assert results.finished_count(study) == 5 and not study.get_trials(states=(TrialState.RUNNING,))
+    retried = [t.params for t in study.trials[len(before) :]]
+    assert all(study.trials[n].params in retried for n in interrupted)  # the interrupted parameters ran again
+    assert autoft.load_model(tmp_path / "runs" / "test_resnet-data" / "best").meta["trial"] == study.best_trial.number
