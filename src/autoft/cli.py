@@ -94,6 +94,11 @@ def _parser() -> argparse.ArgumentParser:
         action="store_false",
         help="do not try the space's portfolio of known strong recipes before sampling",
     )
+    s.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile each trial's training forward (a compile per trial: pays off for long trials on GPU)",
+    )
     s.add_argument("-v", "--verbose", action="store_true", help="show the library's log messages")
     spaces = commands.add_parser("spaces", help="list the bundled search space presets, or show one")
     what = spaces.add_subparsers(dest="spaces_command", required=True)
@@ -161,6 +166,7 @@ def _config(args: argparse.Namespace) -> SearchConfig:
         run_dir=args.run_dir,
         device=args.device,
         warm_start=args.warm_start,
+        compile=args.compile,
     ).resolved()
 
 
