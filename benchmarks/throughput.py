@@ -44,7 +44,10 @@ def plain_loop(s, *, epochs: int, batch_size: int) -> float:
         model.eval()
         with torch.inference_mode():
             logits = torch.cat(
-                [model((val.images[i : i + 256].to(s.device).float() / 255 - mean) / std) for i in range(0, len(val), 256)]
+                [
+                    model((val.images[i : i + 256].to(s.device).float() / 255 - mean) / std)
+                    for i in range(0, len(val), 256)
+                ]
             )
             (logits.argmax(1).cpu() == val.labels).float().mean().item()
     return time.perf_counter() - started

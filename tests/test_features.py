@@ -161,3 +161,15 @@ def test_a_cached_linear_probe_is_faster(dataset: data.Dataset) -> None:
     started = time.perf_counter()
     _run(model, recipe, dataset, None)
     assert cached < time.perf_counter() - started
+
+
+def test_compile_is_a_checked_config_flag(tmp_path: Path) -> None:
+    from autoft.cli import _config, _parser
+    from autoft.config import SearchConfig
+    from autoft.errors import AutoftError
+
+    assert SearchConfig(model="test_resnet", data=tmp_path, compile=True).compile
+    with pytest.raises(AutoftError, match="compile must be True or False"):
+        SearchConfig(model="test_resnet", data=tmp_path, compile="yes")
+    args = _parser().parse_args(["search", "--model", "test_resnet", "--data", str(tmp_path), "--compile"])
+    assert _config(args).compile
