@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint clean
+.PHONY: demo test lint clean bench-throughput bench-feature-cache
 
 $(BIN)/autoft: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,9 +20,16 @@ test: $(BIN)/autoft
 	@command -v chromium >/dev/null 2>&1 || { echo "installing chromium for the browser test"; \
 		$$([ "$$(id -u)" = 0 ] || echo sudo) apt-get update -qq && \
 		$$([ "$$(id -u)" = 0 ] || echo sudo) apt-get install -y -qq chromium >/dev/null; }
-	$(BIN)/ruff check src tests examples
-	$(BIN)/ruff format --check src tests examples
+	$(BIN)/ruff check src tests examples benchmarks
+	$(BIN)/ruff format --check src tests examples benchmarks
 	$(BIN)/python -m pytest -q
+
+# Benchmarks (docs/benchmarks.md): each prints one line of JSON; the demo's model and data, on the CPU.
+bench-throughput: $(BIN)/autoft
+	$(BIN)/python benchmarks/throughput.py --repeats 3
+
+bench-feature-cache: $(BIN)/autoft
+	$(BIN)/python benchmarks/feature_cache.py
 
 clean:
 	rm -rf $(VENV) runs demo_data

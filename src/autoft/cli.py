@@ -108,6 +108,11 @@ def _parser() -> argparse.ArgumentParser:
         help="GPUs each Ray trial reserves; 0.5 puts two trials on a GPU (default 1 if the cluster has GPUs, else 0)",
     )
     s.add_argument("--max-concurrent", type=int, help="most Ray trials at once (default: as many as resources allow)")
+    s.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile each trial's training forward (a compile per trial: pays off for long trials on GPU)",
+    )
     s.add_argument("-v", "--verbose", action="store_true", help="show the library's log messages")
     spaces = commands.add_parser("spaces", help="list the bundled search space presets, or show one")
     what = spaces.add_subparsers(dest="spaces_command", required=True)
@@ -180,6 +185,7 @@ def _config(args: argparse.Namespace) -> SearchConfig:
         cpus_per_trial=args.cpus_per_trial,
         gpus_per_trial=args.gpus_per_trial,
         max_concurrent=args.max_concurrent,
+        compile=args.compile,
     ).resolved()
 
 

@@ -109,6 +109,7 @@ class SearchConfig:
     cpus_per_trial: float = 1.0
     gpus_per_trial: float | None = None
     max_concurrent: int | None = None
+    compile: bool = False  # torch.compile the training forward (pays a compile per trial; for long trials on GPU)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data", _path("--data", self.data))
@@ -135,8 +136,9 @@ class SearchConfig:
                 f"space must be a preset name, a YAML file, a SearchSpace or a space(trial) function, "
                 f"but got {self.space!r}."
             )
-        if not isinstance(self.warm_start, bool):
-            raise AutoftError(f"warm_start must be True or False, but got {self.warm_start!r}.")
+        for name in ("warm_start", "compile"):
+            if not isinstance(getattr(self, name), bool):
+                raise AutoftError(f"{name} must be True or False, but got {getattr(self, name)!r}.")
         if not _whole(self.max_epochs) or self.max_epochs < 1:
             raise AutoftError(f"--max-epochs must be a whole number of at least 1, but got {self.max_epochs!r}.")
         if self.image_size is not None and (not _whole(self.image_size) or not 16 <= self.image_size <= 4096):

@@ -33,6 +33,7 @@ from autoft import data, export, models, results
 from autoft.backends import local
 from autoft.config import SearchConfig
 from autoft.errors import AutoftError
+from autoft.features import FeatureCache
 from autoft.recipe import Recipe
 from autoft.report import write_report
 from autoft.space import load_space
@@ -79,6 +80,8 @@ class Setup:
     std: tuple[float, ...]
     interpolation: str
     device: torch.device
+    feature_cache: FeatureCache | None = None  # pooled features for head-only trials, built on first use
+    compile: bool = False  # torch.compile each trial's training forward
 
 
 @dataclass
@@ -129,13 +132,16 @@ def prepare(config: SearchConfig) -> Setup:
     )
     torch.manual_seed(config.seed)
     model.reset_classifier(len(dataset.classes))  # the head fits the data's classes; weights loaded once above
+    mean, std, device = tuple(preprocessing["mean"]), tuple(preprocessing["std"]), resolve_device(config.device)
     return Setup(
         base_model=model,
         dataset=dataset,
-        mean=tuple(preprocessing["mean"]),
-        std=tuple(preprocessing["std"]),
+        mean=mean,
+        std=std,
         interpolation=preprocessing["interpolation"],
-        device=resolve_device(config.device),
+        device=device,
+        feature_cache=FeatureCache(model, dataset, mean=mean, std=std, device=device),
+        compile=config.compile,
     )
 
 
@@ -161,6 +167,8 @@ def train_recipe(
         seed=seed,
         report=report or (lambda epoch, metrics: False),
         stop=stop,
+        feature_cache=setup.feature_cache,
+        compile_model=setup.compile,
     )
 
 

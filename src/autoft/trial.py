@@ -8,7 +8,6 @@ the epochs before it are real measurements). Read it top to bottom in one pass.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import math
@@ -22,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from autoft import data, models, optim, pieces
+from autoft import data, features, models, optim, pieces
 from autoft.recipe import Recipe
 
 __all__ = ["EpochMetrics", "Report", "TrialOutcome", "evaluate", "resolve_device", "run_trial"]
@@ -77,11 +76,7 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
-def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA GPUs that support it; full precision elsewhere (CPU autocast is slower here)."""
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+_autocast = features.autocast  # bf16 on CUDA GPUs that support it; full precision elsewhere
 
 
 def run_trial(
@@ -95,10 +90,14 @@ def run_trial(
     seed: int,
     report: Report,
     stop: threading.Event | None = None,
+    feature_cache: features.FeatureCache | None = None,
+    compile_model: bool = False,
 ) -> TrialOutcome:
     """Fine-tune a copy of ``base_model`` with ``recipe``; ``report`` after each epoch may stop it.
 
-    ``stop``, once set, ends the trial before its next step (``outcome.interrupted``).
+    ``stop``, once set, ends the trial before its next step (``outcome.interrupted``). ``feature_cache``
+    (built for this ``base_model`` and ``dataset``) lets head-only epochs on deterministic inputs train the
+    classifier on cached pooled features. ``compile_model`` runs the training forward through ``torch.compile``.
 
     >>> outcome = run_trial(model, Recipe(epochs=2), ds, mean=m, std=s, device=cpu, seed=0,
     ...                     report=lambda epoch, metrics: False)  # doctest: +SKIP
@@ -108,6 +107,8 @@ def run_trial(
     model = copy.deepcopy(base_model).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
+    if feature_cache is not None and feature_cache.base_model is not base_model:
+        feature_cache = None  # features of another model: not ours to use
     steps_per_epoch = math.ceil(len(dataset.train) / recipe.batch_size)
     total_steps, warmup_steps = recipe.epochs * steps_per_epoch, recipe.warmup_epochs * steps_per_epoch
     outcome = TrialOutcome(best_score=-math.inf, best_epoch=-1)
@@ -120,12 +121,16 @@ def run_trial(
             if custom_freeze is not None:  # a registered policy freezes what it wants of a fully trainable model
                 custom_freeze.fn(model, recipe)
             optimizer = optim.create_optimizer(model, recipe)
+            # Head only, same input every epoch: the classifier trains on pooled features computed once per search.
+            head_only = trainable == 0 and custom_freeze is None and features.deterministic_inputs(recipe)
+            cached = feature_cache.splits() if feature_cache is not None and head_only else None
+            net = model.get_classifier() if cached else model
+            forward = torch.compile(net) if compile_model else net
+            train_split = cached[0] if cached else dataset.train
         started = time.perf_counter()
         models.set_train_mode(model, freeze_bn_stats=recipe.freeze_bn_stats)
         train_loss_sum = torch.zeros((), device=device)
-        for images, labels in data.batches(
-            dataset.train, batch_size=recipe.batch_size, shuffle=True, generator=generator
-        ):
+        for batch, labels in data.batches(train_split, batch_size=recipe.batch_size, shuffle=True, generator=generator):
             if stop is not None and stop.is_set():  # a flag read, no device sync
                 outcome.interrupted = outcome.stopped_early = True
                 return outcome
@@ -134,15 +139,14 @@ def run_trial(
                 recipe.lr
                 * optim.lr_factor(step, total_steps=total_steps, warmup_steps=warmup_steps, schedule=recipe.schedule),
             )
-            images = data.augment(images, recipe.augment, generator=generator)
-            inputs = data.normalize(images.to(device, non_blocking=True), mean=mean, std=std)
-            targets = labels = labels.to(device, non_blocking=True)
-            if recipe.mixup > 0 or recipe.cutmix > 0:  # soft targets: cross_entropy takes class probabilities
-                inputs, targets = data.mix(
-                    inputs, labels, len(dataset.classes), mixup=recipe.mixup, cutmix=recipe.cutmix, generator=generator
-                )
+            labels = labels.to(device, non_blocking=True)
+            inputs, targets = (
+                (batch, labels)
+                if cached
+                else _image_inputs(batch, labels, recipe, dataset, mean, std, device, generator)
+            )
             with _autocast(device):
-                loss = F.cross_entropy(model(inputs), targets, label_smoothing=recipe.label_smoothing)
+                loss = F.cross_entropy(forward(inputs), targets, label_smoothing=recipe.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -155,7 +159,10 @@ def run_trial(
             )
             outcome.stopped_early = True
             break
-        val_loss, val_accuracy = evaluate(model, dataset.val, mean=mean, std=std, device=device)
+        if cached:
+            val_loss, val_accuracy = features.evaluate_head(net, cached[1], device=device)
+        else:
+            val_loss, val_accuracy = evaluate(model, dataset.val, mean=mean, std=std, device=device)
         metrics = EpochMetrics(epoch, train_loss, val_loss, val_accuracy, time.perf_counter() - started)
         outcome.history.append(metrics)
         if val_accuracy > outcome.best_score:
@@ -166,6 +173,30 @@ def run_trial(
             outcome.stopped_early = epoch < recipe.epochs - 1
             break
     return outcome
+
+
+def _image_inputs(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    recipe: Recipe,
+    dataset: data.Dataset,
+    mean: Sequence[float],
+    std: Sequence[float],
+    device: torch.device,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A uint8 CPU batch -> model inputs and targets on ``device``: copied, augmented there, normalized, mixed."""
+    if device.type == "cuda":  # page-locked, so the copy runs asynchronously (torch caches pinned blocks)
+        images = images.pin_memory()
+    images = data.augment(images.to(device, non_blocking=True), recipe.augment, generator=generator)
+    inputs = data.normalize(images, mean=mean, std=std)
+    if device.type == "cuda":
+        inputs = inputs.contiguous(memory_format=torch.channels_last)
+    if recipe.mixup > 0 or recipe.cutmix > 0:  # soft targets: cross_entropy takes class probabilities
+        return data.mix(
+            inputs, labels, len(dataset.classes), mixup=recipe.mixup, cutmix=recipe.cutmix, generator=generator
+        )
+    return inputs, labels
 
 
 @torch.inference_mode()

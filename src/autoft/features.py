@@ -1,0 +1,169 @@
+"""Frozen-feature cache: the pooled pre-logits features of train and val, computed once per search.
+
+When only the classifier trains (a linear probe, LP-FT's head-only epochs) on deterministic inputs
+(augment "none", no mixup or cutmix), everything before the classifier is a fixed function of the image:
+frozen layers run in eval mode (``models.set_train_mode``). So ``forward_head(forward_features(x),
+pre_logits=True)`` is computed once, on first use, and shared by every trial of the search; those trials
+train ``model.get_classifier()`` alone on it. A linear probe then costs one forward pass over the data per
+search instead of one per epoch per trial. The batches come from the same ``data.batches`` call with the
+same generator, so results equal the uncached path within float tolerance (tests/test_features.py).
+
+Memory bound: (train + val images) x ``num_features`` x 4 bytes (2 under bf16 autocast), kept on the
+device, e.g. 1,437 digits x 1,280 (efficientnet_lite0) = 7 MB, 100,000 images x 2,048 (resnet50) = 820 MB.
+Past ``max_bytes`` (default 2 GiB) the cache is not built and trials take the uncached path; pooled
+features are this small, so there is no spill to disk. There is no cache for partial freezing (the
+feature maps after a frozen prefix of blocks): those trials still run the frozen blocks every epoch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from autoft import data
+from autoft.recipe import Recipe
+
+__all__ = ["FeatureCache", "deterministic_inputs"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BYTES = 2 * 2**30
+
+
+def deterministic_inputs(recipe: Recipe) -> bool:
+    """Whether the recipe feeds the model the same tensor for an image every epoch (no augmentation, no mixing).
+
+    >>> deterministic_inputs(Recipe(augment="none")), deterministic_inputs(Recipe(augment="light"))
+    (True, False)
+    """
+    return recipe.augment == "none" and recipe.mixup == 0 and recipe.cutmix == 0
+
+
+@dataclass
+class FeatureCache:
+    """Pooled pre-logits features of ``dataset``'s train and val splits under ``base_model``, built on first use.
+
+    >>> cache = FeatureCache(model, ds, mean=m, std=s, device=torch.device("cpu"))  # doctest: +SKIP
+    >>> train, val = cache.splits()  # doctest: +SKIP
+    >>> train.images.shape  # (N, num_features) float features, labels as in ds.train  # doctest: +SKIP
+    torch.Size([1077, 1280])
+    """
+
+    base_model: nn.Module
+    dataset: data.Dataset
+    mean: Sequence[float]
+    std: Sequence[float]
+    device: torch.device
+    max_bytes: int = DEFAULT_MAX_BYTES
+    batch_size: int = 256
+    _splits: tuple[data.ImageSet, data.ImageSet] | None = field(default=None, init=False, repr=False)
+    _refused: str = field(default="", init=False)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the cached features hold (0 before the first use or when refused)."""
+        return sum(s.images.numel() * s.images.element_size() for s in self._splits or ())
+
+    def splits(self) -> tuple[data.ImageSet, data.ImageSet] | None:
+        """``(train, val)`` with ``images`` = float features ``(N, D)`` on the device; None when not cacheable."""
+        if self._splits is None and not self._refused:
+            self._refused = _why_not_cacheable(self.base_model)
+            if not self._refused:
+                self._build()
+            if self._refused:
+                log.info("feature cache off: %s; head-only trials run the whole model", self._refused)
+        return self._splits
+
+    def _build(self) -> None:
+        model = copy.deepcopy(self.base_model).to(self.device).eval()  # the trial's copy, as the trial makes it
+        if self.device.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+        train, val = self.dataset.train, self.dataset.val
+        probe = data.normalize(val.images[:2].to(self.device), mean=self.mean, std=self.std)
+        mismatch = _forward_mismatch(model, probe)
+        if mismatch:
+            self._refused = mismatch
+            return
+        width = self._pooled(model, val.images[:1]).shape[1]
+        need = (len(train) + len(val)) * width * 4
+        if need > self.max_bytes:
+            self._refused = (
+                f"features would take {need / 2**20:.0f} MiB, over the {self.max_bytes / 2**20:.0f} MiB bound"
+            )
+            return
+        self._splits = tuple(  # type: ignore[assignment]
+            data.ImageSet(self._pooled(model, split.images), split.labels.to(self.device)) for split in (train, val)
+        )
+        log.info(
+            "feature cache: %d x %d pooled features, %.1f MiB on %s",
+            len(train) + len(val),
+            width,
+            self.nbytes / 2**20,
+            self.device,
+        )
+
+    @torch.no_grad()  # not inference_mode: the head's backward saves these features as its input
+    def _pooled(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        out = []
+        for start in range(0, len(images), self.batch_size):
+            chunk = images[start : start + self.batch_size].to(self.device, non_blocking=True)
+            with autocast(self.device):
+                features = model.forward_features(data.normalize(chunk, mean=self.mean, std=self.std))
+                out.append(model.forward_head(features, pre_logits=True))
+        return torch.cat(out)
+
+
+@torch.no_grad()
+def evaluate_head(head: nn.Module, split: data.ImageSet, *, device: torch.device) -> tuple[float, float]:
+    """Mean cross-entropy loss and accuracy of the classifier on cached features (as ``trial.evaluate``)."""
+    with autocast(device):
+        logits = head(split.images).float()
+    loss = F.cross_entropy(logits, split.labels).item()
+    accuracy = (logits.argmax(1) == split.labels).float().mean().item()
+    return loss, accuracy
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA GPUs that support it; full precision elsewhere (CPU autocast is slower here)."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _why_not_cacheable(model: nn.Module) -> str:
+    """Why the features before the classifier would differ between epochs or from the trial's forward ('' if none).
+
+    Stochastic modules (dropout, drop-path) stay in train mode in a head-only trial (they have no frozen
+    parameters); a norm layer without parameters would still update its running statistics.
+    """
+    if not all(callable(getattr(model, name, None)) for name in ("forward_features", "forward_head")):
+        return f"{type(model).__name__} has no forward_features/forward_head"
+    if not isinstance(model.get_classifier(), nn.Module):
+        return "get_classifier() is not one module"
+    if getattr(model, "drop_rate", 0.0):
+        return f"the model has drop_rate={model.drop_rate}"
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
+            return f"{name} is dropout with p={module.p}"
+        if getattr(module, "drop_prob", 0.0):
+            return f"{name} drops paths with p={module.drop_prob}"
+        if isinstance(getattr(module, "running_mean", None), torch.Tensor) and not list(module.parameters()):
+            return f"{name} updates running statistics without parameters"
+    return ""
+
+
+@torch.no_grad()
+def _forward_mismatch(model: nn.Module, probe: torch.Tensor) -> str:
+    """'' when classifier(pre-logits features) equals the model's own forward on ``probe`` (eval mode, fp32)."""
+    direct = model(probe)
+    via_features = model.get_classifier()(model.forward_head(model.forward_features(probe), pre_logits=True))
+    if direct.shape != via_features.shape or not torch.allclose(direct, via_features, rtol=1e-4, atol=1e-5):
+        return "get_classifier()(forward_head(..., pre_logits=True)) differs from the model's forward"
+    return ""

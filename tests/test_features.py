@@ -1,0 +1,175 @@
+"""Tests for autoft.features: head-only trials on cached pooled features equal the uncached path."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from autoft import data, features, models
+from autoft.features import FeatureCache
+from autoft.recipe import Recipe
+from autoft.trial import TrialOutcome, run_trial
+from conftest import CLASS_COLORS
+
+CPU = torch.device("cpu")
+SIZE = 16
+MODELS = ["test_resnet", "test_efficientnet", "test_vit"]
+
+
+def _split(per_class: int, *, seed: int) -> data.ImageSet:
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.arange(3).repeat_interleave(per_class)
+    colours = torch.tensor(CLASS_COLORS[:3])[labels][:, :, None, None]
+    jitter = torch.randint(-40, 41, (len(labels), 3, SIZE, SIZE), generator=gen)
+    return data.ImageSet((colours + jitter).clamp(0, 255).to(torch.uint8), labels)
+
+
+@pytest.fixture(scope="module")
+def dataset() -> data.Dataset:
+    return data.Dataset(("r", "g", "b"), _split(8, seed=0), _split(4, seed=1), None, Path("."), SIZE, 0)
+
+
+def _model(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    return models.create(name, num_classes=3, pretrained=False)
+
+
+def _cache(model: nn.Module, dataset: data.Dataset) -> FeatureCache:
+    cfg = models.data_config(model)
+    return FeatureCache(model, dataset, mean=cfg["mean"], std=cfg["std"], device=CPU)
+
+
+def _run(model: nn.Module, recipe: Recipe, dataset: data.Dataset, cache: FeatureCache | None) -> TrialOutcome:
+    cfg = models.data_config(model)
+    return run_trial(
+        model,
+        recipe,
+        dataset,
+        mean=cfg["mean"],
+        std=cfg["std"],
+        device=CPU,
+        seed=3,
+        report=lambda epoch, metrics: False,
+        feature_cache=cache,
+    )
+
+
+def _assert_same_outcome(cached: TrialOutcome, plain: TrialOutcome) -> None:
+    assert cached.best_epoch == plain.best_epoch
+    assert cached.best_score == pytest.approx(plain.best_score)
+    assert len(cached.history) == len(plain.history)
+    for a, b in zip(cached.history, plain.history, strict=True):
+        assert (a.train_loss, a.val_loss, a.val_accuracy) == pytest.approx(
+            (b.train_loss, b.val_loss, b.val_accuracy), rel=1e-4, abs=1e-5
+        )
+    assert cached.best_state.keys() == plain.best_state.keys()
+    for key, value in plain.best_state.items():
+        torch.testing.assert_close(cached.best_state[key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_pooled_features_through_the_classifier_equal_the_models_forward(dataset: data.Dataset, name: str) -> None:
+    model = _model(name).eval()
+    cache = _cache(model, dataset)
+    train, val = cache.splits()
+    with torch.no_grad():
+        direct = model(data.normalize(dataset.val.images, mean=cache.mean, std=cache.std))
+        via_cache = model.get_classifier()(val.images)
+    torch.testing.assert_close(via_cache, direct, rtol=1e-4, atol=1e-5)
+    assert train.images.shape == (len(dataset.train), model.num_features)
+    assert torch.equal(train.labels, dataset.train.labels)
+    assert cache.nbytes == (len(dataset.train) + len(dataset.val)) * model.num_features * 4
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("freeze", ["linear_probe", "lp_ft"])
+def test_cached_trial_equals_the_uncached_trial(dataset: data.Dataset, name: str, freeze: str) -> None:
+    model = _model(name)
+    recipe = Recipe.from_params(
+        {"freeze": freeze, "lp_epochs": 2, "epochs": 3, "batch_size": 8, "lr": 3e-2, "augment": "none"}
+    )
+    cache = _cache(model, dataset)
+    cached = _run(model, recipe, dataset, cache)
+    assert cache.nbytes > 0  # the cache was built and used
+    _assert_same_outcome(cached, _run(model, recipe, dataset, None))
+
+
+def test_one_cache_serves_every_trial_and_is_built_once(dataset: data.Dataset) -> None:
+    model = _model("test_resnet")
+    cache = _cache(model, dataset)
+    recipe = Recipe.from_params({"freeze": "linear_probe", "epochs": 2, "batch_size": 8, "augment": "none"})
+    _run(model, recipe, dataset, cache)
+    first = cache.splits()
+    _run(model, recipe, dataset, cache)
+    assert cache.splits() is first
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{"augment": "light"}, {"mixup": 0.2}, {"cutmix": 1.0}, {"freeze": "partial", "train_blocks": 1}],
+    ids=["augment", "mixup", "cutmix", "partial"],
+)
+def test_the_cache_is_not_used_when_inputs_vary_or_blocks_train(dataset: data.Dataset, fields: dict) -> None:
+    model = _model("test_resnet")
+    recipe = Recipe.from_params({"freeze": "linear_probe", "epochs": 1, "batch_size": 8, "augment": "none"} | fields)
+    cache = _cache(model, dataset)
+    _run(model, recipe, dataset, cache)
+    assert cache.nbytes == 0
+
+
+def test_a_cache_of_another_model_is_ignored(dataset: data.Dataset) -> None:
+    model, other = _model("test_resnet"), _model("test_resnet")
+    cache = _cache(other, dataset)
+    recipe = Recipe.from_params({"freeze": "linear_probe", "epochs": 1, "batch_size": 8, "augment": "none"})
+    _run(model, recipe, dataset, cache)
+    assert cache.nbytes == 0
+
+
+def test_stochastic_models_are_not_cached(dataset: data.Dataset) -> None:
+    torch.manual_seed(0)
+    model = models.create("test_resnet", num_classes=3, pretrained=False)
+    model.drop_rate = 0.5  # dropout before the classifier: features differ between epochs
+    assert _cache(model, dataset).splits() is None
+
+
+def test_features_past_the_memory_bound_are_not_cached(dataset: data.Dataset) -> None:
+    model = _model("test_resnet")
+    cache = _cache(model, dataset)
+    cache.max_bytes = 100
+    assert cache.splits() is None
+    assert "bound" in cache._refused
+
+
+def test_deterministic_inputs() -> None:
+    assert features.deterministic_inputs(Recipe(augment="none"))
+    assert not features.deterministic_inputs(Recipe(augment="none", mixup=0.1))
+    assert not features.deterministic_inputs(Recipe(augment="strong"))
+
+
+def test_a_cached_linear_probe_is_faster(dataset: data.Dataset) -> None:
+    model = _model("test_efficientnet")
+    recipe = Recipe.from_params({"freeze": "linear_probe", "epochs": 4, "batch_size": 4, "augment": "none"})
+    cache = _cache(model, dataset)
+    cache.splits()  # built once per search, outside the trials
+    started = time.perf_counter()
+    _run(model, recipe, dataset, cache)
+    cached = time.perf_counter() - started
+    started = time.perf_counter()
+    _run(model, recipe, dataset, None)
+    assert cached < time.perf_counter() - started
+
+
+def test_compile_is_a_checked_config_flag(tmp_path: Path) -> None:
+    from autoft.cli import _config, _parser
+    from autoft.config import SearchConfig
+    from autoft.errors import AutoftError
+
+    assert SearchConfig(model="test_resnet", data=tmp_path, compile=True).compile
+    with pytest.raises(AutoftError, match="compile must be True or False"):
+        SearchConfig(model="test_resnet", data=tmp_path, compile="yes")
+    args = _parser().parse_args(["search", "--model", "test_resnet", "--data", str(tmp_path), "--compile"])
+    assert _config(args).compile
