@@ -111,3 +111,12 @@ def test_a_new_study_tries_the_portfolio_first_then_samples(data: Path, tmp_path
     assert trials[-1].params != trials[0].params
     again = autoft.search("test_resnet", data, trials=len(trials) + 1, run_dir=tmp_path / "run", **options)
     assert len(again.study.trials) == len(trials) + 1  # resuming does not enqueue the portfolio again
+
+
+def test_a_budget_smaller_than_the_portfolio_leaves_no_trial_waiting(data: Path, tmp_path: Path) -> None:
+    portfolio = autoft.load_space("default").portfolio
+    assert len(portfolio) > 2
+    options = TINY | {"warm_start": True, "max_epochs": 1}
+    result = autoft.search("test_resnet", data, trials=2, run_dir=tmp_path / "run", **options)
+    assert [t.state for t in result.study.trials] == [TrialState.COMPLETE] * 2
+    assert "WAITING" not in (tmp_path / "run" / "trials.csv").read_text()

@@ -526,10 +526,10 @@ def run_search(
         log.info("data: %s", setup.dataset.summary())
         study = open_study(cfg)
         _recover_interrupted(study)
-        if cfg.warm_start and not study.trials:
-            for params in getattr(space, "portfolio", ()):  # a new study tries the known strong recipes first
-                study.enqueue_trial(dict(params))
         remaining = None if cfg.trials is None else max(0, cfg.trials - results.finished_count(study))
+        if cfg.warm_start and not study.trials:  # a new study tries the known strong recipes first
+            for params in list(getattr(space, "portfolio", ()))[:remaining]:  # no more than the budget runs
+                study.enqueue_trial(dict(params))
         executor = _Executor(cfg, setup, study, show, stop)
 
         def on_trial_end(trial: FrozenTrial) -> None:
