@@ -120,3 +120,20 @@ def test_a_budget_smaller_than_the_portfolio_leaves_no_trial_waiting(data: Path,
     result = autoft.search("test_resnet", data, trials=2, run_dir=tmp_path / "run", **options)
     assert [t.state for t in result.study.trials] == [TrialState.COMPLETE] * 2
     assert "WAITING" not in (tmp_path / "run" / "trials.csv").read_text()
+
+
+def test_keep_top_keeps_the_best_models_and_deletes_the_rest(data: Path, tmp_path: Path) -> None:
+    result = autoft.search("test_resnet", data, trials=6, run_dir=tmp_path / "run", seed=1, keep_top=3, **TINY)
+    complete = result.study.get_trials(states=(TrialState.COMPLETE,))
+    ranked = [t.number for t in sorted(complete, key=lambda t: (-t.value, t.number))]
+    assert json.loads((result.model_dir / "config.json").read_text())["trial"] == ranked[0]
+    runners_up = sorted((tmp_path / "run" / "top").iterdir())
+    assert [int(p.name.removeprefix("trial-")) for p in runners_up] == sorted(ranked[1:3])
+    for folder in runners_up:  # each is a complete, loadable model of that trial
+        tuned = autoft.load_model(folder)
+        assert tuned.meta["val_accuracy"] == pytest.approx(result.study.trials[tuned.meta["trial"]].value)
+
+
+def test_keep_top_must_be_at_least_one(data: Path, tmp_path: Path) -> None:
+    with pytest.raises(autoft.AutoftError, match="--keep-top"):
+        autoft.search("test_resnet", data, trials=1, run_dir=tmp_path / "run", keep_top=0, **TINY)

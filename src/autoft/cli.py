@@ -109,6 +109,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--max-concurrent", type=int, help="most Ray trials at once (default: as many as resources allow)")
     s.add_argument(
+        "--keep-top",
+        type=int,
+        default=1,
+        help="keep the K best trials' models: best/ plus the runners-up in top/trial-N/ (default 1: best/ only)",
+    )
+    s.add_argument(
         "--compile",
         action="store_true",
         help="torch.compile each trial's training forward (a compile per trial: pays off for long trials on GPU)",
@@ -185,6 +191,7 @@ def _config(args: argparse.Namespace) -> SearchConfig:
         cpus_per_trial=args.cpus_per_trial,
         gpus_per_trial=args.gpus_per_trial,
         max_concurrent=args.max_concurrent,
+        keep_top=args.keep_top,
         compile=args.compile,
     ).resolved()
 

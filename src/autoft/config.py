@@ -109,6 +109,7 @@ class SearchConfig:
     cpus_per_trial: float = 1.0
     gpus_per_trial: float | None = None
     max_concurrent: int | None = None
+    keep_top: int = 1
     compile: bool = False  # torch.compile the training forward (pays a compile per trial; for long trials on GPU)
 
     def __post_init__(self) -> None:
@@ -168,6 +169,8 @@ class SearchConfig:
         for flag, value in (("--cpus-per-trial", self.cpus_per_trial), ("--gpus-per-trial", self.gpus_per_trial)):
             if value is not None and (not _number(value) or value < 0):
                 raise AutoftError(f"{flag} must be a number >= 0 (fractions share a device), but got {value!r}.")
+        if not _whole(self.keep_top) or self.keep_top < 1:
+            raise AutoftError(f"--keep-top must be a whole number >= 1 (models kept), but got {self.keep_top!r}.")
         if self.max_concurrent is not None and (not _whole(self.max_concurrent) or self.max_concurrent < 1):
             raise AutoftError(f"--max-concurrent must be a whole number >= 1, but got {self.max_concurrent!r}.")
         if self.backend == "local" and self.address is not None:

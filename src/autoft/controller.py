@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
+import json
 import logging
 import shutil
 import signal
@@ -326,7 +327,7 @@ class _Executor:
     ):
         self.config, self.setup, self.progress = config, setup, progress
         self.worker = _Worker(config, setup, stop)
-        self.model_dir = config.run_dir / "best"
+        self.model_dir, self.top_dir = config.run_dir / "best", config.run_dir / "top"
         complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         self.best_score = max((t.value for t in complete), default=-float("inf"))
         self.deadline = time.monotonic() + config.timeout if config.timeout else None
@@ -353,14 +354,34 @@ class _Executor:
         """
         if "oom_retry_batch_size" in outcome.notes:  # it trained at half the batch size: export what it trained with
             params = params | {"batch_size": outcome.notes["oom_retry_batch_size"]}
-        if not outcome.stopped_early and outcome.best_score > self.best_score:
-            self._export(number, params, Recipe.from_params(params), outcome)
+        if outcome.stopped_early:
+            return
+        keep_more = self.config.keep_top > 1
+        if outcome.best_score > self.best_score:
+            if keep_more and (self.model_dir / export.CONFIG).is_file():  # the old best becomes a runner-up
+                old = json.loads((self.model_dir / export.CONFIG).read_text())["trial"]
+                shutil.copytree(self.model_dir, self.top_dir / f"trial-{old:04d}", dirs_exist_ok=True)
+            self.best_score = outcome.best_score
+            self._export(self.model_dir, number, params, outcome)
+        elif keep_more:
+            self._export(self.top_dir / f"trial-{number:04d}", number, params, outcome)
+        if keep_more:
+            self._drop_beyond_top()
+
+    def _drop_beyond_top(self) -> None:
+        """Keep ``best/`` and the next ``keep_top - 1`` models in ``top/``; delete the rest (no checkpoint bloat)."""
+        kept = []
+        for folder in sorted(self.top_dir.glob("trial-*")):
+            meta = json.loads((folder / export.CONFIG).read_text())
+            kept.append((-meta["val_accuracy"], meta["trial"], folder))
+        for _, _, folder in sorted(kept)[self.config.keep_top - 1 :]:
+            shutil.rmtree(folder)
 
     def _best(self) -> float | None:
         return None if self.best_score == -float("inf") else self.best_score
 
-    def _export(self, number: int, params: dict, recipe: Recipe, outcome: TrialOutcome) -> None:
-        self.best_score = outcome.best_score
+    def _export(self, directory: Path, number: int, params: dict, outcome: TrialOutcome) -> None:
+        recipe = Recipe.from_params(params)
         dataset, cfg = self.setup.dataset, self.config
         meta = {
             "model": cfg.model,
@@ -377,13 +398,8 @@ class _Executor:
             "best_epoch": outcome.best_epoch,
             "study_name": cfg.study_name,
         }
-        export.save_model(self.model_dir, outcome.best_state, meta)
-        log.info(
-            "trial %d is the new best (val accuracy %.4f): saved to %s",
-            number,
-            outcome.best_score,
-            self.model_dir,
-        )
+        export.save_model(directory, outcome.best_state, meta)
+        log.info("trial %d (val accuracy %.4f) saved to %s", number, outcome.best_score, directory)
 
 
 def _free_device_memory(device: torch.device) -> None:
