@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -178,3 +179,51 @@ def test_driver_killed_mid_search_then_resumed(two_nodes: str, data: Path, tmp_p
     retried = [t.params for t in study.trials[len(before) :]]
     assert all(study.trials[n].params in retried for n in interrupted)  # the interrupted parameters ran again
     assert autoft.load_model(tmp_path / "runs" / "test_resnet-data" / "best").meta["trial"] == study.best_trial.number
+
+
+def _pids_titled(word: str) -> list[int]:
+    """Processes whose command line (Ray sets it to the actor's name) contains ``word``."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            if entry.name.isdigit() and word in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                pids.append(int(entry.name))
+    return pids
+
+
+def test_a_worker_that_dies_is_recorded_fail_and_the_search_goes_on(
+    local_ray: None, data: Path, tmp_path: Path
+) -> None:
+    killed: list[int] = []
+
+    def kill_the_first_trials_worker() -> None:  # SIGKILL, as the kernel's OOM killer would
+        deadline = time.monotonic() + 120
+        while not killed and time.monotonic() < deadline:
+            for pid in _pids_titled("ray::ImplicitFunc"):
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+                return
+            time.sleep(0.1)
+
+    killer = threading.Thread(target=kill_the_first_trials_worker, daemon=True)
+    killer.start()
+    result = autoft.search(
+        "test_resnet", data, trials=3, run_dir=tmp_path / "run", backend="ray", max_concurrent=1, warm_start=False,
+        **TINY,
+    )  # fmt: skip
+    killer.join()
+    assert killed, "no trial worker process was found to kill"
+    states = [t.state for t in result.study.trials]
+    assert states.count(TrialState.FAIL) == 1 and states.count(TrialState.COMPLETE) >= 1
+    failed = next(t for t in result.study.trials if t.state == TrialState.FAIL)
+    assert failed.user_attrs["error"].startswith("RayError")
+
+
+def test_a_study_started_locally_continues_on_ray_and_back(local_ray: None, data: Path, tmp_path: Path) -> None:
+    options = TINY | {"run_dir": tmp_path / "run", "warm_start": False, "max_epochs": 2}
+    local = autoft.search("test_resnet", data, trials=2, **options)
+    first = [(t.number, t.state, t.params) for t in local.study.trials]
+    on_ray = autoft.search("test_resnet", data, trials=3, backend="ray", max_concurrent=1, **options)
+    assert [(t.number, t.state, t.params) for t in on_ray.study.trials][:2] == first  # kept, not re-run
+    back = autoft.search("test_resnet", data, trials=4, **options)
+    assert len(back.study.trials) == 4 and results.finished_count(back.study) == 4
