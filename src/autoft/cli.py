@@ -119,6 +119,18 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="torch.compile each trial's training forward (a compile per trial: pays off for long trials on GPU)",
     )
+    s.add_argument(
+        "--no-soup",
+        dest="soup",
+        action="store_false",
+        help="never average the --keep-top models into a greedy soup (by default the soup is the final model "
+        "when its val accuracy beats the best single trial's)",
+    )
+    s.add_argument(
+        "--refit",
+        action="store_true",
+        help="final model: the best trial's recipe trained again on train+val (val can no longer judge it)",
+    )
     s.add_argument("-v", "--verbose", action="store_true", help="show the library's log messages")
     spaces = commands.add_parser("spaces", help="list the bundled search space presets, or show one")
     what = spaces.add_subparsers(dest="spaces_command", required=True)
@@ -193,6 +205,8 @@ def _config(args: argparse.Namespace) -> SearchConfig:
         max_concurrent=args.max_concurrent,
         keep_top=args.keep_top,
         compile=args.compile,
+        soup=args.soup,
+        refit=args.refit,
     ).resolved()
 
 
@@ -252,6 +266,8 @@ def _summary(result: SearchResult) -> None:
         f"Model: {result.model_dir}  (load with autoft.load_model)\nStudy: {result.run_dir / 'study.db'}\n"
         f"Report: {result.run_dir / report.REPORT}"
     )
+    if result.final is not None:
+        console.print(f"final model: {result.final.describe()} because {result.final.reason}", highlight=False)
 
 
 def _search(args: argparse.Namespace) -> int:

@@ -30,7 +30,7 @@ import torch
 from optuna.trial import FrozenTrial, TrialState
 from torch import nn
 
-from autoft import data, export, models, results
+from autoft import data, export, final, models, results
 from autoft.backends import local
 from autoft.config import SearchConfig
 from autoft.errors import AutoftError
@@ -96,6 +96,7 @@ class SearchResult:
     model_dir: Path
     run_dir: Path
     study: optuna.Study = field(repr=False)
+    final: final.FinalModel | None = None  # what best/ holds: the best single trial, a soup or a refit (issue 7)
 
     @property
     def best_recipe(self) -> Recipe:
@@ -546,6 +547,7 @@ def run_search(
         if cfg.warm_start and not study.trials:  # a new study tries the known strong recipes first
             for params in list(getattr(space, "portfolio", ()))[:remaining]:  # no more than the budget runs
                 study.enqueue_trial(dict(params))
+        final.restore_single(cfg.run_dir / "best", cfg.run_dir / "top")  # issue 7: new trials meet a real trial
         executor = _Executor(cfg, setup, study, show, stop)
 
         def on_trial_end(trial: FrozenTrial) -> None:
@@ -575,7 +577,8 @@ def run_search(
         if systematic:
             raise AutoftError(f"Stopped the search: every recent trial failed with the same error: {systematic}")
         raise _no_complete_trial_error(study)
-    result = _finish(cfg, setup, study, executor.model_dir)
+    final_model = final.make_final_model(cfg, setup, executor.model_dir)  # issue 7: soup or refit into best/
+    result = dataclasses.replace(_finish(cfg, setup, study, executor.model_dir), final=final_model)
     write_report(cfg.run_dir, dataset=setup.dataset, device=str(setup.device))
     return result
 

@@ -92,12 +92,15 @@ def run_trial(
     stop: threading.Event | None = None,
     feature_cache: features.FeatureCache | None = None,
     compile_model: bool = False,
+    keep_last: bool = False,
 ) -> TrialOutcome:
     """Fine-tune a copy of ``base_model`` with ``recipe``; ``report`` after each epoch may stop it.
 
     ``stop``, once set, ends the trial before its next step (``outcome.interrupted``). ``feature_cache``
     (built for this ``base_model`` and ``dataset``) lets head-only epochs on deterministic inputs train the
     classifier on cached pooled features. ``compile_model`` runs the training forward through ``torch.compile``.
+    ``keep_last`` keeps the last epoch's weights instead of the best epoch's (a refit on train+val has no
+    held-out split left to choose an epoch by).
 
     >>> outcome = run_trial(model, Recipe(epochs=2), ds, mean=m, std=s, device=cpu, seed=0,
     ...                     report=lambda epoch, metrics: False)  # doctest: +SKIP
@@ -165,7 +168,7 @@ def run_trial(
             val_loss, val_accuracy = evaluate(model, dataset.val, mean=mean, std=std, device=device)
         metrics = EpochMetrics(epoch, train_loss, val_loss, val_accuracy, time.perf_counter() - started)
         outcome.history.append(metrics)
-        if val_accuracy > outcome.best_score:
+        if val_accuracy > outcome.best_score or keep_last:
             outcome.best_score, outcome.best_epoch = val_accuracy, epoch
             outcome.best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         log.debug("epoch %d: %s", epoch, metrics)
