@@ -4,6 +4,7 @@ and refit on train+val, with real tiny timm models, real evaluation and real sea
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -111,6 +112,11 @@ def test_soup_is_the_final_model_only_when_it_beats_the_best_single_trial(traine
     assert meta["final"]["kind"] == "soup" and meta["val_accuracy"] == chosen.val_accuracy
     assert torch.equal(load_file(str(run / "top" / "trial-0005" / export.WEIGHTS))["fc.weight"], s1["fc.weight"])
     assert autoft.load_model(run / "best").predict(setup.dataset.val.images) is not None
+
+    stale = tmp_path / "stale"  # the single trial's own model deleted by hand: best/ keeps the soup it has
+    shutil.copytree(run / "best", stale / "best")
+    final.restore_single(stale / "best", stale / "top")
+    assert final.make_final_model(cfg, setup, stale / "best") == chosen
 
     # Resuming puts the single trial back into best/ (new trials are compared with a real trial).
     final.restore_single(run / "best", run / "top")

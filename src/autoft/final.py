@@ -135,7 +135,7 @@ def refit_dataset(dataset: data.Dataset) -> data.Dataset:
 def restore_single(best_dir: Path, top_dir: Path) -> None:
     """Before a search continues: put the best single trial back into ``best/`` if a soup or refit replaced it."""
     meta = _meta(best_dir)
-    if meta is None or (meta.get("final") or {}).get("kind", "single") == "single":
+    if meta is None or _kind(meta) == "single":
         return
     kept = top_dir / f"trial-{meta['trial']:04d}"
     if not (kept / export.CONFIG).is_file():
@@ -147,16 +147,21 @@ def restore_single(best_dir: Path, top_dir: Path) -> None:
     log.info("resuming: best/ holds trial %d again (the final model is made again after the search)", meta["trial"])
 
 
-def make_final_model(cfg: SearchConfig, setup: Setup, best_dir: Path) -> FinalModel:
+def make_final_model(cfg: SearchConfig, setup: Setup, best_dir: Path) -> FinalModel | None:
     """Decide what ``best/`` finally holds (refit, soup or the single best trial), write it there, say why.
+
+    None when ``best/`` holds no model (deleted by hand): there is nothing to decide.
 
     >>> make_final_model(cfg, setup, cfg.run_dir / "best").describe()  # doctest: +SKIP
     'soup of trials [4, 2]'
     """
     top_dir = best_dir.parent / "top"
     meta = _meta(best_dir)
-    if meta is None:  # nothing exported (e.g. best/ was deleted by hand): nothing to decide
-        return FinalModel("single", (), None, None, "no model was exported")
+    if meta is None:
+        return None
+    if _kind(meta) != "single":  # restore_single found no single trial to put back: keep what is there
+        recorded = {k: v for k, v in meta["final"].items() if k != "description"}
+        return FinalModel(**recorded | {"trials": tuple(recorded["trials"])})
     single = meta["val_accuracy"]
     if cfg.refit:
         return _refit(cfg, setup, best_dir, top_dir, meta)
@@ -230,6 +235,10 @@ def _refit(cfg: SearchConfig, setup: Setup, best_dir: Path, top_dir: Path, meta:
     return final
 
 
+def _kind(meta: dict[str, Any]) -> str:
+    return (meta.get("final") or {}).get("kind", "single")
+
+
 def _meta(directory: Path) -> dict[str, Any] | None:
     path = directory / export.CONFIG
     return json.loads(path.read_text()) if path.is_file() else None
@@ -238,7 +247,11 @@ def _meta(directory: Path) -> dict[str, Any] | None:
 def _candidates(best_dir: Path, top_dir: Path, model: str) -> list[tuple[int, Path]]:
     """The kept models of ``model`` (the architecture and initialization the best trial shares), best first."""
     folders = [best_dir, *sorted(top_dir.glob("trial-*"))]
-    found = [(meta, folder) for folder in folders if (meta := _meta(folder)) is not None and meta["model"] == model]
+    found = [
+        (meta, folder)
+        for folder in folders
+        if (meta := _meta(folder)) is not None and meta["model"] == model and _kind(meta) == "single"
+    ]
     found.sort(key=lambda item: (-item[0]["val_accuracy"], item[0]["trial"]))
     return [(meta["trial"], folder) for meta, folder in found]
 
