@@ -52,10 +52,14 @@ def test_greedy_soup_adds_an_ingredient_only_when_the_score_does_not_drop() -> N
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Setup, dict[str, torch.Tensor]]:
-    """A tiny model trained (linear probe, cached features: fast) to full val accuracy on color-coded classes."""
+def setup(tmp_path_factory: pytest.TempPathFactory) -> Setup:
     data = make_image_folder(tmp_path_factory.mktemp("final") / "data", per_class=16, size=(16, 16), noise=60)
-    setup = prepare(SearchConfig(model="test_resnet", data=data, pretrained=False, image_size=16, device="cpu"))
+    return prepare(SearchConfig(model="test_resnet", data=data, pretrained=False, image_size=16, device="cpu"))
+
+
+@pytest.fixture(scope="module")
+def trained(setup: Setup) -> tuple[Setup, dict[str, torch.Tensor]]:
+    """A tiny model trained (linear probe, cached features: fast) to full val accuracy on color-coded classes."""
     recipe = Recipe(freeze="linear_probe", epochs=4, lr=3e-2, batch_size=16, augment="none")
     return setup, train_recipe(setup, recipe, seed=0).best_state
 
@@ -87,6 +91,7 @@ def _shifted(good: dict[str, torch.Tensor], shift: float) -> dict[str, torch.Ten
     return good | {"fc.bias": good["fc.bias"] + torch.tensor([shift, 0.0, 0.0])}
 
 
+@pytest.mark.slow  # trains a tiny model once (about a second)
 def test_soup_is_the_final_model_only_when_it_beats_the_best_single_trial(trained, tmp_path: Path) -> None:
     setup, good = trained
     plus, minus = _shifted(good, 1000.0), _shifted(good, -1000.0)  # their mean is the good model (up to rounding)
@@ -136,8 +141,7 @@ def test_soup_is_the_final_model_only_when_it_beats_the_best_single_trial(traine
     assert chosen.kind == "single" and "--no-soup" in chosen.reason
 
 
-def test_refit_dataset_folds_val_into_train_without_decoding_again(trained) -> None:
-    setup, _ = trained
+def test_refit_dataset_folds_val_into_train_without_decoding_again(setup: Setup) -> None:
     ds = setup.dataset
     refit = final.refit_dataset(ds)
     assert len(refit.train) == len(ds.train) + len(ds.val) and refit.val is ds.val and refit.test is ds.test
