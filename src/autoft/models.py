@@ -25,6 +25,7 @@ from autoft.errors import AutoftError, closest
 __all__ = [
     "apply_freeze",
     "block_groups",
+    "check_name",
     "count_parameters",
     "create",
     "data_config",
@@ -66,6 +67,15 @@ def create(name: str, *, num_classes: int, pretrained: bool = True, weights: str
     if weights is not None:
         load_weights(model, weights)
     return model
+
+
+def check_name(name: str) -> None:
+    """Raise an AutoftError naming the closest timm models when ``name`` is not one (nothing is loaded).
+
+    Example:
+        >>> check_name("test_resnet")
+    """
+    _check_model_name(name)
 
 
 def load_weights(model: nn.Module, path: str | Path) -> None:

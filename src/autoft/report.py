@@ -28,7 +28,7 @@ from PIL import Image
 
 from autoft import data, export, results
 from autoft.errors import AutoftError
-from autoft.recipe import Recipe
+from autoft.recipe import describe_knobs
 
 __all__ = [
     "StudyReport",
@@ -76,7 +76,7 @@ def load_study(run_dir: Path) -> tuple[dict[str, Any], optuna.Study]:
 
 def _strategy(params: dict[str, Any]) -> str:
     try:
-        return Recipe.from_params(params).describe()
+        return describe_knobs(params)
     except AutoftError:  # a failed trial may hold parameters that are no recipe (that is why it failed)
         return ""
 
