@@ -623,12 +623,14 @@ def run_search(
 def _select_models(
     cfg: SearchConfig, setups: dict[str, Setup], space: Any, study: optuna.Study, stop: threading.Event
 ) -> tuple[str, ...]:
-    """The candidate models the search chooses among: the study's recorded selection, else measured now."""
+    """The models the search chooses among: the study's recorded selection; else, for a study without trials and
+    selection on, the survivors of a selection measured now; else all candidates. A study's ``model`` choices must
+    never change (Optuna refuses a categorical whose choices differ), so a resumed study keeps what it had."""
     candidates = tuple(setups)
-    if not cfg.model_selection:
-        log.info("model selection off: searching all of %s", ", ".join(candidates))
-        return candidates
     rungs = selection.load_record(study, candidates)
+    if rungs is None and (not cfg.model_selection or study.trials):  # a study's `model` choices never change
+        log.info("no model selection: searching all of %s", ", ".join(candidates))
+        return candidates
     if rungs is not None:
         log.info("model selection: reusing the study's record")
     else:
