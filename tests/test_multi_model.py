@@ -105,3 +105,23 @@ def test_cli_rejects_bad_model_lists_before_loading_anything(data: Path, tmp_pat
     assert main([*base, "--model", "test_resnet,test_efficientnett"]) == 2
     assert "Unknown model 'test_efficientnett'. Did you mean: test_efficientnet" in capsys.readouterr().err
     assert not (tmp_path / "run" / "study.db").exists()
+
+
+@pytest.mark.ray
+def test_on_ray_each_trial_trains_the_model_it_was_given(data: Path, tmp_path: Path) -> None:
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=1, include_dashboard=False, logging_level="WARNING")  # one trial at a time
+    try:
+        options = TINY | {"space": "default", "model_selection": False, "keep_top": 2, "pretrained": False}
+        result = autoft.search(
+            "test_resnet,test_efficientnet", data, trials=2, run_dir=tmp_path / "run", backend="ray", **options
+        )
+    finally:
+        ray.shutdown()
+    searched = [results.knobs(t)["model"] for t in result.study.trials]
+    assert searched == ["test_resnet", "test_efficientnet"]
+    exported = [result.model_dir, *sorted((tmp_path / "run" / "top").glob("trial-*"))]
+    for folder in exported:  # the weights trained on the worker load into the model the trial named
+        meta = json.loads((folder / "config.json").read_text())
+        assert meta["model"] == searched[meta["trial"]]
+        autoft.load_model(folder)

@@ -230,7 +230,9 @@ class _Display:
     def __call__(self, event: SearchProgress) -> None:
         of = f"/{self.total}" if self.total else ""
         best = f"{event.best:.4f}" if event.best is not None else "-"
-        if event.kind == "trial_start":
+        if event.kind == "selection":
+            self.live.update(f"[bold]model selection[/] · {event.strategy}")
+        elif event.kind == "trial_start":
             self.strategy = event.strategy
             self.live.update(f"[bold]trial {event.trial}{of}[/] starting · best {best}\n  {self.strategy}")
         elif event.kind == "epoch":

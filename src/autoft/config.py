@@ -63,7 +63,7 @@ def _slug(text: str) -> str:
 
 def _model_names(model: Any) -> str:
     """``"a, b"`` or ``["a", "b"]`` -> ``"a,b"``; empty or repeated names are an error."""
-    names = model.split(",") if isinstance(model, str) else model
+    names = model.split(",") if isinstance(model, str) and model.strip() else model
     if not isinstance(names, list | tuple) or not names or not all(isinstance(n, str) for n in names):
         raise AutoftError(f"--model must be a timm model name such as resnet50 (or several: a,b), but got {model!r}.")
     names = [n.strip() for n in names]

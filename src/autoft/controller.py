@@ -60,7 +60,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Progress:
-    """A progress event for displays: ``kind`` is "trial_start", "epoch" or "trial_end"."""
+    """A progress event for displays: ``kind`` is "selection" (a model-selection measurement starts: ``strategy``
+    says which), "trial_start", "epoch" or "trial_end"."""
 
     kind: str
     trial: int
@@ -578,7 +579,10 @@ def run_search(
         study = open_study(cfg)
         _recover_interrupted(study)
         if len(cfg.models) > 1:
-            survivors = _select_models(cfg, setups, space, study, stop)
+            selecting = time.monotonic()
+            survivors = _select_models(cfg, setups, space, study, stop, show)
+            if cfg.timeout is not None:  # --timeout covers the selection too
+                cfg = dataclasses.replace(cfg, timeout=max(1.0, cfg.timeout - (time.monotonic() - selecting)))
             setups = {m: setups[m] for m in survivors}  # the dropped models' weights and features are released
             space = selection.with_models(space, survivors)
         remaining = None if cfg.trials is None else max(0, cfg.trials - results.finished_count(study))
@@ -621,7 +625,12 @@ def run_search(
 
 
 def _select_models(
-    cfg: SearchConfig, setups: dict[str, Setup], space: Any, study: optuna.Study, stop: threading.Event
+    cfg: SearchConfig,
+    setups: dict[str, Setup],
+    space: Any,
+    study: optuna.Study,
+    stop: threading.Event,
+    show: Callable[[Progress], None],
 ) -> tuple[str, ...]:
     """The models the search chooses among: the study's recorded selection; else, for a study without trials and
     selection on, the survivors of a selection measured now; else all candidates. A study's ``model`` choices must
@@ -635,17 +644,20 @@ def _select_models(
         log.info("model selection: reusing the study's record")
     else:
 
-        def measuring(recipe: Recipe) -> Callable[[str], float | None]:
+        def measuring(rung: str, recipe: Recipe) -> Callable[[str], float | None]:
             def measure(model: str) -> float | None:
+                show(Progress("selection", 0, epochs=recipe.epochs, strategy=f"{rung} of {model}"))
                 outcome = train_recipe(setups[model], recipe, seed=cfg.seed, stop=stop)
                 return None if outcome.interrupted else outcome.best_score
 
             return measure
 
         stages = [
-            selection.Stage("linear probe", measuring(selection.probe_recipe(cfg.max_epochs)), runs_above=1),
+            selection.Stage("linear probe", measuring("linear probe", selection.probe_recipe(cfg.max_epochs)), 1),
             selection.Stage(
-                "short fine-tune", measuring(selection.short_finetune_recipe(space, cfg.max_epochs)), runs_above=2
+                "short fine-tune",
+                measuring("short fine-tune", selection.short_finetune_recipe(space, cfg.max_epochs)),
+                runs_above=2,
             ),
         ]
         rungs = selection.run_rungs(candidates, stages)
