@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
 from pathlib import Path
 
+import optuna
 import pytest
 import timm
 import torch
@@ -96,6 +99,23 @@ def test_a_model_without_useful_features_is_dropped_and_stays_dropped_on_resume(
     assert second.study.user_attrs[selection.STUDY_ATTR] == record
     assert len(second.study.trials) == 3
     assert {results.knobs(t)["model"] for t in second.study.trials} == {working}
+
+
+def test_ctrl_c_during_model_selection_decides_and_queues_nothing(data: Path, tmp_path: Path) -> None:
+    def interrupt(event: autoft.Progress) -> None:
+        if event.kind == "selection":  # the first probe is about to train
+            os.kill(os.getpid(), signal.SIGINT)
+
+    options = TINY | {"space": "default", "pretrained": False}
+    with pytest.raises(autoft.SearchInterrupted) as stopped:
+        autoft.search(
+            "test_resnet,test_efficientnet", data, trials=2, run_dir=tmp_path / "run", progress=interrupt, **options
+        )
+    assert stopped.value.result is None
+    study = optuna.load_study(
+        study_name="test_resnet-test_efficientnet-data", storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}"
+    )
+    assert study.trials == [] and study.user_attrs == {}  # the next run selects afresh, then warm-starts
 
 
 def test_cli_rejects_bad_model_lists_before_loading_anything(data: Path, tmp_path: Path, capsys) -> None:

@@ -586,7 +586,7 @@ def run_search(
             setups = {m: setups[m] for m in survivors}  # the dropped models' weights and features are released
             space = selection.with_models(space, survivors)
         remaining = None if cfg.trials is None else max(0, cfg.trials - results.finished_count(study))
-        if cfg.warm_start and not study.trials:  # a new study tries the known strong recipes first
+        if cfg.warm_start and not study.trials and not stop.is_set():  # a new study tries known strong recipes first
             for params in list(getattr(space, "portfolio", ()))[:remaining]:  # no more than the budget runs
                 study.enqueue_trial(dict(params))
         executor = _Executor(cfg, setups, study, show, stop)
