@@ -88,7 +88,7 @@ def test_a_model_without_useful_features_is_dropped_and_stays_dropped_on_resume(
     assert record["candidates"] == [broken, working] and len(record["rungs"]) == 1
     assert probe["scores"][broken] == pytest.approx(1 / 3) and probe["scores"][working] > 0.5
     assert probe["kept"] == [working]
-    assert f"linear probe dropped {broken} (val acc 0.3333" in selection.summary_line(first.study)
+    assert f"linear probe dropped {broken} (val acc 0.3333) vs val acc 0." in selection.summary_line(first.study)
     assert {results.knobs(t)["model"] for t in first.study.trials} == {working}
     assert json.loads((first.model_dir / "config.json").read_text())["model"] == working
 

@@ -72,15 +72,17 @@ def test_an_interrupted_measurement_decides_nothing() -> None:
 
 def test_the_decision_line_names_dropped_models_with_their_numbers() -> None:
     rungs = [
-        Rung("linear probe", {"a": 0.9, "b": 0.3, "c": 0.88}, ("a", "c")),
+        Rung("linear probe", {"a": 0.9, "b": 0.3, "c": 0.88, "d": math.nan}, ("a", "c")),
         Rung("short fine-tune", {"a": 0.7, "c": 0.9}, ("c",)),
     ]
     assert selection.describe(rungs) == (
-        "model selection: linear probe dropped b (val acc 0.3000 vs 0.9000 for a); "
-        "short fine-tune dropped a (val acc 0.7000 vs 0.9000 for c); kept c"
+        "model selection: linear probe dropped b (val acc 0.3000), d (failed) vs val acc 0.9000 for a; "
+        "short fine-tune dropped a (val acc 0.7000) vs val acc 0.9000 for c; kept c"
     )
     tie = [Rung("linear probe", {"a": 0.5, "b": 0.5}, ("a", "b"))]
-    assert selection.describe(tie) == "model selection: linear probe dropped none (a 0.5000, b 0.5000); kept a, b"
+    assert selection.describe(tie) == (
+        "model selection: linear probe dropped none (a val acc 0.5000, b val acc 0.5000); kept a, b"
+    )
 
 
 def test_the_record_survives_in_the_study_and_guards_against_other_candidates(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ import dataclasses
 import gc
 import json
 import logging
+import math
 import shutil
 import signal
 import threading
@@ -647,7 +648,12 @@ def _select_models(
         def measuring(rung: str, recipe: Recipe) -> Callable[[str], float | None]:
             def measure(model: str) -> float | None:
                 show(Progress("selection", 0, epochs=recipe.epochs, strategy=f"{rung} of {model}"))
-                outcome = train_recipe(setups[model], recipe, seed=cfg.seed, stop=stop)
+                try:
+                    outcome = train_recipe(setups[model], recipe, seed=cfg.seed, stop=stop)
+                except Exception as exc:  # a model that cannot train here ranks last; its trials would fail alike
+                    log.warning("model selection: the %s of %s failed (%s: %s)", rung, model, type(exc).__name__, exc)
+                    log.debug("model selection failure", exc_info=True)
+                    return math.nan
                 return None if outcome.interrupted else outcome.best_score
 
             return measure

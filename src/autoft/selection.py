@@ -137,7 +137,7 @@ def describe(rungs: Sequence[Rung]) -> str:
     """One line: which models were dropped, why (their score against the best) and which were kept.
 
     >>> describe([Rung("linear probe", {"a": 0.9, "b": 0.3}, ("a",))])
-    'model selection: linear probe dropped b (val acc 0.3000 vs 0.9000 for a); kept a'
+    'model selection: linear probe dropped b (val acc 0.3000) vs val acc 0.9000 for a; kept a'
     """
     if not rungs:
         return "model selection: no rung ran; every candidate is searched"
@@ -146,14 +146,18 @@ def describe(rungs: Sequence[Rung]) -> str:
         if not rung.dropped:
             parts.append(f"{rung.name} dropped none ({_scores(rung.scores)})")
             continue
-        leader = max(rung.scores, key=lambda m: rung.scores[m])
-        dropped = ", ".join(f"{m} (val acc {rung.scores[m]:.4f}" for m in rung.dropped)
-        parts.append(f"{rung.name} dropped {dropped} vs {rung.scores[leader]:.4f} for {leader})")
+        leader = max(rung.kept, key=lambda m: rung.scores[m])
+        dropped = ", ".join(f"{m} ({_score(rung.scores[m])})" for m in rung.dropped)
+        parts.append(f"{rung.name} dropped {dropped} vs {_score(rung.scores[leader])} for {leader}")
     return f"model selection: {'; '.join(parts)}; kept {', '.join(rungs[-1].kept)}"
 
 
 def _scores(scores: Mapping[str, float]) -> str:
-    return ", ".join(f"{m} {s:.4f}" for m, s in scores.items())
+    return ", ".join(f"{m} {_score(s)}" for m, s in scores.items())
+
+
+def _score(value: float) -> str:
+    return f"val acc {value:.4f}" if math.isfinite(value) else "failed"
 
 
 # ----------------------------------------------------------------------------------------------- the record
