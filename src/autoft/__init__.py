@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,7 @@ __version__ = "0.1.0"
 
 
 def search(
-    model: str,
+    model: str | Sequence[str],
     data: str | Path,
     *,
     trials: int | None = 20,
@@ -50,6 +50,8 @@ def search(
 ) -> SearchResult:
     """Search fine-tuning strategies for ``model`` on the image folder ``data``; export the best model.
 
+    ``model`` is a timm name, or several (``"a,b"`` or a list): the weak ones are dropped first (model
+    selection; ``model_selection=False`` turns it off) and the search chooses among the rest.
     ``options`` are the other :class:`SearchConfig` fields (``weights``, ``max_epochs``, ``seed``, ...).
     ``space`` may be a preset name, a YAML path, a :class:`SearchSpace`, or a function ``space(trial) -> dict``.
 

@@ -16,7 +16,7 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from autoft import data, export, report, results, space
+from autoft import data, export, report, results, selection, space
 from autoft.config import BACKENDS, PRUNERS, SAMPLERS, SearchConfig, parse_duration
 from autoft.controller import Progress as SearchProgress
 from autoft.controller import SearchInterrupted, SearchResult, check_run_dir, run_search
@@ -36,7 +36,11 @@ def _parser() -> argparse.ArgumentParser:
         description="Search fine-tuning strategies for a pretrained timm model on an image folder; the best "
         "model is exported to RUN_DIR/best. Running the same command again continues the same study.",
     )
-    s.add_argument("--model", required=True, help="timm model name, e.g. resnet50 or efficientnet_lite0")
+    s.add_argument(
+        "--model",
+        required=True,
+        help="timm model name, e.g. resnet50; several (resnet50,efficientnet_b0) make the model a searched choice",
+    )
     s.add_argument(
         "--data",
         required=True,
@@ -131,6 +135,12 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="final model: the best trial's recipe trained again on train+val (val can no longer judge it)",
     )
+    s.add_argument(
+        "--no-model-selection",
+        dest="model_selection",
+        action="store_false",
+        help="with several --model names: search them all instead of first dropping the weak ones",
+    )
     s.add_argument("-v", "--verbose", action="store_true", help="show the library's log messages")
     spaces = commands.add_parser("spaces", help="list the bundled search space presets, or show one")
     what = spaces.add_subparsers(dest="spaces_command", required=True)
@@ -207,6 +217,7 @@ def _config(args: argparse.Namespace) -> SearchConfig:
         compile=args.compile,
         soup=args.soup,
         refit=args.refit,
+        model_selection=args.model_selection,
     ).resolved()
 
 
@@ -233,7 +244,9 @@ class _Display:
     def __call__(self, event: SearchProgress) -> None:
         of = f"/{self.total}" if self.total else ""
         best = f"{event.best:.4f}" if event.best is not None else "-"
-        if event.kind == "trial_start":
+        if event.kind == "selection":
+            self.live.update(f"[bold]model selection[/] · {event.strategy}")
+        elif event.kind == "trial_start":
             self.strategy = event.strategy
             self.live.update(f"[bold]trial {event.trial}{of}[/] starting · best {best}\n  {self.strategy}")
         elif event.kind == "epoch":
@@ -260,6 +273,9 @@ def _summary(result: SearchResult) -> None:
             row["strategy"],
         )
     console.print(table)
+    chosen = selection.summary_line(result.study)
+    if chosen:
+        console.print(chosen, highlight=False)
     test = f", test accuracy {result.test_score:.4f}" if result.test_score is not None else ""
     console.print(
         f"Best: trial {result.best_trial}, val accuracy {result.best_score:.4f}{test}\n"

@@ -61,6 +61,20 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-.") or "study"
 
 
+def _model_names(model: Any) -> str:
+    """``"a, b"`` or ``["a", "b"]`` -> ``"a,b"``; empty or repeated names are an error."""
+    names = model.split(",") if isinstance(model, str) and model.strip() else model
+    if not isinstance(names, list | tuple) or not names or not all(isinstance(n, str) for n in names):
+        raise AutoftError(f"--model must be a timm model name such as resnet50 (or several: a,b), but got {model!r}.")
+    names = [n.strip() for n in names]
+    if not all(names):
+        raise AutoftError(f"--model {model!r} has an empty name; separate model names with single commas: a,b.")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise AutoftError(f"--model names {', '.join(repeated)} more than once; give each candidate model once.")
+    return ",".join(names)
+
+
 def _whole(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -79,12 +93,18 @@ def _path(flag: str, value: Any) -> Path:
 class SearchConfig:
     """Everything one search needs, validated on construction.
 
+    ``model`` is one timm name or several (``"a,b"`` or a list): several make the model a searched choice,
+    after model selection drops the weak ones (``model_selection``). It is stored as ``"a,b"``; ``models``
+    gives the names.
+
     >>> cfg = SearchConfig(model="test_resnet", data=Path("data"), trials=4)
     >>> cfg.resolved().study_name
     'test_resnet-data'
+    >>> SearchConfig(model=["test_resnet", "test_efficientnet"], data=Path("data")).models
+    ('test_resnet', 'test_efficientnet')
     """
 
-    model: str
+    model: str  # one timm model name, or several: "a,b" or a list (stored as "a,b")
     data: Path
     weights: Path | None = None
     pretrained: bool = True
@@ -113,8 +133,10 @@ class SearchConfig:
     compile: bool = False  # torch.compile the training forward (pays a compile per trial; for long trials on GPU)
     soup: bool = True  # greedy soup of the --keep-top models when its val accuracy beats the best single trial
     refit: bool = False  # final model: the best recipe trained again on train+val
+    model_selection: bool = True  # with several models: drop the weak ones before the search (selection.py)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "model", _model_names(self.model))
         object.__setattr__(self, "data", _path("--data", self.data))
         for name, flag in (("weights", "--weights"), ("run_dir", "--run-dir")):
             if getattr(self, name) is not None:
@@ -123,9 +145,12 @@ class SearchConfig:
         object.__setattr__(self, "space_fixed", tuple(self.space_fixed or ()))
         self._validate()
 
+    @property
+    def models(self) -> tuple[str, ...]:
+        """The candidate model names, in the order given."""
+        return tuple(self.model.split(","))
+
     def _validate(self) -> None:
-        if not isinstance(self.model, str) or not self.model.strip():
-            raise AutoftError(f"--model must be a timm model name such as resnet50, but got {self.model!r}.")
         if not isinstance(self.pretrained, bool):
             raise AutoftError(f"pretrained must be True or False, but got {self.pretrained!r}.")
         if self.trials is not None and (not _whole(self.trials) or self.trials < 1):
@@ -139,7 +164,7 @@ class SearchConfig:
                 f"space must be a preset name, a YAML file, a SearchSpace or a space(trial) function, "
                 f"but got {self.space!r}."
             )
-        for name in ("warm_start", "compile", "soup", "refit"):
+        for name in ("warm_start", "compile", "soup", "refit", "model_selection"):
             if not isinstance(getattr(self, name), bool):
                 raise AutoftError(f"{name} must be True or False, but got {getattr(self, name)!r}.")
         if not _whole(self.max_epochs) or self.max_epochs < 1:
@@ -179,6 +204,11 @@ class SearchConfig:
             raise AutoftError("--address names a Ray cluster but --backend is local; drop one of them.")
         if self.weights is not None and not self.pretrained:
             raise AutoftError("--weights and --no-pretrained contradict each other; give one of them.")
+        if self.weights is not None and len(self.models) > 1:
+            raise AutoftError(
+                f"--weights loads one file into one model, but --model names {len(self.models)} ({self.model}); "
+                "search a single model with --weights, or drop --weights."
+            )
 
     def resolved(self) -> SearchConfig:
         """A copy with the defaults that depend on other fields filled in (study name, run dir, storage).

@@ -15,6 +15,7 @@ import dataclasses
 import gc
 import json
 import logging
+import math
 import shutil
 import signal
 import threading
@@ -30,12 +31,12 @@ import torch
 from optuna.trial import FrozenTrial, TrialState
 from torch import nn
 
-from autoft import data, export, final, models, results
+from autoft import data, export, final, models, results, selection
 from autoft.backends import local
 from autoft.config import SearchConfig
 from autoft.errors import AutoftError
 from autoft.features import FeatureCache
-from autoft.recipe import Recipe
+from autoft.recipe import Recipe, describe_knobs
 from autoft.report import write_report
 from autoft.space import load_space
 from autoft.trial import EpochMetrics, Report, TrialOutcome, evaluate, resolve_device, run_trial
@@ -50,6 +51,7 @@ __all__ = [
     "create_sampler",
     "open_study",
     "prepare",
+    "prepare_models",
     "run_search",
     "train_recipe",
 ]
@@ -59,7 +61,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Progress:
-    """A progress event for displays: ``kind`` is "trial_start", "epoch" or "trial_end"."""
+    """A progress event for displays: ``kind`` is "selection" (a model-selection measurement starts: ``strategy``
+    says which), "trial_start", "epoch" or "trial_end"."""
 
     kind: str
     trial: int
@@ -115,23 +118,29 @@ class SearchInterrupted(Exception):
         super().__init__(f"search interrupted by {signal.Signals(signum).name}")
 
 
-def prepare(config: SearchConfig) -> Setup:
+def prepare(
+    config: SearchConfig, *, model_name: str | None = None, decoded: dict[tuple[int, str], data.Dataset] | None = None
+) -> Setup:
     """Create the model (weights loaded once) and decode the data once, at the model's input size.
+
+    ``model_name``: which of the config's models (default the first). ``decoded`` maps (image size,
+    interpolation) to data already decoded so, which is reused; data decoded here is added to it.
 
     >>> setup = prepare(SearchConfig(model="test_resnet", data=Path("data"), pretrained=False))  # doctest: +SKIP
     """
     if not config.data.exists():
         raise AutoftError(f"Data folder {config.data} does not exist; pass --data a folder of class sub-folders.")
     torch.manual_seed(config.seed)  # from-scratch and new-head initialization depend on it
-    model = models.create(config.model, num_classes=1, pretrained=config.pretrained, weights=config.weights)
+    name = model_name or config.models[0]
+    model = models.create(name, num_classes=1, pretrained=config.pretrained, weights=config.weights)
     preprocessing = models.data_config(model)
-    dataset = data.load_image_folder(
-        config.data,
-        image_size=config.image_size or int(preprocessing["input_size"][-1]),
-        val_fraction=config.val_fraction,
-        seed=config.seed,
-        interpolation=preprocessing["interpolation"],
-    )
+    decoded = {} if decoded is None else decoded
+    key = (config.image_size or int(preprocessing["input_size"][-1]), str(preprocessing["interpolation"]))
+    if key not in decoded:
+        decoded[key] = data.load_image_folder(
+            config.data, image_size=key[0], val_fraction=config.val_fraction, seed=config.seed, interpolation=key[1]
+        )
+    dataset = decoded[key]
     torch.manual_seed(config.seed)
     model.reset_classifier(len(dataset.classes))  # the head fits the data's classes; weights loaded once above
     mean, std, device = tuple(preprocessing["mean"]), tuple(preprocessing["std"]), resolve_device(config.device)
@@ -145,6 +154,24 @@ def prepare(config: SearchConfig) -> Setup:
         feature_cache=FeatureCache(model, dataset, mean=mean, std=std, device=device),
         compile=config.compile,
     )
+
+
+def prepare_models(config: SearchConfig) -> dict[str, Setup]:
+    """One :class:`Setup` per candidate model (``--model a,b``), in the order given; every name is checked first.
+
+    Each model's weights load once; the data is decoded once per distinct (input size, interpolation) and that
+    tensor is shared by every model that needs it (the train/val split depends only on the seed); each model
+    has its own FeatureCache. Memory held: every candidate's weights (resnet50: 100 MB in fp32), one uint8
+    copy of the images per distinct decode (N x 3 x S x S bytes: 10,000 images at 224 px = 1.5 GB), and per
+    model, once a head-only trial builds it, its pooled features (N x D x 4 bytes). The controller releases
+    the models that model selection drops.
+
+    >>> setups = prepare_models(SearchConfig(model="resnet50,convnext_tiny", data=Path("data")))  # doctest: +SKIP
+    """
+    for name in config.models:  # a typo in the last name fails before the first model loads
+        models.check_name(name)
+    decoded: dict[tuple[int, str], data.Dataset] = {}
+    return {name: prepare(config, model_name=name, decoded=decoded) for name in config.models}
 
 
 def train_recipe(
@@ -278,16 +305,17 @@ class _Worker:
     the signal handler's flag (in-process only: an Event cannot travel to another process).
     """
 
-    def __init__(self, config: SearchConfig, setup: Setup, stop: threading.Event | None = None):
-        self.config, self.setup, self.stop = config, setup, stop
+    def __init__(self, config: SearchConfig, setups: dict[str, Setup], stop: threading.Event | None = None):
+        self.config, self.setups, self.stop = config, setups, stop
 
     def detached(self) -> _Worker:
-        """A copy without the in-process stop flag, for backends that pickle the worker."""
-        return _Worker(self.config, self.setup)
+        """A copy without the in-process stop flag, for backends that pickle the worker (every model's setup in it:
+        shared data is pickled once)."""
+        return _Worker(self.config, self.setups)
 
     def __call__(self, number: int, params: dict, report: Report) -> TrialOutcome:
         # The device is resolved where the trial runs: a Ray worker may have a GPU that the driver lacks.
-        setup = dataclasses.replace(self.setup, device=resolve_device(self.config.device))
+        setup = dataclasses.replace(_setup_for(self.setups, params), device=resolve_device(self.config.device))
         recipe = Recipe.from_params(params)
         outcome = self._train_unless_oom(setup, recipe, number, report)
         if outcome is None:
@@ -315,19 +343,24 @@ class _Worker:
             return None
 
 
+def _setup_for(setups: dict[str, Setup], params: dict) -> Setup:
+    """The setup of the trial's model (``model`` knob); the only one when the model is not searched."""
+    return setups[params["model"]] if "model" in params else next(iter(setups.values()))
+
+
 class _Executor:
     """Runs one trial for a backend and keeps ``best/`` holding the best COMPLETE trial's weights."""
 
     def __init__(
         self,
         config: SearchConfig,
-        setup: Setup,
+        setups: dict[str, Setup],
         study: optuna.Study,
         progress: Callable[[Progress], None],
         stop: threading.Event,
     ):
-        self.config, self.setup, self.progress = config, setup, progress
-        self.worker = _Worker(config, setup, stop)
+        self.config, self.setups, self.progress = config, setups, progress
+        self.worker = _Worker(config, setups, stop)
         self.model_dir, self.top_dir = config.run_dir / "best", config.run_dir / "top"
         complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         self.best_score = max((t.value for t in complete), default=-float("inf"))
@@ -336,7 +369,7 @@ class _Executor:
     def __call__(self, number: int, params: dict, report: Report) -> TrialOutcome:
         recipe = Recipe.from_params(params)
         self.progress(
-            Progress("trial_start", number, epochs=recipe.epochs, best=self._best(), strategy=recipe.describe())
+            Progress("trial_start", number, epochs=recipe.epochs, best=self._best(), strategy=describe_knobs(params))
         )
 
         def report_and_show(epoch: int, metrics: EpochMetrics) -> bool:
@@ -382,16 +415,16 @@ class _Executor:
         return None if self.best_score == -float("inf") else self.best_score
 
     def _export(self, directory: Path, number: int, params: dict, outcome: TrialOutcome) -> None:
-        recipe = Recipe.from_params(params)
-        dataset, cfg = self.setup.dataset, self.config
+        recipe, setup = Recipe.from_params(params), _setup_for(self.setups, params)
+        dataset, cfg = setup.dataset, self.config
         meta = {
-            "model": cfg.model,
+            "model": params.get("model", cfg.model),
             "num_classes": len(dataset.classes),
             "classes": list(dataset.classes),
             "image_size": dataset.image_size,
-            "mean": list(self.setup.mean),
-            "std": list(self.setup.std),
-            "interpolation": self.setup.interpolation,
+            "mean": list(setup.mean),
+            "std": list(setup.std),
+            "interpolation": setup.interpolation,
             "trial": number,
             "params": params,
             "strategy": recipe.describe(),
@@ -518,11 +551,13 @@ def run_search(
     config: SearchConfig,
     *,
     progress: Callable[[Progress], None] | None = None,
-    setup: Setup | None = None,
+    setup: Setup | dict[str, Setup] | None = None,
 ) -> SearchResult:
     """Run (or continue) a search and export the best fine-tuned model.
 
-    ``setup`` reuses a model and data already prepared (``prepare(config)``). Ctrl-C or SIGTERM stops the
+    ``setup`` reuses a model and data already prepared (``prepare(config)``, or ``prepare_models(config)`` for
+    several models). With several models, model selection first drops the weak ones (``selection.py``) and
+    the search chooses among the rest (the ``model`` knob). Ctrl-C or SIGTERM stops the
     running trial, writes trials.csv (the best model so far is already in ``best/``) and raises
     :class:`SearchInterrupted`.
 
@@ -537,18 +572,27 @@ def run_search(
     space = space.with_max_epochs(cfg.max_epochs)
     stop, received = threading.Event(), []
     with _stop_on_signals(stop, received):
-        setup = setup or prepare(cfg)
-        _check_free_space(cfg.run_dir, setup.base_model)
+        setups = setup if isinstance(setup, dict) else {cfg.models[0]: setup} if setup else prepare_models(cfg)
+        setup = next(iter(setups.values()))
+        for candidate in setups.values():
+            _check_free_space(cfg.run_dir, candidate.base_model)
         cfg.save(cfg.run_dir / "config.yaml")
         log.info("data: %s", setup.dataset.summary())
         study = open_study(cfg)
         _recover_interrupted(study)
+        if len(cfg.models) > 1:
+            selecting = time.monotonic()
+            survivors = _select_models(cfg, setups, space, study, stop, show)
+            if cfg.timeout is not None:  # --timeout covers the selection too
+                cfg = dataclasses.replace(cfg, timeout=max(1.0, cfg.timeout - (time.monotonic() - selecting)))
+            setups = {m: setups[m] for m in survivors}  # the dropped models' weights and features are released
+            space = selection.with_models(space, survivors)
         remaining = None if cfg.trials is None else max(0, cfg.trials - results.finished_count(study))
-        if cfg.warm_start and not study.trials:  # a new study tries the known strong recipes first
+        if cfg.warm_start and not study.trials and not stop.is_set():  # a new study tries known strong recipes first
             for params in list(getattr(space, "portfolio", ()))[:remaining]:  # no more than the budget runs
                 study.enqueue_trial(dict(params))
         final.restore_single(cfg.run_dir / "best", cfg.run_dir / "top")  # issue 7: new trials meet a real trial
-        executor = _Executor(cfg, setup, study, show, stop)
+        executor = _Executor(cfg, setups, study, show, stop)
 
         def on_trial_end(trial: FrozenTrial) -> None:
             show(Progress("trial_end", trial.number, score=trial.value, best=executor._best(), state=trial.state.name))
@@ -566,6 +610,7 @@ def run_search(
             else:
                 local.optimize(study, space, executor, should_stop=should_stop, **budget)
         results.write_trials_csv(study, cfg.run_dir / "trials.csv")
+    setup = _exported_setup(setups, executor.model_dir)  # the best model's data and preprocessing, for its scores
     if received:  # the handlers are restored by now: a second signal during the wrap-up acts at once
         done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         partial = _finish(cfg, setup, study, executor.model_dir) if done else None
@@ -581,6 +626,62 @@ def run_search(
     result = dataclasses.replace(_finish(cfg, setup, study, executor.model_dir), final=final_model)
     write_report(cfg.run_dir, dataset=setup.dataset, device=str(setup.device))
     return result
+
+
+def _select_models(
+    cfg: SearchConfig,
+    setups: dict[str, Setup],
+    space: Any,
+    study: optuna.Study,
+    stop: threading.Event,
+    show: Callable[[Progress], None],
+) -> tuple[str, ...]:
+    """The models the search chooses among: the study's recorded selection; else, for a study without trials and
+    selection on, the survivors of a selection measured now; else all candidates. A study's ``model`` choices must
+    never change (Optuna refuses a categorical whose choices differ), so a resumed study keeps what it had."""
+    candidates = tuple(setups)
+    rungs = selection.load_record(study, candidates)
+    if rungs is None and (not cfg.model_selection or study.trials):  # a study's `model` choices never change
+        log.info("no model selection: searching all of %s", ", ".join(candidates))
+        return candidates
+    if rungs is not None:
+        log.info("model selection: reusing the study's record")
+    else:
+
+        def measuring(rung: str, recipe: Recipe) -> Callable[[str], float | None]:
+            def measure(model: str) -> float | None:
+                show(Progress("selection", 0, epochs=recipe.epochs, strategy=f"{rung} of {model}"))
+                try:
+                    outcome = train_recipe(setups[model], recipe, seed=cfg.seed, stop=stop)
+                except Exception as exc:  # a model that cannot train here ranks last; its trials would fail alike
+                    log.warning("model selection: the %s of %s failed (%s: %s)", rung, model, type(exc).__name__, exc)
+                    log.debug("model selection failure", exc_info=True)
+                    return math.nan
+                return None if outcome.interrupted else outcome.best_score
+
+            return measure
+
+        stages = [
+            selection.Stage("linear probe", measuring("linear probe", selection.probe_recipe(cfg.max_epochs)), 1),
+            selection.Stage(
+                "short fine-tune",
+                measuring("short fine-tune", selection.short_finetune_recipe(space, cfg.max_epochs)),
+                runs_above=2,
+            ),
+        ]
+        rungs = selection.run_rungs(candidates, stages)
+        if rungs is None:  # stopped by a signal: decide nothing, record nothing
+            return candidates
+        selection.save_record(study, candidates, rungs)
+    log.info("%s", selection.describe(rungs))
+    return selection.final(candidates, rungs)
+
+
+def _exported_setup(setups: dict[str, Setup], model_dir: Path) -> Setup:
+    """The setup of the model exported in ``model_dir`` (the first one when nothing is exported yet)."""
+    config = model_dir / export.CONFIG
+    exported = json.loads(config.read_text()).get("model") if config.is_file() else None
+    return setups.get(exported) or next(iter(setups.values()))
 
 
 def _finish(cfg: SearchConfig, setup: Setup, study: optuna.Study, model_dir: Path) -> SearchResult:

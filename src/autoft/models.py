@@ -25,6 +25,7 @@ from autoft.errors import AutoftError, closest
 __all__ = [
     "apply_freeze",
     "block_groups",
+    "check_name",
     "count_parameters",
     "create",
     "data_config",
@@ -66,6 +67,15 @@ def create(name: str, *, num_classes: int, pretrained: bool = True, weights: str
     if weights is not None:
         load_weights(model, weights)
     return model
+
+
+def check_name(name: str) -> None:
+    """Raise an AutoftError naming the closest timm models when ``name`` is not one (nothing is loaded).
+
+    Example:
+        >>> check_name("test_resnet")
+    """
+    _check_model_name(name)
 
 
 def load_weights(model: nn.Module, path: str | Path) -> None:
@@ -159,7 +169,9 @@ def apply_freeze(model: nn.Module, *, train_blocks: int | None) -> None:
     """Set ``requires_grad``: the head always trains, plus the last ``train_blocks`` block groups.
 
     ``None`` trains everything (full fine-tuning), ``0`` only the head (linear probe); a count
-    larger than the number of groups trains everything.
+    larger than the number of groups trains everything. The count is per model, clipped rather than scaled: in a
+    search over several models the same ``train_blocks`` trains the last k groups (those nearest the head) of
+    each, a different share of each (resnet50 has 5 groups, efficientnet_b0 8, convnext_tiny 6).
 
     Example:
         >>> model = create("test_resnet", num_classes=2, pretrained=False)

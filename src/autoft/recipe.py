@@ -15,11 +15,24 @@ from autoft import pieces
 from autoft.data import AUGMENT_LEVELS
 from autoft.errors import AutoftError
 
-__all__ = ["BASELINE", "FREEZE_MODES", "OPTIMIZERS", "SCHEDULES", "Recipe", "knob_choices", "knob_names"]
+__all__ = [
+    "BASELINE",
+    "CONTROLLER_KNOBS",
+    "FREEZE_MODES",
+    "OPTIMIZERS",
+    "SCHEDULES",
+    "Recipe",
+    "describe_knobs",
+    "knob_choices",
+    "knob_names",
+]
 
 FREEZE_MODES = ("linear_probe", "partial", "full", "lp_ft")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "constant")
+# Searched by the controller rather than the recipe: the model (`--model a,b`). A trial's knobs may hold them;
+# the recipe ignores them.
+CONTROLLER_KNOBS = ("model",)
 
 
 @dataclass(frozen=True)
@@ -78,8 +91,12 @@ class Recipe:
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> Recipe:
-        """Build a recipe from a space's chosen values; unknown keys are an error, missing ones take defaults."""
+        """Build a recipe from a space's chosen values; unknown keys are an error, missing ones take defaults.
+
+        Controller knobs (``model``) are not the recipe's: they are left out.
+        """
         custom = pieces.knob_defaults()
+        params = {k: v for k, v in params.items() if k not in CONTROLLER_KNOBS}
         unknown = sorted(set(params) - set(knob_names()))
         if unknown:
             raise AutoftError(
@@ -134,6 +151,16 @@ class Recipe:
                 parts.append(f"{name} {getattr(self, name):.2g}")
         parts += [f"{k} {v}" for k, v in sorted(self.extra.items())]
         return ", ".join(parts)
+
+
+def describe_knobs(params: Mapping[str, Any]) -> str:
+    """A trial's strategy in plain words, led by its model when the model was searched.
+
+    >>> describe_knobs({"model": "resnet50", "freeze": "linear_probe", "epochs": 3, "augment": "none"})
+    'resnet50: linear probe (head only), adamw lr 1e-03, 3 epochs, cosine, augment none'
+    """
+    strategy = Recipe.from_params(dict(params)).describe()
+    return f"{params['model']}: {strategy}" if "model" in params else strategy
 
 
 def knob_names() -> list[str]:

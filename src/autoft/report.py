@@ -26,9 +26,9 @@ from optuna.search_space import intersection_search_space
 from optuna.trial import TrialState
 from PIL import Image
 
-from autoft import data, export, results
+from autoft import data, export, results, selection
 from autoft.errors import AutoftError
-from autoft.recipe import Recipe
+from autoft.recipe import describe_knobs
 
 __all__ = [
     "StudyReport",
@@ -76,7 +76,7 @@ def load_study(run_dir: Path) -> tuple[dict[str, Any], optuna.Study]:
 
 def _strategy(params: dict[str, Any]) -> str:
     try:
-        return Recipe.from_params(params).describe()
+        return describe_knobs(params)
     except AutoftError:  # a failed trial may hold parameters that are no recipe (that is why it failed)
         return ""
 
@@ -106,6 +106,7 @@ def summary_data(
         "best_trial": best.number if best else None,
         "best_score": best.value if best else None,
         "best_strategy": _strategy(results.knobs(best)) if best else None,
+        "model_selection": selection.summary_line(study),  # several models: which were dropped, and why
         "test_score": (meta or {}).get("test_accuracy"),
     }
 
@@ -475,6 +476,8 @@ def _summary_html(s: dict[str, Any]) -> str:
         ("Test accuracy", fmt(s["test_score"], ".4f")),
         ("Best strategy", s["best_strategy"] or "—"),
     ]
+    if s.get("model_selection"):
+        rows.insert(2, ("Model selection", s["model_selection"].removeprefix("model selection: ")))
     items = "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(str(v))}</dd>" for k, v in rows)
     return f'<dl class="summary">{items}</dl>'
 

@@ -9,7 +9,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from autoft.recipe import Recipe
+from autoft.recipe import describe_knobs
 
 __all__ = ["finished_count", "knobs", "ranked_trials", "trial_row", "write_trials_csv"]
 
@@ -66,7 +66,7 @@ def ranked_trials(study: optuna.Study, *, top: int = 5) -> list[dict[str, Any]]:
     """
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     best_first = sorted(complete, key=lambda t: (-t.value, t.number))[:top]
-    return [trial_row(t) | {"strategy": Recipe.from_params(knobs(t)).describe()} for t in best_first]
+    return [trial_row(t) | {"strategy": describe_knobs(knobs(t))} for t in best_first]
 
 
 def finished_count(study: optuna.Study) -> int:

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import yaml
 
 from autoft.errors import AutoftError, closest
-from autoft.recipe import Recipe, knob_choices, knob_names
+from autoft.recipe import CONTROLLER_KNOBS, Recipe, knob_choices, knob_names
 
 __all__ = [
     "KINDS",
@@ -42,8 +42,6 @@ _SPEC_KEYS = {
     "categorical": {"choices"},
     "fixed": {"value"},
 }
-# Searched by the controller rather than the recipe: the model (`--model a,b`).
-CONTROLLER_KNOBS = ("model",)
 
 
 class TrialLike(Protocol):
