@@ -266,15 +266,16 @@ def _pareto_summary(result: SearchResult) -> None:
 
 
 def _summary(result: SearchResult) -> None:
-    if len(result.objectives) > 1:
+    multi = len(result.objectives) > 1
+    if multi:
         _pareto_summary(result)
-    table = Table(title="Best trials", show_lines=False)
+    table = Table(title="Most accurate trials" if multi else "Best trials", show_lines=False)
     for column in ("trial", "val acc", "epochs", "seconds", "strategy"):
         table.add_column(column)
     for row in results.ranked_trials(result.study, top=5):
         table.add_row(
             str(row["number"]),
-            f"{row['value']:.4f}",
+            f"{row['value'][0] if multi else row['value']:.4f}",
             str(row["epochs_run"]),
             str(row["seconds"]),
             row["strategy"],

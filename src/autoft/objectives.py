@@ -183,7 +183,7 @@ class EpochReports:
             self.shadow_ids[trial.number] = storage.create_new_trial(self.shadow._study_id)
         shadow_id = self.shadow_ids[trial.number]
         storage.set_trial_intermediate_value(shadow_id, epoch, value)
-        return self.study.pruner.prune(self.shadow, storage.get_trial(shadow_id))
+        return bool(self.study.pruner.prune(self.shadow, storage.get_trial(shadow_id)))  # some return numpy bools
 
     def _mirror_finished(self) -> None:
         """Bring the shadow up to date with the real study's finished trials (accuracy and curve only)."""
