@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import optuna
@@ -16,7 +17,7 @@ import autoft
 from autoft import objectives
 from autoft.cli import main
 from autoft.config import SearchConfig
-from autoft.controller import _Executor, open_study, prepare
+from autoft.controller import _Executor, create_pruner, open_study, prepare
 from autoft.errors import AutoftError
 from autoft.objectives import EpochReports, ParetoPoint, knee, pareto_front
 from autoft.trial import TrialOutcome
@@ -206,3 +207,40 @@ def test_two_objective_search_end_to_end(tmp_path: Path, capsys: pytest.CaptureF
     page = (run / "report.html").read_text()
     assert "(knee)" in page and "How best/ was chosen" in page  # the star on the front, and the rule
     assert autoft.load_model(run / "best").meta["trial"] == meta["trial"]
+
+
+@pytest.mark.parametrize("pruner", ["median", "hyperband", "sha", "wilcoxon"])
+def test_multi_objective_pruning_decides_as_optuna_does_for_accuracy_alone(pruner: str) -> None:
+    curves = torch.rand(12, 5, generator=torch.Generator().manual_seed(3)).cumsum(1).div(5).tolist()
+    single = optuna.create_study(study_name="s", direction="maximize", pruner=create_pruner(pruner, max_epochs=5))
+    multi = optuna.create_study(
+        study_name="s", directions=["maximize", "minimize"], pruner=create_pruner(pruner, max_epochs=5)
+    )
+    epochs = EpochReports(multi)
+
+    def run(study: optuna.Study, report: Callable[[optuna.Trial, int, float], bool]) -> list[int]:
+        stopped = []
+        for curve in curves:
+            trial = study.ask()
+            steps = next((i for i, v in enumerate(curve) if report(trial, i, v)), None)
+            stopped.append(len(curve) if steps is None else steps + 1)
+            if steps is None:
+                study.tell(trial, max(curve) if len(study.directions) == 1 else [max(curve), 1.0])
+            else:
+                study.tell(trial, state=TrialState.PRUNED)
+        return stopped
+
+    def optuna_report(trial: optuna.Trial, epoch: int, value: float) -> bool:
+        trial.report(value, epoch)
+        return trial.should_prune()
+
+    expected = run(single, optuna_report)
+    assert expected != [5] * len(curves), "the curves must make the pruner stop some trials"
+    assert run(multi, epochs.report) == expected
+
+
+def test_continuing_a_study_with_other_objectives_is_one_clear_error(tmp_path: Path) -> None:
+    cfg = SearchConfig(model="test_resnet", data=tmp_path, run_dir=tmp_path, objectives=ACC_PARAMS).resolved()
+    assert open_study(cfg).user_attrs["objectives"] == list(ACC_PARAMS)
+    with pytest.raises(AutoftError, match="was run with --objective accuracy,params, not accuracy;"):
+        open_study(SearchConfig(model="test_resnet", data=tmp_path, run_dir=tmp_path).resolved())
