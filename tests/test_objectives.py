@@ -244,3 +244,25 @@ def test_continuing_a_study_with_other_objectives_is_one_clear_error(tmp_path: P
     assert open_study(cfg).user_attrs["objectives"] == list(ACC_PARAMS)
     with pytest.raises(AutoftError, match="was run with --objective accuracy,params, not accuracy;"):
         open_study(SearchConfig(model="test_resnet", data=tmp_path, run_dir=tmp_path).resolved())
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_two_objective_search_on_ray(tmp_path: Path) -> None:
+    ray = pytest.importorskip("ray")
+    data = make_image_folder(tmp_path / "data", per_class=8, size=(16, 16), noise=90)
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    try:
+        result = autoft.search(
+            "test_resnet", data, trials=3, run_dir=tmp_path / "run", backend="ray", max_concurrent=1,
+            pretrained=False, image_size=16, max_epochs=2, objectives="accuracy,params",
+        )  # fmt: skip
+    finally:
+        ray.shutdown()
+    complete = result.study.get_trials(states=(TrialState.COMPLETE,))
+    assert complete and all(t.values[1] == t.user_attrs["params"] for t in complete)
+    assert [p.trial for p in result.pareto] == [p.trial for p in pareto_front(
+        [ParetoPoint(t.number, tuple(t.values)) for t in complete], ACC_PARAMS)]  # fmt: skip
+    kept = sorted(p.name for p in (tmp_path / "run" / "pareto").iterdir())
+    assert kept == sorted(f"trial-{p.trial:04d}" for p in result.pareto)
+    assert json.loads((result.model_dir / "config.json").read_text())["trial"] == result.best_trial

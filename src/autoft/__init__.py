@@ -50,7 +50,8 @@ def search(
 ) -> SearchResult:
     """Search fine-tuning strategies for ``model`` on the image folder ``data``; export the best model.
 
-    ``options`` are the other :class:`SearchConfig` fields (``weights``, ``max_epochs``, ``seed``, ...).
+    ``options`` are the other :class:`SearchConfig` fields (``weights``, ``max_epochs``, ``seed``, ...), e.g.
+    ``objectives="accuracy,params"`` (a Pareto front; ``result.pareto``) or ``warm_start_from="runs/earlier"``.
     ``space`` may be a preset name, a YAML path, a :class:`SearchSpace`, or a function ``space(trial) -> dict``.
 
     >>> result = search("efficientnet_lite0", "./data", trials=10, timeout="15m")  # doctest: +SKIP

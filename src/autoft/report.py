@@ -88,13 +88,13 @@ def summary_data(
     """The headline numbers: data counts, model, budget used, best and test score, the best strategy in words."""
     trials = study.get_trials(deepcopy=False)
     states = {s.name: sum(t.state == s for t in trials) for s in TrialState}
-    complete = [t for t in trials if t.state == TrialState.COMPLETE]
     starts = [t.datetime_start for t in trials if t.datetime_start]
     ends = [t.datetime_complete for t in trials if t.datetime_complete]
+    trained = results.trained_trials(study)  # seeded by --warm-start: a score without a model, never the best
     if len(study.directions) == 1:
-        best = max(complete, key=lambda t: (t.value, -t.number)) if complete else None
+        best = max(trained, key=lambda t: (t.value, -t.number)) if trained else None
     else:  # several objectives: best/ holds the knee of the Pareto front
-        best = next((t for t in complete if meta and t.number == meta.get("trial")), None)
+        best = next((t for t in trained if meta and t.number == meta.get("trial")), None)
     return {
         "study_name": study.study_name,
         "model": config.get("model"),
