@@ -185,6 +185,8 @@ def test_front_models_are_kept_and_the_knee_is_best(tmp_path: Path) -> None:
     run(0.8, 200)  # dominated by trial 2: no model written
     run(0.95, 110)  # dominates trials 1 and 2: their models go
     assert kept() == (["trial-0000", "trial-0004"], 4)
+    meta = json.loads((cfg.run_dir / "best" / "config.json").read_text())
+    assert meta["objectives"] == {"accuracy": 0.95, "params": 110}
 
 
 @pytest.mark.slow

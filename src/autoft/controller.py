@@ -408,7 +408,9 @@ class _Executor:
         on_front = {p.trial for p in front}
         self.best_score = max(self.best_score, outcome.best_score)
         if number in on_front:
-            self._export(self.pareto_dir / f"trial-{number:04d}", number, params, outcome)
+            folder = self.pareto_dir / f"trial-{number:04d}"
+            self._export(folder, number, params, outcome)
+            export.update_config(folder, objectives=dict(zip(names, values, strict=True)))
         for folder in self.pareto_dir.glob("trial-*"):
             if int(folder.name.removeprefix("trial-")) not in on_front:
                 shutil.rmtree(folder)
