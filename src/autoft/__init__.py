@@ -52,7 +52,8 @@ def search(
 
     ``model`` is a timm name, or several (``"a,b"`` or a list): the weak ones are dropped first (model
     selection; ``model_selection=False`` turns it off) and the search chooses among the rest.
-    ``options`` are the other :class:`SearchConfig` fields (``weights``, ``max_epochs``, ``seed``, ...).
+    ``options`` are the other :class:`SearchConfig` fields (``weights``, ``max_epochs``, ``seed``, ...), e.g.
+    ``objectives="accuracy,params"`` (a Pareto front; ``result.pareto``) or ``warm_start_from="runs/earlier"``.
     ``space`` may be a preset name, a YAML path, a :class:`SearchSpace`, or a function ``space(trial) -> dict``.
 
     >>> result = search("efficientnet_lite0", "./data", trials=10, timeout="15m")  # doctest: +SKIP

@@ -16,7 +16,7 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from autoft import data, export, report, results, selection, space
+from autoft import data, export, objectives, report, results, selection, space
 from autoft.config import BACKENDS, PRUNERS, SAMPLERS, SearchConfig, parse_duration
 from autoft.controller import Progress as SearchProgress
 from autoft.controller import SearchInterrupted, SearchResult, check_run_dir, run_search
@@ -97,6 +97,19 @@ def _parser() -> argparse.ArgumentParser:
         dest="warm_start",
         action="store_false",
         help="do not try the space's portfolio of known strong recipes before sampling",
+    )
+    s.add_argument(
+        "--warm-start",
+        dest="warm_start_from",
+        type=Path,
+        metavar="RUN_DIR",
+        help="seed a new study with the finished trials of an earlier run on similar data (scores, not models)",
+    )
+    s.add_argument(
+        "--objective",
+        default="accuracy",
+        help="accuracy (default), or accuracy,params / accuracy,latency / accuracy,params,latency: keep the "
+        "Pareto front in RUN_DIR/pareto and export its knee to best/",
     )
     s.add_argument(
         "--backend",
@@ -208,6 +221,8 @@ def _config(args: argparse.Namespace) -> SearchConfig:
         run_dir=args.run_dir,
         device=args.device,
         warm_start=args.warm_start,
+        warm_start_from=args.warm_start_from,
+        objectives=args.objective,
         backend=args.backend,
         address=args.address,
         cpus_per_trial=args.cpus_per_trial,
@@ -260,14 +275,34 @@ class _Display:
             self.live.console.print(f"trial {event.trial:>3}  [{colour}]{event.state:<8}[/] {score}  {self.strategy}")
 
 
+def _pareto_summary(result: SearchResult) -> None:
+    """The Pareto front, one row per trial, and which one is best/ and why."""
+    labels = [objectives.OBJECTIVES[n].label for n in result.objectives]
+    table = Table(title=f"Pareto front ({', '.join(result.objectives)})", show_lines=False)
+    for column in ("trial", *labels, "model"):
+        table.add_column(column)
+    for point in result.pareto:
+        cells = [f"{point.values[0]:.4f}", *(f"{v:,.0f}" if v >= 1000 else f"{v:.3g}" for v in point.values[1:])]
+        where = "best/ (knee)" if point.trial == result.best_trial else f"pareto/trial-{point.trial:04d}"
+        table.add_row(str(point.trial), *cells, where)
+    console.print(table)
+    console.print(f"best/ is trial {result.best_trial}: {objectives.KNEE_RULE}.")
+    console.print(
+        "Pruning: the pruner judged each trial's accuracy curve (Optuna cannot prune multi-objective trials itself)."
+    )
+
+
 def _summary(result: SearchResult) -> None:
-    table = Table(title="Best trials", show_lines=False)
+    multi = len(result.objectives) > 1
+    if multi:
+        _pareto_summary(result)
+    table = Table(title="Most accurate trials" if multi else "Best trials", show_lines=False)
     for column in ("trial", "val acc", "epochs", "seconds", "strategy"):
         table.add_column(column)
     for row in results.ranked_trials(result.study, top=5):
         table.add_row(
             str(row["number"]),
-            f"{row['value']:.4f}",
+            f"{row['value'][0] if multi else row['value']:.4f}",
             str(row["epochs_run"]),
             str(row["seconds"]),
             row["strategy"],

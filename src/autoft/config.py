@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from autoft.errors import AutoftError
+from autoft.objectives import parse_objectives
 from autoft.space import describe_space
 
 __all__ = ["BACKENDS", "PRUNERS", "SAMPLERS", "SearchConfig", "parse_duration"]
@@ -123,7 +124,9 @@ class SearchConfig:
     study_name: str | None = None
     run_dir: Path | None = None
     device: str = "auto"
-    warm_start: bool = True
+    warm_start: bool = True  # try the space's portfolio of strong recipes first (--no-warm-start: don't)
+    warm_start_from: Path | None = None  # --warm-start RUN_DIR: seed the new study with that run's trials
+    objectives: tuple[str, ...] = ("accuracy",)  # --objective accuracy[,params][,latency]
     backend: str = "auto"
     address: str | None = None
     cpus_per_trial: float = 1.0
@@ -138,7 +141,8 @@ class SearchConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "model", _model_names(self.model))
         object.__setattr__(self, "data", _path("--data", self.data))
-        for name, flag in (("weights", "--weights"), ("run_dir", "--run-dir")):
+        object.__setattr__(self, "objectives", parse_objectives(self.objectives))
+        for name, flag in (("weights", "--weights"), ("run_dir", "--run-dir"), ("warm_start_from", "--warm-start")):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, _path(flag, getattr(self, name)))
         object.__setattr__(self, "space_overrides", tuple(self.space_overrides or ()))
@@ -202,6 +206,11 @@ class SearchConfig:
             raise AutoftError(f"--max-concurrent must be a whole number >= 1, but got {self.max_concurrent!r}.")
         if self.backend == "local" and self.address is not None:
             raise AutoftError("--address names a Ray cluster but --backend is local; drop one of them.")
+        if len(self.objectives) > 1 and self.keep_top > 1:
+            raise AutoftError(
+                "--keep-top ranks one objective; with several (--objective) every Pareto-front model is kept in "
+                "pareto/ already: drop --keep-top."
+            )
         if self.weights is not None and not self.pretrained:
             raise AutoftError("--weights and --no-pretrained contradict each other; give one of them.")
         if self.weights is not None and len(self.models) > 1:

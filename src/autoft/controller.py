@@ -16,6 +16,7 @@ import gc
 import json
 import logging
 import math
+import os
 import shutil
 import signal
 import threading
@@ -31,11 +32,12 @@ import torch
 from optuna.trial import FrozenTrial, TrialState
 from torch import nn
 
-from autoft import data, export, final, models, results, selection
+from autoft import data, export, final, models, objectives, results, selection, warmstart
 from autoft.backends import local
 from autoft.config import SearchConfig
 from autoft.errors import AutoftError
 from autoft.features import FeatureCache
+from autoft.objectives import ParetoPoint
 from autoft.recipe import Recipe, describe_knobs
 from autoft.report import write_report
 from autoft.space import load_space
@@ -90,7 +92,11 @@ class Setup:
 
 @dataclass
 class SearchResult:
-    """What a search found: the best trial, its score, where its model is, and the study itself."""
+    """What a search found: the best trial, its score, where its model is, and the study itself.
+
+    With several objectives, ``pareto`` is the front (most accurate first; models in ``run_dir/pareto``) and
+    the best trial is its knee (``objectives.KNEE_RULE``).
+    """
 
     best_trial: int
     best_score: float
@@ -100,6 +106,8 @@ class SearchResult:
     run_dir: Path
     study: optuna.Study = field(repr=False)
     final: final.FinalModel | None = None  # what best/ holds: the best single trial, a soup or a refit (issue 7)
+    objectives: tuple[str, ...] = ("accuracy",)
+    pareto: list[ParetoPoint] = field(default_factory=list)
 
     @property
     def best_recipe(self) -> Recipe:
@@ -203,14 +211,24 @@ def train_recipe(
 
 def open_study(config: SearchConfig) -> optuna.Study:
     """Create the study in its storage, or load it to continue: running the same command again resumes."""
-    return optuna.create_study(
+    study = optuna.create_study(
         storage=config.storage,
         study_name=config.study_name,
         sampler=create_sampler(config.sampler, seed=config.seed, trials=config.trials),
         pruner=create_pruner(config.pruner, max_epochs=config.max_epochs),
-        direction="maximize",
+        directions=objectives.directions(config.objectives),
         load_if_exists=True,
     )
+    if not study.trials and "objectives" not in study.user_attrs:
+        study.set_user_attr("objectives", list(config.objectives))
+    if objectives.study_objectives(study) != config.objectives:
+        raise AutoftError(
+            f"Study {config.study_name!r} was run with --objective {','.join(objectives.study_objectives(study))}, "
+            f"not {','.join(config.objectives)}; use that --objective to continue it, or a new --study-name."
+        )
+    if len(config.objectives) > 1:
+        log.info("several objectives: --pruner %s judges the accuracy curves (Optuna cannot prune them)", config.pruner)
+    return study
 
 
 def create_sampler(name: str, *, seed: int, trials: int | None) -> optuna.samplers.BaseSampler:
@@ -289,7 +307,9 @@ def _recover_interrupted(study: optuna.Study) -> int:
 def _systematic_error(study: optuna.Study) -> str | None:
     """The error that killed the first 3 trials, or the last 5 in a row: retrying it only burns the budget."""
     trials = [
-        t for t in study.get_trials(deepcopy=False) if t.state.is_finished() and not t.user_attrs.get("interrupted")
+        t
+        for t in study.get_trials(deepcopy=False)
+        if t.state.is_finished() and not t.user_attrs.get("interrupted") and "warm_start_from" not in t.user_attrs
     ]
     for window in (trials[:3], trials[-5:]):
         errors = {t.user_attrs.get("error") for t in window if t.state == TrialState.FAIL}
@@ -329,6 +349,10 @@ class _Worker:
             except torch.OutOfMemoryError as exc:
                 raise torch.OutOfMemoryError(f"also at half the batch size ({recipe.batch_size}): {exc}") from None
             outcome.notes["oom_retry_batch_size"] = recipe.batch_size
+        if len(self.config.objectives) > 1 and not outcome.stopped_early:  # the costs of the model it trained
+            outcome.notes |= objectives.costs(
+                setup.base_model, self.config.objectives, image_size=setup.dataset.image_size, device=setup.device
+            )
         return outcome
 
     def _train(self, setup: Setup, recipe: Recipe, number: int, report: Report) -> TrialOutcome:
@@ -349,7 +373,11 @@ def _setup_for(setups: dict[str, Setup], params: dict) -> Setup:
 
 
 class _Executor:
-    """Runs one trial for a backend and keeps ``best/`` holding the best COMPLETE trial's weights."""
+    """Runs one trial for a backend and keeps ``best/`` holding the best COMPLETE trial's weights.
+
+    With several objectives it keeps ``pareto/trial-N/`` for every trial on the front (deleting those that fall
+    off) and ``best/`` holding the front's knee. Trials seeded by ``--warm-start`` have no model: they never count.
+    """
 
     def __init__(
         self,
@@ -362,8 +390,8 @@ class _Executor:
         self.config, self.setups, self.progress = config, setups, progress
         self.worker = _Worker(config, setups, stop)
         self.model_dir, self.top_dir = config.run_dir / "best", config.run_dir / "top"
-        complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        self.best_score = max((t.value for t in complete), default=-float("inf"))
+        self.study, self.pareto_dir = study, config.run_dir / "pareto"
+        self.best_score = max((t.values[0] for t in results.trained_trials(study)), default=-float("inf"))
         self.deadline = time.monotonic() + config.timeout if config.timeout else None
 
     def __call__(self, number: int, params: dict, report: Report) -> TrialOutcome:
@@ -390,6 +418,9 @@ class _Executor:
             params = params | {"batch_size": outcome.notes["oom_retry_batch_size"]}
         if outcome.stopped_early:
             return
+        if len(self.config.objectives) > 1:
+            self._keep_front(number, params, outcome)
+            return
         keep_more = self.config.keep_top > 1
         if outcome.best_score > self.best_score:
             if keep_more and (self.model_dir / export.CONFIG).is_file():  # the old best becomes a runner-up
@@ -401,6 +432,27 @@ class _Executor:
             self._export(self.top_dir / f"trial-{number:04d}", number, params, outcome)
         if keep_more:
             self._drop_beyond_top()
+
+    def _keep_front(self, number: int, params: dict, outcome: TrialOutcome) -> None:
+        """Export the trial if it is on the Pareto front, delete models that fell off it, copy the knee to best/."""
+        names = self.config.objectives
+        values = tuple(objectives.trial_values(names, outcome.best_score, outcome.notes))
+        others = [ParetoPoint(t.number, tuple(t.values)) for t in results.trained_trials(self.study)]
+        front = objectives.pareto_front([p for p in others if p.trial != number] + [ParetoPoint(number, values)], names)
+        on_front = {p.trial for p in front}
+        self.best_score = max(self.best_score, outcome.best_score)
+        if number in on_front:
+            folder = self.pareto_dir / f"trial-{number:04d}"
+            self._export(folder, number, params, outcome)
+            export.update_config(folder, objectives=dict(zip(names, values, strict=True)))
+        for folder in self.pareto_dir.glob("trial-*"):
+            if int(folder.name.removeprefix("trial-")) not in on_front:
+                shutil.rmtree(folder)
+        knee = objectives.knee(front, names)
+        source = self.pareto_dir / f"trial-{knee.trial:04d}"
+        if (source / export.CONFIG).is_file() and _exported_trial(self.model_dir) != knee.trial:
+            _copy_model(source, self.model_dir)
+            log.info("best/ is now trial %d, the knee of a %d-trial Pareto front", knee.trial, len(front))
 
     def _drop_beyond_top(self) -> None:
         """Keep ``best/`` and the next ``keep_top - 1`` models in ``top/``; delete the rest (no checkpoint bloat)."""
@@ -434,6 +486,21 @@ class _Executor:
         }
         export.save_model(directory, outcome.best_state, meta)
         log.info("trial %d (val accuracy %.4f) saved to %s", number, outcome.best_score, directory)
+
+
+def _exported_trial(directory: Path) -> int | None:
+    """The trial whose model is in ``directory``, or None when there is none."""
+    config = directory / export.CONFIG
+    return json.loads(config.read_text())["trial"] if config.is_file() else None
+
+
+def _copy_model(source: Path, target: Path) -> None:
+    """Copy an exported model's files over another's, each written under a temporary name and renamed."""
+    target.mkdir(parents=True, exist_ok=True)
+    for file in source.iterdir():
+        partial = target / f".{file.name}.partial"
+        shutil.copy2(file, partial)
+        os.replace(partial, target / file.name)
 
 
 def _free_device_memory(device: torch.device) -> None:
@@ -587,15 +654,18 @@ def run_search(
                 cfg = dataclasses.replace(cfg, timeout=max(1.0, cfg.timeout - (time.monotonic() - selecting)))
             setups = {m: setups[m] for m in survivors}  # the dropped models' weights and features are released
             space = selection.with_models(space, survivors)
+        if cfg.warm_start_from is not None and not study.trials:  # seeded once, when the study is new
+            warmstart.seed_study(study, space, cfg.warm_start_from)
         remaining = None if cfg.trials is None else max(0, cfg.trials - results.finished_count(study))
-        if cfg.warm_start and not study.trials and not stop.is_set():  # a new study tries known strong recipes first
+        if cfg.warm_start and not study.trials and not stop.is_set():  # a new, unseeded study tries strong recipes
             for params in list(getattr(space, "portfolio", ()))[:remaining]:  # no more than the budget runs
                 study.enqueue_trial(dict(params))
         final.restore_single(cfg.run_dir / "best", cfg.run_dir / "top")  # issue 7: new trials meet a real trial
         executor = _Executor(cfg, setups, study, show, stop)
 
         def on_trial_end(trial: FrozenTrial) -> None:
-            show(Progress("trial_end", trial.number, score=trial.value, best=executor._best(), state=trial.state.name))
+            score = trial.values[0] if trial.values else None
+            show(Progress("trial_end", trial.number, score=score, best=executor._best(), state=trial.state.name))
 
         if remaining != 0 and not stop.is_set():
             budget = dict(n_trials=remaining, timeout=cfg.timeout, on_trial_end=on_trial_end)
@@ -612,12 +682,11 @@ def run_search(
         results.write_trials_csv(study, cfg.run_dir / "trials.csv")
     setup = _exported_setup(setups, executor.model_dir)  # the best model's data and preprocessing, for its scores
     if received:  # the handlers are restored by now: a second signal during the wrap-up acts at once
-        done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        partial = _finish(cfg, setup, study, executor.model_dir) if done else None
+        partial = _finish(cfg, setup, study, executor.model_dir) if results.trained_trials(study) else None
         write_report(cfg.run_dir, dataset=setup.dataset, device=str(setup.device))
         raise SearchInterrupted(received[0], partial)
     systematic = _systematic_error(study)
-    if systematic or not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+    if systematic or not results.trained_trials(study):
         write_report(cfg.run_dir, dataset=setup.dataset, device=str(setup.device))  # says what failed
         if systematic:
             raise AutoftError(f"Stopped the search: every recent trial failed with the same error: {systematic}")
@@ -685,8 +754,18 @@ def _exported_setup(setups: dict[str, Setup], model_dir: Path) -> Setup:
 
 
 def _finish(cfg: SearchConfig, setup: Setup, study: optuna.Study, model_dir: Path) -> SearchResult:
-    """Score the exported model on the test split (loaded back from disk, so the number is the file's)."""
-    best = study.best_trial
+    """Score the exported model on the test split (loaded back from disk, so the number is the file's).
+
+    The best trial is the most accurate one this study trained (seeded trials have no model), or with several
+    objectives the knee of the Pareto front of those trials.
+    """
+    trained, front = results.trained_trials(study), []
+    if len(cfg.objectives) > 1:
+        front = objectives.pareto_front([ParetoPoint(t.number, tuple(t.values)) for t in trained], cfg.objectives)
+        knee = objectives.knee(front, cfg.objectives).trial
+        best = next(t for t in trained if t.number == knee)
+    else:
+        best = max(trained, key=lambda t: (t.values[0], -t.number))
     test_score = None
     if setup.dataset.test is not None and model_dir.is_dir():
         tuned = export.load_model(model_dir, device=str(setup.device))
@@ -694,10 +773,12 @@ def _finish(cfg: SearchConfig, setup: Setup, study: optuna.Study, model_dir: Pat
         export.update_config(model_dir, test_accuracy=test_score)
     return SearchResult(
         best_trial=best.number,
-        best_score=best.value,
+        best_score=best.values[0],
         best_params=results.knobs(best),
         test_score=test_score,
         model_dir=model_dir,
         run_dir=cfg.run_dir,
         study=study,
+        objectives=cfg.objectives,
+        pareto=front,
     )

@@ -26,7 +26,7 @@ from optuna.search_space import intersection_search_space
 from optuna.trial import TrialState
 from PIL import Image
 
-from autoft import data, export, results, selection
+from autoft import data, export, objectives, results, selection
 from autoft.errors import AutoftError
 from autoft.recipe import describe_knobs
 
@@ -38,6 +38,7 @@ __all__ = [
     "history_data",
     "importance_data",
     "load_study",
+    "pareto_data",
     "summary_data",
     "trials_table",
     "write_report",
@@ -87,10 +88,13 @@ def summary_data(
     """The headline numbers: data counts, model, budget used, best and test score, the best strategy in words."""
     trials = study.get_trials(deepcopy=False)
     states = {s.name: sum(t.state == s for t in trials) for s in TrialState}
-    complete = [t for t in trials if t.state == TrialState.COMPLETE]
     starts = [t.datetime_start for t in trials if t.datetime_start]
     ends = [t.datetime_complete for t in trials if t.datetime_complete]
-    best = max(complete, key=lambda t: (t.value, -t.number)) if complete and len(study.directions) == 1 else None
+    trained = results.trained_trials(study)  # seeded by --warm-start: a score without a model, never the best
+    if len(study.directions) == 1:
+        best = max(trained, key=lambda t: (t.value, -t.number)) if trained else None
+    else:  # several objectives: best/ holds the knee of the Pareto front
+        best = next((t for t in trained if meta and t.number == meta.get("trial")), None)
     return {
         "study_name": study.study_name,
         "model": config.get("model"),
@@ -104,7 +108,7 @@ def summary_data(
         "states": {k: v for k, v in states.items() if v},
         "search_seconds": round((max(ends) - min(starts)).total_seconds(), 1) if starts and ends else None,
         "best_trial": best.number if best else None,
-        "best_score": best.value if best else None,
+        "best_score": best.values[0] if best else None,
         "best_strategy": _strategy(results.knobs(best)) if best else None,
         "model_selection": selection.summary_line(study),  # several models: which were dropped, and why
         "test_score": (meta or {}).get("test_accuracy"),
@@ -122,18 +126,48 @@ def history_data(study: optuna.Study) -> dict[str, list]:
 
 
 def curves_data(study: optuna.Study) -> list[dict[str, Any]]:
-    """Every trial's learning curve (validation accuracy per epoch) with its state and planned epochs."""
-    return [
-        {
-            "number": t.number,
-            "state": t.state.name,
-            "epochs": sorted(t.intermediate_values),
-            "values": [t.intermediate_values[e] for e in sorted(t.intermediate_values)],
-            "planned_epochs": results.knobs(t).get("epochs"),
-        }
-        for t in study.get_trials(deepcopy=False)
-        if t.intermediate_values
-    ]
+    """Every trial's learning curve (validation accuracy per epoch) with its state and planned epochs.
+
+    Multi-objective trials keep the curve in the user attr ``val_accuracy`` (Optuna takes no intermediate values).
+    """
+    curves = []
+    for t in study.get_trials(deepcopy=False):
+        values = [t.intermediate_values[e] for e in sorted(t.intermediate_values)] or t.user_attrs.get("val_accuracy")
+        if values:
+            epochs = sorted(t.intermediate_values) or list(range(len(values)))
+            planned = results.knobs(t).get("epochs")
+            curves.append({"number": t.number, "state": t.state.name, "epochs": epochs, "values": values})
+            curves[-1]["planned_epochs"] = planned
+    return curves
+
+
+def pareto_data(study: optuna.Study, *, best_trial: int | None) -> dict[str, Any]:
+    """The objectives' names and the front of the trials this study trained, with the knee (best/) marked."""
+    names = objectives.study_objectives(study)
+    if len(names) != len(study.directions):  # a study autoft did not open: name the values by position
+        names = tuple(f"objective {i}" for i in range(len(study.directions)))
+    labels = [objectives.OBJECTIVES[n].label if n in objectives.OBJECTIVES else n for n in names]
+    points = [objectives.ParetoPoint(t.number, tuple(t.values)) for t in results.trained_trials(study)]
+    front = objectives.pareto_front(points, names) if all(n in objectives.OBJECTIVES for n in names) else []
+    return {
+        "labels": labels,
+        "front": [{"trial": p.trial, "values": list(p.values)} for p in front],
+        "best_trial": best_trial,
+    }
+
+
+def _pareto_figure(study: optuna.Study, pareto: dict[str, Any]) -> go.Figure:
+    """Optuna's Pareto-front plot, with best/ (the knee) marked by a star when there are two or three objectives."""
+    figure = optuna.visualization.plot_pareto_front(study, target_names=pareto["labels"])
+    knee = next((p["values"] for p in pareto["front"] if p["trial"] == pareto["best_trial"]), None)
+    marker = {"symbol": "star" if len(pareto["labels"]) == 2 else "diamond", "size": 16, "color": "crimson"}
+    if knee is not None and len(knee) == 2:
+        figure.add_trace(go.Scatter(x=[knee[0]], y=[knee[1]], mode="markers", marker=marker, name="best/ (knee)"))
+    elif knee is not None and len(knee) == 3:
+        figure.add_trace(
+            go.Scatter3d(x=[knee[0]], y=[knee[1]], z=[knee[2]], mode="markers", marker=marker, name="best/ (knee)")
+        )
+    return figure
 
 
 def importance_data(study: optuna.Study) -> tuple[dict[str, float], str]:
@@ -277,7 +311,10 @@ def _study_sections(report: StudyReport, study: optuna.Study) -> None:
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     multi = len(study.directions) > 1
     if multi:
-        report.add("Pareto front", report.figure("pareto_front", optuna.visualization.plot_pareto_front(study)))
+        pareto = pareto_data(study, best_trial=report.summary.get("best_trial"))
+        report.add("Pareto front", report.figure("pareto_front", _pareto_figure(study, pareto)))
+        if pareto["best_trial"] is not None:
+            report.add("How best/ was chosen", f"best/ holds trial {pareto['best_trial']}: {objectives.KNEE_RULE}.")
     elif complete:
         report.add("Optimization history", report.figure("history", _history_figure(study)))
     else:

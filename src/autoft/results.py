@@ -11,7 +11,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from autoft.recipe import describe_knobs
 
-__all__ = ["finished_count", "knobs", "ranked_trials", "trial_row", "write_trials_csv"]
+__all__ = ["finished_count", "knobs", "ranked_trials", "trained_trials", "trial_row", "write_trials_csv"]
 
 
 def knobs(trial: FrozenTrial) -> dict[str, Any]:
@@ -42,6 +42,8 @@ def _note(attrs: dict[str, Any]) -> str:
         notes.append(f"diverged: {attrs['diverged']}")
     if attrs.get("interrupted"):
         notes.append("interrupted (its parameters run again on resume)")
+    if "warm_start_from" in attrs:
+        notes.append(f"seeded by --warm-start from {attrs['warm_start_from']} (not trained here)")
     if "oom_retry_batch_size" in attrs:
         notes.append(f"out of memory: ran at batch size {attrs['oom_retry_batch_size']}")
     return "; ".join(notes)
@@ -64,12 +66,18 @@ def ranked_trials(study: optuna.Study, *, top: int = 5) -> list[dict[str, Any]]:
     >>> ranked_trials(study, top=3)[0]["strategy"]  # doctest: +SKIP
     'last 2 block groups, adamw lr 3e-04, ...'
     """
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    best_first = sorted(complete, key=lambda t: (-t.value, t.number))[:top]
+    best_first = sorted(trained_trials(study), key=lambda t: (-t.values[0], t.number))[:top]
     return [trial_row(t) | {"strategy": describe_knobs(knobs(t))} for t in best_first]
 
 
 def finished_count(study: optuna.Study) -> int:
-    """Trials that count toward the budget: finished, except those a crash interrupted (they are retried)."""
-    finished = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-    return sum(1 for t in study.get_trials(deepcopy=False, states=finished) if not t.user_attrs.get("interrupted"))
+    """Trials that count toward the budget: finished, except those a crash interrupted (they are retried) and
+    those ``--warm-start`` seeded (they never ran here)."""
+    finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL))
+    return sum(1 for t in finished if not t.user_attrs.get("interrupted") and "warm_start_from" not in t.user_attrs)
+
+
+def trained_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """The COMPLETE trials this study trained, i.e. not seeded by ``--warm-start`` (those have no model)."""
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    return [t for t in complete if "warm_start_from" not in t.user_attrs]

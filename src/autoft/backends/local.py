@@ -15,6 +15,7 @@ from collections.abc import Callable
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from autoft.objectives import EpochReports, study_objectives, trial_values
 from autoft.space import Space
 from autoft.trial import EpochMetrics, Report, TrialOutcome
 
@@ -30,15 +31,16 @@ class TrialInterrupted(Exception):
     """The trial was stopped by a signal before it finished; it is recorded FAIL and retried on resume."""
 
 
-def _objective(space: Space, execute: Execute) -> Callable[[optuna.Trial], float]:
-    def objective(trial: optuna.Trial) -> float:
+def _objective(space: Space, execute: Execute, study: optuna.Study) -> Callable[[optuna.Trial], float | list[float]]:
+    epochs, names = EpochReports(study), study_objectives(study)
+
+    def objective(trial: optuna.Trial) -> float | list[float]:
         params = space.sample(trial)
         # The knobs as the recipe sees them: fixed values and define-by-run names are not in trial.params.
         trial.set_user_attr("knobs", params)
 
         def report(epoch: int, metrics: EpochMetrics) -> bool:
-            trial.report(metrics.val_accuracy, epoch)
-            return trial.should_prune()
+            return epochs.report(trial, epoch, metrics.val_accuracy)
 
         try:
             outcome = execute(trial.number, params, report)
@@ -63,7 +65,7 @@ def _objective(space: Space, execute: Execute) -> Callable[[optuna.Trial], float
             raise optuna.TrialPruned(f"diverged: {outcome.diverged}")
         if outcome.stopped_early:
             raise optuna.TrialPruned(f"stopped after epoch {len(outcome.history)}")
-        return outcome.best_score
+        return trial_values(names, outcome.best_score, outcome.notes)
 
     return objective
 
@@ -96,7 +98,7 @@ def optimize(
             study.stop()
 
     study.optimize(
-        _objective(space, execute),
+        _objective(space, execute, study),
         n_trials=n_trials,
         timeout=timeout,
         catch=(Exception,),

@@ -32,6 +32,7 @@ from ray.tune.search import Searcher
 from ray.tune.stopper import Stopper
 
 from autoft.errors import AutoftError
+from autoft.objectives import EpochReports, study_objectives, trial_values
 from autoft.space import Space
 from autoft.trial import EpochMetrics, Report, TrialOutcome
 
@@ -120,6 +121,7 @@ class _Bridge:
         self.params: dict[str, dict] = {}  # the knobs each trial trains with (fixed values included)
         self.history: dict[str, list[dict]] = {}
         self.asked, self.stopping = 0, False
+        self.epochs, self.objectives = EpochReports(study), study_objectives(study)
 
     def __getstate__(self) -> dict:
         # Tune pickles its searcher, stopper and callbacks to resume its own experiments. autoft resumes from
@@ -144,9 +146,9 @@ class _Bridge:
         if not self.history[trial_id]:
             trial.set_user_attr("node_id", result["node_id"])
         self.history[trial_id].append(result)
-        trial.report(result["val_accuracy"], result["epoch"])
+        prune = self.epochs.report(trial, result["epoch"], result["val_accuracy"])
         last_epoch = result["epoch"] + 1 >= result["epochs"]
-        return not last_epoch and trial.should_prune()  # like the local backend: a full run is COMPLETE
+        return not last_epoch and prune  # like the local backend: a full run is COMPLETE
 
     def finish(self, trial_id: str, result: dict | None, *, error: str | None = None) -> None:
         trial = self.trials.pop(trial_id, None)
@@ -174,7 +176,7 @@ class _Bridge:
                 trial.set_user_attr("diverged", outcome.diverged)
                 frozen = self.study.tell(trial, state=TrialState.PRUNED)
             else:
-                frozen = self.study.tell(trial, outcome.best_score)
+                frozen = self.study.tell(trial, trial_values(self.objectives, outcome.best_score, outcome.notes))
                 self.keep(trial.number, params, outcome)
         else:  # stopped by the pruner or by the time budget before its last epoch
             frozen = self.study.tell(trial, state=TrialState.PRUNED)
