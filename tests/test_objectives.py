@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import threading
 from collections.abc import Callable
@@ -193,14 +194,15 @@ def test_front_models_are_kept_and_the_knee_is_best(tmp_path: Path) -> None:
 def test_two_objective_search_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     data = make_image_folder(tmp_path / "data", per_class=8, size=(16, 16), with_test=True, noise=90)
     run = tmp_path / "run"
-    args = ["search", "--model", "test_resnet", "--no-pretrained", "--data", str(data), "--run-dir", str(run)]
-    args += ["--trials", "3", "--max-epochs", "2", "--image-size", "16", "--objective", "accuracy,latency"]
-    assert main(args) == 0
+    args = ["search", "--model", "test_resnet,test_vit", "--no-model-selection", "--no-pretrained", "--data", str(data)]
+    args += ["--run-dir", str(run), "--trials", "4", "--max-epochs", "2", "--image-size", "16"]
+    assert main([*args, "--objective", "accuracy,latency"]) == 0
     out = capsys.readouterr().err
-    study = optuna.load_study(study_name="test_resnet-data", storage=f"sqlite:///{run / 'study.db'}")
+    study = optuna.load_study(study_name="test_resnet-test_vit-data", storage=f"sqlite:///{run / 'study.db'}")
     assert len(study.directions) == 2 and study.user_attrs["objectives"] == ["accuracy", "latency"]
     complete = study.get_trials(states=(TrialState.COMPLETE,))
     assert complete and all(t.values[1] == t.user_attrs["latency_ms"] > 0 for t in complete)
+    assert {t.params["model"] for t in complete} == {"test_resnet", "test_vit"}  # the costs differ by model
     front = pareto_front([ParetoPoint(t.number, tuple(t.values)) for t in complete], ("accuracy", "latency"))
     assert sorted(p.name for p in (run / "pareto").iterdir()) == sorted(f"trial-{p.trial:04d}" for p in front)
     meta = json.loads((run / "best" / "config.json").read_text())
@@ -209,6 +211,8 @@ def test_two_objective_search_end_to_end(tmp_path: Path, capsys: pytest.CaptureF
     page = (run / "report.html").read_text()
     assert "(knee)" in page and "How best/ was chosen" in page  # the star on the front, and the rule
     assert autoft.load_model(run / "best").meta["trial"] == meta["trial"]
+    rows = list(csv.DictReader((run / "trials.csv").open()))
+    assert all(int(r["epochs_run"]) > 0 for r in rows if r["state"] == "COMPLETE")  # the curve lives in a user attr
 
 
 @pytest.mark.parametrize("pruner", ["median", "hyperband", "sha", "wilcoxon"])

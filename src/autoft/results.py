@@ -27,7 +27,8 @@ def trial_row(trial: FrozenTrial) -> dict[str, Any]:
         "state": trial.state.name,
         "value": trial.values[0] if trial.values and len(trial.values) == 1 else trial.values,
         "best_epoch": trial.user_attrs.get("best_epoch"),
-        "epochs_run": len(trial.intermediate_values),
+        # a multi-objective trial keeps its accuracy curve in a user attr (Optuna stores no intermediate values)
+        "epochs_run": len(trial.intermediate_values) or len(trial.user_attrs.get("val_accuracy", ())),
         "seconds": round(duration, 2) if duration is not None else None,
         "error": trial.user_attrs.get("error", ""),
         "note": _note(trial.user_attrs),
