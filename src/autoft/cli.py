@@ -119,6 +119,17 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="torch.compile each trial's training forward (a compile per trial: pays off for long trials on GPU)",
     )
+    s.add_argument(
+        "--no-priors",
+        dest="priors",
+        action="store_false",
+        help="search the preset's space as it is, without the probe's narrowing (docs/controller.md)",
+    )
+    s.add_argument(
+        "--explain",
+        action="store_true",
+        help="print the plan (data, linear probe, epoch cost, priors, budget) before the first trial, then search",
+    )
     s.add_argument("-v", "--verbose", action="store_true", help="show the library's log messages")
     spaces = commands.add_parser("spaces", help="list the bundled search space presets, or show one")
     what = spaces.add_subparsers(dest="spaces_command", required=True)
@@ -193,6 +204,7 @@ def _config(args: argparse.Namespace) -> SearchConfig:
         max_concurrent=args.max_concurrent,
         keep_top=args.keep_top,
         compile=args.compile,
+        priors=args.priors,
     ).resolved()
 
 
@@ -259,7 +271,10 @@ def _search(args: argparse.Namespace) -> int:
     check_run_dir(config.run_dir)  # before the log file goes there: an unusable run dir is one clear error
     _setup_logging(config.run_dir, verbose=args.verbose)
     with Live("preparing model and data…", console=console, transient=True, refresh_per_second=4) as live:
-        result = run_search(config, progress=_Display(live, config.trials))
+        explain = (
+            (lambda plan: live.console.print(plan.describe(), markup=False, highlight=False)) if args.explain else None
+        )
+        result = run_search(config, progress=_Display(live, config.trials), on_plan=explain)
     _summary(result)
     return 0
 

@@ -111,6 +111,7 @@ class SearchConfig:
     max_concurrent: int | None = None
     keep_top: int = 1
     compile: bool = False  # torch.compile the training forward (pays a compile per trial; for long trials on GPU)
+    priors: bool = True  # let the probe narrow a bundled preset's space (autoft.plan; docs/controller.md)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data", _path("--data", self.data))
@@ -137,7 +138,7 @@ class SearchConfig:
                 f"space must be a preset name, a YAML file, a SearchSpace or a space(trial) function, "
                 f"but got {self.space!r}."
             )
-        for name in ("warm_start", "compile"):
+        for name in ("warm_start", "compile", "priors"):
             if not isinstance(getattr(self, name), bool):
                 raise AutoftError(f"{name} must be True or False, but got {getattr(self, name)!r}.")
         if not _whole(self.max_epochs) or self.max_epochs < 1:

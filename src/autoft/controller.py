@@ -30,7 +30,7 @@ import torch
 from optuna.trial import FrozenTrial, TrialState
 from torch import nn
 
-from autoft import data, export, models, results
+from autoft import data, export, models, plan, results
 from autoft.backends import local
 from autoft.config import SearchConfig
 from autoft.errors import AutoftError
@@ -518,17 +518,19 @@ def run_search(
     *,
     progress: Callable[[Progress], None] | None = None,
     setup: Setup | None = None,
+    on_plan: Callable[[plan.Plan], None] | None = None,
 ) -> SearchResult:
     """Run (or continue) a search and export the best fine-tuned model.
 
     ``setup`` reuses a model and data already prepared (``prepare(config)``). Ctrl-C or SIGTERM stops the
     running trial, writes trials.csv (the best model so far is already in ``best/``) and raises
-    :class:`SearchInterrupted`.
+    :class:`SearchInterrupted`. ``on_plan`` receives the plan (probe, priors, budget) before the first trial.
 
     >>> result = run_search(SearchConfig(model="test_resnet", data=Path("data"), trials=4))  # doctest: +SKIP
     >>> result.model_dir
     PosixPath('runs/test_resnet-data/best')
     """
+    started = time.monotonic()  # --timeout covers the whole call: preparation, probe, search, wrap-up
     cfg = config.resolved()
     show = progress or (lambda event: None)
     check_run_dir(cfg.run_dir)
@@ -542,17 +544,32 @@ def run_search(
         log.info("data: %s", setup.dataset.summary())
         study = open_study(cfg)
         _recover_interrupted(study)
+        # --- issue 7: look before searching (autoft.plan): probe, priors, budget plan ---
+        search_plan, space = _plan(cfg, setup, space, study, started)
+        if on_plan is not None:
+            on_plan(search_plan)
+        if search_plan.budget is not None:
+            budget_plan = search_plan.budget
+            cfg = dataclasses.replace(cfg, max_epochs=budget_plan.max_epochs, pruner=budget_plan.pruner)
+            study.pruner = create_pruner(cfg.pruner, max_epochs=cfg.max_epochs)
+        # --- end issue 7 ---
         remaining = None if cfg.trials is None else max(0, cfg.trials - results.finished_count(study))
         if cfg.warm_start and not study.trials:  # a new study tries the known strong recipes first
             for params in list(getattr(space, "portfolio", ()))[:remaining]:  # no more than the budget runs
                 study.enqueue_trial(dict(params))
         executor = _Executor(cfg, setup, study, show, stop)
+        launch_window = cfg.timeout
+        if search_plan.budget is not None:  # issue 7: no trial starts, and none runs on, when an epoch cannot fit
+            launch_window = max(
+                1e-3, search_plan.budget.launch_window - (time.monotonic() - started - search_plan.budget.spent)
+            )
+            executor.deadline = time.monotonic() + launch_window
 
         def on_trial_end(trial: FrozenTrial) -> None:
             show(Progress("trial_end", trial.number, score=trial.value, best=executor._best(), state=trial.state.name))
 
         if remaining != 0 and not stop.is_set():
-            budget = dict(n_trials=remaining, timeout=cfg.timeout, on_trial_end=on_trial_end)
+            budget = dict(n_trials=remaining, timeout=launch_window, on_trial_end=on_trial_end)
             should_stop = lambda s: stop.is_set() or _systematic_error(s) is not None  # noqa: E731
             if _backend(cfg) == "ray":
                 from autoft.backends import ray as ray_backend  # ray is optional: imported only when used
@@ -578,6 +595,30 @@ def run_search(
     result = _finish(cfg, setup, study, executor.model_dir)
     write_report(cfg.run_dir, dataset=setup.dataset, device=str(setup.device))
     return result
+
+
+def _plan(cfg: SearchConfig, setup: Setup, space: Any, study: optuna.Study, started: float) -> tuple[plan.Plan, Any]:
+    """Measure (or reuse the study's measurements), shape the space with priors and plan ``--timeout``."""
+    preset = isinstance(cfg.space, str) and not Path(cfg.space).suffix
+    priors_off = "" if cfg.priors and preset else "--no-priors" if not cfg.priors else "your own space is authoritative"
+    keep = [edit.partition("=")[0].partition(".")[0].strip() for edit in (*cfg.space_overrides, *cfg.space_fixed)]
+    search_plan, space = plan.make_plan(
+        setup,
+        space,
+        study.user_attrs,
+        seed=cfg.seed,
+        timeout=cfg.timeout,
+        spent=lambda: time.monotonic() - started,
+        max_epochs=cfg.max_epochs,
+        pruner=cfg.pruner,
+        priors_off=priors_off,
+        keep=keep,
+    )
+    if not search_plan.reused:
+        study.set_user_attr("plan", search_plan.record())
+    for line in search_plan.describe().splitlines():
+        log.info("plan: %s", line)
+    return search_plan, space
 
 
 def _finish(cfg: SearchConfig, setup: Setup, study: optuna.Study, model_dir: Path) -> SearchResult:
