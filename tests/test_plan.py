@@ -103,7 +103,7 @@ def test_priors_never_touch_what_the_user_set_and_never_widen() -> None:
                        "(set by the user)")  # fmt: skip
     quick = load_space("quick")  # lr high 3e-2; epochs 2-4 already below the few-images cap of 6
     narrowed, skipped = plan.apply_priors(quick, plan.choose_priors(dataclasses.replace(PROFILE, train=30), PROBE))
-    assert _param(narrowed, "epochs").high == 4 and "few-images: epochs left as is (cannot narrow)" in skipped
+    assert _param(narrowed, "epochs").high == 4 and "few-images: epochs left as is (already within)" in skipped
 
 
 # ----------------------------------------------------------------------------------------- probe (real model)

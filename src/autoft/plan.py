@@ -333,29 +333,33 @@ def apply_priors(
     for prior in priors:
         for name, edit in prior.edits.items():
             param = next((p for p in space.params if p.name == name), None)
-            narrowed = None if param is None or name in keep else _narrowed(param, edit)
-            if narrowed is None:
-                why = "set by the user" if name in keep else "not searched" if param is None else "cannot narrow"
-                skipped.append(f"{prior.name}: {name} left as is ({why})")
+            narrowed = (
+                "set by the user" if name in keep else "not searched" if param is None else _narrowed(param, edit)
+            )
+            if isinstance(narrowed, str):
+                skipped.append(f"{prior.name}: {name} left as is ({narrowed})")
                 continue
             params = _conditions_within([narrowed if p.name == name else p for p in space.params])
             portfolio = _portfolio_within(params, space.portfolio)
-            space = SearchSpace(params, source=space.source, portfolio=portfolio)
+            space = dataclasses.replace(space, params=params, portfolio=portfolio)
         space = _portfolio_first(space, prior.first, keep)
     return space, tuple(skipped)
 
 
-def _narrowed(param: Param, edit: Mapping[str, Any]) -> Param | None:
+def _narrowed(param: Param, edit: Mapping[str, Any]) -> Param | str:
+    """The parameter narrowed by ``edit``, or why not (it already lies within, or nothing would be left)."""
     if param.kind == "categorical" and "choices" in edit:
         choices = tuple(c for c in param.choices if c in edit["choices"])  # the space's order
-        return dataclasses.replace(param, choices=choices) if choices and choices != param.choices else None
+        if not choices or choices == param.choices:
+            return "nothing would be left" if not choices else "already within"
+        return dataclasses.replace(param, choices=choices)
     if param.kind in ("float", "int") and ("low" in edit or "high" in edit):
         low = max(param.low, edit.get("low", param.low))
         high = min(param.high, edit.get("high", param.high))
         if low > high or (low, high) == (param.low, param.high):
-            return None
+            return "nothing would be left" if low > high else "already within"
         return dataclasses.replace(param, low=type(param.low)(low), high=type(param.high)(high))
-    return None
+    return "not a searched range or choice"
 
 
 def _portfolio_first(space: SearchSpace, freeze_modes: Sequence[str], keep: Sequence[str]) -> SearchSpace:
