@@ -4,10 +4,10 @@ Digits at 48 px, ImageNet EfficientNet-Lite0 (benchmarks/_common.py). Prints one
 
 1. ``probe``: linear-probe val accuracy and fit, predicted seconds of a full fine-tuning epoch and of a head epoch.
 2. ``epoch``: one real full fine-tuning epoch (train_recipe, batch 64, no augmentation), its seconds vs the prediction.
-3. ``search``: a whole ``run_search`` under ``--timeout`` (with and without priors): wall seconds vs the budget,
-   trials, best val and test accuracy.
+3. ``search`` (with ``--search``): a whole ``run_search`` under ``--timeout``, with and without priors:
+   wall seconds vs the budget, trials, best val and test accuracy.
 
-    python benchmarks/plan.py [--timeout 180] [--device cpu]
+    python benchmarks/plan.py [--repeats 2] [--search --timeout 180] [--device cpu]
 """
 
 from __future__ import annotations
@@ -34,13 +34,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--timeout", type=float, default=180.0, help="budget of each timed search, seconds")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=2, help="probe + real epoch pairs")
+    parser.add_argument("--search", action="store_true", help="also run the timed searches (with and without priors)")
     args = parser.parse_args()
     prepared = setup(args.device)
-    measured = plan.probe(prepared, seed=0)
-    print(json.dumps({"probe": dataclasses.asdict(measured) | {"fit": measured.fit}}), flush=True)
-    outcome = train_recipe(prepared, Recipe(freeze="full", epochs=1, batch_size=64, augment="none"), seed=0)
-    actual = outcome.history[0].seconds
-    print(json.dumps({"epoch": {"actual": actual, "predicted": measured.epoch_seconds_full}}), flush=True)
+    for repeat in range(args.repeats):  # alternating, so a shared machine's load hits prediction and epoch alike
+        measured = plan.probe(prepared, seed=0)
+        print(json.dumps({"probe": dataclasses.asdict(measured) | {"fit": measured.fit, "repeat": repeat}}), flush=True)
+        outcome = train_recipe(prepared, Recipe(freeze="full", epochs=1, batch_size=64, augment="none"), seed=0)
+        actual = outcome.history[0].seconds
+        epoch = {"actual": actual, "predicted": measured.epoch_seconds_full, "repeat": repeat}
+        print(json.dumps({"epoch": epoch | {"ratio": measured.epoch_seconds_full / actual}}), flush=True)
+    if not args.search:
+        return
     for priors in (True, False):
         run_dir = Path(tempfile.mkdtemp(prefix="autoft-plan-"))
         config = SearchConfig(

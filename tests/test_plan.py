@@ -68,7 +68,8 @@ def test_a_budget_that_cannot_fit_one_epoch_is_one_clear_error() -> None:
 
 def test_priors_fire_on_their_thresholds() -> None:
     names = lambda acc, profile=PROFILE: [p.name for p in plan.choose_priors(profile, _probe(acc))]  # noqa: E731
-    assert names(0.95) == ["features-fit-well"]  # fit (0.95 - 0.4) / 0.6 = 0.92
+    assert names(0.99) == ["features-fit-well"]  # fit (0.99 - 0.4) / 0.6 = 0.98
+    assert names(0.95) == []  # fit 0.92: fine-tuning still has room
     assert names(0.6) == ["features-fit-poorly"]  # fit 0.33
     assert names(0.8) == []  # fit 0.67: no rule
     few = dataclasses.replace(PROFILE, train=30)
@@ -170,3 +171,7 @@ def test_explain_prints_the_plan_and_no_priors_turns_them_off(tmp_path: Path, ca
     err = capsys.readouterr().err
     assert "linear probe val accuracy" in err and "priors: off (--no-priors)" in err
     assert "budget: none (no --timeout)" in err
+    # A budget that cannot fit one epoch after preparing and probing: one sentence, exit 2, before any trial.
+    assert main([*args, "--timeout", "1s", "--run-dir", str(tmp_path / "short")]) == 2
+    assert "--timeout 1s is too short" in capsys.readouterr().err
+    assert not (tmp_path / "short" / "best").exists()
