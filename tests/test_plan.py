@@ -116,6 +116,7 @@ def tiny_setup(tmp_path_factory: pytest.TempPathFactory):
     return prepare(SearchConfig(model="test_resnet", data=root, pretrained=False, image_size=16, device="cpu"))
 
 
+@pytest.mark.slow  # trains: a few steps of a real (tiny) model
 def test_probe_measures_fit_and_epoch_cost_on_the_search_feature_cache(tiny_setup) -> None:
     measured = plan.probe(tiny_setup, seed=0, steps=30, timed_steps=1)
     assert tiny_setup.feature_cache.nbytes > 0  # built once here, reused by the head-only trials
