@@ -43,7 +43,7 @@ def _param(space, name):
 
 def test_budget_reserves_spent_and_wrap_up_and_fits_three_full_trials() -> None:
     budget = plan.plan_budget(600, PROBE, PROFILE, spent=30, max_epochs=10, pruner="median")
-    assert budget.wrap_up == pytest.approx(plan.WRAP_UP_FIXED_SECONDS + 3 * 0.001 * 600)
+    assert budget.wrap_up == pytest.approx(plan.WRAP_UP_FIXED_SECONDS + 3 * 0.001 * 600 + 0.03 * 600)
     assert budget.search == pytest.approx(600 - 30 - budget.wrap_up)
     assert budget.epoch_seconds == pytest.approx(15.0)  # 10 s measured x 1.5 margin
     assert int(budget.search // (3 * 15.0)) == 12 and budget.max_epochs == 10  # capped by --max-epochs

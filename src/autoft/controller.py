@@ -331,6 +331,7 @@ class _Executor:
         complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         self.best_score = max((t.value for t in complete), default=-float("inf"))
         self.deadline = time.monotonic() + config.timeout if config.timeout else None
+        self.epoch_ahead = 0.0  # issue 7: stop when one more epoch (at least this long) would pass the deadline
 
     def __call__(self, number: int, params: dict, report: Report) -> TrialOutcome:
         recipe = Recipe.from_params(params)
@@ -340,7 +341,8 @@ class _Executor:
 
         def report_and_show(epoch: int, metrics: EpochMetrics) -> bool:
             self.progress(Progress("epoch", number, epoch + 1, recipe.epochs, metrics.val_accuracy, self._best()))
-            out_of_time = self.deadline is not None and time.monotonic() > self.deadline
+            ahead = max(self.epoch_ahead, metrics.seconds) if self.epoch_ahead else 0.0  # the trial's own last epoch
+            out_of_time = self.deadline is not None and time.monotonic() + ahead > self.deadline
             return report(epoch, metrics) or out_of_time
 
         outcome = self.worker(number, params, report_and_show)
@@ -560,10 +562,9 @@ def run_search(
         executor = _Executor(cfg, setup, study, show, stop)
         launch_window = cfg.timeout
         if search_plan.budget is not None:  # issue 7: no trial starts, and none runs on, when an epoch cannot fit
-            launch_window = max(
-                1e-3, search_plan.budget.launch_window - (time.monotonic() - started - search_plan.budget.spent)
-            )
-            executor.deadline = time.monotonic() + launch_window
+            search_end = started + search_plan.budget.spent + search_plan.budget.search
+            launch_window = max(1e-3, search_end - search_plan.budget.epoch_seconds - time.monotonic())
+            executor.deadline, executor.epoch_ahead = search_end, search_plan.budget.epoch_seconds
 
         def on_trial_end(trial: FrozenTrial) -> None:
             show(Progress("trial_end", trial.number, score=trial.value, best=executor._best(), state=trial.state.name))

@@ -423,8 +423,10 @@ def _portfolio_within(params: Sequence[Param], portfolio: Sequence[Mapping[str, 
 EPOCH_SAFETY = 1.5
 FULL_TRIALS = 3  # the epochs per trial are set so that at least this many full-length trials fit
 # The wrap-up besides evaluation (load the best model, write trials.csv, build the report's figures and
-# fANOVA importances): measured 1-3 s on 2 loaded CPU cores for small studies; 3x for a safe margin.
-WRAP_UP_FIXED_SECONDS = 6.0
+# fANOVA importances): measured 5.1 s for a 7-trial study on 2 CPU cores at load ~10 (1.2 s test score and
+# model load, 3.9 s report); a load of 17 roughly doubles it. Plus a slack of 3% of the budget for jitter.
+WRAP_UP_FIXED_SECONDS = 8.0
+SLACK = 0.03
 HYPERBAND_FROM_EPOCHS = 9  # rungs at 1, 3, 9 epochs need trials at least this long to cut anything
 
 
@@ -460,7 +462,7 @@ def plan_budget(
 ) -> BudgetPlan:
     """Fit the search to ``timeout`` seconds, of which ``spent`` are gone.
 
-    wrap_up = WRAP_UP_FIXED_SECONDS + 3 x eval cost of (val + test)  (test score + the report's evaluation);
+    wrap_up = WRAP_UP_FIXED_SECONDS + 3 x eval cost of (val + test) + SLACK x timeout;
     search = timeout - spent - wrap_up; epoch = EPOCH_SAFETY x measured full fine-tuning epoch;
     max_epochs = clamp(search / (FULL_TRIALS x epoch), 1, --max-epochs);
     expected trials = search / (epoch x (max_epochs + 1.5) / 2)  (about half run to the end, half are pruned
@@ -469,7 +471,8 @@ def plan_budget(
     >>> plan_budget(600, measured, profile, spent=20, max_epochs=10, pruner="median").max_epochs  # doctest: +SKIP
     10
     """
-    wrap_up = WRAP_UP_FIXED_SECONDS + 3 * measured.eval_seconds_per_image * (profile.val + profile.test)
+    evaluations = 3 * measured.eval_seconds_per_image * (profile.val + profile.test)  # test score + the report's
+    wrap_up = WRAP_UP_FIXED_SECONDS + evaluations + SLACK * timeout
     search = timeout - spent - wrap_up
     epoch = EPOCH_SAFETY * max(measured.epoch_seconds_full, measured.epoch_seconds_head, 1e-3)
     if search < epoch:
