@@ -1,7 +1,8 @@
 """The search controller: prepares model and data once, opens the study, runs a backend, exports the best.
 
 Flow: ``prepare`` (model, data, device) -> ``open_study`` (storage, sampler, pruner; resume) ->
-backend ``optimize`` (trials call ``_Executor``) -> best model in ``best/`` -> test score -> result.
+``plan.make_plan`` (probe, priors, ``--timeout`` plan; docs/controller.md) -> backend ``optimize`` (trials call
+``_Executor``) -> best model in ``best/`` -> test score -> result.
 
 Faults (docs/reliability.md): trials a crash left RUNNING are failed and retried on resume; a trial out of
 device memory is retried once at half the batch size; the first SIGINT/SIGTERM stops the running trial at

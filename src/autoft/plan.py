@@ -324,8 +324,8 @@ def choose_priors(profile: DataProfile, measured: Probe) -> tuple[Prior, ...]:
             Prior(
                 "few-images",
                 f"{profile.images_per_class:.0f} train images per class < {FEW_IMAGES_PER_CLASS}",
-                "few images overfit quickly: fewer epochs and more weight decay (Li et al. 2020; Kornblith et al. "
-                "2019 small-data fine-tuning)",
+                "few images overfit quickly: fewer epochs and more weight decay (a heuristic; to be confirmed by "
+                "benchmarks/quality.py)",
                 {"epochs": {"high": 6}, "weight_decay": {"low": 1e-4}},
             )
         )
@@ -539,7 +539,7 @@ class Plan:
             lines.append(
                 f"budget: {b.timeout:.0f}s = {b.spent:.1f}s spent (preparation, probe) + {b.search:.1f}s search + "
                 f"{b.wrap_up:.1f}s wrap-up (test score, report); epoch ~{b.epoch_seconds:.1f}s "
-                f"(x{EPOCH_SAFETY} margin) -> up to {b.max_epochs} epochs per trial, pruner {b.pruner}, "
+                f"(x{EPOCH_SAFETY} margin) -> up to {b.max_epochs} epoch(s) per trial, pruner {b.pruner}, "
                 f"about {b.expected_trials} trials; no trial starts in the last {b.epoch_seconds:.1f}s"
             )
         return "\n".join(lines)
