@@ -155,7 +155,10 @@ def test_a_timed_search_ends_within_its_budget_and_a_resume_reuses_the_probe(tmp
     assert elapsed <= 1.05 * timeout, f"{elapsed:.1f}s for a {timeout:.0f}s budget; plan: {plans[0].describe()}"
     assert result.study.get_trials(states=(TrialState.COMPLETE,))
     assert plans[0].budget is not None and plans[0].budget.max_epochs <= 3 and not plans[0].reused
-    assert result.study.user_attrs["plan"]["probe"]["linear_probe_accuracy"] == plans[0].probe.linear_probe_accuracy
+    recorded = result.study.user_attrs["plan"]
+    assert recorded["probe"]["linear_probe_accuracy"] == plans[0].probe.linear_probe_accuracy
+    assert recorded["budget"]["max_epochs"] == plans[0].budget.max_epochs
+    assert recorded["priors"] == [p.name for p in plans[0].priors]
     # The same study again, one more trial, no timeout: the stored probe shapes the same space.
     finished = len(result.study.trials)
     run_search(dataclasses.replace(cfg, timeout=None, trials=finished + 1), on_plan=plans.append)

@@ -616,8 +616,7 @@ def _plan(cfg: SearchConfig, setup: Setup, space: Any, study: optuna.Study, star
         priors_off=priors_off,
         keep=keep,
     )
-    if not search_plan.reused:
-        study.set_user_attr("plan", search_plan.record())
+    study.set_user_attr("plan", search_plan.record())  # the latest run's plan; the probe stays the first run's
     for line in search_plan.describe().splitlines():
         log.info("plan: %s", line)
     return search_plan, space

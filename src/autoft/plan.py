@@ -511,8 +511,14 @@ class Plan:
     reused: bool = False  # the probe came from the study (a resumed search)
 
     def record(self) -> dict[str, Any]:
-        """The measurements as plain data, for the study's user attr ``plan`` (a resumed search reuses them)."""
-        return {"data": dataclasses.asdict(self.data), "probe": dataclasses.asdict(self.probe)}
+        """Plain data for the study's user attr ``plan``: the measurements (a resumed search reuses them), the
+        priors that fired and the budget plan of the latest run."""
+        return {
+            "data": dataclasses.asdict(self.data),
+            "probe": dataclasses.asdict(self.probe),
+            "priors": [prior.name for prior in self.priors],
+            "budget": dataclasses.asdict(self.budget) if self.budget is not None else None,
+        }
 
     def describe(self) -> str:
         """The plan in plain lines: the data, the probe, each prior with its reason, the budget."""
