@@ -18,7 +18,7 @@ from conftest import make_image_folder
 pytestmark = pytest.mark.slow
 
 # warm_start=False: these tests pin what the seeded sampler does; the portfolio has a test of its own.
-TINY = {"pretrained": False, "image_size": 16, "max_epochs": 3, "warm_start": False}
+TINY = {"pretrained": False, "image_size": 16, "max_epochs": 3, "warm_start": False, "priors": False}
 
 
 @pytest.fixture

@@ -109,7 +109,7 @@ def test_bad_warm_start_is_one_clear_error(tmp_path: Path, case: str, phrase: st
 @pytest.mark.slow
 def test_warm_start_from_a_finished_run(tmp_path: Path) -> None:
     data = make_image_folder(tmp_path / "data", per_class=8, size=(16, 16), noise=90)
-    tiny = {"pretrained": False, "image_size": 16, "max_epochs": 2}
+    tiny = {"pretrained": False, "image_size": 16, "max_epochs": 2, "priors": False}  # the portfolio as written
     autoft.search("test_resnet", data, trials=3, run_dir=tmp_path / "a", **tiny)  # the portfolio's 3 recipes
     earlier = optuna.load_study(study_name="test_resnet-data", storage=f"sqlite:///{tmp_path / 'a' / 'study.db'}")
     fits = [t.number for t in earlier.trials if t.state == TrialState.COMPLETE and t.params["augment"] == "none"]

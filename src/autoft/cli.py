@@ -154,6 +154,17 @@ def _parser() -> argparse.ArgumentParser:
         action="store_false",
         help="with several --model names: search them all instead of first dropping the weak ones",
     )
+    s.add_argument(
+        "--no-priors",
+        dest="priors",
+        action="store_false",
+        help="search the preset's space as it is, without the probe's narrowing (docs/controller.md)",
+    )
+    s.add_argument(
+        "--explain",
+        action="store_true",
+        help="print the plan (data, linear probe, epoch cost, priors, budget) before the first trial, then search",
+    )
     s.add_argument("-v", "--verbose", action="store_true", help="show the library's log messages")
     spaces = commands.add_parser("spaces", help="list the bundled search space presets, or show one")
     what = spaces.add_subparsers(dest="spaces_command", required=True)
@@ -233,6 +244,7 @@ def _config(args: argparse.Namespace) -> SearchConfig:
         soup=args.soup,
         refit=args.refit,
         model_selection=args.model_selection,
+        priors=args.priors,
     ).resolved()
 
 
@@ -326,7 +338,10 @@ def _search(args: argparse.Namespace) -> int:
     check_run_dir(config.run_dir)  # before the log file goes there: an unusable run dir is one clear error
     _setup_logging(config.run_dir, verbose=args.verbose)
     with Live("preparing model and data…", console=console, transient=True, refresh_per_second=4) as live:
-        result = run_search(config, progress=_Display(live, config.trials))
+        explain = (
+            (lambda plan: live.console.print(plan.describe(), markup=False, highlight=False)) if args.explain else None
+        )
+        result = run_search(config, progress=_Display(live, config.trials), on_plan=explain)
     _summary(result)
     return 0
 

@@ -137,6 +137,7 @@ class SearchConfig:
     soup: bool = True  # greedy soup of the --keep-top models when its val accuracy beats the best single trial
     refit: bool = False  # final model: the best recipe trained again on train+val
     model_selection: bool = True  # with several models: drop the weak ones before the search (selection.py)
+    priors: bool = True  # let the probe narrow a bundled preset's space (autoft.plan; docs/controller.md)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model", _model_names(self.model))
@@ -168,7 +169,7 @@ class SearchConfig:
                 f"space must be a preset name, a YAML file, a SearchSpace or a space(trial) function, "
                 f"but got {self.space!r}."
             )
-        for name in ("warm_start", "compile", "soup", "refit", "model_selection"):
+        for name in ("warm_start", "compile", "soup", "refit", "model_selection", "priors"):
             if not isinstance(getattr(self, name), bool):
                 raise AutoftError(f"{name} must be True or False, but got {getattr(self, name)!r}.")
         if not _whole(self.max_epochs) or self.max_epochs < 1:

@@ -1,7 +1,8 @@
 """The search controller: prepares model and data once, opens the study, runs a backend, exports the best.
 
 Flow: ``prepare`` (model, data, device) -> ``open_study`` (storage, sampler, pruner; resume) ->
-backend ``optimize`` (trials call ``_Executor``) -> best model in ``best/`` -> test score -> result.
+``plan.make_plan`` (probe, priors, ``--timeout`` plan; docs/controller.md) -> backend ``optimize`` (trials call
+``_Executor``) -> best model in ``best/`` -> test score -> result.
 
 Faults (docs/reliability.md): trials a crash left RUNNING are failed and retried on resume; a trial out of
 device memory is retried once at half the batch size; the first SIGINT/SIGTERM stops the running trial at
@@ -32,7 +33,7 @@ import torch
 from optuna.trial import FrozenTrial, TrialState
 from torch import nn
 
-from autoft import data, export, final, models, objectives, results, selection, warmstart
+from autoft import data, export, final, models, objectives, plan, results, selection, warmstart
 from autoft.backends import local
 from autoft.config import SearchConfig
 from autoft.errors import AutoftError
@@ -393,6 +394,7 @@ class _Executor:
         self.study, self.pareto_dir = study, config.run_dir / "pareto"
         self.best_score = max((t.values[0] for t in results.trained_trials(study)), default=-float("inf"))
         self.deadline = time.monotonic() + config.timeout if config.timeout else None
+        self.epoch_ahead = 0.0  # issue 7: stop when one more epoch (at least this long) would pass the deadline
 
     def __call__(self, number: int, params: dict, report: Report) -> TrialOutcome:
         recipe = Recipe.from_params(params)
@@ -402,7 +404,8 @@ class _Executor:
 
         def report_and_show(epoch: int, metrics: EpochMetrics) -> bool:
             self.progress(Progress("epoch", number, epoch + 1, recipe.epochs, metrics.val_accuracy, self._best()))
-            out_of_time = self.deadline is not None and time.monotonic() > self.deadline
+            ahead = max(self.epoch_ahead, metrics.seconds) if self.epoch_ahead else 0.0  # the trial's own last epoch
+            out_of_time = self.deadline is not None and time.monotonic() + ahead > self.deadline
             return report(epoch, metrics) or out_of_time
 
         outcome = self.worker(number, params, report_and_show)
@@ -619,6 +622,7 @@ def run_search(
     *,
     progress: Callable[[Progress], None] | None = None,
     setup: Setup | dict[str, Setup] | None = None,
+    on_plan: Callable[[plan.Plan], None] | None = None,
 ) -> SearchResult:
     """Run (or continue) a search and export the best fine-tuned model.
 
@@ -626,12 +630,13 @@ def run_search(
     several models). With several models, model selection first drops the weak ones (``selection.py``) and
     the search chooses among the rest (the ``model`` knob). Ctrl-C or SIGTERM stops the
     running trial, writes trials.csv (the best model so far is already in ``best/``) and raises
-    :class:`SearchInterrupted`.
+    :class:`SearchInterrupted`. ``on_plan`` receives the plan (probe, priors, budget) before the first trial.
 
     >>> result = run_search(SearchConfig(model="test_resnet", data=Path("data"), trials=4))  # doctest: +SKIP
     >>> result.model_dir
     PosixPath('runs/test_resnet-data/best')
     """
+    started = time.monotonic()  # --timeout covers the whole call: preparation, probe, search, wrap-up
     cfg = config.resolved()
     show = progress or (lambda event: None)
     check_run_dir(cfg.run_dir)
@@ -647,13 +652,20 @@ def run_search(
         log.info("data: %s", setup.dataset.summary())
         study = open_study(cfg)
         _recover_interrupted(study)
-        if len(cfg.models) > 1:
-            selecting = time.monotonic()
+        if len(cfg.models) > 1:  # the selection's time counts against --timeout: the plan's clock started above
             survivors = _select_models(cfg, setups, space, study, stop, show)
-            if cfg.timeout is not None:  # --timeout covers the selection too
-                cfg = dataclasses.replace(cfg, timeout=max(1.0, cfg.timeout - (time.monotonic() - selecting)))
             setups = {m: setups[m] for m in survivors}  # the dropped models' weights and features are released
             space = selection.with_models(space, survivors)
+            setup = setups[survivors[0]]  # the plan probes the first survivor (a selection already probed them all)
+        # --- issue 7: look before searching (autoft.plan): probe, priors, budget plan ---
+        search_plan, space = _plan(cfg, setup, space, study, started)
+        if on_plan is not None:
+            on_plan(search_plan)
+        if search_plan.budget is not None:
+            budget_plan = search_plan.budget
+            cfg = dataclasses.replace(cfg, max_epochs=budget_plan.max_epochs, pruner=budget_plan.pruner)
+            study.pruner = create_pruner(cfg.pruner, max_epochs=cfg.max_epochs)
+        # --- end issue 7 ---
         if cfg.warm_start_from is not None and not study.trials:  # seeded once, when the study is new
             warmstart.seed_study(study, space, cfg.warm_start_from)
         remaining = None if cfg.trials is None else max(0, cfg.trials - results.finished_count(study))
@@ -662,13 +674,18 @@ def run_search(
                 study.enqueue_trial(dict(params))
         final.restore_single(cfg.run_dir / "best", cfg.run_dir / "top")  # issue 7: new trials meet a real trial
         executor = _Executor(cfg, setups, study, show, stop)
+        launch_window = cfg.timeout
+        if search_plan.budget is not None:  # issue 7: no trial starts, and none runs on, when an epoch cannot fit
+            search_end = started + search_plan.budget.spent + search_plan.budget.search
+            launch_window = max(1e-3, search_end - search_plan.budget.epoch_seconds - time.monotonic())
+            executor.deadline, executor.epoch_ahead = search_end, search_plan.budget.epoch_seconds
 
         def on_trial_end(trial: FrozenTrial) -> None:
             score = trial.values[0] if trial.values else None
             show(Progress("trial_end", trial.number, score=score, best=executor._best(), state=trial.state.name))
 
         if remaining != 0 and not stop.is_set():
-            budget = dict(n_trials=remaining, timeout=cfg.timeout, on_trial_end=on_trial_end)
+            budget = dict(n_trials=remaining, timeout=launch_window, on_trial_end=on_trial_end)
             should_stop = lambda s: stop.is_set() or _systematic_error(s) is not None  # noqa: E731
             if _backend(cfg) == "ray":
                 from autoft.backends import ray as ray_backend  # ray is optional: imported only when used
@@ -751,6 +768,29 @@ def _exported_setup(setups: dict[str, Setup], model_dir: Path) -> Setup:
     config = model_dir / export.CONFIG
     exported = json.loads(config.read_text()).get("model") if config.is_file() else None
     return setups.get(exported) or next(iter(setups.values()))
+
+
+def _plan(cfg: SearchConfig, setup: Setup, space: Any, study: optuna.Study, started: float) -> tuple[plan.Plan, Any]:
+    """Measure (or reuse the study's measurements), shape the space with priors and plan ``--timeout``."""
+    preset = isinstance(cfg.space, str) and not Path(cfg.space).suffix
+    priors_off = "" if cfg.priors and preset else "--no-priors" if not cfg.priors else "your own space is authoritative"
+    keep = [edit.partition("=")[0].partition(".")[0].strip() for edit in (*cfg.space_overrides, *cfg.space_fixed)]
+    search_plan, space = plan.make_plan(
+        setup,
+        space,
+        study.user_attrs,
+        seed=cfg.seed,
+        timeout=cfg.timeout,
+        spent=lambda: time.monotonic() - started,
+        max_epochs=cfg.max_epochs,
+        pruner=cfg.pruner,
+        priors_off=priors_off,
+        keep=keep,
+    )
+    study.set_user_attr("plan", search_plan.record())  # the latest run's plan; the probe stays the first run's
+    for line in search_plan.describe().splitlines():
+        log.info("plan: %s", line)
+    return search_plan, space
 
 
 def _finish(cfg: SearchConfig, setup: Setup, study: optuna.Study, model_dir: Path) -> SearchResult:

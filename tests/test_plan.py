@@ -1,0 +1,181 @@
+"""The plan before the first trial: data profile, linear probe, priors, the --timeout budget (issue 7)."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import pytest
+from optuna.trial import TrialState
+
+from autoft import plan
+from autoft.cli import main
+from autoft.config import SearchConfig
+from autoft.controller import prepare, run_search
+from autoft.errors import AutoftError
+from autoft.space import load_space
+from conftest import make_image_folder
+
+PROFILE = plan.DataProfile(
+    train=900, val=300, test=300, classes=3, smallest_class=100, largest_class=500, image_size=64
+)
+PROBE = plan.Probe(
+    linear_probe_accuracy=0.6,
+    chance=0.4,
+    epoch_seconds_full=10.0,
+    epoch_seconds_head=0.1,
+    eval_seconds_per_image=0.001,
+    seconds=3.0,
+)
+
+
+def _probe(accuracy: float) -> plan.Probe:
+    return dataclasses.replace(PROBE, linear_probe_accuracy=accuracy)
+
+
+def _param(space, name):
+    return next((p for p in space.params if p.name == name), None)
+
+
+# ------------------------------------------------------------------------------------------ budget (pure)
+
+
+def test_budget_reserves_spent_and_wrap_up_and_fits_three_full_trials() -> None:
+    budget = plan.plan_budget(600, PROBE, PROFILE, spent=30, max_epochs=10, pruner="median")
+    assert budget.wrap_up == pytest.approx(plan.WRAP_UP_FIXED_SECONDS + 3 * 0.001 * 600 + 0.03 * 600)
+    assert budget.search == pytest.approx(600 - 30 - budget.wrap_up)
+    assert budget.epoch_seconds == pytest.approx(15.0)  # 10 s measured x 1.5 margin
+    assert int(budget.search // (3 * 15.0)) == 12 and budget.max_epochs == 10  # capped by --max-epochs
+    assert budget.pruner == "hyperband"  # trials of 9+ epochs: rungs at 1, 3, 9 cut bad ones early
+    assert budget.launch_window == pytest.approx(budget.search - 15.0)
+
+
+def test_a_tight_budget_shortens_trials_and_keeps_the_users_pruner() -> None:
+    budget = plan.plan_budget(200, PROBE, PROFILE, spent=30, max_epochs=10, pruner="median")
+    assert budget.max_epochs == int((200 - 30 - budget.wrap_up) // 45) == 3
+    assert budget.pruner == "median"
+    assert plan.plan_budget(600, PROBE, PROFILE, spent=30, max_epochs=10, pruner="wilcoxon").pruner == "wilcoxon"
+
+
+def test_a_budget_that_cannot_fit_one_epoch_is_one_clear_error() -> None:
+    with pytest.raises(AutoftError, match=r"--timeout 30s is too short: .* give at least --timeout \d+s\."):
+        plan.plan_budget(30, PROBE, PROFILE, spent=20, max_epochs=10, pruner="median")
+
+
+# -------------------------------------------------------------------------------------------------- priors
+
+
+def test_priors_fire_on_their_thresholds() -> None:
+    names = lambda acc, profile=PROFILE: [p.name for p in plan.choose_priors(profile, _probe(acc))]  # noqa: E731
+    assert names(0.99) == ["features-fit-well"]  # fit (0.99 - 0.4) / 0.6 = 0.98
+    assert names(0.95) == []  # fit 0.92: fine-tuning still has room
+    assert names(0.6) == ["features-fit-poorly"]  # fit 0.33
+    assert names(0.8) == []  # fit 0.67: no rule
+    few = dataclasses.replace(PROFILE, train=30)
+    assert names(0.8, few) == ["few-images"]
+
+
+def test_strong_features_narrow_the_default_space_consistently() -> None:
+    space = load_space("default")
+    priors = plan.choose_priors(PROFILE, _probe(0.99))
+    narrowed, skipped = plan.apply_priors(space, priors)
+    assert _param(narrowed, "freeze").choices == ("linear_probe", "partial", "lp_ft")  # preset order kept
+    assert _param(narrowed, "lr").high == 1e-3 and _param(narrowed, "lr").low == _param(space, "lr").low
+    assert _param(narrowed, "head_lr_ratio").when == {"freeze": ("partial", "lp_ft")}  # "full" left its condition
+    assert [e["freeze"] for e in narrowed.portfolio] == ["linear_probe", "lp_ft"]  # full FT entries dropped
+    assert all(e["lr"] <= 1e-3 for e in narrowed.portfolio)  # clipped into the new range
+    assert skipped == ()
+
+
+def test_weak_features_drop_the_linear_probe_and_its_portfolio_entry() -> None:
+    narrowed, _ = plan.apply_priors(load_space("default"), plan.choose_priors(PROFILE, _probe(0.5)))
+    assert "linear_probe" not in _param(narrowed, "freeze").choices
+    assert _param(narrowed, "lr").low == 1e-4
+    assert narrowed.portfolio[0]["freeze"] == "full"  # deeper tuning first
+
+
+def test_priors_never_touch_what_the_user_set_and_never_widen() -> None:
+    space = load_space("default", fixed=["freeze=full"], overrides=["lr.high=1e-4"])
+    priors = plan.choose_priors(PROFILE, _probe(0.99))
+    narrowed, skipped = plan.apply_priors(space, priors, keep=["freeze", "lr"])
+    assert narrowed.params == space.params
+    assert skipped == ("features-fit-well: freeze left as is (set by the user)", "features-fit-well: lr left as is "
+                       "(set by the user)")  # fmt: skip
+    quick = load_space("quick")  # lr high 3e-2; epochs 2-4 already below the few-images cap of 6
+    narrowed, skipped = plan.apply_priors(quick, plan.choose_priors(dataclasses.replace(PROFILE, train=30), PROBE))
+    assert _param(narrowed, "epochs").high == 4 and "few-images: epochs left as is (already within)" in skipped
+
+
+# ----------------------------------------------------------------------------------------- probe (real model)
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory: pytest.TempPathFactory):
+    root = make_image_folder(tmp_path_factory.mktemp("plan") / "data", per_class=8, with_test=True)
+    return prepare(SearchConfig(model="test_resnet", data=root, pretrained=False, image_size=16, device="cpu"))
+
+
+@pytest.mark.slow  # trains: a few steps of a real (tiny) model
+def test_probe_measures_fit_and_epoch_cost_on_the_search_feature_cache(tiny_setup) -> None:
+    measured = plan.probe(tiny_setup, seed=0, steps=30, timed_steps=1)
+    assert tiny_setup.feature_cache.nbytes > 0  # built once here, reused by the head-only trials
+    assert measured.linear_probe_accuracy == 1.0  # one colour per class: separable even with random weights
+    assert measured.chance == pytest.approx(1 / 3) and measured.fit == 1.0
+    assert measured.epoch_seconds_full > 0 and measured.epoch_seconds_head > 0 and measured.eval_seconds_per_image > 0
+    train, val = tiny_setup.feature_cache.splits()
+    assert plan._linear_probe(train, val, 3, seed=0, steps=30) == measured.linear_probe_accuracy  # seeded
+
+
+def test_profile_counts_classes_and_imbalance(tiny_setup) -> None:
+    profile = plan.profile_data(tiny_setup.dataset)
+    assert (profile.train, profile.val, profile.test, profile.classes) == (24, 6, 6, 3)
+    assert profile.imbalance == 1.0 and profile.image_size == 16
+
+
+# ------------------------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.slow
+def test_a_timed_search_ends_within_its_budget_and_a_resume_reuses_the_probe(tmp_path: Path) -> None:
+    """--timeout covers the whole call (preparation, probe, search, test score, report), within +5%.
+
+    The budget is the API call's: interpreter start-up and imports come before it (about 3 s unloaded).
+    """
+    data = make_image_folder(tmp_path / "data", per_class=8, with_test=True)
+    timeout = 30.0
+    cfg = SearchConfig(
+        model="test_resnet", data=data, pretrained=False, image_size=16, device="cpu", trials=None, timeout=timeout,
+        run_dir=tmp_path / "run", max_epochs=3,
+    )  # fmt: skip
+    plans: list[plan.Plan] = []
+    started = time.monotonic()
+    result = run_search(cfg, on_plan=plans.append)
+    elapsed = time.monotonic() - started
+    assert elapsed <= 1.05 * timeout, f"{elapsed:.1f}s for a {timeout:.0f}s budget; plan: {plans[0].describe()}"
+    assert result.study.get_trials(states=(TrialState.COMPLETE,))
+    assert plans[0].budget is not None and plans[0].budget.max_epochs <= 3 and not plans[0].reused
+    recorded = result.study.user_attrs["plan"]
+    assert recorded["probe"]["linear_probe_accuracy"] == plans[0].probe.linear_probe_accuracy
+    assert recorded["budget"]["max_epochs"] == plans[0].budget.max_epochs
+    assert recorded["priors"] == [p.name for p in plans[0].priors]
+    # The same study again, one more trial, no timeout: the stored probe shapes the same space.
+    finished = len(result.study.trials)
+    run_search(dataclasses.replace(cfg, timeout=None, trials=finished + 1), on_plan=plans.append)
+    assert plans[1].reused and plans[1].probe == plans[0].probe and plans[1].budget is None
+    assert [p.name for p in plans[1].priors] == [p.name for p in plans[0].priors]
+
+
+@pytest.mark.slow
+def test_explain_prints_the_plan_and_no_priors_turns_them_off(tmp_path: Path, capsys) -> None:
+    data = make_image_folder(tmp_path / "data", per_class=8)
+    args = ["search", "--model", "test_resnet", "--no-pretrained", "--data", str(data), "--image-size", "16"]
+    args += ["--trials", "1", "--max-epochs", "1", "--device", "cpu", "--run-dir", str(tmp_path / "run")]
+    assert main([*args, "--explain", "--no-priors"]) == 0
+    err = capsys.readouterr().err
+    assert "linear probe val accuracy" in err and "priors: off (--no-priors)" in err
+    assert "budget: none (no --timeout)" in err
+    # A budget that cannot fit one epoch after preparing and probing: one sentence, exit 2, before any trial.
+    assert main([*args, "--timeout", "1s", "--run-dir", str(tmp_path / "short")]) == 2
+    assert "--timeout 1s is too short" in capsys.readouterr().err
+    assert not (tmp_path / "short" / "best").exists()
