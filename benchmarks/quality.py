@@ -86,7 +86,7 @@ def run_method(
     shutil.rmtree(run_dir, ignore_errors=True)  # a run interrupted earlier: start afresh, not continue it
     return autoft_search(
         data_dir, model=MODEL, run_dir=run_dir, trials=None, timeout=budget, seed=seed, max_epochs=args.max_epochs,
-        weights=args.weights, image_size=IMAGE_SIZE, device="cpu",
+        weights=args.weights, image_size=args.image_size, device="cpu",
     )  # fmt: skip
 
 
@@ -149,6 +149,7 @@ def main() -> None:
     parser.add_argument("--budgets", default="3m,10m,30m", help="wall-clock budgets per run, e.g. 1m,3m")
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per cell (default 3)")
     parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--image-size", type=int, default=IMAGE_SIZE, help=f"pixels (default {IMAGE_SIZE})")
     parser.add_argument("--max-epochs", type=int, default=6, help="epoch cap of every method (the demo's 6)")
     parser.add_argument("--csv", type=Path, default=Path("runs/bench-quality/quality.csv"), help="per-run rows")
     parser.add_argument("--cache", type=Path, default=Path("demo_data/bench"), help="where data sets are built")
@@ -172,7 +173,7 @@ def main() -> None:
                         continue
                     if setup is None and method != "autoft":
                         setup = bench_setup(
-                            data_dir, model=MODEL, weights=args.weights, image_size=IMAGE_SIZE, seed=seed
+                            data_dir, model=MODEL, weights=args.weights, image_size=args.image_size, seed=seed
                         )
                         device = setup.device
                     print(f"{dataset} {budget:.0f}s seed {seed}: {method}…", file=sys.stderr, flush=True)
@@ -195,7 +196,18 @@ def main() -> None:
     rows = [r for r in read_rows(args.csv) if (r["dataset"], r["budget_s"], r["seed"]) in wanted]
     cells = summarize(rows, methods)
     print(table(cells, methods))
-    print(json.dumps({"benchmark": "quality", "cells": cells, "targets": targets(cells), "machine": machine(device)}))
+    print(
+        json.dumps(
+            {
+                "benchmark": "quality",
+                "image_size": args.image_size,
+                "max_epochs": args.max_epochs,
+                "cells": cells,
+                "targets": targets(cells),
+                "machine": machine(device),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=16, help="trials of the hand-written script (default 16)")
     parser.add_argument("--max-epochs", type=int, default=6, help="epoch cap for both (the demo's 6)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--image-size", type=int, default=IMAGE_SIZE, help=f"pixels (default {IMAGE_SIZE})")
     parser.add_argument("--data", default="digits", choices=list(BUILDERS))
     parser.add_argument("--cache", type=Path, default=Path("demo_data/bench"), help="where data sets are built")
     parser.add_argument("--run-dir", type=Path, default=Path("runs/bench-search"), help="autoft's run (replaced)")
@@ -48,7 +49,7 @@ def main() -> None:
 
     print(f"hand-written Optuna script: {args.trials} trials…", file=sys.stderr, flush=True)
     clock = Clock()
-    setup = bench_setup(data_dir, model=MODEL, weights=weights, image_size=IMAGE_SIZE, seed=args.seed)
+    setup = bench_setup(data_dir, model=MODEL, weights=weights, image_size=args.image_size, seed=args.seed)
     prepared, prepared_cpu = clock.read()
     script = handwritten_search(
         setup, trials=args.trials, timeout=None, seed=args.seed, max_epochs=args.max_epochs, on_trial=_progress
@@ -65,7 +66,7 @@ def main() -> None:
     shutil.rmtree(args.run_dir, ignore_errors=True)
     ours = autoft_search(
         data_dir, model=MODEL, run_dir=args.run_dir, trials=None, timeout=budget, seed=args.seed,
-        max_epochs=args.max_epochs, weights=weights, image_size=IMAGE_SIZE, device="cpu",
+        max_epochs=args.max_epochs, weights=weights, image_size=args.image_size, device="cpu",
     )  # fmt: skip
 
     target = script.val_accuracy
@@ -79,6 +80,7 @@ def main() -> None:
         "benchmark": "search",
         "model": MODEL,
         "data": args.data,
+        "image_size": args.image_size,
         "max_epochs": args.max_epochs,
         "seed": args.seed,
         "script_trials": script.trials,
