@@ -1,0 +1,129 @@
+"""The benchmarks' own parts: the hand-written baselines, the offline data sets and the quality grid's bookkeeping."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import FixedTrial
+
+from conftest import make_image_folder
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import baselines
+import bench_data
+import quality
+
+from autoft.space import load_space
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+@pytest.mark.parametrize("max_epochs", [3, 20])
+def test_handwritten_knobs_are_the_default_space(max_epochs):
+    """The script suggests exactly the default space's knobs: same names, conditions, ranges and epoch cap."""
+    space = load_space("default").with_max_epochs(max_epochs)
+    ours, theirs = {}, {}
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(80):
+        trial = study.ask()
+        knobs = baselines.suggest_knobs(trial, max_epochs=max_epochs)
+        assert space.sample(FixedTrial(knobs)) == knobs  # same conditional structure, value for value
+        ours |= trial.distributions
+        study.tell(trial, 0.0)
+    reference = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(80):
+        trial = reference.ask()
+        space.sample(trial)
+        theirs |= trial.distributions
+        reference.tell(trial, 0.0)
+    assert ours == theirs
+
+
+def test_method_result_curve_queries():
+    curve, cpu_curve = [(5.0, 0.5), (12.0, 0.9), (20.0, 0.7)], [(2.0, 0.5), (3.0, 0.9), (4.0, 0.7)]
+    result = baselines.MethodResult("x", 0.9, 0.8, trials=3, seconds=30.0, curve=curve, cpu_curve=cpu_curve)
+    assert result.best_by(4.0) is None
+    assert result.best_by(11.0) == 0.5 and result.best_by(19.0) == 0.9
+    assert result.time_to_reach(0.9) == 12.0 and result.time_to_reach(0.6) == 12.0
+    assert result.time_to_reach(0.95) is None
+    assert result.best_by(2.5, cpu=True) == 0.5 and result.time_to_reach(0.9, cpu=True) == 3.0
+
+
+def test_built_data_sets_are_deterministic_and_stratified(tmp_path):
+    for name, builder, per_class, classes in (
+        ("glyphs", bench_data.build_glyphs, 5, 10),
+        ("patches", bench_data.build_patches, 5, 12),
+    ):
+        first, second = tmp_path / f"{name}-a", tmp_path / f"{name}-b"
+        builder(first, per_class=per_class)
+        builder(second, per_class=per_class)
+        for split, each in (("train", 3), ("val", 1), ("test", 1)):
+            folders = sorted((first / split).iterdir())
+            assert len(folders) == classes, (name, split)
+            assert all(len(list(f.glob("*.png"))) == each for f in folders), (name, split)
+        files = sorted(p.relative_to(first) for p in first.rglob("*.png"))
+        assert files == sorted(p.relative_to(second) for p in second.rglob("*.png"))
+        assert all((first / f).read_bytes() == (second / f).read_bytes() for f in files)
+
+
+def test_build_replaces_a_half_written_set(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setitem(bench_data.BUILDERS, "glyphs", lambda root: calls.append(root) or root.mkdir(parents=True))
+    (tmp_path / "glyphs" / "train").mkdir(parents=True)  # left by an interrupted build: no marker
+    assert bench_data.build("glyphs", tmp_path) == tmp_path / "glyphs"
+    assert bench_data.build("glyphs", tmp_path) == tmp_path / "glyphs"
+    assert calls == [tmp_path / "glyphs"]  # built once; the second call found the marker
+    assert not (tmp_path / "glyphs" / "train").exists()
+
+
+def _row(dataset, budget, seed, method, test):
+    return {
+        "dataset": dataset, "budget_s": budget, "seed": seed, "method": method, "test_accuracy": test,
+        "val_accuracy": test, "trials": 2, "seconds": budget, "finished": "now",
+    }  # fmt: skip
+
+
+def test_quality_rows_resume_and_summarize(tmp_path):
+    path = tmp_path / "quality.csv"
+    scores = {"untuned_default": 0.80, "handwritten_tpe": 0.85, "handwritten_random": 0.84, "autoft": 0.88}
+    for seed in (0, 1):
+        for method, score in scores.items():
+            quality.append_row(path, _row("digits", 60.0, seed, method, score + 0.01 * seed))
+    quality.append_row(path, _row("glyphs", 60.0, 0, "autoft", None))  # a run with no test split
+    rows = quality.read_rows(path)
+    assert len(rows) == 9 and rows[0]["budget_s"] == 60.0 and rows[0]["seed"] == 0
+    assert rows[-1]["test_accuracy"] is None
+    cells = quality.summarize(rows, list(quality.METHODS))
+    autoft = next(c for c in cells if c["method"] == "autoft")
+    assert autoft == {"dataset": "digits", "budget_s": 60.0, "method": "autoft", "mean": 88.5, "sd": 0.71, "n": 2}
+    checks = quality.targets(cells)
+    assert checks["complete_cells"] == 1 and checks["autoft_best_everywhere"] is True
+    assert checks["smallest_budget_gain_vs_tpe_points"] == pytest.approx(3.0)
+    assert "| digits | 1 min | 80.5 ± 0.7 (n=2) |" in quality.table(cells, list(quality.METHODS))
+
+
+@pytest.mark.slow
+def test_baselines_run_end_to_end(tmp_path):
+    """Each method runs on a tiny model and reports a curve and a test accuracy (real Optuna, real training)."""
+    data = make_image_folder(tmp_path / "data", per_class=8, size=(16, 16), with_test=True)
+    setup = baselines.bench_setup(data, model="test_resnet", weights=None, image_size=16, pretrained=False)
+    script = baselines.handwritten_search(setup, sampler="random", trials=2, timeout=None, seed=0, max_epochs=1)
+    assert script.trials == 2 and len(script.curve) == len(script.cpu_curve) == 2
+    assert script.curve[0][0] < script.curve[1][0] <= script.seconds
+    assert script.val_accuracy == max(v for _, v in script.curve)
+    assert 0.0 <= script.test_accuracy <= 1.0
+    untuned = baselines.untuned_default(setup, seed=0, max_epochs=1)
+    assert untuned.trials == 1 and 0.0 <= untuned.test_accuracy <= 1.0
+    ours = baselines.autoft_search(
+        data, model="test_resnet", run_dir=tmp_path / "run", trials=1, timeout=None, seed=0, max_epochs=1,
+        pretrained=False, image_size=16, device="cpu",
+    )  # fmt: skip
+    assert ours.trials == 1 and len(ours.curve) == len(ours.cpu_curve) == 1
+    assert 0 < ours.curve[0][0] <= ours.seconds and 0 < ours.cpu_curve[0][0] <= ours.cpu_seconds
+    assert ours.val_accuracy == ours.curve[0][1] and ours.test_accuracy is not None
+    with pytest.raises(SystemExit, match="would continue its study"):
+        baselines.autoft_search(data, model="test_resnet", run_dir=tmp_path / "run", trials=1, timeout=None, seed=0,
+                                max_epochs=2, pretrained=False, image_size=16)  # fmt: skip
