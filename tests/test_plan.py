@@ -58,6 +58,17 @@ def test_a_tight_budget_shortens_trials_and_keeps_the_users_pruner() -> None:
     assert plan.plan_budget(600, PROBE, PROFILE, spent=30, max_epochs=10, pruner="wilcoxon").pruner == "wilcoxon"
 
 
+def test_the_final_models_cost_is_reserved_before_the_search() -> None:
+    plain = plan.plan_budget(600, PROBE, PROFILE, spent=30, max_epochs=10, pruner="median")
+    soup = plan.plan_budget(600, PROBE, PROFILE, spent=30, max_epochs=10, pruner="median", soup_models=4)
+    assert soup.wrap_up == pytest.approx(plain.wrap_up + 5 * 0.001 * PROFILE.val)  # 4 kept models + the best, on val
+    refit = plan.plan_budget(600, PROBE, PROFILE, spent=30, max_epochs=10, pruner="median", refit=True)
+    refit_epoch = 15.0 * (PROFILE.train + PROFILE.val) / PROFILE.train
+    assert refit.wrap_up == pytest.approx(plain.wrap_up + refit.max_epochs * refit_epoch)
+    assert refit.max_epochs < plain.max_epochs  # three full trials and the refit of the longest now share the time
+    assert refit.search >= 3 * refit.max_epochs * 15.0
+
+
 def test_a_budget_that_cannot_fit_one_epoch_is_one_clear_error() -> None:
     with pytest.raises(AutoftError, match=r"--timeout 30s is too short: .* give at least --timeout \d+s\."):
         plan.plan_budget(30, PROBE, PROFILE, spent=20, max_epochs=10, pruner="median")

@@ -786,6 +786,7 @@ def _plan(cfg: SearchConfig, setup: Setup, space: Any, study: optuna.Study, star
         pruner=cfg.pruner,
         priors_off=priors_off,
         keep=keep,
+        final_model={"soup_models": cfg.keep_top if cfg.soup else 0, "refit": cfg.refit},  # their share of --timeout
     )
     study.set_user_attr("plan", search_plan.record())  # the latest run's plan; the probe stays the first run's
     for line in search_plan.describe().splitlines():

@@ -459,10 +459,14 @@ def plan_budget(
     spent: float,
     max_epochs: int,
     pruner: str,
+    soup_models: int = 0,
+    refit: bool = False,
 ) -> BudgetPlan:
     """Fit the search to ``timeout`` seconds, of which ``spent`` are gone.
 
-    wrap_up = WRAP_UP_FIXED_SECONDS + 3 x eval cost of (val + test) + SLACK x timeout;
+    wrap_up = WRAP_UP_FIXED_SECONDS + 3 x eval cost of (val + test) + SLACK x timeout, plus the final model's
+    cost: a soup of up to ``soup_models`` kept models evaluates val ``soup_models + 1`` times; ``refit`` trains
+    once more for max_epochs epochs on train+val (so max_epochs is chosen with that refit reserved too);
     search = timeout - spent - wrap_up; epoch = EPOCH_SAFETY x measured full fine-tuning epoch;
     max_epochs = clamp(search / (FULL_TRIALS x epoch), 1, --max-epochs);
     expected trials = search / (epoch x (max_epochs + 1.5) / 2)  (about half run to the end, half are pruned
@@ -472,9 +476,16 @@ def plan_budget(
     10
     """
     evaluations = 3 * measured.eval_seconds_per_image * (profile.val + profile.test)  # test score + the report's
+    if soup_models >= 2:
+        evaluations += (soup_models + 1) * measured.eval_seconds_per_image * profile.val
     wrap_up = WRAP_UP_FIXED_SECONDS + evaluations + SLACK * timeout
-    search = timeout - spent - wrap_up
     epoch = EPOCH_SAFETY * max(measured.epoch_seconds_full, measured.epoch_seconds_head, 1e-3)
+    if refit:  # the refit's epochs cost (train + val) / train of a search epoch; reserve them for the longest trial
+        refit_epoch = epoch * (profile.train + profile.val) / max(profile.train, 1)
+        room = timeout - spent - wrap_up
+        epochs_fit = max(1, min(max_epochs, int(room // (FULL_TRIALS * epoch + refit_epoch))))
+        wrap_up += epochs_fit * refit_epoch
+    search = timeout - spent - wrap_up
     if search < epoch:
         need = math.ceil(spent + wrap_up + FULL_TRIALS * epoch)
         raise AutoftError(
@@ -588,12 +599,15 @@ def make_plan(
     pruner: str,
     priors_off: str = "",
     keep: Sequence[str] = (),
+    final_model: Mapping[str, Any] | None = None,
 ) -> tuple[Plan, Space]:
     """Measure (or reuse the stored measurements), choose priors, plan the budget; return the plan and the space.
 
+    ``final_model`` holds :func:`plan_budget`'s ``soup_models`` / ``refit``: the final model's share of the wrap-up.
     ``spent()`` gives the seconds the command has run so far (read after the probe, so the probe counts).
     ``priors_off`` says why priors are off ('' applies them); ``keep`` names the knobs the user set.
     """
+    final_model = dict(final_model or {})
     reuse = stored(study_attrs)
     profile, measured = reuse if reuse is not None else (profile_data(setup.dataset), probe(setup, seed=seed))
     priors: tuple[Prior, ...] = ()
@@ -606,7 +620,9 @@ def make_plan(
     budget = None
     if timeout is not None:
         longest = min(max_epochs, _longest_trial(space))
-        budget = plan_budget(timeout, measured, profile, spent=spent(), max_epochs=longest, pruner=pruner)
+        budget = plan_budget(
+            timeout, measured, profile, spent=spent(), max_epochs=longest, pruner=pruner, **final_model
+        )
         space = space.with_max_epochs(budget.max_epochs)
     plan = Plan(profile, measured, priors, skipped, budget, priors_off=priors_off, reused=reuse is not None)
     return plan, space
