@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint clean bench-throughput bench-feature-cache
+.PHONY: demo test lint clean bench-throughput bench-feature-cache bench-memory
 
 $(BIN)/autoft: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,9 @@ bench-throughput: $(BIN)/autoft
 
 bench-feature-cache: $(BIN)/autoft
 	$(BIN)/python benchmarks/feature_cache.py
+
+bench-memory: $(BIN)/autoft
+	$(BIN)/python benchmarks/memory.py
 
 clean:
 	rm -rf $(VENV) runs demo_data

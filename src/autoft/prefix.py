@@ -36,6 +36,7 @@ import copy
 import logging
 import math
 import os
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -160,9 +161,10 @@ class PrefixCache:
 
     def _on_disk(self, n: int, shape: torch.Size) -> torch.Tensor:
         self.spill_dir.mkdir(parents=True, exist_ok=True)
-        path = self.spill_dir / f"activations-{os.getpid()}-{id(self)}-{len(self._entries)}-{n}.f32"
-        mapped = torch.from_file(str(path), shared=True, size=n * math.prod(shape), dtype=torch.float32)
-        path.unlink()  # the mapping keeps the data; the space is freed when the tensor is
+        handle, path = tempfile.mkstemp(prefix="activations-", suffix=".f32", dir=self.spill_dir)
+        os.close(handle)
+        mapped = torch.from_file(path, shared=True, size=n * math.prod(shape), dtype=torch.float32)
+        os.unlink(path)  # the mapping keeps the data; the space is freed when the tensor is
         return mapped.view(n, *shape)
 
     def _fill(self, prefix: nn.Module, split: data.ImageSet, out: torch.Tensor) -> data.ImageSet:
