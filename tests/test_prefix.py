@@ -139,3 +139,15 @@ def test_a_model_fx_cannot_split_falls_back() -> None:
             return self.fc(self.b(self.a(x)) + x)
 
     assert "2 values cross the cut" in prefix.split_model(Branchy(), 1)
+
+
+def test_a_search_setup_shares_one_prefix_cache_that_spills_under_the_run_dir(tmp_path: Path) -> None:
+    from autoft.config import SearchConfig
+    from autoft.controller import prepare
+    from conftest import make_image_folder
+
+    data_dir = make_image_folder(tmp_path / "data", per_class=4, size=(16, 16))
+    config = SearchConfig(model="test_resnet", data=data_dir, pretrained=False, image_size=16, run_dir=tmp_path / "run")
+    setup = prepare(config)
+    assert setup.prefix_cache.base_model is setup.base_model
+    assert setup.prefix_cache.spill_dir == tmp_path / "run" / "prefix_cache"
