@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint clean bench-throughput bench-feature-cache bench-search bench-quality
+.PHONY: demo test lint clean bench-throughput bench-feature-cache bench-search bench-quality bench-memory
 
 $(BIN)/autoft: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,10 @@ bench-search: $(BIN)/autoft
 # A smaller grid: make bench-quality QUALITY_ARGS="--datasets digits --budgets 3m --seeds 1"
 bench-quality: $(BIN)/autoft
 	$(BIN)/python benchmarks/quality.py $(QUALITY_ARGS)
+
+# Peak resident memory over a 30-trial search vs after 5 trials (no leak across trials).
+bench-memory: $(BIN)/autoft
+	$(BIN)/python benchmarks/memory.py
 
 clean:
 	rm -rf $(VENV) runs demo_data

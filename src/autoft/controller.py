@@ -39,6 +39,7 @@ from autoft.config import SearchConfig
 from autoft.errors import AutoftError
 from autoft.features import FeatureCache
 from autoft.objectives import ParetoPoint
+from autoft.prefix import PrefixCache
 from autoft.recipe import Recipe, describe_knobs
 from autoft.report import write_report
 from autoft.space import load_space
@@ -88,6 +89,7 @@ class Setup:
     interpolation: str
     device: torch.device
     feature_cache: FeatureCache | None = None  # pooled features for head-only trials, built on first use
+    prefix_cache: PrefixCache | None = None  # activations after a frozen prefix for partial fine-tuning, likewise
     compile: bool = False  # torch.compile each trial's training forward
 
 
@@ -161,6 +163,7 @@ def prepare(
         interpolation=preprocessing["interpolation"],
         device=device,
         feature_cache=FeatureCache(model, dataset, mean=mean, std=std, device=device),
+        prefix_cache=PrefixCache(model, dataset, mean=mean, std=std, device=device, spill_dir=_spill_dir(config)),
         compile=config.compile,
     )
 
@@ -181,6 +184,11 @@ def prepare_models(config: SearchConfig) -> dict[str, Setup]:
         models.check_name(name)
     decoded: dict[tuple[int, str], data.Dataset] = {}
     return {name: prepare(config, model_name=name, decoded=decoded) for name in config.models}
+
+
+def _spill_dir(config: SearchConfig) -> Path | None:
+    """Where the prefix cache spills past its memory bound: the run directory, when the search has one."""
+    return config.run_dir / "prefix_cache" if config.run_dir is not None else None
 
 
 def train_recipe(
@@ -206,6 +214,7 @@ def train_recipe(
         report=report or (lambda epoch, metrics: False),
         stop=stop,
         feature_cache=setup.feature_cache,
+        prefix_cache=setup.prefix_cache,
         compile_model=setup.compile,
     )
 

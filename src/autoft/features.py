@@ -11,8 +11,8 @@ same generator, so results equal the uncached path within float tolerance (tests
 Memory bound: (train + val images) x ``num_features`` x 4 bytes (2 under bf16 autocast), kept on the
 device, e.g. 1,437 digits x 1,280 (efficientnet_lite0) = 7 MB, 100,000 images x 2,048 (resnet50) = 820 MB.
 Past ``max_bytes`` (default 2 GiB) the cache is not built and trials take the uncached path; pooled
-features are this small, so there is no spill to disk. There is no cache for partial freezing (the
-feature maps after a frozen prefix of blocks): those trials still run the frozen blocks every epoch.
+features are this small, so there is no spill to disk. Partial freezing (the feature maps after a frozen
+prefix of blocks) has its own cache, with a disk spill: ``prefix.PrefixCache``.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from autoft import data, features, models, optim, pieces
+from autoft import data, features, models, optim, pieces, prefix
 from autoft.recipe import Recipe
 
 __all__ = ["EpochMetrics", "Report", "TrialOutcome", "evaluate", "resolve_device", "run_trial"]
@@ -91,6 +91,7 @@ def run_trial(
     report: Report,
     stop: threading.Event | None = None,
     feature_cache: features.FeatureCache | None = None,
+    prefix_cache: prefix.PrefixCache | None = None,
     compile_model: bool = False,
     keep_last: bool = False,
 ) -> TrialOutcome:
@@ -98,9 +99,10 @@ def run_trial(
 
     ``stop``, once set, ends the trial before its next step (``outcome.interrupted``). ``feature_cache``
     (built for this ``base_model`` and ``dataset``) lets head-only epochs on deterministic inputs train the
-    classifier on cached pooled features. ``compile_model`` runs the training forward through ``torch.compile``.
-    ``keep_last`` keeps the last epoch's weights instead of the best epoch's (a refit on train+val has no
-    held-out split left to choose an epoch by).
+    classifier on cached pooled features; ``prefix_cache`` (likewise) lets partial fine-tuning epochs run only the
+    unfrozen blocks, on the cached activations entering them. ``compile_model`` runs the training forward through
+    ``torch.compile``. ``keep_last`` keeps the last epoch's weights instead of the best epoch's (a refit on train+val
+    has no held-out split left to choose an epoch by).
 
     >>> outcome = run_trial(model, Recipe(epochs=2), ds, mean=m, std=s, device=cpu, seed=0,
     ...                     report=lambda epoch, metrics: False)  # doctest: +SKIP
@@ -112,6 +114,8 @@ def run_trial(
         model = model.to(memory_format=torch.channels_last)
     if feature_cache is not None and feature_cache.base_model is not base_model:
         feature_cache = None  # features of another model: not ours to use
+    if prefix_cache is not None and prefix_cache.base_model is not base_model:
+        prefix_cache = None
     steps_per_epoch = math.ceil(len(dataset.train) / recipe.batch_size)
     total_steps, warmup_steps = recipe.epochs * steps_per_epoch, recipe.warmup_epochs * steps_per_epoch
     outcome = TrialOutcome(best_score=-math.inf, best_epoch=-1)
@@ -128,6 +132,11 @@ def run_trial(
             head_only = trainable == 0 and custom_freeze is None and features.deterministic_inputs(recipe)
             cached = feature_cache.splits() if feature_cache is not None and head_only else None
             net = model.get_classifier() if cached else model
+            # A frozen prefix, same input every epoch: only the trainable blocks run, on activations cached per search.
+            partial = bool(trainable) and custom_freeze is None and features.deterministic_inputs(recipe)
+            suffix = prefix_cache.for_trial(model, train_blocks=trainable) if partial and prefix_cache else None
+            if suffix is not None:
+                net, cached = suffix[0], suffix[1:]
             forward = torch.compile(net) if compile_model else net
             train_split = cached[0] if cached else dataset.train
         started = time.perf_counter()
@@ -144,7 +153,7 @@ def run_trial(
             )
             labels = labels.to(device, non_blocking=True)
             inputs, targets = (
-                (batch, labels)
+                (batch.to(device, non_blocking=True), labels)
                 if cached
                 else _image_inputs(batch, labels, recipe, dataset, mean, std, device, generator)
             )
@@ -162,7 +171,9 @@ def run_trial(
             )
             outcome.stopped_early = True
             break
-        if cached:
+        if suffix is not None:
+            val_loss, val_accuracy = prefix.evaluate(model, net, cached[1], device=device)
+        elif cached:
             val_loss, val_accuracy = features.evaluate_head(net, cached[1], device=device)
         else:
             val_loss, val_accuracy = evaluate(model, dataset.val, mean=mean, std=std, device=device)

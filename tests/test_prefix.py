@@ -1,0 +1,155 @@
+"""Tests for autoft.prefix: partial fine-tuning on cached frozen-prefix activations equals the uncached path."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from autoft import data, models, prefix
+from autoft.prefix import PrefixCache
+from autoft.recipe import Recipe
+from autoft.trial import TrialOutcome, run_trial
+from test_features import MODELS, SIZE, _assert_same_outcome, _model, _split
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def dataset() -> data.Dataset:
+    return data.Dataset(("r", "g", "b"), _split(8, seed=0), _split(4, seed=1), None, Path("."), SIZE, 0)
+
+
+def _cache(model: nn.Module, dataset: data.Dataset, **options) -> PrefixCache:
+    cfg = models.data_config(model)
+    return PrefixCache(model, dataset, mean=cfg["mean"], std=cfg["std"], device=CPU, **options)
+
+
+def _run(model: nn.Module, recipe: Recipe, dataset: data.Dataset, cache: PrefixCache | None) -> TrialOutcome:
+    cfg = models.data_config(model)
+    return run_trial(
+        model, recipe, dataset, mean=cfg["mean"], std=cfg["std"], device=CPU, seed=3,
+        report=lambda epoch, metrics: False, prefix_cache=cache,
+    )  # fmt: skip
+
+
+def _partial(train_blocks: int = 2, **fields) -> Recipe:
+    params = {"freeze": "partial", "train_blocks": train_blocks, "epochs": 2, "batch_size": 8, "lr": 1e-2}
+    return Recipe.from_params(params | {"augment": "none"} | fields)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_cached_partial_fine_tune_equals_the_uncached_one(dataset: data.Dataset, name: str) -> None:
+    model = _model(name)
+    cache = _cache(model, dataset)
+    cached = _run(model, _partial(), dataset, cache)
+    assert cache.bytes_in("memory") > 0  # built and used
+    # Prefix activations computed in batches of 256 round differently (~1e-7) from the training batches; once the
+    # loss is ~1e-3, Adam's normalized steps turn that into weight differences up to ~1e-4 (seen with 1 thread).
+    _assert_same_outcome(cached, _run(model, _partial(), dataset, None), weight_atol=1e-3)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_every_cut_reproduces_the_models_forward(name: str) -> None:
+    model = _model(name).eval()
+    images = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    for start in range(1, len(models.block_groups(model))):
+        split = prefix.split_model(model, start)
+        assert isinstance(split, prefix.Split), split
+        with torch.no_grad():
+            torch.testing.assert_close(split.suffix(split.prefix(images)), model(images), rtol=1e-4, atol=1e-5)
+        suffix_params = {id(p) for p in split.suffix.parameters()}
+        trainable = models.block_groups(model)[start][0]
+        assert id(model.get_parameter(trainable)) in suffix_params  # the trial's own parameters train
+
+
+def test_past_the_memory_bound_the_cache_spills_to_disk_with_the_same_result(
+    dataset: data.Dataset, tmp_path: Path
+) -> None:
+    model = _model("test_efficientnet")
+    cache = _cache(model, dataset, spill_dir=tmp_path / "prefix_cache", max_memory_bytes=100)
+    cached = _run(model, _partial(), dataset, cache)
+    assert cache.bytes_in("memory") == 0 and cache.bytes_in("disk") > 0
+    assert list((tmp_path / "prefix_cache").iterdir()) == []  # unlinked once mapped: nothing left behind
+    _assert_same_outcome(cached, _run(model, _partial(), dataset, None), weight_atol=1e-3)
+
+
+def test_past_both_bounds_trials_take_the_uncached_path(dataset: data.Dataset, tmp_path: Path) -> None:
+    model = _model("test_efficientnet")
+    cache = _cache(model, dataset, spill_dir=tmp_path, max_memory_bytes=100, max_disk_bytes=100)
+    assert cache.activations(train_blocks=2) is None
+    assert cache.bytes_in("memory") == cache.bytes_in("disk") == 0
+    assert _cache(model, dataset, max_memory_bytes=100).activations(train_blocks=2) is None  # no spill dir
+
+
+def test_the_memory_bound_counts_every_entry(dataset: data.Dataset, tmp_path: Path) -> None:
+    model = _model("test_efficientnet")
+    one = _cache(model, dataset).activations(train_blocks=1)
+    size = sum(s.images.numel() * 4 for s in one)
+    cache = _cache(model, dataset, spill_dir=tmp_path, max_memory_bytes=size)
+    cache.activations(train_blocks=1)
+    cache.activations(train_blocks=2)  # its activations are bigger than what is left in memory
+    assert cache.bytes_in("memory") == size and cache.bytes_in("disk") > 0
+
+
+def test_one_entry_per_group_serves_every_trial(dataset: data.Dataset) -> None:
+    model = _model("test_efficientnet")
+    cache = _cache(model, dataset)
+    _run(model, _partial(epochs=1), dataset, cache)
+    first = cache.activations(train_blocks=2)
+    _run(model, _partial(lr=1e-3, epochs=1), dataset, cache)
+    assert cache.activations(train_blocks=2)[0] is first[0]
+    train, val = first
+    assert train.images.shape[0] == len(dataset.train) and torch.equal(val.labels, dataset.val.labels)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{"augment": "light"}, {"mixup": 0.2}, {"freeze": "full"}, {"freeze": "linear_probe"}, {"train_blocks": 9}],
+    ids=["augment", "mixup", "full", "linear-probe", "all-blocks"],
+)
+def test_the_cache_is_not_used_when_inputs_vary_or_nothing_is_frozen(dataset: data.Dataset, fields: dict) -> None:
+    model = _model("test_efficientnet")
+    cache = _cache(model, dataset)
+    _run(model, _partial(epochs=1, **fields), dataset, cache)
+    assert cache.bytes_in("memory") == 0
+
+
+def test_a_stochastic_prefix_is_not_cached_and_says_why(
+    dataset: data.Dataset, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = _model("test_vit")
+    model.pos_drop.p = 0.1  # dropout before the first block: the prefix's output changes every epoch
+    with caplog.at_level(logging.DEBUG, logger="autoft.prefix"):
+        assert _cache(model, dataset).activations(train_blocks=2) is None
+    assert "pos_drop in the frozen prefix is dropout with p=0.1" in caplog.text
+
+
+def test_a_model_fx_cannot_split_falls_back() -> None:
+    class Branchy(nn.Module):  # no group_matcher: grouped by top-level children; two tensors cross every cut
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.fc = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def get_classifier(self) -> nn.Module:
+            return self.fc
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.b(self.a(x)) + x)
+
+    assert "2 values cross the cut" in prefix.split_model(Branchy(), 1)
+
+
+def test_a_search_setup_shares_one_prefix_cache_that_spills_under_the_run_dir(tmp_path: Path) -> None:
+    from autoft.config import SearchConfig
+    from autoft.controller import prepare
+    from conftest import make_image_folder
+
+    data_dir = make_image_folder(tmp_path / "data", per_class=4, size=(16, 16))
+    config = SearchConfig(model="test_resnet", data=data_dir, pretrained=False, image_size=16, run_dir=tmp_path / "run")
+    setup = prepare(config)
+    assert setup.prefix_cache.base_model is setup.base_model
+    assert setup.prefix_cache.spill_dir == tmp_path / "run" / "prefix_cache"
