@@ -4,7 +4,9 @@
   objective that suggests the knobs of autoft's default space by hand (``suggest_knobs``), copies the
   pretrained model and trains it with a plain PyTorch loop (``train_plain``: no pruning, no feature cache, no
   warm start), evaluates val after every epoch and returns the best epoch's val accuracy (autoft's trial value
-  too); ``study.optimize(n_trials=..., timeout=...)``, so a trial running at the timeout finishes.
+  too); ``study.optimize(n_trials=..., timeout=...)``. So that every method gets the same wall-clock budget,
+  a trial running at the timeout stops after the epoch that crosses it (as autoft's trials and the untuned
+  recipe do); a script that let it finish would overrun a 2-minute budget by up to a whole trial.
 - random search: the same script with ``optuna.samplers.RandomSampler`` -- random search as people run it,
   over the same space and loop, so its gap to the TPE script is the sampler's alone.
 - ``untuned_default``: one full fine-tune with ``autoft.BASELINE`` (Adam lr 1e-3, no weight decay, light
@@ -209,9 +211,11 @@ def handwritten_search(
     curve: list[tuple[float, float]] = []
     cpu_curve: list[tuple[float, float]] = []
     best: dict[str, Any] = {"val": -1.0, "state": {}}
+    deadline = clock.wall + timeout if timeout else None
 
     def objective(trial: optuna.Trial) -> float:
-        outcome = train_plain(setup, suggest_knobs(trial, max_epochs=max_epochs), seed=seed + trial.number)
+        knobs = suggest_knobs(trial, max_epochs=max_epochs)
+        outcome = train_plain(setup, knobs, seed=seed + trial.number, deadline=deadline)
         wall, cpu = clock.read()
         curve.append((wall, outcome.best_val))
         cpu_curve.append((cpu, outcome.best_val))

@@ -34,6 +34,10 @@ def _probe(accuracy: float) -> plan.Probe:
     return dataclasses.replace(PROBE, linear_probe_accuracy=accuracy)
 
 
+def _epoch(seconds: float) -> plan.Probe:
+    return dataclasses.replace(PROBE, epoch_seconds_full=seconds)
+
+
 def _param(space, name):
     return next((p for p in space.params if p.name == name), None)
 
@@ -45,15 +49,16 @@ def test_budget_reserves_spent_and_wrap_up_and_fits_three_full_trials() -> None:
     budget = plan.plan_budget(600, PROBE, PROFILE, spent=30, max_epochs=10, pruner="median")
     assert budget.wrap_up == pytest.approx(plan.WRAP_UP_FIXED_SECONDS + 3 * 0.001 * 600 + 0.03 * 600)
     assert budget.search == pytest.approx(600 - 30 - budget.wrap_up)
-    assert budget.epoch_seconds == pytest.approx(15.0)  # 10 s measured x 1.5 margin
-    assert int(budget.search // (3 * 15.0)) == 12 and budget.max_epochs == 10  # capped by --max-epochs
+    epoch = 10 * plan.EPOCH_SAFETY
+    assert budget.epoch_seconds == pytest.approx(epoch)  # 10 s measured x the safety margin
+    assert int(budget.search // (3 * epoch)) > 10 and budget.max_epochs == 10  # capped by --max-epochs
     assert budget.pruner == "hyperband"  # trials of 9+ epochs: rungs at 1, 3, 9 cut bad ones early
-    assert budget.launch_window == pytest.approx(budget.search - 15.0)
+    assert budget.launch_window == pytest.approx(budget.search - epoch)
 
 
 def test_a_tight_budget_shortens_trials_and_keeps_the_users_pruner() -> None:
     budget = plan.plan_budget(200, PROBE, PROFILE, spent=30, max_epochs=10, pruner="median")
-    assert budget.max_epochs == int((200 - 30 - budget.wrap_up) // 45) == 3
+    assert budget.max_epochs == int((200 - 30 - budget.wrap_up) // (3 * budget.epoch_seconds)) == 4
     assert budget.pruner == "median"
     assert plan.plan_budget(600, PROBE, PROFILE, spent=30, max_epochs=10, pruner="wilcoxon").pruner == "wilcoxon"
 
@@ -62,11 +67,20 @@ def test_the_final_models_cost_is_reserved_before_the_search() -> None:
     plain = plan.plan_budget(600, PROBE, PROFILE, spent=30, max_epochs=10, pruner="median")
     soup = plan.plan_budget(600, PROBE, PROFILE, spent=30, max_epochs=10, pruner="median", soup_models=4)
     assert soup.wrap_up == pytest.approx(plain.wrap_up + 5 * 0.001 * PROFILE.val)  # 4 kept models + the best, on val
-    refit = plan.plan_budget(600, PROBE, PROFILE, spent=30, max_epochs=10, pruner="median", refit=True)
-    refit_epoch = 15.0 * (PROFILE.train + PROFILE.val) / PROFILE.train
+    refit = plan.plan_budget(500, PROBE, PROFILE, spent=30, max_epochs=10, pruner="median", refit=True)
+    plain = plan.plan_budget(500, PROBE, PROFILE, spent=30, max_epochs=10, pruner="median")
+    refit_epoch = 10 * plan.EPOCH_SAFETY * (PROFILE.train + PROFILE.val) / PROFILE.train
     assert refit.wrap_up == pytest.approx(plain.wrap_up + refit.max_epochs * refit_epoch)
     assert refit.max_epochs < plain.max_epochs  # three full trials and the refit of the longest now share the time
-    assert refit.search >= 3 * refit.max_epochs * 15.0
+    assert refit.search >= 3 * refit.max_epochs * refit.epoch_seconds
+
+
+def test_a_small_budget_runs_fewer_trials_of_useful_length_not_one_epoch_each() -> None:
+    small = plan.plan_budget(120, _epoch(30.0), PROFILE, spent=16, max_epochs=6, pruner="median")
+    assert small.max_epochs == min(plan.MIN_USEFUL_EPOCHS, int(small.search // small.epoch_seconds)) >= 2
+    assert int(small.search // (3 * small.epoch_seconds)) < small.max_epochs  # three such trials would not fit
+    tiny = plan.plan_budget(60, _epoch(20.0), PROFILE, spent=10, max_epochs=6, pruner="median")
+    assert tiny.max_epochs == int(tiny.search // tiny.epoch_seconds) >= 1  # as many epochs as fit, at least one
 
 
 def test_a_budget_that_cannot_fit_one_epoch_is_one_clear_error() -> None:
