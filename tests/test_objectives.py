@@ -18,9 +18,10 @@ import autoft
 from autoft import objectives
 from autoft.cli import main
 from autoft.config import SearchConfig
-from autoft.controller import _Executor, create_pruner, open_study, prepare
+from autoft.controller import _Executor, prepare
 from autoft.errors import AutoftError
 from autoft.objectives import EpochReports, ParetoPoint, knee, pareto_front
+from autoft.study import create_pruner, open_study
 from autoft.trial import TrialOutcome
 from conftest import make_image_folder
 

@@ -22,7 +22,8 @@ import autoft
 import autoft.cli
 from autoft import results
 from autoft.config import SearchConfig
-from autoft.controller import _check_free_space, _stop_on_signals, open_study, prepare, run_search
+from autoft.controller import _check_free_space, _stop_on_signals, prepare, run_search
+from autoft.study import open_study
 from conftest import make_image_folder
 
 TINY = {"pretrained": False, "image_size": 16, "max_epochs": 3}

@@ -10,8 +10,8 @@ from optuna.trial import TrialState
 
 import autoft
 from autoft.config import PRUNERS, SAMPLERS
-from autoft.controller import create_pruner, create_sampler
 from autoft.space import Param, SearchSpace
+from autoft.study import create_pruner, create_sampler
 from conftest import make_image_folder
 
 # Two continuous knobs (so GP, CMA-ES and QMC model something after the 3 startup trials), cheap trials.

@@ -12,7 +12,8 @@ from optuna.trial import TrialState
 import autoft
 from autoft import results
 from autoft.config import SearchConfig
-from autoft.controller import _systematic_error, open_study, run_search
+from autoft.controller import run_search
+from autoft.study import open_study, systematic_error
 from conftest import make_image_folder
 
 pytestmark = pytest.mark.slow
@@ -88,7 +89,7 @@ def test_same_error_in_first_trials_stops_the_search_with_that_error(data: Path,
         autoft.search("test_resnet", data, trials=10, space=str(bad_space), run_dir=tmp_path / "run", **TINY)
     study = optuna.load_study(study_name="test_resnet-data", storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}")
     assert len(study.trials) == 3 and all(t.state == TrialState.FAIL for t in study.trials)
-    assert _systematic_error(study) is not None
+    assert systematic_error(study) is not None
     assert "label_smoothing" in study.trials[0].user_attrs["error"]
 
 

@@ -1,8 +1,9 @@
 """The search controller: prepares model and data once, opens the study, runs a backend, exports the best.
 
-Flow: ``prepare`` (model, data, device) -> ``open_study`` (storage, sampler, pruner; resume) ->
-``plan.make_plan`` (probe, priors, ``--timeout`` plan; docs/controller.md) -> backend ``optimize`` (trials call
-``_Executor``) -> best model in ``best/`` -> test score -> result.
+Flow: ``prepare_models`` (each model's weights, the data decoded once, device) -> ``study.open_study``
+(storage, sampler, pruner; resume) -> ``selection`` (several models: drop the weak ones) -> ``plan.make_plan``
+(probe, priors, ``--timeout`` plan; docs/controller.md) -> backend ``optimize`` (trials call ``_Executor``,
+which keeps ``best/``, ``top/`` or ``pareto/``) -> ``final`` (soup or refit) -> test score -> report.
 
 Faults (docs/reliability.md): trials a crash left RUNNING are failed and retried on resume; a trial out of
 device memory is retried once at half the batch size; the first SIGINT/SIGTERM stops the running trial at
@@ -22,7 +23,6 @@ import shutil
 import signal
 import threading
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +30,7 @@ from typing import Any
 
 import optuna
 import torch
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import FrozenTrial
 from torch import nn
 
 from autoft import data, export, final, models, objectives, plan, results, selection, warmstart
@@ -43,6 +43,7 @@ from autoft.prefix import PrefixCache
 from autoft.recipe import Recipe, describe_knobs
 from autoft.report import write_report
 from autoft.space import load_space
+from autoft.study import create_pruner, no_complete_trial_error, open_study, recover_interrupted, systematic_error
 from autoft.trial import EpochMetrics, Report, TrialOutcome, evaluate, resolve_device, run_trial
 
 __all__ = [
@@ -51,9 +52,6 @@ __all__ = [
     "SearchResult",
     "Setup",
     "check_run_dir",
-    "create_pruner",
-    "create_sampler",
-    "open_study",
     "prepare",
     "prepare_models",
     "run_search",
@@ -217,115 +215,6 @@ def train_recipe(
         prefix_cache=setup.prefix_cache,
         compile_model=setup.compile,
     )
-
-
-def open_study(config: SearchConfig) -> optuna.Study:
-    """Create the study in its storage, or load it to continue: running the same command again resumes."""
-    study = optuna.create_study(
-        storage=config.storage,
-        study_name=config.study_name,
-        sampler=create_sampler(config.sampler, seed=config.seed, trials=config.trials),
-        pruner=create_pruner(config.pruner, max_epochs=config.max_epochs),
-        directions=objectives.directions(config.objectives),
-        load_if_exists=True,
-    )
-    if not study.trials and "objectives" not in study.user_attrs:
-        study.set_user_attr("objectives", list(config.objectives))
-    if objectives.study_objectives(study) != config.objectives:
-        raise AutoftError(
-            f"Study {config.study_name!r} was run with --objective {','.join(objectives.study_objectives(study))}, "
-            f"not {','.join(config.objectives)}; use that --objective to continue it, or a new --study-name."
-        )
-    if len(config.objectives) > 1:
-        log.info("several objectives: --pruner %s judges the accuracy curves (Optuna cannot prune them)", config.pruner)
-    return study
-
-
-def create_sampler(name: str, *, seed: int, trials: int | None) -> optuna.samplers.BaseSampler:
-    """The Optuna sampler for ``--sampler``, seeded; model-based ones start after a few random trials.
-
-    Conditional knobs (``when``) give a dynamic space: TPE handles it (``group=True``); GP, CMA-ES and QMC
-    model the knobs every trial shares and sample the rest independently (their warning about it is silenced).
-
-    >>> type(create_sampler("qmc", seed=0, trials=20)).__name__
-    'QMCSampler'
-    """
-    n_startup = max(3, min(10, (trials or 20) // 4))
-    factories: dict[str, Callable[[], optuna.samplers.BaseSampler]] = {
-        "tpe": lambda: optuna.samplers.TPESampler(seed=seed, n_startup_trials=n_startup, multivariate=True, group=True),
-        # GP (scipy + torch): sample-efficient for small budgets of expensive trials.
-        "gp": lambda: optuna.samplers.GPSampler(seed=seed, n_startup_trials=n_startup, warn_independent_sampling=False),
-        # CMA-ES (the `cmaes` package): continuous knobs only; categorical ones go to the independent sampler.
-        "cmaes": lambda: optuna.samplers.CmaEsSampler(
-            seed=seed, n_startup_trials=n_startup, warn_independent_sampling=False
-        ),
-        "random": lambda: optuna.samplers.RandomSampler(seed=seed),
-        "qmc": lambda: optuna.samplers.QMCSampler(
-            seed=seed, scramble=True, warn_independent_sampling=False, warn_asynchronous_seeding=False
-        ),
-    }
-    if name not in factories:
-        raise AutoftError(f"--sampler {name!r} is not known; choose one of: {', '.join(factories)}.")
-    with warnings.catch_warnings():  # `group`, GPSampler and QMC options are flagged experimental
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return factories[name]()
-
-
-def create_pruner(name: str, *, max_epochs: int) -> optuna.pruners.BasePruner:
-    """The Optuna pruner for ``--pruner``, set for one report per epoch (step = epoch index).
-
-    Median: judge a trial only after its first epoch, once 3 trials have finished. Hyperband / SHA: rungs at
-    1, 3, 9, ... epochs (reduction factor 3) up to ``max_epochs``. Wilcoxon: compares the trial's epoch curve
-    with the best trial's, from the second epoch on.
-
-    >>> type(create_pruner("hyperband", max_epochs=9)).__name__
-    'HyperbandPruner'
-    """
-    factories: dict[str, Callable[[], optuna.pruners.BasePruner]] = {
-        "median": lambda: optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1),
-        "hyperband": lambda: optuna.pruners.HyperbandPruner(
-            min_resource=1, max_resource=max(max_epochs, 1), reduction_factor=3
-        ),
-        "sha": lambda: optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3),
-        "wilcoxon": lambda: optuna.pruners.WilcoxonPruner(p_threshold=0.1, n_startup_steps=2),
-        "none": optuna.pruners.NopPruner,
-    }
-    if name not in factories:
-        raise AutoftError(f"--pruner {name!r} is not known; choose one of: {', '.join(factories)}.")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return factories[name]()
-
-
-def _recover_interrupted(study: optuna.Study) -> int:
-    """Interrupted trials are retried: those a crash (kill -9) left RUNNING are first recorded FAIL and
-    marked ``interrupted``, like those a signal stopped; each one's parameters are queued once (``retry_of``)."""
-    storage = study._storage
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        storage.set_trial_user_attr(trial._trial_id, "interrupted", True)
-        storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-    trials = study.get_trials(deepcopy=False)
-    queued = {t.user_attrs.get("retry_of") for t in trials}
-    pending = [t for t in trials if t.user_attrs.get("interrupted") and t.number not in queued]
-    for trial in pending:
-        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
-    if pending:
-        log.warning("resuming: %d interrupted trial(s) recorded FAIL and queued again", len(pending))
-    return len(pending)
-
-
-def _systematic_error(study: optuna.Study) -> str | None:
-    """The error that killed the first 3 trials, or the last 5 in a row: retrying it only burns the budget."""
-    trials = [
-        t
-        for t in study.get_trials(deepcopy=False)
-        if t.state.is_finished() and not t.user_attrs.get("interrupted") and "warm_start_from" not in t.user_attrs
-    ]
-    for window in (trials[:3], trials[-5:]):
-        errors = {t.user_attrs.get("error") for t in window if t.state == TrialState.FAIL}
-        if len(window) in (3, 5) and all(t.state == TrialState.FAIL for t in window) and len(errors) == 1:
-            return errors.pop()
-    return None
 
 
 class _Worker:
@@ -577,25 +466,6 @@ def _check_free_space(run_dir: Path, model: nn.Module) -> None:
         )
 
 
-def _no_complete_trial_error(study: optuna.Study) -> AutoftError:
-    """Every trial failed or was pruned: one sentence with each distinct error and how many trials it hit."""
-    trials = study.get_trials(deepcopy=False)
-    errors: dict[str, int] = {}
-    for t in trials:
-        if "error" in t.user_attrs:
-            errors[t.user_attrs["error"]] = errors.get(t.user_attrs["error"], 0) + 1
-    pruned = sum(t.state == TrialState.PRUNED for t in trials)
-    diverged = sum("diverged" in t.user_attrs for t in trials)
-    detail = "; ".join(f"{e} ({n} trial{'s' if n > 1 else ''})" for e, n in sorted(errors.items(), key=lambda x: -x[1]))
-    detail = (f"{len(errors)} distinct error(s): {detail}" if errors else "no errors were recorded") + (
-        f"; {diverged} diverged (loss NaN/inf: lower the learning-rate range)" if diverged else ""
-    )
-    return AutoftError(
-        f"No trial completed ({len(trials)} trials, {pruned} pruned). {detail}. "
-        "Fix the cause and run the same command again: the study keeps what ran."
-    )
-
-
 @contextlib.contextmanager
 def _stop_on_signals(stop: threading.Event, received: list[int]) -> Iterator[None]:
     """The first SIGINT/SIGTERM sets ``stop`` (the running trial ends at its next step and the search writes
@@ -660,7 +530,7 @@ def run_search(
         cfg.save(cfg.run_dir / "config.yaml")
         log.info("data: %s", setup.dataset.summary())
         study = open_study(cfg)
-        _recover_interrupted(study)
+        recover_interrupted(study)
         if len(cfg.models) > 1:  # the selection's time counts against --timeout: the plan's clock started above
             survivors = _select_models(cfg, setups, space, study, stop, show)
             setups = {m: setups[m] for m in survivors}  # the dropped models' weights and features are released
@@ -695,7 +565,7 @@ def run_search(
 
         if remaining != 0 and not stop.is_set():
             budget = dict(n_trials=remaining, timeout=launch_window, on_trial_end=on_trial_end)
-            should_stop = lambda s: stop.is_set() or _systematic_error(s) is not None  # noqa: E731
+            should_stop = lambda s: stop.is_set() or systematic_error(s) is not None  # noqa: E731
             if _backend(cfg) == "ray":
                 from autoft.backends import ray as ray_backend  # ray is optional: imported only when used
 
@@ -711,12 +581,12 @@ def run_search(
         partial = _finish(cfg, setup, study, executor.model_dir) if results.trained_trials(study) else None
         write_report(cfg.run_dir, dataset=setup.dataset, device=str(setup.device))
         raise SearchInterrupted(received[0], partial)
-    systematic = _systematic_error(study)
+    systematic = systematic_error(study)
     if systematic or not results.trained_trials(study):
         write_report(cfg.run_dir, dataset=setup.dataset, device=str(setup.device))  # says what failed
         if systematic:
             raise AutoftError(f"Stopped the search: every recent trial failed with the same error: {systematic}")
-        raise _no_complete_trial_error(study)
+        raise no_complete_trial_error(study)
     final_model = final.make_final_model(cfg, setup, executor.model_dir)  # issue 7: soup or refit into best/
     result = dataclasses.replace(_finish(cfg, setup, study, executor.model_dir), final=final_model)
     write_report(cfg.run_dir, dataset=setup.dataset, device=str(setup.device))
