@@ -125,7 +125,7 @@ def test_a_stochastic_prefix_is_not_cached_and_says_why(
     model.pos_drop.p = 0.1  # dropout before the first block: the prefix's output changes every epoch
     with caplog.at_level(logging.DEBUG, logger="autoft.prefix"):
         assert _cache(model, dataset).activations(train_blocks=2) is None
-    assert "pos_drop in the frozen prefix is dropout with p=0.1" in caplog.text
+    assert "in the frozen prefix, pos_drop is dropout with p=0.1" in caplog.text
 
 
 def test_a_model_fx_cannot_split_falls_back() -> None:

@@ -30,7 +30,7 @@ from torch import nn
 from autoft import data
 from autoft.recipe import Recipe
 
-__all__ = ["FeatureCache", "deterministic_inputs"]
+__all__ = ["FeatureCache", "deterministic_inputs", "unsteady"]
 
 log = logging.getLogger(__name__)
 
@@ -149,13 +149,18 @@ def _why_not_cacheable(model: nn.Module) -> str:
         return "get_classifier() is not one module"
     if getattr(model, "drop_rate", 0.0):
         return f"the model has drop_rate={model.drop_rate}"
-    for name, module in model.named_modules():
-        if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
-            return f"{name} is dropout with p={module.p}"
-        if getattr(module, "drop_prob", 0.0):
-            return f"{name} drops paths with p={module.drop_prob}"
-        if isinstance(getattr(module, "running_mean", None), torch.Tensor) and not list(module.parameters()):
-            return f"{name} updates running statistics without parameters"
+    return next(filter(None, (unsteady(name, module) for name, module in model.named_modules())), "")
+
+
+def unsteady(name: str, module: nn.Module) -> str:
+    """Why ``module`` alone would not give the same output every epoch ('' if it would): dropout and drop-path
+    stay active in train mode, and a norm layer without parameters keeps updating its running statistics."""
+    if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
+        return f"{name} is dropout with p={module.p}"
+    if getattr(module, "drop_prob", 0.0):
+        return f"{name} drops paths with p={module.drop_prob}"
+    if isinstance(getattr(module, "running_mean", None), torch.Tensor) and not list(module.parameters()):
+        return f"{name} updates running statistics without parameters"
     return ""
 
 

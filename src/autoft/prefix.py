@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from timm.layers import get_notrace_functions, get_notrace_modules
 from torch import fx, nn
 
-from autoft import data, models
+from autoft import data, features, models
 from autoft.features import autocast
 
 __all__ = ["PrefixCache", "Split", "split_model"]
@@ -275,12 +275,8 @@ def _unsteady_module(model: nn.Module, prefix_modules: list[str]) -> str:
     """Why a prefix module would not give the same output every epoch ('' if none)."""
     for top in prefix_modules:
         for name, module in model.get_submodule(top).named_modules(prefix=top):
-            if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
-                return f"{name} in the frozen prefix is dropout with p={module.p}"
-            if getattr(module, "drop_prob", 0.0):
-                return f"{name} in the frozen prefix drops paths with p={module.drop_prob}"
-            if isinstance(getattr(module, "running_mean", None), torch.Tensor) and not list(module.parameters()):
-                return f"{name} in the frozen prefix updates running statistics without parameters"
+            if why := features.unsteady(name, module):
+                return f"in the frozen prefix, {why}"
     return ""
 
 
