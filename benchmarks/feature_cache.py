@@ -42,8 +42,11 @@ def main() -> None:
     parser.add_argument("--partial-epochs", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=2, help="alternating last-2-blocks runs per side")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--image-size", type=int, default=48, help="pixels (the demo's 48; the frozen prefix's share grows with it)"
+    )
     args = parser.parse_args()
-    s = setup(args.device)
+    s = setup(args.device, args.image_size)
     probe = Recipe(freeze="linear_probe", lr=1e-2, epochs=args.epochs, batch_size=64, augment="none")
     fresh = FeatureCache(s.base_model, s.dataset, mean=s.mean, std=s.std, device=s.device)
     uncached, acc_uncached = timed(s, probe, None)
