@@ -424,8 +424,9 @@ def _portfolio_within(params: Sequence[Param], portfolio: Sequence[Mapping[str, 
 # left a third of a 2-minute budget unused, and a running trial is judged by its own pace anyway.
 EPOCH_SAFETY = 1.15
 FULL_TRIALS = 3  # the epochs per trial are set so that this many full-length trials fit, when the budget allows
-# ... but never fewer epochs than this while one trial of that length fits: a 1-epoch fine-tune rarely learns
-# (digits, 2-minute budget: 1-epoch trials reached 0.57-0.59 val, one 4-epoch fine-tune 0.94-0.96).
+# ... unless each would get fewer epochs than this: then one trial may use the whole search time. Measured
+# (benchmarks/quality.py, 2-minute budgets, 1 thread): 1-epoch trials reached 0.57-0.59 val on digits where one
+# 4-6 epoch fine-tune reached 0.94-0.96; 3-epoch trials lost 10 points to one 6-epoch fine-tune on glyphs.
 MIN_USEFUL_EPOCHS = 3
 # The wrap-up besides evaluation (load the best model, write trials.csv, build the report's figures and
 # fANOVA importances): measured 5.1 s for a 7-trial study on 2 CPU cores at load ~10 (1.2 s test score and
@@ -473,7 +474,8 @@ def plan_budget(
     cost: a soup of up to ``soup_models`` kept models evaluates val ``soup_models + 1`` times; ``refit`` trains
     once more for max_epochs epochs on train+val (so max_epochs is chosen with that refit reserved too);
     search = timeout - spent - wrap_up; epoch = EPOCH_SAFETY x measured full fine-tuning epoch;
-    max_epochs = clamp(search / (FULL_TRIALS x epoch), MIN_USEFUL_EPOCHS (or as many as fit), --max-epochs);
+    max_epochs = clamp(search / (FULL_TRIALS x epoch), 1, --max-epochs) when that is at least MIN_USEFUL_EPOCHS,
+    else clamp(search / epoch, 1, --max-epochs): then one trial may take the whole search time;
     expected trials = search / (epoch x (max_epochs + 1.5) / 2)  (about half run to the end, half are pruned
     after 1-2 epochs). The default median pruner becomes hyperband when trials may run HYPERBAND_FROM_EPOCHS+.
 
@@ -497,8 +499,11 @@ def plan_budget(
             f"--timeout {timeout:g}s is too short: preparing and probing took {spent:.0f}s, the final test score "
             f"and report need about {wrap_up:.0f}s, and one epoch about {epoch:.0f}s; give at least --timeout {need}s."
         )
-    useful = min(MIN_USEFUL_EPOCHS, int(search // epoch))  # fewer, longer trials when three would be too short
-    epochs = max(1, min(max_epochs, max(useful, int(search // (FULL_TRIALS * epoch)))))
+    fits = int(search // epoch)  # epochs of full fine-tuning the search time holds in all
+    # Three useful trials fit: share the time. Otherwise one trial takes it all (the portfolio's first
+    # fine-tune, like the untuned recipe would): short trials of a small budget learn too little to compare.
+    epochs = fits // FULL_TRIALS if fits >= FULL_TRIALS * MIN_USEFUL_EPOCHS else fits
+    epochs = max(1, min(max_epochs, epochs))
     if refit:  # the refit reserved above trains as long as the longest trial: no longer trials than it covers
         epochs = min(epochs, epochs_fit)
     chosen = "hyperband" if pruner == "median" and epochs >= HYPERBAND_FROM_EPOCHS else pruner
