@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import threading
 import time
 from pathlib import Path
 
 import pytest
 from optuna.trial import TrialState
 
-from autoft import plan
+from autoft import plan, results
+from autoft.backends import local
 from autoft.cli import main
 from autoft.config import SearchConfig
-from autoft.controller import prepare, run_search
+from autoft.controller import _Executor, prepare, run_search
 from autoft.errors import AutoftError
 from autoft.space import load_space
+from autoft.study import open_study
 from conftest import make_image_folder
 
 PROFILE = plan.DataProfile(
@@ -206,3 +210,23 @@ def test_explain_prints_the_plan_and_no_priors_turns_them_off(tmp_path: Path, ca
     assert main([*args, "--timeout", "1s", "--run-dir", str(tmp_path / "short")]) == 2
     assert "--timeout 1s is too short" in capsys.readouterr().err
     assert not (tmp_path / "short" / "best").exists()
+
+
+@pytest.mark.slow
+def test_a_trial_the_budget_stops_is_complete_noted_and_may_become_best(tmp_path: Path) -> None:
+    """The pruner's PRUNED is for trials judged bad; one the clock stopped keeps its best epoch as a real model."""
+    data = make_image_folder(tmp_path / "data", per_class=8, with_test=True)
+    cfg = SearchConfig(
+        model="test_resnet", data=data, pretrained=False, image_size=16, device="cpu", run_dir=tmp_path / "run"
+    ).resolved()
+    cfg.run_dir.mkdir()
+    space = load_space("default", fixed=("freeze=full", "epochs=3"))
+    study = open_study(cfg)
+    executor = _Executor(cfg, {cfg.model: prepare(cfg)}, study, lambda event: None, threading.Event())
+    executor.deadline = time.monotonic()  # already spent: the trial ends after its first epoch
+    local.optimize(study, space, executor, n_trials=1, timeout=None, on_trial_end=lambda t: None, should_stop=bool)
+    trial = study.trials[0]
+    assert trial.state == TrialState.COMPLETE and trial.user_attrs["stopped_by_budget"] == "epoch 1 of 3"
+    assert len(trial.user_attrs["val_loss"]) == 1
+    assert json.loads((cfg.run_dir / "best" / "config.json").read_text())["trial"] == 0
+    assert "stopped by --timeout after epoch 1 of 3" in results.trial_row(trial)["note"]

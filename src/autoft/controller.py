@@ -300,13 +300,24 @@ class _Executor:
             Progress("trial_start", number, epochs=recipe.epochs, best=self._best(), strategy=describe_knobs(params))
         )
 
+        budget_stop: list[int] = []
+
         def report_and_show(epoch: int, metrics: EpochMetrics) -> bool:
             self.progress(Progress("epoch", number, epoch + 1, recipe.epochs, metrics.val_accuracy, self._best()))
+            if report(epoch, metrics):  # the pruner's verdict comes first: a pruned trial stays PRUNED
+                return True
             ahead = max(self.epoch_ahead, metrics.seconds) if self.epoch_ahead else 0.0  # the trial's own last epoch
-            out_of_time = self.deadline is not None and time.monotonic() + ahead > self.deadline
-            return report(epoch, metrics) or out_of_time
+            if self.deadline is not None and time.monotonic() + ahead > self.deadline:
+                budget_stop.append(epoch + 1)
+                return True
+            return False
 
         outcome = self.worker(number, params, report_and_show)
+        if budget_stop and outcome.stopped_early and not outcome.diverged and not outcome.interrupted:
+            # The budget, not the pruner, ended it: its best epoch is a real model with a real score, so the
+            # trial is COMPLETE (noted) and may become best/ (a 2-minute search once lost its best model so).
+            outcome.stopped_early = False
+            outcome.notes["stopped_by_budget"] = f"epoch {budget_stop[0]} of {recipe.epochs}"
         self.keep(number, params, outcome)
         return outcome
 
