@@ -153,6 +153,8 @@ def test_signal_stops_the_running_trial_and_writes_results(tmp_path: Path, sig: 
 
 
 def test_first_signal_sets_the_stop_flag_and_a_second_raises_at_once() -> None:
+    # Start from Python's own handler, whatever an earlier test in this process left installed (Ray sets its own).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     stop, received = threading.Event(), []
     with _stop_on_signals(stop, received), pytest.raises(KeyboardInterrupt):
         os.kill(os.getpid(), signal.SIGINT)
