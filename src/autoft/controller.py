@@ -291,8 +291,10 @@ class _Executor:
         self.model_dir, self.top_dir = config.run_dir / "best", config.run_dir / "top"
         self.study, self.pareto_dir = study, config.run_dir / "pareto"
         self.best_score = max((t.values[0] for t in results.trained_trials(study)), default=-float("inf"))
-        self.deadline = time.monotonic() + config.timeout if config.timeout else None
-        self.epoch_ahead = 0.0  # issue 7: stop when one more epoch (at least this long) would pass the deadline
+        # Set by run_search from the --timeout plan: a trial stops when one more epoch (at least epoch_ahead
+        # seconds) would end past the deadline (monotonic clock).
+        self.deadline: float | None = None
+        self.epoch_ahead = 0.0
 
     def __call__(self, number: int, params: dict, report: Report) -> TrialOutcome:
         recipe = Recipe.from_params(params)
@@ -564,7 +566,7 @@ def run_search(
                 study.enqueue_trial(dict(params))
         final.restore_single(cfg.run_dir / "best", cfg.run_dir / "top")  # issue 7: new trials meet a real trial
         executor = _Executor(cfg, setups, study, show, stop)
-        launch_window = cfg.timeout
+        launch_window = None  # no --timeout: --trials alone ends the search
         if search_plan.budget is not None:  # issue 7: no trial starts, and none runs on, when an epoch cannot fit
             search_end = started + search_plan.budget.spent + search_plan.budget.search
             launch_window = max(1e-3, search_end - search_plan.budget.epoch_seconds - time.monotonic())
