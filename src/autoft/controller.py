@@ -106,7 +106,7 @@ class SearchResult:
     model_dir: Path
     run_dir: Path
     study: optuna.Study = field(repr=False)
-    final: final.FinalModel | None = None  # what best/ holds: the best single trial, a soup or a refit (issue 7)
+    final: final.FinalModel | None = None  # what best/ holds: the best single trial, a soup or a refit
     objectives: tuple[str, ...] = ("accuracy",)
     pareto: list[ParetoPoint] = field(default_factory=list)
 
@@ -549,7 +549,7 @@ def run_search(
             setups = {m: setups[m] for m in survivors}  # the dropped models' weights and features are released
             space = selection.with_models(space, survivors)
             setup = setups[survivors[0]]  # the plan probes the first survivor (a selection already probed them all)
-        # --- issue 7: look before searching (autoft.plan): probe, priors, budget plan ---
+        # Look before searching (plan.py): probe, priors, the --timeout budget plan.
         search_plan, space = _plan(cfg, setup, space, study, started)
         if on_plan is not None:
             on_plan(search_plan)
@@ -557,17 +557,16 @@ def run_search(
             budget_plan = search_plan.budget
             cfg = dataclasses.replace(cfg, max_epochs=budget_plan.max_epochs, pruner=budget_plan.pruner)
             study.pruner = create_pruner(cfg.pruner, max_epochs=cfg.max_epochs)
-        # --- end issue 7 ---
         if cfg.warm_start_from is not None and not study.trials:  # seeded once, when the study is new
             warmstart.seed_study(study, space, cfg.warm_start_from)
         remaining = None if cfg.trials is None else max(0, cfg.trials - results.finished_count(study))
         if cfg.warm_start and not study.trials and not stop.is_set():  # a new, unseeded study tries strong recipes
             for params in list(getattr(space, "portfolio", ()))[:remaining]:  # no more than the budget runs
                 study.enqueue_trial(dict(params))
-        final.restore_single(cfg.run_dir / "best", cfg.run_dir / "top")  # issue 7: new trials meet a real trial
+        final.restore_single(cfg.run_dir / "best", cfg.run_dir / "top")  # new trials meet a real trial
         executor = _Executor(cfg, setups, study, show, stop)
         launch_window = None  # no --timeout: --trials alone ends the search
-        if search_plan.budget is not None:  # issue 7: no trial starts, and none runs on, when an epoch cannot fit
+        if search_plan.budget is not None:  # no trial starts, and none runs on, when an epoch cannot fit
             search_end = started + search_plan.budget.spent + search_plan.budget.search
             launch_window = max(1e-3, search_end - search_plan.budget.epoch_seconds - time.monotonic())
             executor.deadline, executor.epoch_ahead = search_end, search_plan.budget.epoch_seconds
@@ -600,7 +599,7 @@ def run_search(
         if systematic:
             raise AutoftError(f"Stopped the search: every recent trial failed with the same error: {systematic}")
         raise no_complete_trial_error(study)
-    final_model = final.make_final_model(cfg, setup, executor.model_dir)  # issue 7: soup or refit into best/
+    final_model = final.make_final_model(cfg, setup, executor.model_dir)  # soup or refit into best/
     result = dataclasses.replace(_finish(cfg, setup, study, executor.model_dir), final=final_model)
     write_report(cfg.run_dir, dataset=setup.dataset, device=str(setup.device))
     return result
