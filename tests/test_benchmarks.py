@@ -103,6 +103,11 @@ def test_quality_rows_resume_and_summarize(tmp_path):
     assert checks["complete_cells"] == 1 and checks["autoft_best_everywhere"] is True
     assert checks["smallest_budget_gain_vs_tpe_points"] == pytest.approx(3.0)
     assert "| digits | 1 min | 80.5 ± 0.7 (n=2) |" in quality.table(cells, list(quality.METHODS))
+    # The priors-off arm is an ablation: reported as autoft's gain over it, never a rival for "best".
+    quality.append_row(path, _row("digits", 60.0, 0, "autoft_no_priors", 0.95))
+    every = [*quality.METHODS, *quality.ABLATIONS]
+    checks = quality.targets(quality.summarize(quality.read_rows(path), every))
+    assert checks["autoft_best_everywhere"] is True and checks["priors_gain_points"] == {"digits 1 min": -6.5}
 
 
 @pytest.mark.slow

@@ -158,6 +158,25 @@ def test_probe_measures_fit_and_epoch_cost_on_the_search_feature_cache(tiny_setu
     assert plan._linear_probe(train, val, 3, seed=0, steps=30) == measured.linear_probe_accuracy  # seeded
 
 
+@pytest.mark.slow
+def test_probe_epoch_cost_ignores_a_step_slowed_by_another_process(tiny_setup, monkeypatch) -> None:
+    """A step stalled by a neighbour (CI's test suite on the same cores) must not cap every trial's epochs:
+    the probe keeps the fastest timed step, so one 0.5 s stall leaves the estimate where it was."""
+    baseline = plan._train_seconds_per_image(tiny_setup, steps=3, batch_size=8)
+    forward, calls = type(tiny_setup.base_model).forward, []
+
+    def stalled_once(self, x):
+        calls.append(1)
+        if len(calls) == 3:  # the second timed step (the first call is the warm-up)
+            time.sleep(0.5)
+        return forward(self, x)
+
+    monkeypatch.setattr(type(tiny_setup.base_model), "forward", stalled_once)
+    stalled = plan._train_seconds_per_image(tiny_setup, steps=3, batch_size=8)
+    assert len(calls) == 4
+    assert stalled < baseline + 0.5 / 8 / 4  # a mean over the steps would be >= baseline + 0.5 s / 8 images / 3
+
+
 def test_profile_counts_classes_and_imbalance(tiny_setup) -> None:
     profile = plan.profile_data(tiny_setup.dataset)
     assert (profile.train, profile.val, profile.test, profile.classes) == (24, 6, 6, 3)
