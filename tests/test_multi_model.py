@@ -15,8 +15,10 @@ import torch
 from timm.models import save_for_hf
 
 import autoft
-from autoft import models, results, selection
+from autoft import features, models, prefix, results, selection
 from autoft.cli import main
+from autoft.config import SearchConfig
+from autoft.controller import prepare_models
 from conftest import make_image_folder
 
 pytestmark = pytest.mark.slow
@@ -145,3 +147,13 @@ def test_on_ray_each_trial_trains_the_model_it_was_given(data: Path, tmp_path: P
         meta = json.loads((folder / "config.json").read_text())
         assert meta["model"] == searched[meta["trial"]]
         autoft.load_model(folder)
+
+
+def test_the_models_share_the_caches_stated_bounds(data: Path) -> None:
+    """k models each get 1/k of the feature and prefix caches' bounds, so together they stay within them."""
+    config = SearchConfig(model="test_resnet,test_efficientnet", data=data, pretrained=False, image_size=16)
+    setups = prepare_models(config)
+    assert sum(s.feature_cache.max_bytes for s in setups.values()) <= features.DEFAULT_MAX_BYTES
+    assert sum(s.prefix_cache.max_memory_bytes for s in setups.values()) <= prefix.DEFAULT_MAX_MEMORY_BYTES
+    assert sum(s.prefix_cache.max_disk_bytes for s in setups.values()) <= prefix.DEFAULT_MAX_DISK_BYTES
+    assert all(s.feature_cache.max_bytes == features.DEFAULT_MAX_BYTES // 2 for s in setups.values())

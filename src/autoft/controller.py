@@ -33,7 +33,7 @@ import torch
 from optuna.trial import FrozenTrial
 from torch import nn
 
-from autoft import data, export, final, models, objectives, plan, results, selection, warmstart
+from autoft import data, export, features, final, models, objectives, plan, prefix, results, selection, warmstart
 from autoft.backends import local
 from autoft.config import SearchConfig
 from autoft.errors import AutoftError
@@ -128,12 +128,17 @@ class SearchInterrupted(Exception):
 
 
 def prepare(
-    config: SearchConfig, *, model_name: str | None = None, decoded: dict[tuple[int, str], data.Dataset] | None = None
+    config: SearchConfig,
+    *,
+    model_name: str | None = None,
+    decoded: dict[tuple[int, str], data.Dataset] | None = None,
+    cache_share: float = 1.0,
 ) -> Setup:
     """Create the model (weights loaded once) and decode the data once, at the model's input size.
 
     ``model_name``: which of the config's models (default the first). ``decoded`` maps (image size,
     interpolation) to data already decoded so, which is reused; data decoded here is added to it.
+    ``cache_share``: this model's share of the caches' stated bounds (a search over k models gives each 1/k).
 
     >>> setup = prepare(SearchConfig(model="test_resnet", data=Path("data"), pretrained=False))  # doctest: +SKIP
     """
@@ -160,8 +165,19 @@ def prepare(
         std=std,
         interpolation=preprocessing["interpolation"],
         device=device,
-        feature_cache=FeatureCache(model, dataset, mean=mean, std=std, device=device),
-        prefix_cache=PrefixCache(model, dataset, mean=mean, std=std, device=device, spill_dir=_spill_dir(config)),
+        feature_cache=FeatureCache(
+            model, dataset, mean=mean, std=std, device=device, max_bytes=int(cache_share * features.DEFAULT_MAX_BYTES)
+        ),
+        prefix_cache=PrefixCache(
+            model,
+            dataset,
+            mean=mean,
+            std=std,
+            device=device,
+            spill_dir=_spill_dir(config),
+            max_memory_bytes=int(cache_share * prefix.DEFAULT_MAX_MEMORY_BYTES),
+            max_disk_bytes=int(cache_share * prefix.DEFAULT_MAX_DISK_BYTES),
+        ),
         compile=config.compile,
     )
 
@@ -171,17 +187,19 @@ def prepare_models(config: SearchConfig) -> dict[str, Setup]:
 
     Each model's weights load once; the data is decoded once per distinct (input size, interpolation) and that
     tensor is shared by every model that needs it (the train/val split depends only on the seed); each model
-    has its own FeatureCache. Memory held: every candidate's weights (resnet50: 100 MB in fp32), one uint8
-    copy of the images per distinct decode (N x 3 x S x S bytes: 10,000 images at 224 px = 1.5 GB), and per
-    model, once a head-only trial builds it, its pooled features (N x D x 4 bytes). The controller releases
-    the models that model selection drops.
+    has its own caches, each with a 1/k share of their stated bounds, so k models together stay within them
+    (a model that selection drops frees its share; the others keep theirs). Memory held: every candidate's
+    weights (resnet50: 100 MB in fp32), one uint8 copy of the images per distinct decode (N x 3 x S x S bytes:
+    10,000 images at 224 px = 1.5 GB), and per model, once trials build them, its pooled features (N x D x 4
+    bytes) and prefix activations. The controller releases the models that model selection drops.
 
     >>> setups = prepare_models(SearchConfig(model="resnet50,convnext_tiny", data=Path("data")))  # doctest: +SKIP
     """
     for name in config.models:  # a typo in the last name fails before the first model loads
         models.check_name(name)
     decoded: dict[tuple[int, str], data.Dataset] = {}
-    return {name: prepare(config, model_name=name, decoded=decoded) for name in config.models}
+    share = 1 / len(config.models)
+    return {name: prepare(config, model_name=name, decoded=decoded, cache_share=share) for name in config.models}
 
 
 def _spill_dir(config: SearchConfig) -> Path | None:
