@@ -28,8 +28,11 @@ test: $(BIN)/autoft
 bench-throughput: $(BIN)/autoft
 	$(BIN)/python benchmarks/throughput.py --repeats 3
 
+# At 96 px: at the demo's 48 px the frozen prefix is ~25% of a step, so no prefix cache can pass 1.33x there
+# (docs/benchmarks.md). The 48 px figure: make bench-feature-cache FEATURE_CACHE_ARGS=
+FEATURE_CACHE_ARGS ?= --image-size 96
 bench-feature-cache: $(BIN)/autoft
-	$(BIN)/python benchmarks/feature_cache.py
+	$(BIN)/python benchmarks/feature_cache.py $(FEATURE_CACHE_ARGS)
 
 # autoft vs a hand-written Optuna TPE script: time to the script's 16-trial best, accuracy at equal wall time.
 bench-search: $(BIN)/autoft
@@ -37,6 +40,7 @@ bench-search: $(BIN)/autoft
 
 # Test accuracy at equal budgets (3 data sets x 3m,10m,30m x 3 seeds x 4 methods: ~20 h on 2 cores); resumable.
 # A smaller grid: make bench-quality QUALITY_ARGS="--datasets digits --budgets 3m --seeds 1"
+# The priors ablation: QUALITY_ARGS="--datasets dots,digits-few --budgets 2m --methods untuned_default,autoft,autoft_no_priors"
 bench-quality: $(BIN)/autoft
 	$(BIN)/python benchmarks/quality.py $(QUALITY_ARGS)
 
