@@ -54,6 +54,7 @@ def main() -> int:
         "search", "--model", MODEL, "--weights", str(weights), "--data", str(data),
         "--image-size", str(IMAGE_SIZE), "--max-epochs", str(MAX_EPOCHS),
         "--trials", args.trials, "--timeout", args.timeout, "--run-dir", str(args.run_dir),
+        "--explain",  # print the plan first: the probe, the priors, how the budget is spent
     ])  # fmt: skip
     if code != 0:
         return code
