@@ -21,7 +21,7 @@ import copy
 import dataclasses
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -222,15 +222,8 @@ def _eval_seconds_per_image(setup: Any, *, batch_size: int) -> float:
     model = copy.deepcopy(setup.base_model).to(setup.device).eval()
     images = setup.dataset.val.images[:batch_size]
     batch = data.normalize(images.to(setup.device), mean=setup.mean, std=setup.std)
-    fastest = math.inf
     with features.autocast(setup.device):
-        for timed in (False, True, True):  # a warm-up pass, then the faster of two
-            _sync(setup.device)
-            started = time.perf_counter()
-            model(batch)
-            _sync(setup.device)
-            fastest = min(fastest, time.perf_counter() - started) if timed else fastest
-    return fastest / len(images)
+        return _fastest(lambda: model(batch), setup.device, repeats=2) / len(images)
 
 
 def _train_seconds_per_image_fitting(setup: Any, *, steps: int, batch_size: int) -> float:
@@ -255,18 +248,28 @@ def _train_seconds_per_image(setup: Any, *, steps: int, batch_size: int) -> floa
     images = setup.dataset.train.images[:batch_size]
     labels = setup.dataset.train.labels[:batch_size].to(setup.device)
     batch = data.normalize(images.to(setup.device), mean=setup.mean, std=setup.std)
-    fastest = math.inf
-    for step in range(steps + 1):  # step 0 warms up (allocations, kernel selection) and is not timed
-        _sync(setup.device)
-        started = time.perf_counter()
+
+    def step() -> None:
         with features.autocast(setup.device):
             loss = F.cross_entropy(model(batch), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        _sync(setup.device)
-        fastest = min(fastest, time.perf_counter() - started) if step else fastest
-    return fastest / len(images)
+
+    return _fastest(step, setup.device, repeats=steps) / len(images)
+
+
+def _fastest(run: Callable[[], object], device: torch.device, *, repeats: int) -> float:
+    """Seconds of the fastest of ``repeats`` calls of ``run``, after one untimed warm-up call (allocations,
+    kernel selection). The fastest, not the mean: another process on the machine only ever slows a call down."""
+    fastest = math.inf
+    for call in range(repeats + 1):
+        _sync(device)
+        started = time.perf_counter()
+        run()
+        _sync(device)
+        fastest = min(fastest, time.perf_counter() - started) if call else fastest
+    return fastest
 
 
 # ------------------------------------------------------------------------------------------------- priors
