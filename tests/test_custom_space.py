@@ -13,12 +13,13 @@ import torch
 from optuna.trial import TrialState
 
 import autoft
-import autoft.data
+import autoft.tasks.image.data
 from autoft import pieces
 from autoft.config import SearchConfig
-from autoft.controller import prepare, train_recipe
 from autoft.optim import create_optimizer
+from autoft.preparation import prepare
 from autoft.space import load_space
+from autoft.trial import run_trial
 from conftest import make_image_folder
 
 TINY = {"pretrained": False, "image_size": 16, "max_epochs": 2}
@@ -64,7 +65,7 @@ def test_bitfit_trains_biases_and_head_only_with_the_custom_optimizer(example: M
     setup = prepare(SearchConfig(model="test_resnet", data=data, **TINY))
     recipe = autoft.Recipe.from_params({"freeze": "bitfit", "optimizer": "rmsprop", "rms_alpha": 0.95, "epochs": 1})
     assert recipe.knob("rms_alpha") == 0.95
-    outcome = train_recipe(setup, recipe, seed=0)
+    outcome = run_trial(setup, recipe, seed=0)
     before = setup.base_model.state_dict()
     changed = {k for k, v in outcome.best_state.items() if v.dtype.is_floating_point and not torch.equal(v, before[k])}
     assert "conv1.0.weight" not in changed and "layer1.0.conv1.weight" not in changed  # conv weights frozen
@@ -99,11 +100,11 @@ def test_custom_pieces_search_end_to_end(example: ModuleType, data: Path, tmp_pa
 def test_mixup_and_cutmix_give_soft_targets_and_train(data: Path) -> None:
     g = torch.Generator().manual_seed(0)
     images, labels = torch.randn(5, 3, 16, 16), torch.tensor([0, 1, 2, 0, 1])  # odd batch: timm's Mixup refuses it
-    mixed, targets = autoft.data.mix(images, labels, 3, mixup=0.0, cutmix=1.0, generator=g)
+    mixed, targets = autoft.tasks.image.data.mix(images, labels, 3, mixup=0.0, cutmix=1.0, generator=g)
     kept = (mixed == images).flatten(1).all(0).float().mean().item()  # share of pixels no image changed
     assert targets.shape == (5, 3) and torch.allclose(targets.sum(1), torch.ones(5))
     assert 0.0 <= kept <= 1.0 and (targets.max(1).values >= 0.5).all()
     setup = prepare(SearchConfig(model="test_resnet", data=data, **TINY))
     recipe = autoft.Recipe(freeze="linear_probe", epochs=1, mixup=0.2, cutmix=1.0, label_smoothing=0.1)
-    outcome = train_recipe(setup, recipe, seed=0)
+    outcome = run_trial(setup, recipe, seed=0)
     assert len(outcome.history) == 1 and outcome.history[0].train_loss > 0

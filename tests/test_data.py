@@ -12,16 +12,16 @@ import pytest
 import torch
 from PIL import Image
 
-from autoft.data import (
+from autoft.errors import AutoftError
+from autoft.tasks.base import batches
+from autoft.tasks.image.data import (
     AUGMENT_LEVELS,
     Dataset,
     ImageSet,
     augment,
-    batches,
     load_image_folder,
     normalize,
 )
-from autoft.errors import AutoftError
 from conftest import CLASS_COLORS, make_image_folder
 
 

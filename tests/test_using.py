@@ -13,9 +13,9 @@ import torch
 
 from autoft import AutoftError, load_model
 from autoft.cli import main
-from autoft.data import find_images
 from autoft.export import evaluate_folder, export_model, predict_files, save_model
-from autoft.models import create
+from autoft.tasks.image.data import find_images
+from autoft.tasks.image.models import create
 from conftest import make_image_folder
 
 

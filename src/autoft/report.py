@@ -7,9 +7,7 @@ gives a report; the sections that cannot be drawn say why.
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
 import logging
 import warnings
@@ -24,11 +22,13 @@ import yaml
 from optuna.importance import FanovaImportanceEvaluator
 from optuna.search_space import intersection_search_space
 from optuna.trial import TrialState
-from PIL import Image
 
-from autoft import data, export, objectives, results, selection
+from autoft import export, objectives, results, selection, tasks
+from autoft.config import SearchConfig
 from autoft.errors import AutoftError
 from autoft.recipe import describe_knobs
+from autoft.tasks.base import Dataset, Task
+from autoft.trial import predict_logits
 
 __all__ = [
     "StudyReport",
@@ -91,10 +91,7 @@ def summary_data(
     starts = [t.datetime_start for t in trials if t.datetime_start]
     ends = [t.datetime_complete for t in trials if t.datetime_complete]
     trained = results.trained_trials(study)  # seeded by --warm-start: a score without a model, never the best
-    if len(study.directions) == 1:
-        best = max(trained, key=lambda t: (t.value, -t.number)) if trained else None
-    else:  # several objectives: best/ holds the knee of the Pareto front
-        best = next((t for t in trained if meta and t.number == meta.get("trial")), None)
+    best = results.best_trial(study, objectives.study_objectives(study))[0] if trained else None
     return {
         "study_name": study.study_name,
         "model": config.get("model"),
@@ -344,31 +341,26 @@ def _study_sections(report: StudyReport, study: optuna.Study) -> None:
         report.add("Contour", "A contour needs two parameters that vary; only one did.")
 
 
-def _png_data_uri(image: torch.Tensor) -> str:
-    buffer = io.BytesIO()
-    Image.fromarray(image.permute(1, 2, 0).numpy()).save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-
-
-def _mistakes_html(mistakes: list[dict[str, Any]], images: torch.Tensor) -> _Html:
+def _mistakes_html(mistakes: list[dict[str, Any]], examples: list[str]) -> _Html:
     cells = "".join(
-        f'<figure><img src="{_png_data_uri(images[m["index"]])}" alt="image {m["index"]}">'
+        f"<figure>{example}"
         f"<figcaption>true <b>{html.escape(m['true'])}</b><br>predicted <b>{html.escape(m['predicted'])}</b>"
         f" ({m['confidence']:.0%})</figcaption></figure>"
-        for m in mistakes
+        for m, example in zip(mistakes, examples, strict=True)
     )
     return _Html(f'<div class="mistakes">{cells}</div>')
 
 
-def _model_sections(report: StudyReport, tuned: export.TunedModel, splits: dict[str, data.ImageSet]) -> None:
-    for split, images in splits.items():
-        probabilities = tuned.logits(images.images).softmax(1)
-        evaluation = export.Evaluation.from_predictions(images.labels, probabilities.argmax(1), tuned.classes)
+def _model_sections(report: StudyReport, tuned: Any, task: Task, splits: dict[str, Any]) -> None:
+    """The best model on each split: confusion matrix, per-class scores, the examples it got most surely wrong."""
+    spec = task.spec_from_meta(tuned.meta)
+    for split, examples in splits.items():
+        probabilities = predict_logits(tuned.model, examples, task, spec, device=tuned.device).softmax(1).cpu()
+        evaluation = export.Evaluation.from_predictions(examples.labels, probabilities.argmax(1), tuned.classes)
         report.summary.setdefault("evaluations", {})[split] = evaluation
-        mistakes = confident_mistakes(probabilities, images.labels, tuned.classes)
-        grid: Any = (
-            _mistakes_html(mistakes, images.images) if mistakes else f"No image of {split} is classified wrongly."
-        )
+        mistakes = confident_mistakes(probabilities, examples.labels, tuned.classes)
+        rendered = task.example_html(examples, [m["index"] for m in mistakes])
+        grid: Any = _mistakes_html(mistakes, rendered) if mistakes else f"Nothing in {split} is classified wrongly."
         report.add(
             f"Best model on {split}",
             report.figure(f"confusion_{split}", _confusion_figure(evaluation, split)),
@@ -378,23 +370,19 @@ def _model_sections(report: StudyReport, tuned: export.TunedModel, splits: dict[
         )
 
 
-def _load_splits(config: dict[str, Any], meta: dict[str, Any]) -> tuple[dict[str, data.ImageSet], dict[str, int]]:
-    dataset = data.load_image_folder(
-        config["data"],
-        image_size=int(meta["image_size"]),
-        val_fraction=float(config.get("val_fraction", 0.2)),
-        seed=int(config.get("seed", 0)),
-        interpolation=meta["interpolation"],
-    )
-    return _splits_of(dataset)
+def _load_splits(config: dict[str, Any], task: Task, meta: dict[str, Any]) -> tuple[dict[str, Any], dict[str, int]]:
+    """The run's data read again as the search read it (its path, split fraction and seed from config.yaml)."""
+    keys = ("model", "data", "task", "val_fraction", "seed")
+    search = SearchConfig(**{k: config[k] for k in keys if k in config} | {"pretrained": False})
+    return _splits_of(task.load_data(search, task.spec_from_meta(meta)))
 
 
-def _splits_of(dataset: data.Dataset) -> tuple[dict[str, data.ImageSet], dict[str, int]]:
+def _splits_of(dataset: Dataset) -> tuple[dict[str, Any], dict[str, int]]:
     splits = {"validation": dataset.val} | ({"test": dataset.test} if dataset.test is not None else {})
     return splits, dataset.summary()
 
 
-def build_report(run_dir: str | Path, *, dataset: data.Dataset | None = None, device: str = "cpu") -> StudyReport:
+def build_report(run_dir: str | Path, *, dataset: Dataset | None = None, device: str = "cpu") -> StudyReport:
     """Gather everything the report shows from a run folder (study, best model, data), as data and figures.
 
     ``dataset``: the run's already decoded data (the search passes it); otherwise it is loaded from the path
@@ -407,13 +395,14 @@ def build_report(run_dir: str | Path, *, dataset: data.Dataset | None = None, de
     config, study = load_study(run_dir)
     best_dir = run_dir / "best"
     tuned = export.load_model(best_dir, device=device) if (best_dir / export.CONFIG).is_file() else None
-    splits: dict[str, data.ImageSet] = {}
+    task = tasks.get(tuned.meta.get("task", "image")) if tuned is not None else None
+    splits: dict[str, Any] = {}
     counts = None
     model_note = "No model was exported (no trial completed)."
     if tuned is not None and dataset is not None:
         splits, counts = _splits_of(dataset)
-    elif tuned is not None and Path(config["data"]).is_dir():
-        splits, counts = _load_splits(config, tuned.meta)
+    elif tuned is not None and Path(config["data"]).exists():
+        splits, counts = _load_splits(config, task, tuned.meta)
     elif tuned is not None:
         model_note = f"The data folder {config['data']} is no longer there, so the best model is not evaluated."
     report = StudyReport(summary=summary_data(study, config, meta=tuned.meta if tuned else None, counts=counts))
@@ -423,7 +412,7 @@ def build_report(run_dir: str | Path, *, dataset: data.Dataset | None = None, de
         if study.trials:
             report.add("Timeline", report.figure("timeline", optuna.visualization.plot_timeline(study)))
     if splits and tuned is not None:
-        _model_sections(report, tuned, splits)
+        _model_sections(report, tuned, task, splits)
     else:
         report.add("Best model", model_note)
     report.add("All trials", _trials_html(trials_table(study)))
@@ -491,9 +480,10 @@ def _summary_html(s: dict[str, Any]) -> str:
         return "—" if value is None else format(value, spec)
 
     counts = s["counts"]
+    what = f"images at {counts['image_size']} px" if counts and "image_size" in counts else "examples"
     data_line = (
         f"{counts['classes']} classes; {counts['train']} train, {counts['val']} validation, "
-        f"{counts['test']} test images at {counts['image_size']} px"
+        f"{counts['test']} test {what}"
         if counts
         else "not loaded"
     )
@@ -549,7 +539,7 @@ def render_html(report: StudyReport) -> str:
 
 
 def write_report(
-    run_dir: str | Path, *, dataset: data.Dataset | None = None, device: str = "cpu", png: bool = False
+    run_dir: str | Path, *, dataset: Dataset | None = None, device: str = "cpu", png: bool = False
 ) -> Path:
     """Write ``RUN_DIR/report.html`` (and with ``png`` each figure as ``RUN_DIR/figures/NAME.png``).
 

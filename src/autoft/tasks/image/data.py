@@ -10,9 +10,8 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,8 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from autoft.errors import AutoftError, closest
+from autoft.recipe import AUGMENT_LEVELS
+from autoft.tasks.base import Dataset, TensorSplit
 
 __all__ = [
     "AUGMENT_LEVELS",
@@ -30,7 +31,6 @@ __all__ = [
     "Dataset",
     "ImageSet",
     "augment",
-    "batches",
     "find_images",
     "load_image",
     "load_image_folder",
@@ -46,7 +46,6 @@ INTERPOLATIONS: dict[str, Image.Resampling] = {
     "bilinear": Image.Resampling.BILINEAR,
     "nearest": Image.Resampling.NEAREST,
 }
-AUGMENT_LEVELS: tuple[str, ...] = ("none", "light", "strong")
 
 # Random-resized-crop ranges for the "light" level (fraction of the area kept, width/height ratio).
 _CROP_SCALE = (0.6, 1.0)
@@ -55,53 +54,8 @@ _CROP_RATIO = (3 / 4, 4 / 3)
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
-@dataclass(frozen=True)
-class ImageSet:
-    """One split, decoded once: ``images`` uint8 ``(N, 3, S, S)`` and ``labels`` int64 ``(N,)``.
-
-    >>> s = ImageSet(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), torch.tensor([0, 1]))
-    >>> len(s)
-    2
-    """
-
-    images: torch.Tensor
-    labels: torch.Tensor
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
-
-
-@dataclass(frozen=True)
-class Dataset:
-    """An image-folder data set: class names (sorted; label ``i`` is ``classes[i]``) and its splits.
-
-    >>> ds = load_image_folder("data/flowers", image_size=224)  # doctest: +SKIP
-    >>> ds.summary()  # doctest: +SKIP
-    {'classes': 5, 'train': 2936, 'val': 734, 'test': 0, 'image_size': 224, 'skipped': 0}
-    """
-
-    classes: tuple[str, ...]
-    train: ImageSet
-    val: ImageSet
-    test: ImageSet | None
-    root: Path
-    image_size: int
-    skipped: int
-
-    def summary(self) -> dict:
-        """Counts for logs and reports.
-
-        >>> ds.summary()["classes"]  # doctest: +SKIP
-        5
-        """
-        return {
-            "classes": len(self.classes),
-            "train": len(self.train),
-            "val": len(self.val),
-            "test": len(self.test) if self.test is not None else 0,
-            "image_size": self.image_size,
-            "skipped": self.skipped,
-        }
+# One decoded split: ``images`` uint8 ``(N, 3, S, S)`` and ``labels`` int64 ``(N,)``.
+ImageSet = TensorSplit
 
 
 # ----------------------------------------------------------------------------- finding files
@@ -387,37 +341,6 @@ def _check_not_emptied(split: ImageSet, classes: tuple[str, ...], folder: Path, 
 
 
 # ----------------------------------------------------------------------------- batches and transforms
-
-
-def batches(
-    split: ImageSet,
-    *,
-    batch_size: int,
-    shuffle: bool,
-    generator: torch.Generator | None = None,
-    drop_last: bool = False,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield ``(uint8 images, int64 labels)`` batches covering ``split`` once (one epoch).
-
-    With ``shuffle`` the order comes from ``generator`` (same generator state, same order); without
-    it, batches are views in stored order.
-
-    >>> s = ImageSet(torch.zeros(5, 3, 8, 8, dtype=torch.uint8), torch.arange(5))
-    >>> [len(y) for _, y in batches(s, batch_size=2, shuffle=False)]
-    [2, 2, 1]
-    """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise AutoftError(f"batch_size must be a positive integer, but got {batch_size!r}.")
-    n = len(split)
-    stop = n - n % batch_size if drop_last else n
-    if not shuffle:
-        for start in range(0, stop, batch_size):
-            yield split.images[start : start + batch_size], split.labels[start : start + batch_size]
-        return
-    order = torch.randperm(n, generator=generator)
-    for start in range(0, stop, batch_size):
-        rows = order[start : start + batch_size].to(split.labels.device)
-        yield split.images.index_select(0, rows), split.labels.index_select(0, rows)
 
 
 def _check_batch(images: torch.Tensor) -> None:
