@@ -46,7 +46,7 @@ WEIGHTS, CONFIG = "model.safetensors", "config.json"
 EXPORT_FORMATS = ("onnx", "torchscript")
 
 
-def _replace_atomically(path: Path, write: Any) -> None:
+def _replace_atomically(path: Path, write: Callable[[Path], object]) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     write(tmp)
     os.replace(tmp, path)

@@ -31,6 +31,7 @@ from optuna.trial import TrialState
 from torch import nn
 
 from autoft.config import OBJECTIVES, parse_objectives
+from autoft.tasks.base import ModelInputs
 
 __all__ = [
     "KNEE_RULE",
@@ -70,7 +71,7 @@ def _architecture(model: nn.Module) -> tuple:
     return type(model).__qualname__, sum(p.numel() for p in model.parameters()), repr(model)[:2000]
 
 
-def _latency_ms(model: nn.Module, example: Any) -> float:
+def _latency_ms(model: nn.Module, example: ModelInputs) -> float:
     """Median milliseconds of one forward pass at batch 1 (a copy of the model, so the shared one never moves)."""
     device = _device_of(example)
     key = (*_architecture(model), _shape_of(example), str(device))
@@ -92,18 +93,18 @@ def _latency_ms(model: nn.Module, example: Any) -> float:
     return _latency_cache[key]
 
 
-def _device_of(example: Any) -> torch.device:
+def _device_of(example: ModelInputs) -> torch.device:
     tensor = example if isinstance(example, torch.Tensor) else next(iter(example.values()))
     return tensor.device
 
 
-def _shape_of(example: Any) -> tuple:
+def _shape_of(example: ModelInputs) -> tuple:
     if isinstance(example, torch.Tensor):
         return tuple(example.shape)
     return tuple(sorted((k, tuple(v.shape)) for k, v in example.items()))
 
 
-def costs(model: nn.Module, names: Sequence[str], *, example: Any) -> dict[str, float]:
+def costs(model: nn.Module, names: Sequence[str], *, example: ModelInputs) -> dict[str, float]:
     """The cost objectives of a trial's model, keyed by their user attr (``params``, ``latency_ms``).
 
     ``example``: one model input (batch 1) on the device to time on, as the task makes it.

@@ -27,7 +27,7 @@ from autoft import export, objectives, results, selection, tasks
 from autoft.config import SearchConfig
 from autoft.errors import AutoftError
 from autoft.recipe import describe_knobs
-from autoft.tasks.base import Dataset, Task
+from autoft.tasks.base import Dataset, LoadedModel, Split, Task
 from autoft.trial import predict_logits
 
 __all__ = [
@@ -351,7 +351,7 @@ def _mistakes_html(mistakes: list[dict[str, Any]], examples: list[str]) -> _Html
     return _Html(f'<div class="mistakes">{cells}</div>')
 
 
-def _model_sections(report: StudyReport, tuned: Any, task: Task, splits: dict[str, Any]) -> None:
+def _model_sections(report: StudyReport, tuned: LoadedModel, task: Task, splits: dict[str, Split]) -> None:
     """The best model on each split: confusion matrix, per-class scores, the examples it got most surely wrong."""
     spec = task.spec_from_meta(tuned.meta)
     for split, examples in splits.items():
@@ -360,7 +360,9 @@ def _model_sections(report: StudyReport, tuned: Any, task: Task, splits: dict[st
         report.summary.setdefault("evaluations", {})[split] = evaluation
         mistakes = confident_mistakes(probabilities, examples.labels, tuned.classes)
         rendered = task.example_html(examples, [m["index"] for m in mistakes])
-        grid: Any = _mistakes_html(mistakes, rendered) if mistakes else f"Nothing in {split} is classified wrongly."
+        grid: _Html | str = (
+            _mistakes_html(mistakes, rendered) if mistakes else f"Nothing in {split} is classified wrongly."
+        )
         report.add(
             f"Best model on {split}",
             report.figure(f"confusion_{split}", _confusion_figure(evaluation, split)),
@@ -370,14 +372,14 @@ def _model_sections(report: StudyReport, tuned: Any, task: Task, splits: dict[st
         )
 
 
-def _load_splits(config: dict[str, Any], task: Task, meta: dict[str, Any]) -> tuple[dict[str, Any], dict[str, int]]:
+def _load_splits(config: dict[str, Any], task: Task, meta: dict[str, Any]) -> tuple[dict[str, Split], dict[str, int]]:
     """The run's data read again as the search read it (its path, split fraction and seed from config.yaml)."""
     keys = ("model", "data", "task", "val_fraction", "seed")
     search = SearchConfig(**{k: config[k] for k in keys if k in config} | {"pretrained": False})
     return _splits_of(task.load_data(search, task.spec_from_meta(meta)))
 
 
-def _splits_of(dataset: Dataset) -> tuple[dict[str, Any], dict[str, int]]:
+def _splits_of(dataset: Dataset) -> tuple[dict[str, Split], dict[str, int]]:
     splits = {"validation": dataset.val} | ({"test": dataset.test} if dataset.test is not None else {})
     return splits, dataset.summary()
 
@@ -396,7 +398,7 @@ def build_report(run_dir: str | Path, *, dataset: Dataset | None = None, device:
     best_dir = run_dir / "best"
     tuned = export.load_model(best_dir, device=device) if (best_dir / export.CONFIG).is_file() else None
     task = tasks.get(tuned.meta.get("task", "image")) if tuned is not None else None
-    splits: dict[str, Any] = {}
+    splits: dict[str, Split] = {}
     counts = None
     model_note = "No model was exported (no trial completed)."
     if tuned is not None and dataset is not None:

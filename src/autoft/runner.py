@@ -47,14 +47,20 @@ class TrialRunner:
         *,
         budget: Budget | None = None,
         stop: threading.Event | None = None,
+        threads: int | None = None,
     ):
-        self.config, self.setups, self.budget, self.stop = config, setups, budget, stop
+        self.config, self.setups, self.budget, self.stop, self.threads = config, setups, budget, stop, threads
 
     def detached(self) -> TrialRunner:
-        """A copy without the in-process stop flag, for backends that pickle the runner."""
-        return TrialRunner(self.config, self.setups, budget=self.budget)
+        """A copy for backends that pickle the runner: no in-process stop flag, and torch's thread count set to
+        the trial's CPUs (``--cpus-per-trial``) where it runs, so concurrent trials do not oversubscribe cores."""
+        return TrialRunner(
+            self.config, self.setups, budget=self.budget, threads=max(1, int(self.config.cpus_per_trial))
+        )
 
     def __call__(self, number: int, params: dict, report: Report) -> TrialOutcome:
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
         # The device is resolved where the trial runs: a Ray worker may have a GPU that the driver lacks.
         setup = dataclasses.replace(setup_for(self.setups, params), device=resolve_device(self.config.device))
         recipe = Recipe.from_params(params)

@@ -23,7 +23,7 @@ from torch import nn
 from autoft import blocks, features, optim, pieces
 from autoft.recipe import Recipe
 from autoft.tasks import base
-from autoft.tasks.base import InputSpec, Task
+from autoft.tasks.base import InputSpec, Split, Task
 
 if TYPE_CHECKING:  # the setup module imports this one to train
     from autoft.preparation import Setup
@@ -189,7 +189,7 @@ def run_trial(
     return outcome
 
 
-def evaluate(model: nn.Module, split: Any, setup: Setup, *, batch_size: int = 256) -> tuple[float, float]:
+def evaluate(model: nn.Module, split: Split, setup: Setup, *, batch_size: int = 256) -> tuple[float, float]:
     """(mean loss, score) of ``model`` on ``split``, as the setup's task scores it (accuracy for images).
 
     >>> loss, accuracy = evaluate(model, setup.dataset.val, setup)  # doctest: +SKIP
@@ -200,7 +200,7 @@ def evaluate(model: nn.Module, split: Any, setup: Setup, *, batch_size: int = 25
 
 @torch.inference_mode()
 def predict_logits(
-    model: nn.Module, split: Any, task: Task, spec: InputSpec, *, device: torch.device, batch_size: int = 256
+    model: nn.Module, split: Split, task: Task, spec: InputSpec, *, device: torch.device, batch_size: int = 256
 ) -> torch.Tensor:
     """Logits (float32, on ``device``) of ``model`` for every example of ``split``, in order, in eval mode."""
     was_training = model.training

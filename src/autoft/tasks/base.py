@@ -22,7 +22,7 @@ docs/architecture.md walks through it.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Hashable, Iterator
+from collections.abc import Hashable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -42,6 +42,7 @@ __all__ = [
     "Dataset",
     "InputSpec",
     "LoadedModel",
+    "ModelInputs",
     "Split",
     "Task",
     "TensorSplit",
@@ -58,8 +59,10 @@ class Split(Protocol):
     def __len__(self) -> int: ...
 
 
-# A batch as a task's `batches` yields it, still on the CPU: (inputs the task turns into model inputs, labels).
-Batch = tuple[Any, torch.Tensor]
+# What a model's forward takes: one tensor (images, vectors) or named tensors (token ids, attention mask, ...).
+ModelInputs = torch.Tensor | Mapping[str, torch.Tensor]
+# A batch as a task's `batches` yields it, still on the CPU: (stored inputs the task turns into model inputs, labels).
+Batch = tuple[ModelInputs, torch.Tensor]
 # What a task needs to turn stored examples into model inputs (image size, mean, std, ...): hashable, so data
 # read once for one spec is shared by every model with the same spec.
 InputSpec = Hashable
@@ -90,9 +93,9 @@ class Dataset:
     """
 
     classes: tuple[str, ...]
-    train: Any  # a Split of the task's own kind
-    val: Any
-    test: Any | None
+    train: Split  # of the task's own kind
+    val: Split
+    test: Split | None
     root: Path
     skipped: int
     image_size: int = 0  # the working resolution of an image task (0 for other tasks)
@@ -196,7 +199,7 @@ class Task(ABC):
 
     @abstractmethod
     def batches(
-        self, split: Any, *, batch_size: int, shuffle: bool, generator: torch.Generator | None = None
+        self, split: Split, *, batch_size: int, shuffle: bool, generator: torch.Generator | None = None
     ) -> Iterator[Batch]:
         """Batches covering ``split`` once, on the CPU; ``shuffle`` draws the order from ``generator``."""
 
@@ -210,22 +213,22 @@ class Task(ABC):
         num_classes: int,
         device: torch.device,
         generator: torch.Generator,
-    ) -> tuple[Any, torch.Tensor]:
+    ) -> tuple[ModelInputs, torch.Tensor]:
         """A training batch -> (model inputs, targets) on ``device``, augmented/mixed as ``recipe`` says."""
 
     @abstractmethod
-    def eval_inputs(self, inputs: Any, spec: InputSpec, *, device: torch.device) -> Any:
+    def eval_inputs(self, inputs: ModelInputs, spec: InputSpec, *, device: torch.device) -> ModelInputs:
         """Stored inputs -> model inputs on ``device``, with no randomness (evaluation, caches, probes)."""
 
     def deterministic(self, recipe: Recipe) -> bool:
         """Whether ``recipe`` feeds the model the same inputs for an example every epoch (caches may be used)."""
         return True
 
-    def select(self, split: Any, rows: torch.Tensor) -> Any:
+    def select(self, split: Split, rows: torch.Tensor) -> Split:
         """The examples ``rows`` of ``split``, in that order; :class:`TensorSplit` by default."""
         return TensorSplit(split.images[rows], split.labels[rows])
 
-    def merged(self, first: Any, second: Any) -> Any:
+    def merged(self, first: Split, second: Split) -> Split:
         """The two splits as one (the refit trains on train + val); :class:`TensorSplit` by default."""
         return TensorSplit(torch.cat([first.images, second.images]), torch.cat([first.labels, second.labels]))
 
@@ -235,13 +238,13 @@ class Task(ABC):
         """The training loss (targets are class indices or, mixed, class probabilities)."""
         return F.cross_entropy(logits, targets, label_smoothing=recipe.label_smoothing)
 
-    def score(self, logits: torch.Tensor, split: Any) -> tuple[float, float]:
+    def score(self, logits: torch.Tensor, split: Split) -> tuple[float, float]:
         """(mean loss, score) of ``logits`` for the whole ``split``, in its order."""
         return cross_entropy_score(logits, split.labels)
 
     # --- outputs ----------------------------------------------------------------------------------------------
 
-    def example_inputs(self, dataset: Dataset, spec: InputSpec, *, device: torch.device, count: int = 1) -> Any:
+    def example_inputs(self, dataset: Dataset, spec: InputSpec, *, device: torch.device, count: int = 1) -> ModelInputs:
         """``count`` model inputs from the val split (timing, latency, export checks)."""
         inputs, _ = next(iter(self.batches(dataset.val, batch_size=count, shuffle=False)))
         return self.eval_inputs(inputs, spec, device=device)
@@ -260,6 +263,6 @@ class Task(ABC):
     ) -> LoadedModel:
         """An exported model loaded back, ready to predict (a :class:`LoadedModel`, or the task's subclass)."""
 
-    def example_html(self, split: Any, rows: list[int]) -> list[str]:
+    def example_html(self, split: Split, rows: list[int]) -> list[str]:
         """A small HTML rendering of each example ``rows`` of ``split``, for the report's gallery of mistakes."""
         return [f"example {row}" for row in rows]
