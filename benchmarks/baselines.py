@@ -15,7 +15,7 @@
 
 The plain loop takes the knob semantics from autoft's small helpers (``Recipe.from_params`` for defaults,
 ``models.apply_freeze`` for block groups, ``optim.create_optimizer`` for head rate / layer decay / no decay
-on norms, ``optim.lr_factor`` for warmup + cosine, ``data.augment``), so both sides search literally the same
+on norms, ``optim.lr_factor`` for warmup + cosine, ``transforms.augment``), so both sides search literally the same
 space; the loop itself is the plain one. It gets the decoded images in memory for free (``prepare``), the
 kindest set-up for the script: what is compared is the search, not image decoding.
 """
@@ -40,7 +40,7 @@ from autoft import blocks, optim
 from autoft.config import SearchConfig
 from autoft.preparation import Setup, prepare
 from autoft.recipe import Recipe
-from autoft.tasks.image import data
+from autoft.tasks.image import transforms
 from autoft.trial import evaluate
 
 __all__ = [
@@ -165,8 +165,8 @@ def train_plain(setup: Setup, knobs: dict[str, Any], *, seed: int, deadline: flo
             rows = order[start : start + recipe.batch_size]
             factor = optim.lr_factor(step, total_steps=total_steps, warmup_steps=warmup_steps, schedule=recipe.schedule)
             optim.set_lr(optimizer, recipe.lr * factor)
-            images = data.augment(train.images[rows], recipe.augment, generator=generator)
-            inputs = data.normalize(images.to(device), mean=setup.spec.mean, std=setup.spec.std)
+            images = transforms.augment(train.images[rows], recipe.augment, generator=generator)
+            inputs = transforms.normalize(images.to(device), mean=setup.spec.mean, std=setup.spec.std)
             loss = F.cross_entropy(model(inputs), train.labels[rows].to(device), label_smoothing=recipe.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -100,7 +100,7 @@ def test_custom_pieces_search_end_to_end(example: ModuleType, data: Path, tmp_pa
 def test_mixup_and_cutmix_give_soft_targets_and_train(data: Path) -> None:
     g = torch.Generator().manual_seed(0)
     images, labels = torch.randn(5, 3, 16, 16), torch.tensor([0, 1, 2, 0, 1])  # odd batch: timm's Mixup refuses it
-    mixed, targets = autoft.tasks.image.data.mix(images, labels, 3, mixup=0.0, cutmix=1.0, generator=g)
+    mixed, targets = autoft.tasks.image.transforms.mix(images, labels, 3, mixup=0.0, cutmix=1.0, generator=g)
     kept = (mixed == images).flatten(1).all(0).float().mean().item()  # share of pixels no image changed
     assert targets.shape == (5, 3) and torch.allclose(targets.sum(1), torch.ones(5))
     assert 0.0 <= kept <= 1.0 and (targets.max(1).values >= 0.5).all()

@@ -13,7 +13,7 @@ from autoft import tasks
 from autoft.features import FeatureCache
 from autoft.recipe import Recipe
 from autoft.tasks.base import Dataset
-from autoft.tasks.image import data, models
+from autoft.tasks.image import data, models, transforms
 from autoft.trial import TrialOutcome, run_trial
 from conftest import CLASS_COLORS, image_setup
 
@@ -67,7 +67,7 @@ def test_pooled_features_through_the_classifier_equal_the_models_forward(dataset
     cache = _cache(model, dataset)
     train, val = cache.splits()
     with torch.no_grad():
-        direct = model(data.normalize(dataset.val.images, mean=cache.spec.mean, std=cache.spec.std))
+        direct = model(transforms.normalize(dataset.val.images, mean=cache.spec.mean, std=cache.spec.std))
         via_cache = model.get_classifier()(val.images)
     torch.testing.assert_close(via_cache, direct, rtol=1e-4, atol=1e-5)
     assert train.images.shape == (len(dataset.train), model.num_features)

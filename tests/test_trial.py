@@ -16,7 +16,7 @@ from autoft import blocks, tasks, trial
 from autoft.preparation import Setup
 from autoft.recipe import Recipe
 from autoft.tasks.base import Dataset
-from autoft.tasks.image import ImageSpec, data, models
+from autoft.tasks.image import ImageSpec, data, models, transforms
 from autoft.trial import EpochMetrics, TrialOutcome, evaluate, run_trial
 from conftest import CLASS_COLORS, image_setup
 
@@ -258,7 +258,7 @@ def test_evaluate_matches_a_manual_computation(dataset: data.Dataset, batch_size
     assert model.training  # mode restored
     model.eval()
     with torch.no_grad():
-        logits = model(data.normalize(dataset.val.images, mean=cfg["mean"], std=cfg["std"]))
+        logits = model(transforms.normalize(dataset.val.images, mean=cfg["mean"], std=cfg["std"]))
     expected = (logits.argmax(1) == dataset.val.labels).sum().item() / len(dataset.val)
     assert 0.0 <= accuracy <= 1.0
     assert accuracy == pytest.approx(expected)

@@ -24,7 +24,7 @@ from autoft import tasks
 from autoft.errors import AutoftError
 from autoft.features import autocast
 from autoft.tasks.base import LoadedModel
-from autoft.tasks.image import data
+from autoft.tasks.image import data, transforms
 from autoft.trial import resolve_device
 
 log = logging.getLogger(__name__)
@@ -108,7 +108,7 @@ class TunedModel(LoadedModel):
         for start in range(0, len(images), batch_size):
             chunk = images[start : start + batch_size].to(self.device, non_blocking=True)
             with autocast(self.device):
-                out.append(self.model(data.normalize(chunk, mean=self.mean, std=self.std)).float().cpu())
+                out.append(self.model(transforms.normalize(chunk, mean=self.mean, std=self.std)).float().cpu())
         return torch.cat(out) if out else torch.zeros(0, len(self.classes))
 
 

@@ -19,7 +19,7 @@ from PIL import Image
 from torch import nn
 
 from autoft.tasks import base
-from autoft.tasks.image import data, models
+from autoft.tasks.image import data, models, transforms
 
 if TYPE_CHECKING:
     from autoft.config import SearchConfig
@@ -87,11 +87,13 @@ class ImageTask(base.Task):
         images, labels = batch
         if device.type == "cuda":  # page-locked, so the copy runs asynchronously (torch caches pinned blocks)
             images = images.pin_memory()
-        images = data.augment(images.to(device, non_blocking=True), recipe.augment, generator=generator)
+        images = transforms.augment(images.to(device, non_blocking=True), recipe.augment, generator=generator)
         inputs = self._normalized(images, spec)
         labels = labels.to(device, non_blocking=True)
         if recipe.mixup > 0 or recipe.cutmix > 0:  # soft targets: cross_entropy takes class probabilities
-            return data.mix(inputs, labels, num_classes, mixup=recipe.mixup, cutmix=recipe.cutmix, generator=generator)
+            return transforms.mix(
+                inputs, labels, num_classes, mixup=recipe.mixup, cutmix=recipe.cutmix, generator=generator
+            )
         return inputs, labels
 
     def eval_inputs(self, inputs: torch.Tensor, spec: ImageSpec, *, device: torch.device) -> torch.Tensor:
@@ -99,7 +101,7 @@ class ImageTask(base.Task):
 
     @staticmethod
     def _normalized(images: torch.Tensor, spec: ImageSpec) -> torch.Tensor:
-        inputs = data.normalize(images, mean=spec.mean, std=spec.std)
+        inputs = transforms.normalize(images, mean=spec.mean, std=spec.std)
         return inputs.contiguous(memory_format=torch.channels_last) if inputs.is_cuda else inputs
 
     def deterministic(self, recipe: Recipe) -> bool:
