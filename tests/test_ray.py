@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import signal
 import socket
@@ -47,7 +48,8 @@ def data(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def local_ray() -> Iterator[None]:
+def local_ray(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # as ENV: no token written to this user's ~/.ray
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     yield
     ray.shutdown()
@@ -306,7 +308,7 @@ def test_a_trial_its_worker_stopped_for_the_budget_is_complete_with_its_note(loc
     kept: list[int] = []
     ray_backend.optimize(
         study, autoft.load_space("default"), budget_stopped_worker, lambda number, params, outcome: kept.append(number),
-        cluster=ray_backend.Cluster(storage_path=tmp_path / "ray"), n_trials=2, timeout=None,
+        cluster=ray_backend.Cluster(max_concurrent=1, storage_path=tmp_path / "ray"), n_trials=2, timeout=None,
         on_trial_end=lambda trial: None, should_stop=lambda study: False,
     )  # fmt: skip
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2 and sorted(kept) == [0, 1]
@@ -325,3 +327,26 @@ def test_a_timed_search_on_ray_records_only_trials_that_ran(local_ray: None, dat
     trials = result.study.trials
     assert trials and all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
     assert all(t.intermediate_values for t in trials) and all(t.datetime_start <= window_end for t in trials[1:])
+
+
+def test_starting_ray_keeps_the_searchs_signal_handlers_and_hands_its_log_records_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def stop_after_the_step(signum: int, frame: object) -> None:  # stands for the controller's handler
+        pass
+
+    try:
+        for s in handlers:
+            signal.signal(s, stop_after_the_step)
+        ray_backend._connect(None)  # ray.init installs SIGTERM handlers that exit at once
+        assert signal.getsignal(signal.SIGINT) is stop_after_the_step
+        assert signal.getsignal(signal.SIGTERM) is stop_after_the_step
+        ray_logger = logging.getLogger("ray")  # Ray's records go where the CLI sends them (search.log; -v: terminal)
+        assert ray_logger.propagate and not ray_logger.handlers
+    finally:
+        ray.shutdown()
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
