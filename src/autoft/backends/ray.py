@@ -32,7 +32,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +47,7 @@ from ray.tune.stopper import Stopper
 from autoft.errors import AutoftError
 from autoft.objectives import EpochReports, study_objectives, trial_values
 from autoft.space import Space
+from autoft.study import Queued
 from autoft.trial import EpochMetrics, Report, TrialOutcome
 
 __all__ = ["Cluster", "Keep", "Worker", "optimize"]
@@ -140,8 +141,9 @@ class _Bridge:
         launch_end: float | None,
         on_trial_end: Callable[[FrozenTrial], None],
         should_stop: Callable[[optuna.Study], bool],
+        queue: Sequence[Queued] = (),
     ):
-        self.study, self.space, self.keep, self.holder = study, space, keep, holder
+        self.study, self.space, self.keep, self.holder, self.queue = study, space, keep, holder, list(queue)
         self.n_trials, self.launch_end = n_trials, launch_end
         self.on_trial_end, self.should_stop = on_trial_end, should_stop
         self.trials: dict[str, optuna.Trial] = {}
@@ -176,6 +178,8 @@ class _Bridge:
         job = None
         self.stopping = self.stopping or self.should_stop(self.study)  # asked now: no trial starts after Ctrl-C
         if self.may_launch(first=self.started == 0):
+            if self.queue:  # a retry or a portfolio recipe: into the study only now, as it starts
+                self.queue.pop(0).enqueue(self.study)
             trial = self.study.ask()
             params = self.space.sample(trial)
             trial.set_user_attr("knobs", params)
@@ -344,8 +348,10 @@ def optimize(
     timeout: float | None,
     on_trial_end: Callable[[FrozenTrial], None],
     should_stop: Callable[[optuna.Study], bool],
+    queue: Sequence[Queued] = (),
 ) -> None:
-    """Run up to ``n_trials`` trials as Ray Tune trials on ``cluster``; none starts after ``timeout`` seconds.
+    """Run up to ``n_trials`` trials as Ray Tune trials on ``cluster``, the ``queue`` first (each added to the
+    study only as its trial starts); none starts after ``timeout`` seconds.
 
     ``timeout`` is a launch window, as in the local backend: trials running when it closes run on (the worker's
     own deadline rule ends them). ``should_stop`` becoming true (Ctrl-C) ends the running trials, recorded FAIL
@@ -361,7 +367,7 @@ def optimize(
     holder = _Holder.remote()
     bridge = _Bridge(
         study, space, keep, holder,
-        n_trials=n_trials, launch_end=launch_end, on_trial_end=on_trial_end, should_stop=should_stop,
+        n_trials=n_trials, launch_end=launch_end, on_trial_end=on_trial_end, should_stop=should_stop, queue=queue,
     )  # fmt: skip
     trainable = tune.with_resources(
         tune.with_parameters(_trainable, worker=worker, holder=holder),  # put in the object store once
