@@ -142,6 +142,7 @@ def test_lora_trial_trains_adapters_and_head_and_keeps_a_plain_model(dataset: Da
     assert {"head.weight", "blocks.0.attn.qkv.weight"} <= changed  # the merged update moved the target weight
     assert not changed & {"patch_embed.proj.weight", "blocks.0.mlp.fc1.weight", "blocks.0.attn.qkv.bias"}
     trained = set(outcome.adapter_state)
+    assert outcome.notes["trainable_params"] == sum(v.numel() for v in outcome.adapter_state.values())
     assert "head.weight" in trained and all(".lora_" in k or k.startswith("head.") for k in trained)
     assert set(model.state_dict()) == set(_model("test_vit").state_dict())  # the base model was not touched
 

@@ -128,6 +128,7 @@ def run_trial(
             if policy is not None:  # BitFit, norm, LoRA (injected here) or a registered piece chooses what trains
                 policy(model, recipe)
             optimizer = optim.create_optimizer(model, recipe)
+            outcome.notes["trainable_params"] = blocks.count_parameters(model, trainable_only=True)  # a study attr
             # Same inputs every epoch and a frozen backbone prefix; a policy may train inside any block: no caches.
             steady = policy is None and task.deterministic(recipe)
             # Head only: the classifier trains on pooled features computed once per search.
