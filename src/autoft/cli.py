@@ -134,6 +134,12 @@ def _parser() -> argparse.ArgumentParser:
         help="keep the K best trials' models: best/ plus the runners-up in top/trial-N/ (default 1: best/ only)",
     )
     s.add_argument(
+        "--export-adapter",
+        action="store_true",
+        help="for LoRA / BitFit / norm trials, also write adapter.safetensors beside each kept model: the trained "
+        "parameters alone, with the base model's name and weights hash (the kept model has LoRA merged in)",
+    )
+    s.add_argument(
         "--compile",
         action="store_true",
         help="torch.compile each trial's training forward (a compile per trial: pays off for long trials on GPU)",
@@ -242,6 +248,7 @@ def _config(args: argparse.Namespace) -> SearchConfig:
         gpus_per_trial=args.gpus_per_trial,
         max_concurrent=args.max_concurrent,
         keep_top=args.keep_top,
+        export_adapter=args.export_adapter,
         compile=args.compile,
         soup=args.soup,
         refit=args.refit,
