@@ -143,3 +143,41 @@ def test_ner_models_run_uncached(ner_setup: Setup) -> None:
 def test_text_tasks_are_registered_and_search_the_text_preset() -> None:
     assert {"text", "ner"} <= set(tasks.names())
     assert tasks.get("ner").default_space == tasks.get("text").default_space == "text"
+
+
+def test_columns_are_detected_in_csv_tsv_and_jsonl_and_pairs_too(tmp_path: Path) -> None:
+    from autoft.tasks.text import data
+
+    (tmp_path / "a.tsv").write_text("Sentence\tLabel\nfine day\tpos\n")
+    (tmp_path / "b.jsonl").write_text('{"premise": "a", "hypothesis": "b", "labels": "entail"}\n')
+    tsv = data.read_sentences(tmp_path / "a.tsv", text_column=None, label_column=None, encoding="utf-8")
+    assert tsv.texts == ("fine day",) and tsv.labels == ("pos",) and tsv.pairs is None
+    pairs = data.read_sentences(tmp_path / "b.jsonl", text_column=None, label_column=None, encoding="utf-8")
+    assert pairs.texts == ("a",) and pairs.pairs == ("b",) and pairs.labels == ("entail",)
+
+
+def test_a_csv_field_with_a_unicode_line_separator_stays_one_row(tmp_path: Path) -> None:
+    from autoft.tasks.text import data
+
+    write_csv(tmp_path / "t.csv", [("one\u2028tweet\x1c", "a"), ("two", "b")])  # csv does not quote these
+    read = data.read_sentences(tmp_path / "t.csv", text_column=None, label_column=None, encoding="utf-8")
+    assert read.labels == ("a", "b")
+
+
+def test_conll_iob1_becomes_iob2_and_docstart_is_skipped(tmp_path: Path) -> None:
+    from autoft.tasks.text import data
+
+    (tmp_path / "x.txt").write_text("-DOCSTART- O\n\nJohn I-PER\nSmith I-PER\nin O\nRome I-LOC\n\nHi O\n")
+    read = data.read_conll(tmp_path / "x.txt", encoding="utf-8")
+    assert read.words == (("John", "Smith", "in", "Rome"), ("Hi",))
+    assert read.tags[0] == ("B-PER", "I-PER", "O", "B-LOC")
+
+
+def test_class_folders_of_txt_files_are_text(tmp_path: Path) -> None:
+    from autoft.tasks.text import data
+
+    for label, text in (("pos", "lovely"), ("neg", "awful")):
+        (tmp_path / label).mkdir()
+        (tmp_path / label / "1.txt").write_text(text)
+    assert SearchConfig(model="m", data=tmp_path).task == "text"
+    assert data.read_class_folders(tmp_path, encoding="utf-8").labels == ("neg", "pos")

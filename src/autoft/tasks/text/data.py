@@ -89,8 +89,8 @@ class Tagged:
 # ----------------------------------------------------------------------------- files
 
 
-def read_lines(path: Path, encoding: str) -> list[str]:
-    """The file's lines, decoded; an undecodable byte names the file and line and suggests ``--encoding``."""
+def read_text(path: Path, encoding: str) -> str:
+    """The file decoded; an undecodable byte names the file and line and suggests ``--encoding``."""
     raw = path.read_bytes()
     try:
         text = raw.decode(encoding)
@@ -102,7 +102,14 @@ def read_lines(path: Path, encoding: str) -> list[str]:
         ) from None
     except LookupError:
         raise AutoftError(f"--encoding {encoding!r} is not an encoding Python knows (e.g. utf-8, latin-1).") from None
-    return text.removeprefix("\ufeff").splitlines()
+    return text.removeprefix("\ufeff")
+
+
+def read_lines(path: Path, encoding: str) -> list[str]:
+    """The file's lines: split at ``\n`` only (``str.splitlines`` would also split at characters such as U+2028
+    or \x1c, which tweets contain and CSV does not quote)."""
+    lines = [line.removesuffix("\r") for line in read_text(path, encoding).split("\n")]
+    return lines[:-1] if lines and not lines[-1] else lines
 
 
 def split_files(folder: Path, suffixes: Sequence[str]) -> dict[str, Path]:
@@ -122,8 +129,8 @@ def split_files(folder: Path, suffixes: Sequence[str]) -> dict[str, Path]:
 
 def _rows(path: Path, encoding: str) -> tuple[list[str], list[dict[str, Any]]]:
     """Columns and rows of a CSV, TSV or JSONL file."""
-    lines = read_lines(path, encoding)
     if path.suffix.lower() == ".jsonl":
+        lines = read_lines(path, encoding)
         rows = []
         for number, line in enumerate(lines, 1):
             if not line.strip():
@@ -137,7 +144,7 @@ def _rows(path: Path, encoding: str) -> tuple[list[str], list[dict[str, Any]]]:
             rows.append(row)
         return list(dict.fromkeys(k for row in rows for k in row)), rows
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-    reader = csv.DictReader(io.StringIO("\n".join(lines)), delimiter=delimiter)
+    reader = csv.DictReader(io.StringIO(read_text(path, encoding), newline=""), delimiter=delimiter)
     rows = [row for row in reader if any((v or "").strip() for v in row.values() if isinstance(v, str))]
     return list(reader.fieldnames or []), rows
 
