@@ -181,3 +181,12 @@ def test_class_folders_of_txt_files_are_text(tmp_path: Path) -> None:
         (tmp_path / label / "1.txt").write_text(text)
     assert SearchConfig(model="m", data=tmp_path).task == "text"
     assert data.read_class_folders(tmp_path, encoding="utf-8").labels == ("neg", "pos")
+
+
+def test_ner_jsonl_tokens_and_tags(tmp_path: Path) -> None:
+    from autoft.tasks.text import data
+
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"tokens": ["Mary", "in", "Rome"], "tags": ["B-PER", "O", "I-LOC"]}\n\n')
+    assert SearchConfig(model="m", data=path).task == "ner"
+    assert data.read_tagged(path, encoding="utf-8").tags == (("B-PER", "O", "B-LOC"),)

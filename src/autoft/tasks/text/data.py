@@ -11,7 +11,7 @@ import csv
 import io
 import json
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -130,23 +130,26 @@ def split_files(folder: Path, suffixes: Sequence[str]) -> dict[str, Path]:
 def _rows(path: Path, encoding: str) -> tuple[list[str], list[dict[str, Any]]]:
     """Columns and rows of a CSV, TSV or JSONL file."""
     if path.suffix.lower() == ".jsonl":
-        lines = read_lines(path, encoding)
-        rows = []
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise AutoftError(f"{path}:{number} is not a JSON object ({err.msg}).") from None
-            if not isinstance(row, dict):
-                raise AutoftError(f"{path}:{number} is not a JSON object with named fields.")
-            rows.append(row)
+        rows = [row for _, row in _json_rows(path, encoding)]
         return list(dict.fromkeys(k for row in rows for k in row)), rows
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
     reader = csv.DictReader(io.StringIO(read_text(path, encoding), newline=""), delimiter=delimiter)
     rows = [row for row in reader if any((v or "").strip() for v in row.values() if isinstance(v, str))]
     return list(reader.fieldnames or []), rows
+
+
+def _json_rows(path: Path, encoding: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(line number, object)`` for each non-blank line of a JSONL file."""
+    for number, line in enumerate(read_lines(path, encoding), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise AutoftError(f"{path}:{number} is not a JSON object ({err.msg}).") from None
+        if not isinstance(row, dict):
+            raise AutoftError(f"{path}:{number} is not a JSON object with named fields.")
+        yield number, row
 
 
 def _column(columns: Sequence[str], given: str | None, names: Iterable[str], what: str, flag: str, path: Path) -> str:
@@ -273,14 +276,8 @@ def read_conll(path: Path, *, encoding: str) -> Tagged:
 def read_tagged_jsonl(path: Path, *, encoding: str) -> Tagged:
     """JSONL with ``tokens`` and ``tags`` (or ``ner_tags`` as strings) per line."""
     words, tags = [], []
-    for number, line in enumerate(read_lines(path, encoding), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise AutoftError(f"{path}:{number} is not a JSON object ({err.msg}).") from None
-        tokens, labels = row.get("tokens"), row.get("tags", row.get("ner_tags")) if isinstance(row, dict) else None
+    for number, row in _json_rows(path, encoding):
+        tokens, labels = row.get("tokens"), row.get("tags", row.get("ner_tags"))
         if not isinstance(tokens, list) or not isinstance(labels, list) or len(tokens) != len(labels):
             raise AutoftError(f"{path}:{number} needs 'tokens' and 'tags' lists of the same length.")
         if not all(isinstance(t, str) and _TAG.match(t) for t in labels):
