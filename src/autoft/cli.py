@@ -22,6 +22,7 @@ from autoft.controller import Progress as SearchProgress
 from autoft.controller import SearchInterrupted, SearchResult, run_search
 from autoft.errors import AutoftError
 from autoft.keeper import check_run_dir
+from autoft.tasks.base import LoadedModel
 from autoft.tasks.image import data
 
 __all__ = ["main"]
@@ -49,6 +50,15 @@ def _parser() -> argparse.ArgumentParser:
         type=Path,
         help="image folder: train/ and val/ (optional test/) of class folders, or class folders only",
     )
+    s.add_argument(
+        "--task",
+        default="auto",
+        help="image, text (sentence classification) or ner (token classification); default: detected from --data "
+        "(.csv/.tsv/.jsonl: text, CoNLL .txt/.conll: ner, else image)",
+    )
+    s.add_argument("--text-column", help="text: the sentence column (a,b for sentence pairs; default: detected)")
+    s.add_argument("--label-column", help="text: the label column (default: detected: label, labels, class, ...)")
+    s.add_argument("--encoding", default="utf-8", help="text: the data files' encoding (default utf-8)")
     s.add_argument("--weights", type=Path, help="load pretrained weights from a .pth/.pt/.safetensors state dict")
     s.add_argument(
         "--no-pretrained",
@@ -202,14 +212,30 @@ def _add_using_commands(commands: argparse._SubParsersAction) -> None:
     d.add_argument("--port", type=int, default=8080, help="port (default 8080)")
     p = commands.add_parser("predict", help="classify image files, folders or globs with a tuned model")
     p.add_argument("model_dir", type=Path, metavar="MODEL_DIR", help="an exported model, e.g. runs/x/best")
-    p.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders (recursive) or glob patterns")
+    p.add_argument(
+        "paths",
+        nargs="+",
+        metavar="PATH",
+        help="image files, folders (recursive) or glob patterns; for a text model: sentences, files of lines, or "
+        "CSV/TSV/JSONL files (their text column)",
+    )
+    p.add_argument("--text-column", help="text models: the column of a CSV/TSV/JSONL file to classify")
+    p.add_argument("--encoding", default="utf-8", help="text models: the files' encoding (default utf-8)")
     p.add_argument("--top-k", type=int, default=3, help="how many classes to list per image (default 3)")
     p.add_argument("--output", type=Path, help="write the predictions as CSV here instead of a table")
     p.add_argument("--batch-size", type=int, default=64, help="images decoded and classified at once (default 64)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 or mps (default auto)")
     e = commands.add_parser("evaluate", help="accuracy, per-class accuracy and confusion matrix on a folder")
     e.add_argument("model_dir", type=Path, metavar="MODEL_DIR", help="an exported model, e.g. runs/x/best")
-    e.add_argument("data", type=Path, metavar="DATA_SPLIT_DIR", help="a folder of class sub-folders, e.g. data/test")
+    e.add_argument(
+        "data",
+        type=Path,
+        metavar="DATA",
+        help="a folder of class sub-folders, e.g. data/test; for a text model a labelled file (CSV/TSV/JSONL, CoNLL)",
+    )
+    e.add_argument("--text-column", help="text models: the sentence column (default: detected)")
+    e.add_argument("--label-column", help="text models: the label column (default: detected)")
+    e.add_argument("--encoding", default="utf-8", help="text models: the file's encoding (default utf-8)")
     e.add_argument("--batch-size", type=int, default=64, help="images decoded and classified at once (default 64)")
     e.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 or mps (default auto)")
     x = commands.add_parser("export", help="write an ONNX or TorchScript file of a tuned model, checked against it")
@@ -222,6 +248,10 @@ def _config(args: argparse.Namespace) -> SearchConfig:
     return SearchConfig(
         model=args.model,
         data=args.data,
+        task=args.task,
+        text_column=args.text_column,
+        label_column=args.label_column,
+        encoding=args.encoding,
         weights=args.weights,
         pretrained=args.pretrained,
         trials=args.trials,
@@ -407,20 +437,33 @@ def _counting_progress(total: int, what: str) -> Progress:
     return bar
 
 
-def _predict(args: argparse.Namespace) -> int:
-    tuned = export.load_model(args.model_dir, device=args.device)
-    files = data.find_images(args.paths)
-    with _counting_progress(len(files), "predicting") as bar:
-        rows = export.predict_files(
-            tuned, files, top_k=args.top_k, batch_size=args.batch_size, progress=lambda n: bar.advance(0, n)
-        )
-    k = max(len(r.classes) for r in rows)
-    header = ["path"] + [f"{name}{i + 1}" for i in range(k) for name in ("class", "probability")]
-    table = [[str(r.path)] + [v for pair in zip(r.classes, r.probabilities, strict=True) for v in pair] for r in rows]
-    if args.output:
-        with args.output.open("w", newline="") as handle:
+def _predict_text(tuned: LoadedModel, args: argparse.Namespace) -> int:
+    from autoft.tasks.text.using import read_inputs
+
+    sentences = read_inputs(args.paths, text_column=args.text_column, encoding=args.encoding)
+    if tuned.task.token_level:
+        header = ["sentence", "entities"]
+        found = tuned.predict(sentences)
+        table = [
+            [s, "; ".join(f"{e['text']} ({e['type']})" for e in ents) or "-"]
+            for s, ents in zip(sentences, found, strict=True)
+        ]
+    else:
+        k = min(args.top_k, len(tuned.classes))
+        values, indices = tuned.predict_proba(sentences).topk(k, dim=1)
+        header = ["sentence"] + [f"{name}{i + 1}" for i in range(k) for name in ("class", "probability")]
+        table = [
+            [s] + [v for i, p in zip(idx, vals, strict=True) for v in (tuned.classes[i], round(p, 6))]
+            for s, vals, idx in zip(sentences, values.tolist(), indices.tolist(), strict=True)
+        ]
+    return _show_predictions(header, table, args.output)
+
+
+def _show_predictions(header: list[str], table: list[list], output: Path | None) -> int:
+    if output:
+        with output.open("w", newline="") as handle:
             csv.writer(handle).writerows([header, *table])
-        console.print(f"{len(rows)} predictions written to {args.output}")
+        console.print(f"{len(table)} predictions written to {output}")
         return 0
     out = Table(*header, box=None)
     for row in table:
@@ -429,8 +472,47 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predict(args: argparse.Namespace) -> int:
+    tuned = export.load_model(args.model_dir, device=args.device)
+    if not isinstance(tuned, export.TunedModel):
+        return _predict_text(tuned, args)
+    files = data.find_images(args.paths)
+    with _counting_progress(len(files), "predicting") as bar:
+        rows = export.predict_files(
+            tuned, files, top_k=args.top_k, batch_size=args.batch_size, progress=lambda n: bar.advance(0, n)
+        )
+    k = max(len(r.classes) for r in rows)
+    header = ["path"] + [f"{name}{i + 1}" for i in range(k) for name in ("class", "probability")]
+    table = [[str(r.path)] + [v for pair in zip(r.classes, r.probabilities, strict=True) for v in pair] for r in rows]
+    return _show_predictions(header, table, args.output)
+
+
+def _evaluate_text(tuned: LoadedModel, args: argparse.Namespace) -> int:
+    result = tuned.evaluate(args.data, text_column=args.text_column, label_column=args.label_column,
+                            encoding=args.encoding)  # fmt: skip
+    out = Console()
+    macro = f", macro-F1 {result.macro_f1:.4f}" if result.macro_f1 is not None else ""
+    out.print(f"{result.score_name} {result.score:.4f}{macro} on {result.count} sentences in {args.data}")
+    per_class = Table("class", result.per_class_name, box=None)
+    for name, value in result.per_class.items():
+        per_class.add_row(name, f"{value:.4f}")
+    out.print(per_class)
+    if result.confusion is not None:
+        _print_confusion(out, tuned.classes, result.confusion)
+    return 0
+
+
+def _print_confusion(out: Console, classes: Sequence[str], confusion: list[list[int]]) -> None:
+    matrix = Table("true \\ predicted", *classes, box=None)
+    for name, row in zip(classes, confusion, strict=True):
+        matrix.add_row(name, *map(str, row))
+    out.print(matrix)
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     tuned = export.load_model(args.model_dir, device=args.device)
+    if not isinstance(tuned, export.TunedModel):
+        return _evaluate_text(tuned, args)
     count = len(data.find_images([args.data])) if args.data.is_dir() else 0
     with _counting_progress(count, "evaluating") as bar:
         result = export.evaluate_folder(
@@ -442,10 +524,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     for i, (name, value) in enumerate(result.per_class.items()):
         per_class.add_row(name, "-" if value is None else f"{value:.4f}", str(sum(result.confusion[i])))
     out.print(per_class)
-    matrix = Table("true \\ predicted", *result.classes, box=None)
-    for name, row in zip(result.classes, result.confusion, strict=True):
-        matrix.add_row(name, *map(str, row))
-    out.print(matrix)
+    _print_confusion(out, result.classes, result.confusion)
     return 0
 
 

@@ -6,6 +6,7 @@ to ``config.yaml`` beside every run so a search can be read back and repeated.
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import math
 import re
@@ -26,6 +27,7 @@ __all__ = [
     "SAMPLERS",
     "Objective",
     "SearchConfig",
+    "detect_task",
     "parse_duration",
     "parse_objectives",
 ]
@@ -103,6 +105,38 @@ def parse_duration(text: str | float | int | None) -> float | None:
     return seconds
 
 
+TEXT_SUFFIXES = (".csv", ".tsv", ".jsonl")
+NER_SUFFIXES = (".conll", ".txt", ".iob", ".bio")
+
+
+def detect_task(data: Path) -> str:
+    """The task the data is for: a CSV/TSV/JSONL file (or a folder with train.csv, or class folders of .txt files)
+    is text; CoNLL files (.conll, .txt; or JSONL with ``tokens``) are NER; anything else is images.
+
+    >>> detect_task(Path("reviews.csv")), detect_task(Path("photos"))
+    ('text', 'image')
+    """
+    if data.is_dir():
+        train = sorted(p for p in data.iterdir() if p.stem.lower() == "train" and p.is_file())
+        if train:
+            return detect_task(train[0])
+        classes = [p for p in data.iterdir() if p.is_dir() and not p.name.startswith(".")]
+        return "text" if classes and all(any(c.glob("*.txt")) for c in classes) else "image"
+    suffix = data.suffix.lower()
+    if suffix == ".jsonl" and data.is_file():
+        with data.open("rb") as handle:
+            return "ner" if b'"tokens"' in handle.readline() else "text"
+    return "text" if suffix in TEXT_SUFFIXES else "ner" if suffix in NER_SUFFIXES else "image"
+
+
+def _known_encoding(name: str) -> bool:
+    try:
+        codecs.lookup(name)
+    except LookupError:
+        return False
+    return True
+
+
 def _slug(text: str) -> str:
     """A safe single path component: no separators, and no leading dots (so never ``..``)."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-.") or "study"
@@ -153,7 +187,7 @@ class SearchConfig:
 
     model: str  # one model name, or several: "a,b" or a list (stored as "a,b")
     data: Path
-    task: str = "image"  # what the data and model are: a name in autoft.tasks (image; text classification, NER)
+    task: str = "auto"  # a name in autoft.tasks (image, text, ner); auto: detected from the data (detect_task)
     weights: Path | None = None
     pretrained: bool = True
     trials: int | None = 20
@@ -186,6 +220,9 @@ class SearchConfig:
     refit: bool = False  # final model: the best recipe trained again on train+val
     model_selection: bool = True  # with several models: drop the weak ones before the search (selection.py)
     priors: bool = True  # let the probe narrow a bundled preset's space (autoft.plan; docs/controller.md)
+    text_column: str | None = None  # text: the column of the sentences ("a,b": a sentence pair); default detected
+    label_column: str | None = None  # text: the column of the labels; default detected (label, labels, class, ...)
+    encoding: str = "utf-8"  # text: the encoding of the data files
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model", _model_names(self.model))
@@ -196,6 +233,8 @@ class SearchConfig:
                 object.__setattr__(self, name, _path(flag, getattr(self, name)))
         object.__setattr__(self, "space_overrides", tuple(self.space_overrides or ()))
         object.__setattr__(self, "space_fixed", tuple(self.space_fixed or ()))
+        if self.task == "auto":
+            object.__setattr__(self, "task", detect_task(self.data))
         self._validate()
 
     @property
@@ -206,6 +245,11 @@ class SearchConfig:
     def _validate(self) -> None:
         if not isinstance(self.task, str) or not self.task.strip():
             raise AutoftError(f"--task must be a task name such as image, but got {self.task!r}.")
+        for flag, value in (("--text-column", self.text_column), ("--label-column", self.label_column)):
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise AutoftError(f"{flag} must be a column name, but got {value!r}.")
+        if not isinstance(self.encoding, str) or not _known_encoding(self.encoding):
+            raise AutoftError(f"--encoding {self.encoding!r} is not an encoding Python knows (e.g. utf-8, latin-1).")
         if not isinstance(self.pretrained, bool):
             raise AutoftError(f"pretrained must be True or False, but got {self.pretrained!r}.")
         if self.trials is not None and (not _whole(self.trials) or self.trials < 1):

@@ -30,7 +30,7 @@ import optuna
 import torch
 from optuna.trial import FrozenTrial
 
-from autoft import export, final, plan, results, selection, warmstart
+from autoft import export, final, plan, results, selection, tasks, warmstart
 from autoft.backends import local
 from autoft.budget import Budget
 from autoft.config import SearchConfig
@@ -185,7 +185,8 @@ def run_search(
     cfg = config.resolved()
     show = progress or (lambda event: None)
     check_run_dir(cfg.run_dir)
-    space = load_space(cfg.space, overrides=cfg.space_overrides, fixed=cfg.space_fixed).with_max_epochs(cfg.max_epochs)
+    preset = tasks.get(cfg.task).default_space if cfg.space == "default" else cfg.space  # text: the text preset
+    space = load_space(preset, overrides=cfg.space_overrides, fixed=cfg.space_fixed).with_max_epochs(cfg.max_epochs)
     stop, received = threading.Event(), []
     with _stop_on_signals(stop, received):
         setups = setup if isinstance(setup, dict) else {cfg.models[0]: setup} if setup else prepare_models(cfg)

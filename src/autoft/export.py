@@ -329,6 +329,10 @@ def export_model(
         raise AutoftError(f"Export format {format!r} is not known; choose one of: {', '.join(_WRITERS)}.")
     suffix, write = _WRITERS[format]
     tuned = load_model(path, device="cpu")
+    if not isinstance(tuned, TunedModel):
+        raise AutoftError(
+            f"Exporting a {tuned.meta.get('task')} model to {format} is not supported yet; export covers image models."
+        )
     target = Path(output) if output else Path(path) / f"model{suffix}"
     module = _Deployable(tuned.model, tuned.mean, tuned.std).eval()
     generator = torch.Generator().manual_seed(0)

@@ -152,7 +152,21 @@ def _why_not_cacheable(model: nn.Module) -> str:
         return "get_classifier() is not one module"
     if getattr(model, "drop_rate", 0.0):
         return f"the model has drop_rate={model.drop_rate}"
-    return next(filter(None, (unsteady(name, module) for name, module in model.named_modules())), "")
+    frozen = _frozen_in_head_only(model)  # str.startswith(()) is False: with none, every module is checked
+    modules = ((name, module) for name, module in model.named_modules() if not name.startswith(frozen))
+    return next(filter(None, (unsteady(name, module) for name, module in modules)), "")
+
+
+def _frozen_in_head_only(model: nn.Module) -> tuple[str, ...]:
+    """Name prefixes (``"encoder."``) of the modules a head-only trial puts in eval mode: those with parameters,
+    none of them the head's (``blocks.set_train_mode``). Dropout inside them is off, so it cannot make features
+    vary (a transformer encoder's dropout; timm's drop-path inside frozen blocks)."""
+    head = {id(p) for p in model.get_classifier().parameters()}
+    return tuple(
+        f"{name}."
+        for name, module in model.named_modules()
+        if name and (params := list(module.parameters())) and not any(id(p) in head for p in params)
+    )
 
 
 def unsteady(name: str, module: nn.Module) -> str:

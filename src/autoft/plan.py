@@ -65,7 +65,8 @@ class Plan:
         lines = [
             f"data: {d.train} train / {d.val} val / {d.test} test {'images' if d.image_size else 'examples'}, "
             f"{d.classes} classes ({d.smallest_class}-{d.largest_class} per class, imbalance {d.imbalance:.1f}x)"
-            + (f", {d.image_size} px" if d.image_size else ""),
+            + (f", {d.image_size} px" if d.image_size else "")
+            + (f"; {d.inputs}" if d.inputs else ""),
             f"probe{' (stored, from the first run)' if self.reused else ''}: linear probe val accuracy "
             f"{p.linear_probe_accuracy:.3f} (chance {p.chance:.3f}, fit {p.fit:.2f}); one epoch: full fine-tuning "
             f"~{p.epoch_seconds_full:.1f}s, head only ~{p.epoch_seconds_head:.2f}s; probe took {p.seconds:.1f}s",

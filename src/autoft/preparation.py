@@ -40,9 +40,8 @@ class Setup:
     def export_meta(self) -> dict[str, Any]:
         """What an exported model of this setup records to be used again: the task, the classes, the input spec."""
         classes = list(self.dataset.classes)
-        return {"task": self.task.name, "num_classes": len(classes), "classes": classes} | self.task.export_meta(
-            self.spec
-        )
+        meta = {"task": self.task.name, "num_classes": len(classes), "classes": classes}
+        return meta | self.task.export_meta(self.spec) | self.task.dataset_meta(self.dataset)
 
 
 def prepare(

@@ -42,6 +42,7 @@ class DataProfile:
     smallest_class: int  # training images of the rarest class
     largest_class: int
     image_size: int
+    inputs: str = ""  # how examples became inputs (text: the max_length chosen); '' for images
 
     @property
     def imbalance(self) -> float:
@@ -59,7 +60,7 @@ def profile_data(dataset: Dataset) -> DataProfile:
     >>> profile_data(ds).classes  # doctest: +SKIP
     3
     """
-    counts = torch.bincount(dataset.train.labels, minlength=len(dataset.classes))
+    counts = class_counts(dataset.train.labels, len(dataset.classes))
     return DataProfile(
         train=len(dataset.train),
         val=len(dataset.val),
@@ -68,7 +69,17 @@ def profile_data(dataset: Dataset) -> DataProfile:
         smallest_class=int(counts.min()),
         largest_class=int(counts.max()),
         image_size=dataset.image_size,
+        inputs=dataset.inputs,
     )
+
+
+def class_counts(labels: torch.Tensor, classes: int) -> torch.Tensor:
+    """Examples per class; labels below 0 are not counted (a per-token task marks unscored positions -100).
+
+    >>> class_counts(torch.tensor([[0, -100, 1], [1, 1, -100]]), 3).tolist()
+    [1, 3, 0]
+    """
+    return torch.bincount(labels[labels >= 0].flatten(), minlength=classes)
 
 
 @dataclass(frozen=True)
@@ -110,9 +121,15 @@ def probe(setup: Setup, *, seed: int = 0, steps: int = 100, timed_steps: int = 5
     """
     started = time.perf_counter()
     dataset = setup.dataset
-    train_features, val_features = _pooled_features(setup)
+    counts = class_counts(dataset.val.labels, len(dataset.classes))
+    chance = counts.max().item() / max(1, int(counts.sum()))
     head_started = time.perf_counter()
-    accuracy = _linear_probe(train_features, val_features, len(dataset.classes), seed=seed, steps=steps)
+    if _has_pooled_features(setup.base_model):
+        train_features, val_features = _pooled_features(setup)
+        head_started = time.perf_counter()
+        accuracy = _linear_probe(train_features, val_features, len(dataset.classes), seed=seed, steps=steps)
+    else:  # no pooled features (per-token outputs): no linear probe; at chance its fit is 0, so no prior fires
+        accuracy = chance
     head_seconds = time.perf_counter() - head_started
     eval_per_image = _eval_seconds_per_image(setup, batch_size=batch_size)
     train_per_image = _train_seconds_per_image_fitting(setup, steps=timed_steps, batch_size=batch_size)
@@ -120,7 +137,6 @@ def probe(setup: Setup, *, seed: int = 0, steps: int = 100, timed_steps: int = 5
     cached = setup.feature_cache is not None and setup.feature_cache.splits() is not None
     # Head-only epoch: a pass of the head over cached features (~ the probe's steps), else a frozen forward pass.
     head_epoch = head_seconds / steps * math.ceil(len(dataset.train) / batch_size) if cached else None
-    chance = torch.bincount(dataset.val.labels).max().item() / max(1, len(dataset.val))
     return Probe(
         linear_probe_accuracy=accuracy,
         chance=chance,
@@ -130,6 +146,10 @@ def probe(setup: Setup, *, seed: int = 0, steps: int = 100, timed_steps: int = 5
         eval_seconds_per_image=eval_per_image,
         seconds=time.perf_counter() - started,
     )
+
+
+def _has_pooled_features(model: nn.Module) -> bool:
+    return all(callable(getattr(model, name, None)) for name in ("forward_features", "forward_head"))
 
 
 # Without the feature cache the probe computes its own features: on at most this many images (bounded cost).

@@ -133,11 +133,12 @@ def _model_sections(report: StudyReport, tuned: LoadedModel, task: Task, splits:
     """The best model on each split: confusion matrix, per-class scores, the examples it got most surely wrong."""
     spec = task.spec_from_meta(tuned.meta)
     for split, examples in splits.items():
-        probabilities = predict_logits(tuned.model, examples, task, spec, device=tuned.device).softmax(1).cpu()
-        evaluation = export.Evaluation.from_predictions(examples.labels, probabilities.argmax(1), tuned.classes)
+        logits = predict_logits(tuned.model, examples, task, spec, device=tuned.device)
+        probabilities, labels, rows = (t.cpu() for t in task.per_example(logits, examples))
+        evaluation = export.Evaluation.from_predictions(labels, probabilities.argmax(1), tuned.classes)
         report.summary.setdefault("evaluations", {})[split] = evaluation
-        mistakes = figures.confident_mistakes(probabilities, examples.labels, tuned.classes)
-        rendered = task.example_html(examples, [m["index"] for m in mistakes])
+        mistakes = figures.confident_mistakes(probabilities, labels, tuned.classes)
+        rendered = task.example_html(examples, [int(rows[m["index"]]) for m in mistakes])
         grid: _Html | str = (
             _mistakes_html(mistakes, rendered) if mistakes else f"Nothing in {split} is classified wrongly."
         )
@@ -152,7 +153,7 @@ def _model_sections(report: StudyReport, tuned: LoadedModel, task: Task, splits:
 
 def _load_splits(config: dict[str, Any], task: Task, meta: dict[str, Any]) -> tuple[dict[str, Split], dict[str, int]]:
     """The run's data read again as the search read it (its path, split fraction and seed from config.yaml)."""
-    keys = ("model", "data", "task", "val_fraction", "seed")
+    keys = ("model", "data", "task", "val_fraction", "seed", "text_column", "label_column", "encoding")
     search = SearchConfig(**{k: config[k] for k in keys if k in config} | {"pretrained": False})
     return _splits_of(task.load_data(search, task.spec_from_meta(meta)))
 
@@ -209,6 +210,8 @@ dl.summary{display:grid;grid-template-columns:max-content 1fr;gap:.3rem 1.2rem} 
 p.note{background:#fff8e1;border-left:4px solid #f0b400;padding:.6rem 1rem}
 .mistakes{display:flex;flex-wrap:wrap;gap:1rem} .mistakes figure{margin:0;text-align:center;font-size:.85rem}
 .mistakes img{width:112px;height:112px;image-rendering:pixelated;border:1px solid #ccc}
+.mistakes blockquote.text{margin:0 0 .3rem;max-width:22rem;padding:.4rem .6rem;border:1px solid #ccc;text-align:left}
+.mistakes mark{padding:0 .15rem} .mistakes mark sub{font-size:.65rem;color:#555}
 table.trials{border-collapse:collapse;font-size:.85rem;width:100%}
 table.trials th,table.trials td{border:1px solid #ddd;padding:.25rem .5rem;text-align:left;vertical-align:top}
 table.trials th{background:#f3f3f3;cursor:pointer;user-select:none;position:sticky;top:0}

@@ -50,4 +50,18 @@ def _image() -> Task:
     return ImageTask()
 
 
+def _text() -> Task:
+    from autoft.tasks.text import TextTask
+
+    return TextTask()
+
+
+def _ner() -> Task:
+    from autoft.tasks.text import NerTask
+
+    return NerTask()
+
+
 register("image", _image)
+register("text", _text)
+register("ner", _ner)

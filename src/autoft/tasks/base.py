@@ -99,6 +99,7 @@ class Dataset:
     root: Path
     skipped: int
     image_size: int = 0  # the working resolution of an image task (0 for other tasks)
+    inputs: str = ""  # how examples became inputs, for the plan (text: the max_length chosen from the data)
 
     def summary(self) -> dict[str, Any]:
         """Counts for logs and reports.
@@ -176,6 +177,7 @@ class Task(ABC):
 
     name: str = ""
     score_name: str = "accuracy"  # what ``score`` measures; higher is better
+    default_space: str = "default"  # the search-space preset ``--space default`` stands for
 
     # --- models -----------------------------------------------------------------------------------------------
 
@@ -242,6 +244,12 @@ class Task(ABC):
         """(mean loss, score) of ``logits`` for the whole ``split``, in its order."""
         return cross_entropy_score(logits, split.labels)
 
+    def per_example(self, logits: torch.Tensor, split: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What the report's confusion matrix and gallery of mistakes count: class probabilities ``(M, classes)``,
+        true labels ``(M,)`` and the row of ``split`` each belongs to ``(M,)``; by default one per example
+        (a per-token task gives one per scored token)."""
+        return logits.softmax(1), split.labels.to(logits.device), torch.arange(len(split), device=logits.device)
+
     # --- outputs ----------------------------------------------------------------------------------------------
 
     def example_inputs(self, dataset: Dataset, spec: InputSpec, *, device: torch.device, count: int = 1) -> ModelInputs:
@@ -252,6 +260,10 @@ class Task(ABC):
     @abstractmethod
     def export_meta(self, spec: InputSpec) -> dict[str, Any]:
         """What ``config.json`` of an exported model must hold besides the classes to use the model again."""
+
+    def dataset_meta(self, dataset: Dataset) -> dict[str, Any]:
+        """What ``config.json`` must also hold about how the data became inputs (text: the max_length chosen)."""
+        return {}
 
     @abstractmethod
     def spec_from_meta(self, meta: dict[str, Any]) -> InputSpec:
