@@ -15,15 +15,17 @@ from autoft.recipe import Recipe
 from autoft.tasks.base import Dataset
 from autoft.tasks.image import data
 from autoft.trial import TrialOutcome, run_trial
-from conftest import image_setup
-from test_features import MODELS, SIZE, _assert_same_outcome, _model, _split
+from conftest import colour_split, image_setup
+from test_features import MODELS, SIZE, _assert_same_outcome, _model
 
 CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
 def dataset() -> data.Dataset:
-    return Dataset(("r", "g", "b"), _split(8, seed=0), _split(4, seed=1), None, Path("."), 0, image_size=SIZE)
+    return Dataset(
+        ("r", "g", "b"), colour_split(8, seed=0), colour_split(4, seed=1), None, Path("."), 0, image_size=SIZE
+    )
 
 
 def _cache(model: nn.Module, dataset: data.Dataset, **options) -> PrefixCache:

@@ -54,7 +54,10 @@ def summary_data(
     starts = [t.datetime_start for t in trials if t.datetime_start]
     ends = [t.datetime_complete for t in trials if t.datetime_complete]
     trained = results.trained_trials(study)  # seeded by --warm-start: a score without a model, never the best
-    best = results.best_trial(study, objectives.study_objectives(study))[0] if trained else None
+    if len(study.directions) == 1:
+        best = results.best_trial(study, ("accuracy",))[0] if trained else None
+    else:  # several objectives: the summary names the knee that best/ holds (none when nothing was exported)
+        best = next((t for t in trained if meta and t.number == meta.get("trial")), None)
     return {
         "study_name": study.study_name,
         "model": config.get("model"),
