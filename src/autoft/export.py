@@ -44,12 +44,10 @@ EXPORT_FORMATS = ("onnx", "torchscript")
 _ONNX_SINGLE_FILE_BYTES = 1 << 30  # weights above this go to an external-data file (protobuf caps a file at 2 GiB)
 
 
-def _replace_atomically(path: Path, write: Any) -> None:
-    """Write under a temporary name, give it the mode a new file gets here (0644 under umask 022: safetensors
-    writes its files 0600), then rename it into place."""
+def _replace_atomically(path: Path, write: Callable[[Path], object]) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     write(tmp)
-    os.chmod(tmp, 0o666 & ~_umask())
+    os.chmod(tmp, 0o666 & ~_umask())  # the mode a new file gets here (0644 under 022): safetensors writes 0600
     os.replace(tmp, path)
 
 
