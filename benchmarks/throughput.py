@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import time
 
@@ -28,8 +29,8 @@ def plain_loop(s, *, epochs: int, batch_size: int) -> float:
     torch.manual_seed(0)
     model = copy.deepcopy(s.base_model).to(s.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
-    mean = torch.tensor(s.mean, device=s.device).view(1, 3, 1, 1)
-    std = torch.tensor(s.std, device=s.device).view(1, 3, 1, 1)
+    mean = torch.tensor(s.spec.mean, device=s.device).view(1, 3, 1, 1)
+    std = torch.tensor(s.spec.std, device=s.device).view(1, 3, 1, 1)
     train, val = s.dataset.train, s.dataset.val
     for _ in range(epochs):
         model.train()
@@ -56,10 +57,7 @@ def plain_loop(s, *, epochs: int, batch_size: int) -> float:
 def autoft_loop(s, *, epochs: int, batch_size: int) -> float:
     recipe = Recipe(freeze="full", optimizer="adamw", lr=1e-4, epochs=epochs, batch_size=batch_size, augment="none")
     started = time.perf_counter()
-    run_trial(
-        s.base_model, recipe, s.dataset, mean=s.mean, std=s.std, device=s.device, seed=0,
-        report=lambda epoch, metrics: False, feature_cache=s.feature_cache,
-    )  # fmt: skip
+    run_trial(dataclasses.replace(s, prefix_cache=None), recipe, seed=0)
     return time.perf_counter() - started
 
 

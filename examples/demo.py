@@ -23,8 +23,8 @@ from digits_data import demo_weights, write_digits
 import autoft
 from autoft.cli import main as autoft_main
 from autoft.config import SearchConfig
-from autoft.controller import prepare, train_recipe
-from autoft.trial import evaluate
+from autoft.preparation import prepare
+from autoft.trial import evaluate, run_trial
 
 MODEL, IMAGE_SIZE, MAX_EPOCHS = "tf_efficientnet_lite0", 48, 6
 # --smoke: the tests' tiny run, in folders of its own (a real run's data and study are never touched)
@@ -35,9 +35,9 @@ def baseline_test_accuracy(data: Path, weights: Path, *, image_size: int, epochs
     """Test accuracy and seconds of the untuned default recipe, trained like one trial."""
     setup = prepare(SearchConfig(model=MODEL, data=data, weights=weights, image_size=image_size))
     started = time.perf_counter()
-    outcome = train_recipe(setup, dataclasses.replace(autoft.BASELINE, epochs=epochs), seed=0)
+    outcome = run_trial(setup, dataclasses.replace(autoft.BASELINE, epochs=epochs), seed=0)
     setup.base_model.load_state_dict(outcome.best_state)  # its best epoch on validation, as a search would keep
-    _, accuracy = evaluate(setup.base_model, setup.dataset.test, mean=setup.mean, std=setup.std, device=setup.device)
+    _, accuracy = evaluate(setup.base_model, setup.dataset.test, setup)
     return accuracy, time.perf_counter() - started
 
 

@@ -64,3 +64,28 @@ def make_image_folder(
 def image_folder(tmp_path: Path) -> Path:
     """A split-layout folder (train/ + val/) with 3 classes of 10 + 2 images each."""
     return make_image_folder(tmp_path / "data")
+
+
+def image_setup(model, dataset, *, device=None, feature_cache=None, prefix_cache=None, compile=False):
+    """A :class:`~autoft.preparation.Setup` of the image task for a model and data built by hand in a test.
+
+    ``feature_cache`` / ``prefix_cache``: a cache to use, or the string "build" for a fresh one of this model.
+    """
+    import torch
+
+    from autoft import tasks
+    from autoft.features import FeatureCache
+    from autoft.prefix import PrefixCache
+    from autoft.preparation import Setup
+    from autoft.tasks.image import ImageSpec
+    from autoft.tasks.image.models import data_config
+
+    device = device or torch.device("cpu")
+    cfg = data_config(model)
+    spec = ImageSpec(dataset.image_size, tuple(cfg["mean"]), tuple(cfg["std"]), str(cfg["interpolation"]))
+    task = tasks.get("image")
+    if feature_cache == "build":
+        feature_cache = FeatureCache(model, dataset, task, spec, device=device)
+    if prefix_cache == "build":
+        prefix_cache = PrefixCache(model, dataset, task, spec, device=device)
+    return Setup(task, model, dataset, spec, device, feature_cache, prefix_cache, compile)

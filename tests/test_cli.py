@@ -14,7 +14,7 @@ import torch
 
 import autoft
 from autoft.cli import main
-from autoft.models import create
+from autoft.tasks.image.models import create
 from conftest import make_image_folder
 
 

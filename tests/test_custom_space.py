@@ -13,12 +13,14 @@ import torch
 from optuna.trial import TrialState
 
 import autoft
-import autoft.data
+import autoft.tasks.image.data
 from autoft import pieces
 from autoft.config import SearchConfig
-from autoft.controller import prepare, train_recipe
 from autoft.optim import create_optimizer
+from autoft.preparation import prepare
 from autoft.space import load_space
+from autoft.tasks.image import transforms
+from autoft.trial import run_trial
 from conftest import make_image_folder
 
 TINY = {"pretrained": False, "image_size": 16, "max_epochs": 2}
@@ -64,7 +66,7 @@ def test_bitfit_trains_biases_and_head_only_with_the_custom_optimizer(example: M
     setup = prepare(SearchConfig(model="test_resnet", data=data, **TINY))
     recipe = autoft.Recipe.from_params({"freeze": "bitfit", "optimizer": "rmsprop", "rms_alpha": 0.95, "epochs": 1})
     assert recipe.knob("rms_alpha") == 0.95
-    outcome = train_recipe(setup, recipe, seed=0)
+    outcome = run_trial(setup, recipe, seed=0)
     before = setup.base_model.state_dict()
     changed = {k for k, v in outcome.best_state.items() if v.dtype.is_floating_point and not torch.equal(v, before[k])}
     assert "conv1.0.weight" not in changed and "layer1.0.conv1.weight" not in changed  # conv weights frozen
@@ -100,7 +102,7 @@ def test_custom_pieces_search_end_to_end(example: ModuleType, data: Path, tmp_pa
 def test_mix_really_mixes_images_and_targets(mixup: float, cutmix: float) -> None:
     g = torch.Generator().manual_seed(0)
     images, labels = torch.randn(5, 3, 16, 16), torch.tensor([0, 1, 2, 0, 1])  # odd batch: timm's Mixup refuses it
-    mixed, targets = autoft.data.mix(images, labels, 3, mixup=mixup, cutmix=cutmix, generator=g)
+    mixed, targets = transforms.mix(images, labels, 3, mixup=mixup, cutmix=cutmix, generator=g)
     assert targets.shape == (5, 3) and torch.allclose(targets.sum(1), torch.ones(5))
     assert (targets.max(1).values < 1).any(), "soft targets: some rows are not one-hot"
     assert not torch.equal(mixed, images), "the images changed"
@@ -116,7 +118,7 @@ def test_mix_really_mixes_images_and_targets(mixup: float, cutmix: float) -> Non
 @pytest.mark.slow
 def test_mixing_happens_in_training_when_on_and_never_when_0(data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     mixed_targets, augmented = [], []
-    real_mix, real_augment = autoft.data.mix, autoft.data.augment
+    real_mix, real_augment = transforms.mix, transforms.augment
 
     def spy_mix(*args, **kwargs):
         out = real_mix(*args, **kwargs)
@@ -127,16 +129,16 @@ def test_mixing_happens_in_training_when_on_and_never_when_0(data: Path, monkeyp
         augmented.append(1)
         return real_augment(*args, **kwargs)
 
-    monkeypatch.setattr(autoft.data, "mix", spy_mix)
-    monkeypatch.setattr(autoft.data, "augment", spy_augment)
+    monkeypatch.setattr(transforms, "mix", spy_mix)
+    monkeypatch.setattr(transforms, "augment", spy_augment)
     setup = prepare(SearchConfig(model="test_resnet", data=data, **TINY))
     steps = 2 * -(-len(setup.dataset.train) // 8)  # 2 epochs of batches of 8
     on = autoft.Recipe(freeze="full", epochs=2, batch_size=8, mixup=0.2, cutmix=1.0, label_smoothing=0.1)
-    outcome = train_recipe(setup, on, seed=0)
+    outcome = run_trial(setup, on, seed=0)
     assert len(outcome.history) == 2 and outcome.history[0].train_loss > 0
     assert len(mixed_targets) == steps and all(t.dtype.is_floating_point for t in mixed_targets)
     assert any((t.max(1).values < 1).any() for t in mixed_targets)  # the loss saw soft targets
     mixed_targets.clear(), augmented.clear()
     off = autoft.Recipe(freeze="full", epochs=2, batch_size=8, mixup=0.0, cutmix=0.0)
-    train_recipe(setup, off, seed=0)
+    run_trial(setup, off, seed=0)
     assert len(augmented) == steps and mixed_targets == []  # every batch took the image path, none was mixed

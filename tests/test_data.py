@@ -12,16 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-from autoft.data import (
-    AUGMENT_LEVELS,
-    Dataset,
-    ImageSet,
-    augment,
-    batches,
-    load_image_folder,
-    normalize,
-)
 from autoft.errors import AutoftError
+from autoft.recipe import AUGMENT_LEVELS
+from autoft.tasks.base import batches
+from autoft.tasks.image.data import Dataset, ImageSet, load_image_folder
+from autoft.tasks.image.transforms import augment, normalize
 from conftest import CLASS_COLORS, make_image_folder
 
 

@@ -12,7 +12,7 @@ import torch
 
 from autoft import AutoftError, load_model
 from autoft.export import save_model, update_config
-from autoft.models import create
+from autoft.tasks.image.models import create
 
 
 def _export(directory: Path, trial: int = 4) -> torch.nn.Module:

@@ -9,12 +9,14 @@ import pytest
 import torch
 from torch import nn
 
-from autoft import data, features, models
+from autoft import tasks
 from autoft.cli import main
 from autoft.features import FeatureCache
 from autoft.recipe import Recipe
+from autoft.tasks.base import Dataset
+from autoft.tasks.image import data, models, transforms
 from autoft.trial import TrialOutcome, run_trial
-from conftest import CLASS_COLORS, make_image_folder
+from conftest import CLASS_COLORS, image_setup, make_image_folder
 
 CPU = torch.device("cpu")
 SIZE = 16
@@ -31,7 +33,7 @@ def _split(per_class: int, *, seed: int) -> data.ImageSet:
 
 @pytest.fixture(scope="module")
 def dataset() -> data.Dataset:
-    return data.Dataset(("r", "g", "b"), _split(8, seed=0), _split(4, seed=1), None, Path("."), SIZE, 0)
+    return Dataset(("r", "g", "b"), _split(8, seed=0), _split(4, seed=1), None, Path("."), 0, image_size=SIZE)
 
 
 def _model(name: str) -> nn.Module:
@@ -40,23 +42,11 @@ def _model(name: str) -> nn.Module:
 
 
 def _cache(model: nn.Module, dataset: data.Dataset) -> FeatureCache:
-    cfg = models.data_config(model)
-    return FeatureCache(model, dataset, mean=cfg["mean"], std=cfg["std"], device=CPU)
+    return image_setup(model, dataset, feature_cache="build").feature_cache
 
 
 def _run(model: nn.Module, recipe: Recipe, dataset: data.Dataset, cache: FeatureCache | None) -> TrialOutcome:
-    cfg = models.data_config(model)
-    return run_trial(
-        model,
-        recipe,
-        dataset,
-        mean=cfg["mean"],
-        std=cfg["std"],
-        device=CPU,
-        seed=3,
-        report=lambda epoch, metrics: False,
-        feature_cache=cache,
-    )
+    return run_trial(image_setup(model, dataset, feature_cache=cache), recipe, seed=3)
 
 
 def _assert_same_outcome(cached: TrialOutcome, plain: TrialOutcome, *, weight_atol: float = 1e-5) -> None:
@@ -78,7 +68,7 @@ def test_pooled_features_through_the_classifier_equal_the_models_forward(dataset
     cache = _cache(model, dataset)
     train, val = cache.splits()
     with torch.no_grad():
-        direct = model(data.normalize(dataset.val.images, mean=cache.mean, std=cache.std))
+        direct = model(transforms.normalize(dataset.val.images, mean=cache.spec.mean, std=cache.spec.std))
         via_cache = model.get_classifier()(val.images)
     torch.testing.assert_close(via_cache, direct, rtol=1e-4, atol=1e-5)
     assert train.images.shape == (len(dataset.train), model.num_features)
@@ -145,10 +135,11 @@ def test_features_past_the_memory_bound_are_not_cached(dataset: data.Dataset) ->
     assert "bound" in cache._refused
 
 
-def test_deterministic_inputs() -> None:
-    assert features.deterministic_inputs(Recipe(augment="none"))
-    assert not features.deterministic_inputs(Recipe(augment="none", mixup=0.1))
-    assert not features.deterministic_inputs(Recipe(augment="strong"))
+def test_the_image_task_knows_which_recipes_feed_the_same_inputs_every_epoch() -> None:
+    image = tasks.get("image")
+    assert image.deterministic(Recipe(augment="none"))
+    assert not image.deterministic(Recipe(augment="none", mixup=0.1))
+    assert not image.deterministic(Recipe(augment="strong"))
 
 
 def test_a_cached_linear_probe_is_faster(dataset: data.Dataset) -> None:

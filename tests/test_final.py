@@ -15,9 +15,9 @@ import autoft
 from autoft import export, final
 from autoft.cli import main
 from autoft.config import SearchConfig
-from autoft.controller import Setup, prepare, train_recipe
+from autoft.preparation import Setup, prepare
 from autoft.recipe import Recipe
-from autoft.trial import evaluate
+from autoft.trial import evaluate, run_trial
 from conftest import make_image_folder
 
 TINY = {"pretrained": False, "image_size": 16, "max_epochs": 3, "warm_start": False}
@@ -61,12 +61,12 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Setup:
 def trained(setup: Setup) -> tuple[Setup, dict[str, torch.Tensor]]:
     """A tiny model trained (linear probe, cached features: fast) to full val accuracy on color-coded classes."""
     recipe = Recipe(freeze="linear_probe", epochs=4, lr=3e-2, batch_size=16, augment="none")
-    return setup, train_recipe(setup, recipe, seed=0).best_state
+    return setup, run_trial(setup, recipe, seed=0).best_state
 
 
 def _val_accuracy(setup: Setup, state: dict[str, torch.Tensor]) -> float:
     setup.base_model.load_state_dict(state)
-    return evaluate(setup.base_model, setup.dataset.val, mean=setup.mean, std=setup.std, device=setup.device)[1]
+    return evaluate(setup.base_model, setup.dataset.val, setup)[1]
 
 
 def _save_trial(folder: Path, setup: Setup, trial: int, state: dict[str, torch.Tensor], score: float) -> None:
@@ -75,9 +75,9 @@ def _save_trial(folder: Path, setup: Setup, trial: int, state: dict[str, torch.T
         "num_classes": 3,
         "classes": list(setup.dataset.classes),
         "image_size": 16,
-        "mean": list(setup.mean),
-        "std": list(setup.std),
-        "interpolation": setup.interpolation,
+        "mean": list(setup.spec.mean),
+        "std": list(setup.spec.std),
+        "interpolation": setup.spec.interpolation,
         "trial": trial,
         "params": {"freeze": "linear_probe", "epochs": 4},
         "val_accuracy": score,
@@ -143,7 +143,7 @@ def test_soup_is_the_final_model_only_when_it_beats_the_best_single_trial(traine
 
 def test_refit_dataset_folds_val_into_train_without_decoding_again(setup: Setup) -> None:
     ds = setup.dataset
-    refit = final.refit_dataset(ds)
+    refit = final.refit_dataset(ds, setup.task)
     assert len(refit.train) == len(ds.train) + len(ds.val) and refit.val is ds.val and refit.test is ds.test
     assert torch.equal(refit.train.images[len(ds.train) :], ds.val.images)
     assert torch.equal(refit.train.labels, torch.cat([ds.train.labels, ds.val.labels]))

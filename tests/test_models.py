@@ -15,8 +15,9 @@ import timm
 import torch
 from torch import nn
 
-from autoft import models
+from autoft import blocks
 from autoft.errors import AutoftError
+from autoft.tasks.image import models
 
 TINY = ["test_resnet", "test_efficientnet", "test_vit"]
 
@@ -160,8 +161,8 @@ def test_create_with_weights_skips_hub(tmp_path: Path, monkeypatch: pytest.Monke
 @pytest.mark.parametrize("name", TINY)
 def test_block_groups_cover_backbone_in_order(name: str) -> None:
     model = _tiny(name)
-    groups = models.block_groups(model)
-    head = models.head_parameter_names(model)
+    groups = blocks.block_groups(model)
+    head = blocks.head_parameter_names(model)
     flat = [n for g in groups for n in g]
     order = [n for n, _ in model.named_parameters()]
     assert len(groups) >= 3 and all(groups)
@@ -183,7 +184,7 @@ def test_block_groups_fallback_without_group_matcher() -> None:
         def get_classifier(self) -> nn.Module:
             return self.fc
 
-    groups = models.block_groups(Plain())
+    groups = blocks.block_groups(Plain())
     assert groups == [
         ["stem.weight", "stem.bias"],
         ["body.0.weight", "body.0.bias", "body.1.weight", "body.1.bias"],
@@ -191,39 +192,39 @@ def test_block_groups_fallback_without_group_matcher() -> None:
 
 
 def test_head_parameter_names() -> None:
-    assert models.head_parameter_names(_tiny("test_vit")) == {"head.weight", "head.bias"}
+    assert blocks.head_parameter_names(_tiny("test_vit")) == {"head.weight", "head.bias"}
 
 
 @pytest.mark.parametrize("name", TINY)
 def test_apply_freeze(name: str) -> None:
     model = _tiny(name)
-    groups = models.block_groups(model)
-    head = models.head_parameter_names(model)
+    groups = blocks.block_groups(model)
+    head = blocks.head_parameter_names(model)
     everything = {n for n, _ in model.named_parameters()}
 
-    models.apply_freeze(model, train_blocks=0)
+    blocks.apply_freeze(model, train_blocks=0)
     assert _trainable(model) == head
-    models.apply_freeze(model, train_blocks=1)
+    blocks.apply_freeze(model, train_blocks=1)
     assert _trainable(model) == head | set(groups[-1])
-    models.apply_freeze(model, train_blocks=2)
+    blocks.apply_freeze(model, train_blocks=2)
     assert _trainable(model) == head | set(groups[-1]) | set(groups[-2])
-    models.apply_freeze(model, train_blocks=len(groups) + 5)
+    blocks.apply_freeze(model, train_blocks=len(groups) + 5)
     assert _trainable(model) == everything
-    models.apply_freeze(model, train_blocks=0)
-    models.apply_freeze(model, train_blocks=None)  # idempotent: resets first
+    blocks.apply_freeze(model, train_blocks=0)
+    blocks.apply_freeze(model, train_blocks=None)  # idempotent: resets first
     assert _trainable(model) == everything
 
 
 def test_apply_freeze_rejects_negative() -> None:
     with pytest.raises(AutoftError, match=r"train_blocks.*-1"):
-        models.apply_freeze(_tiny(), train_blocks=-1)
+        blocks.apply_freeze(_tiny(), train_blocks=-1)
 
 
 def test_count_parameters() -> None:
     model = _tiny()
-    models.apply_freeze(model, train_blocks=0)
-    assert models.count_parameters(model, trainable_only=True) == model.fc.weight.numel() + 5
-    assert models.count_parameters(model) == sum(p.numel() for p in model.parameters())
+    blocks.apply_freeze(model, train_blocks=0)
+    assert blocks.count_parameters(model, trainable_only=True) == model.fc.weight.numel() + 5
+    assert blocks.count_parameters(model) == sum(p.numel() for p in model.parameters())
 
 
 # --- train mode -----------------------------------------------------------------------------------
@@ -231,8 +232,8 @@ def test_count_parameters() -> None:
 
 def test_set_train_mode_keeps_frozen_bn_stats() -> None:
     model = _tiny("test_efficientnet")
-    models.apply_freeze(model, train_blocks=1)
-    models.set_train_mode(model, freeze_bn_stats=False)
+    blocks.apply_freeze(model, train_blocks=1)
+    blocks.set_train_mode(model, freeze_bn_stats=False)
     frozen_bn, live_bn = model.bn1, model.bn2  # stem BN is frozen; bn2 belongs to the last group
     assert not frozen_bn.weight.requires_grad and live_bn.weight.requires_grad
     before = frozen_bn.running_mean.clone(), live_bn.running_mean.clone()
@@ -245,8 +246,8 @@ def test_set_train_mode_keeps_frozen_bn_stats() -> None:
 
 def test_set_train_mode_freeze_bn_stats_puts_all_bn_in_eval() -> None:
     model = _tiny("test_resnet")
-    models.apply_freeze(model, train_blocks=None)
-    models.set_train_mode(model, freeze_bn_stats=True)
+    blocks.apply_freeze(model, train_blocks=None)
+    blocks.set_train_mode(model, freeze_bn_stats=True)
     norms = [m for m in model.modules() if isinstance(getattr(m, "running_mean", None), torch.Tensor)]
     assert norms and not any(m.training for m in norms)
     assert model.training and model.layer4.training and model.fc.training
@@ -313,7 +314,7 @@ def test_load_weights_by_order(tmp_path: Path, caplog: pytest.LogCaptureFixture)
     renamed = collections.OrderedDict((f"x_{k}", v) for k, v in source.state_dict().items())
     path = _save(renamed, tmp_path / "renamed.pth")
     model = _tiny("test_efficientnet", num_classes=3)
-    with caplog.at_level("INFO", logger="autoft.models"):
+    with caplog.at_level("INFO", logger="autoft.tasks.image.models"):
         models.load_weights(model, path)
     assert "by order" in caplog.text
     for key, value in model.state_dict().items():

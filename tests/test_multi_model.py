@@ -15,10 +15,11 @@ import torch
 from timm.models import save_for_hf
 
 import autoft
-from autoft import features, models, prefix, results, selection
+from autoft import features, prefix, results, selection
 from autoft.cli import main
 from autoft.config import SearchConfig
-from autoft.controller import prepare_models
+from autoft.preparation import prepare_models
+from autoft.tasks.image import models
 from conftest import make_image_folder
 
 pytestmark = pytest.mark.slow

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,9 +17,10 @@ import autoft
 from autoft import objectives
 from autoft.cli import main
 from autoft.config import SearchConfig
-from autoft.controller import _Executor, prepare
 from autoft.errors import AutoftError
+from autoft.keeper import RunFolder
 from autoft.objectives import EpochReports, ParetoPoint, knee, pareto_front
+from autoft.preparation import prepare
 from autoft.study import create_pruner, open_study
 from autoft.trial import TrialOutcome
 from conftest import make_image_folder
@@ -110,12 +110,12 @@ def test_knee_with_three_objectives_takes_the_best_balance() -> None:
 
 def test_costs_count_parameters_and_time_the_model_once(monkeypatch: pytest.MonkeyPatch) -> None:
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
-    cpu = torch.device("cpu")
-    first = objectives.costs(model, ("accuracy", "params", "latency"), image_size=16, device=cpu)
+    example = torch.zeros(1, 3, 16, 16)
+    first = objectives.costs(model, ("accuracy", "params", "latency"), example=example)
     assert first["params"] == 3 * 4 * 9 + 4 and first["latency_ms"] > 0
     calls = []
     monkeypatch.setattr(objectives.time, "perf_counter", lambda: calls.append(1) or 0.0)
-    again = objectives.costs(model, ("accuracy", "latency"), image_size=16, device=cpu)
+    again = objectives.costs(model, ("accuracy", "latency"), example=example)
     assert again == {"latency_ms": first["latency_ms"]} and not calls  # cached per architecture, size and device
 
 
@@ -167,12 +167,12 @@ def test_front_models_are_kept_and_the_knee_is_best(tmp_path: Path) -> None:
     cfg.run_dir.mkdir()
     setup = prepare(cfg)
     study = open_study(cfg)
-    executor = _Executor(cfg, {cfg.model: setup}, study, lambda event: None, threading.Event())
+    folder = RunFolder(cfg, {cfg.model: setup}, study)
     state = setup.base_model.state_dict()
 
     def run(accuracy: float, params: float) -> None:
         trial = study.ask()
-        executor.keep(trial.number, {"epochs": 1}, _outcome(accuracy, params, state))  # as the local backend does
+        folder.keep(trial.number, {"epochs": 1}, _outcome(accuracy, params, state))  # as the local backend does
         study.tell(trial, [accuracy, params])
 
     def kept() -> tuple[list[str], int]:

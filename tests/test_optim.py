@@ -10,8 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from autoft import models, optim
+from autoft import blocks, optim
 from autoft.recipe import Recipe
+from autoft.tasks.image import models
 
 TINY = ["test_resnet", "test_efficientnet", "test_vit"]
 
@@ -50,28 +51,28 @@ def test_param_groups_cover_every_trainable_parameter_once(name: str) -> None:
 @pytest.mark.parametrize("name", TINY)
 def test_linear_probe_groups_hold_only_the_head(name: str) -> None:
     model = _model(name)
-    models.apply_freeze(model, train_blocks=0)
+    blocks.apply_freeze(model, train_blocks=0)
     groups = optim.param_groups(model, Recipe(head_lr_ratio=7.0, layer_decay=0.5))
-    assert set().union(*(_names(model, g) for g in groups)) == models.head_parameter_names(model)
+    assert set().union(*(_names(model, g) for g in groups)) == blocks.head_parameter_names(model)
     assert {g["lr_scale"] for g in groups} == {7.0}
 
 
 def test_partial_freeze_groups_hold_only_trainable_parameters() -> None:
     model = _model()
-    models.apply_freeze(model, train_blocks=1)
+    blocks.apply_freeze(model, train_blocks=1)
     groups = optim.param_groups(model, Recipe())
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert set().union(*(_names(model, g) for g in groups)) == trainable
-    assert trainable == set(models.block_groups(model)[-1]) | models.head_parameter_names(model)
+    assert trainable == set(blocks.block_groups(model)[-1]) | blocks.head_parameter_names(model)
 
 
 @pytest.mark.parametrize("ratio", [1.0, 10.0, 55.5])
 def test_head_group_scale_is_head_lr_ratio(ratio: float) -> None:
     model = _model()
     scales = _scale_of(model, optim.param_groups(model, Recipe(head_lr_ratio=ratio)))
-    for name in models.head_parameter_names(model):
+    for name in blocks.head_parameter_names(model):
         assert scales[name] == ratio
-    backbone = {s for n, s in scales.items() if n not in models.head_parameter_names(model)}
+    backbone = {s for n, s in scales.items() if n not in blocks.head_parameter_names(model)}
     assert backbone == {1.0}  # layer_decay 1.0: every block at the base rate
 
 
@@ -80,14 +81,14 @@ def test_layer_decay_scales_increase_from_stem_to_last_block(name: str) -> None:
     model = _model(name)
     decay = 0.5
     scales = _scale_of(model, optim.param_groups(model, Recipe(layer_decay=decay, head_lr_ratio=10.0)))
-    blocks = models.block_groups(model)
+    groups = blocks.block_groups(model)
     per_block = []
-    for i, group in enumerate(blocks):
+    for i, group in enumerate(groups):
         group_scales = {scales[n] for n in group}
-        assert group_scales == {decay ** (len(blocks) - i)}  # one scale per block group
+        assert group_scales == {decay ** (len(groups) - i)}  # one scale per block group
         per_block.append(group_scales.pop())
     assert per_block == sorted(per_block)
-    assert len(set(per_block)) == len(blocks)
+    assert len(set(per_block)) == len(groups)
     assert per_block[-1] == decay  # the last block is one step below the head's base rate
 
 
@@ -157,7 +158,7 @@ def test_create_optimizer_sets_each_group_rate_to_base_times_scale(opt: str, cls
 
 def test_create_optimizer_skips_frozen_parameters() -> None:
     model = _model()
-    models.apply_freeze(model, train_blocks=0)
+    blocks.apply_freeze(model, train_blocks=0)
     optimizer = optim.create_optimizer(model, Recipe())
     in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
     assert in_optimizer == {id(p) for p in model.parameters() if p.requires_grad}
@@ -173,12 +174,12 @@ def test_set_lr_scales_every_group() -> None:
 
 def test_optimizer_step_moves_only_trainable_parameters() -> None:
     model = _model()
-    models.apply_freeze(model, train_blocks=1)
+    blocks.apply_freeze(model, train_blocks=1)
     optimizer = optim.create_optimizer(model, Recipe(optimizer="sgd", lr=0.1))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     model(torch.randn(2, 3, 32, 32)).sum().backward()
     optimizer.step()
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     moved = {n for n, p in model.named_parameters() if not torch.equal(before[n], p)}
-    assert models.head_parameter_names(model) <= moved
+    assert blocks.head_parameter_names(model) <= moved
     assert moved <= trainable

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import threading
 import time
 from pathlib import Path
 
@@ -13,18 +12,22 @@ from optuna.trial import TrialState
 
 from autoft import plan, results
 from autoft.backends import local
+from autoft.budget import EPOCH_SAFETY, MIN_USEFUL_EPOCHS, WRAP_UP_FIXED_SECONDS, Budget, plan_budget
 from autoft.cli import main
 from autoft.config import SearchConfig
-from autoft.controller import _Executor, prepare, run_search
+from autoft.controller import _LocalTrial, run_search
 from autoft.errors import AutoftError
+from autoft.keeper import RunFolder
+from autoft.preparation import prepare
+from autoft.priors import Prior, apply_priors, choose_priors
+from autoft.probe import DataProfile, Probe, _linear_probe, _train_seconds_per_image, probe, profile_data
+from autoft.runner import TrialRunner
 from autoft.space import load_space
 from autoft.study import open_study
 from conftest import make_image_folder
 
-PROFILE = plan.DataProfile(
-    train=900, val=300, test=300, classes=3, smallest_class=100, largest_class=500, image_size=64
-)
-PROBE = plan.Probe(
+PROFILE = DataProfile(train=900, val=300, test=300, classes=3, smallest_class=100, largest_class=500, image_size=64)
+PROBE = Probe(
     linear_probe_accuracy=0.6,
     chance=0.4,
     epoch_seconds_full=10.0,
@@ -34,11 +37,11 @@ PROBE = plan.Probe(
 )
 
 
-def _probe(accuracy: float) -> plan.Probe:
+def _probe(accuracy: float) -> Probe:
     return dataclasses.replace(PROBE, linear_probe_accuracy=accuracy)
 
 
-def _epoch(seconds: float) -> plan.Probe:
+def _epoch(seconds: float) -> Probe:
     return dataclasses.replace(PROBE, epoch_seconds_full=seconds)
 
 
@@ -50,55 +53,56 @@ def _param(space, name):
 
 
 def test_budget_reserves_spent_and_wrap_up_and_fits_three_full_trials() -> None:
-    budget = plan.plan_budget(600, PROBE, PROFILE, spent=30, max_epochs=10, pruner="median")
-    assert budget.wrap_up == pytest.approx(plan.WRAP_UP_FIXED_SECONDS + 3 * 0.001 * 600 + 0.03 * 600)
+    budget = plan_budget(600, PROBE, PROFILE, spent=30, max_epochs=10, pruner="median")
+    assert budget.wrap_up == pytest.approx(WRAP_UP_FIXED_SECONDS + 3 * 0.001 * 600 + 0.03 * 600)
     assert budget.search == pytest.approx(600 - 30 - budget.wrap_up)
-    epoch = 10 * plan.EPOCH_SAFETY
+    epoch = 10 * EPOCH_SAFETY
     assert budget.epoch_seconds == pytest.approx(epoch)  # 10 s measured x the safety margin
     assert int(budget.search // (3 * epoch)) > 10 and budget.max_epochs == 10  # capped by --max-epochs
     assert budget.pruner == "hyperband"  # trials of 9+ epochs: rungs at 1, 3, 9 cut bad ones early
-    assert budget.launch_window == pytest.approx(budget.search - epoch)
+    applied = Budget.from_plan(budget, started=time.time() - 30)  # the plan was made 30 s into the command
+    assert applied.launch_window() == pytest.approx(budget.search - epoch, abs=1)  # one epoch must still fit
 
 
 def test_a_tight_budget_shortens_trials_and_keeps_the_users_pruner() -> None:
-    budget = plan.plan_budget(200, PROBE, PROFILE, spent=30, max_epochs=10, pruner="median")
+    budget = plan_budget(200, PROBE, PROFILE, spent=30, max_epochs=10, pruner="median")
     assert budget.max_epochs == int((200 - 30 - budget.wrap_up) // (3 * budget.epoch_seconds)) == 4
     assert budget.pruner == "median"
-    assert plan.plan_budget(600, PROBE, PROFILE, spent=30, max_epochs=10, pruner="wilcoxon").pruner == "wilcoxon"
+    assert plan_budget(600, PROBE, PROFILE, spent=30, max_epochs=10, pruner="wilcoxon").pruner == "wilcoxon"
 
 
 def test_the_final_models_cost_is_reserved_before_the_search() -> None:
-    plain = plan.plan_budget(600, PROBE, PROFILE, spent=30, max_epochs=10, pruner="median")
-    soup = plan.plan_budget(600, PROBE, PROFILE, spent=30, max_epochs=10, pruner="median", soup_models=4)
+    plain = plan_budget(600, PROBE, PROFILE, spent=30, max_epochs=10, pruner="median")
+    soup = plan_budget(600, PROBE, PROFILE, spent=30, max_epochs=10, pruner="median", soup_models=4)
     assert soup.wrap_up == pytest.approx(plain.wrap_up + 5 * 0.001 * PROFILE.val)  # 4 kept models + the best, on val
-    refit = plan.plan_budget(500, PROBE, PROFILE, spent=30, max_epochs=10, pruner="median", refit=True)
-    plain = plan.plan_budget(500, PROBE, PROFILE, spent=30, max_epochs=10, pruner="median")
-    refit_epoch = 10 * plan.EPOCH_SAFETY * (PROFILE.train + PROFILE.val) / PROFILE.train
+    refit = plan_budget(500, PROBE, PROFILE, spent=30, max_epochs=10, pruner="median", refit=True)
+    plain = plan_budget(500, PROBE, PROFILE, spent=30, max_epochs=10, pruner="median")
+    refit_epoch = 10 * EPOCH_SAFETY * (PROFILE.train + PROFILE.val) / PROFILE.train
     assert refit.wrap_up == pytest.approx(plain.wrap_up + refit.max_epochs * refit_epoch)
     assert refit.max_epochs < plain.max_epochs  # three full trials and the refit of the longest now share the time
     assert refit.search >= 3 * refit.max_epochs * refit.epoch_seconds
 
 
 def test_a_small_budget_gives_one_trial_all_its_epochs_not_three_short_trials() -> None:
-    small = plan.plan_budget(120, _epoch(10.0), PROFILE, spent=16, max_epochs=6, pruner="median")
+    small = plan_budget(120, _epoch(10.0), PROFILE, spent=16, max_epochs=6, pruner="median")
     fits = int(small.search // small.epoch_seconds)
-    assert fits < 3 * plan.MIN_USEFUL_EPOCHS and small.max_epochs == min(6, fits) > fits // 3
-    tiny = plan.plan_budget(60, _epoch(20.0), PROFILE, spent=10, max_epochs=6, pruner="median")
+    assert fits < 3 * MIN_USEFUL_EPOCHS and small.max_epochs == min(6, fits) > fits // 3
+    tiny = plan_budget(60, _epoch(20.0), PROFILE, spent=10, max_epochs=6, pruner="median")
     assert tiny.max_epochs == int(tiny.search // tiny.epoch_seconds) >= 1  # as many epochs as fit, at least one
-    roomy = plan.plan_budget(600, _epoch(10.0), PROFILE, spent=16, max_epochs=20, pruner="median")
-    assert roomy.max_epochs == int(roomy.search // roomy.epoch_seconds) // 3 >= plan.MIN_USEFUL_EPOCHS  # 3 trials
+    roomy = plan_budget(600, _epoch(10.0), PROFILE, spent=16, max_epochs=20, pruner="median")
+    assert roomy.max_epochs == int(roomy.search // roomy.epoch_seconds) // 3 >= MIN_USEFUL_EPOCHS  # 3 trials
 
 
 def test_a_budget_that_cannot_fit_one_epoch_is_one_clear_error() -> None:
     with pytest.raises(AutoftError, match=r"--timeout 30s is too short: .* give at least --timeout \d+s\."):
-        plan.plan_budget(30, PROBE, PROFILE, spent=20, max_epochs=10, pruner="median")
+        plan_budget(30, PROBE, PROFILE, spent=20, max_epochs=10, pruner="median")
 
 
 # -------------------------------------------------------------------------------------------------- priors
 
 
 def test_priors_fire_on_their_thresholds() -> None:
-    names = lambda acc, profile=PROFILE: [p.name for p in plan.choose_priors(profile, _probe(acc))]  # noqa: E731
+    names = lambda acc, profile=PROFILE: [p.name for p in choose_priors(profile, _probe(acc))]  # noqa: E731
     assert names(0.99) == ["features-fit-well"]  # fit (0.99 - 0.4) / 0.6 = 0.98
     assert names(0.95) == []  # fit 0.92: fine-tuning still has room
     # The poor-fit and few-images rules were removed: the quality benchmark did not support them (docs/controller.md).
@@ -107,8 +111,8 @@ def test_priors_fire_on_their_thresholds() -> None:
 
 def test_strong_features_narrow_the_default_space_consistently() -> None:
     space = load_space("default")
-    priors = plan.choose_priors(PROFILE, _probe(0.99))
-    narrowed, skipped = plan.apply_priors(space, priors)
+    priors = choose_priors(PROFILE, _probe(0.99))
+    narrowed, skipped = apply_priors(space, priors)
     assert _param(narrowed, "freeze").choices == ("linear_probe", "partial", "lp_ft")  # preset order kept
     assert _param(narrowed, "lr").high == 1e-3 and _param(narrowed, "lr").low == _param(space, "lr").low
     assert _param(narrowed, "head_lr_ratio").when == {"freeze": ("partial", "lp_ft")}  # "full" left its condition
@@ -119,12 +123,12 @@ def test_strong_features_narrow_the_default_space_consistently() -> None:
 
 # A rule's edits, by hand (no shipped rule removes the linear probe or caps epochs any more): the narrowing itself.
 DEEPER_EDITS = {"freeze": {"choices": ["full", "lp_ft", "partial"]}, "lr": {"low": 1e-4}}
-DEEPER = plan.Prior("deeper", "test", "test", DEEPER_EDITS, first=("full", "lp_ft"))
-SHORTER = plan.Prior("shorter", "test", "test", {"epochs": {"high": 6}, "weight_decay": {"low": 1e-4}})
+DEEPER = Prior("deeper", "test", "test", DEEPER_EDITS, first=("full", "lp_ft"))
+SHORTER = Prior("shorter", "test", "test", {"epochs": {"high": 6}, "weight_decay": {"low": 1e-4}})
 
 
 def test_a_narrowed_choice_drops_its_portfolio_entry_and_reorders_the_rest() -> None:
-    narrowed, _ = plan.apply_priors(load_space("default"), [DEEPER])
+    narrowed, _ = apply_priors(load_space("default"), [DEEPER])
     assert "linear_probe" not in _param(narrowed, "freeze").choices
     assert _param(narrowed, "lr").low == 1e-4
     assert narrowed.portfolio[0]["freeze"] == "full"  # deeper tuning first
@@ -132,13 +136,13 @@ def test_a_narrowed_choice_drops_its_portfolio_entry_and_reorders_the_rest() -> 
 
 def test_priors_never_touch_what_the_user_set_and_never_widen() -> None:
     space = load_space("default", fixed=["freeze=full"], overrides=["lr.high=1e-4"])
-    priors = plan.choose_priors(PROFILE, _probe(0.99))
-    narrowed, skipped = plan.apply_priors(space, priors, keep=["freeze", "lr"])
+    priors = choose_priors(PROFILE, _probe(0.99))
+    narrowed, skipped = apply_priors(space, priors, keep=["freeze", "lr"])
     assert narrowed.params == space.params
     assert skipped == ("features-fit-well: freeze left as is (set by the user)", "features-fit-well: lr left as is "
                        "(set by the user)")  # fmt: skip
     quick = load_space("quick")  # epochs 2-4 already below the cap of 6
-    narrowed, skipped = plan.apply_priors(quick, [SHORTER])
+    narrowed, skipped = apply_priors(quick, [SHORTER])
     assert _param(narrowed, "epochs").high == 4 and "shorter: epochs left as is (already within)" in skipped
 
 
@@ -153,20 +157,20 @@ def tiny_setup(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.mark.slow  # trains: a few steps of a real (tiny) model
 def test_probe_measures_fit_and_epoch_cost_on_the_search_feature_cache(tiny_setup) -> None:
-    measured = plan.probe(tiny_setup, seed=0, steps=30, timed_steps=1)
+    measured = probe(tiny_setup, seed=0, steps=30, timed_steps=1)
     assert tiny_setup.feature_cache.nbytes > 0  # built once here, reused by the head-only trials
     assert measured.linear_probe_accuracy == 1.0  # one colour per class: separable even with random weights
     assert measured.chance == pytest.approx(1 / 3) and measured.fit == 1.0
     assert measured.epoch_seconds_full > 0 and measured.epoch_seconds_head > 0 and measured.eval_seconds_per_image > 0
     train, val = tiny_setup.feature_cache.splits()
-    assert plan._linear_probe(train, val, 3, seed=0, steps=30) == measured.linear_probe_accuracy  # seeded
+    assert _linear_probe(train, val, 3, seed=0, steps=30) == measured.linear_probe_accuracy  # seeded
 
 
 @pytest.mark.slow
 def test_probe_epoch_cost_ignores_a_step_slowed_by_another_process(tiny_setup, monkeypatch) -> None:
     """A step stalled by a neighbour (CI's test suite on the same cores) must not cap every trial's epochs:
     the probe keeps the fastest timed step, so one 0.5 s stall leaves the estimate where it was."""
-    baseline = plan._train_seconds_per_image(tiny_setup, steps=3, batch_size=8)
+    baseline = _train_seconds_per_image(tiny_setup, steps=3, batch_size=8)
     forward, calls = type(tiny_setup.base_model).forward, []
 
     def stalled_once(self, x):
@@ -176,13 +180,13 @@ def test_probe_epoch_cost_ignores_a_step_slowed_by_another_process(tiny_setup, m
         return forward(self, x)
 
     monkeypatch.setattr(type(tiny_setup.base_model), "forward", stalled_once)
-    stalled = plan._train_seconds_per_image(tiny_setup, steps=3, batch_size=8)
+    stalled = _train_seconds_per_image(tiny_setup, steps=3, batch_size=8)
     assert len(calls) == 4
     assert stalled < baseline + 0.5 / 8 / 4  # a mean over the steps would be >= baseline + 0.5 s / 8 images / 3
 
 
 def test_profile_counts_classes_and_imbalance(tiny_setup) -> None:
-    profile = plan.profile_data(tiny_setup.dataset)
+    profile = profile_data(tiny_setup.dataset)
     assert (profile.train, profile.val, profile.test, profile.classes) == (24, 6, 6, 3)
     assert profile.imbalance == 1.0 and profile.image_size == 16
 
@@ -245,9 +249,10 @@ def test_a_trial_the_budget_stops_is_complete_noted_and_may_become_best(tmp_path
     cfg.run_dir.mkdir()
     space = load_space("default", fixed=("freeze=full", "epochs=3"))
     study = open_study(cfg)
-    executor = _Executor(cfg, {cfg.model: prepare(cfg)}, study, lambda event: None, threading.Event())
-    executor.deadline = time.monotonic()  # already spent: the trial ends after its first epoch
-    local.optimize(study, space, executor, n_trials=1, timeout=None, on_trial_end=lambda t: None, should_stop=bool)
+    setups = {cfg.model: prepare(cfg)}
+    spent = Budget(search_end=time.time(), epoch_seconds=1.0)  # already spent: the trial ends after its first epoch
+    execute = _LocalTrial(TrialRunner(cfg, setups, budget=spent), RunFolder(cfg, setups, study), lambda event: None)
+    local.optimize(study, space, execute, n_trials=1, timeout=None, on_trial_end=lambda t: None, should_stop=bool)
     trial = study.trials[0]
     assert trial.state == TrialState.COMPLETE and trial.user_attrs["stopped_by_budget"] == "epoch 1 of 3"
     assert len(trial.user_attrs["val_loss"]) == 1

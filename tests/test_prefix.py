@@ -9,10 +9,13 @@ import pytest
 import torch
 from torch import nn
 
-from autoft import data, models, prefix
+from autoft import blocks, prefix
 from autoft.prefix import PrefixCache
 from autoft.recipe import Recipe
+from autoft.tasks.base import Dataset
+from autoft.tasks.image import data
 from autoft.trial import TrialOutcome, run_trial
+from conftest import image_setup
 from test_features import MODELS, SIZE, _assert_same_outcome, _model, _split
 
 CPU = torch.device("cpu")
@@ -20,20 +23,16 @@ CPU = torch.device("cpu")
 
 @pytest.fixture(scope="module")
 def dataset() -> data.Dataset:
-    return data.Dataset(("r", "g", "b"), _split(8, seed=0), _split(4, seed=1), None, Path("."), SIZE, 0)
+    return Dataset(("r", "g", "b"), _split(8, seed=0), _split(4, seed=1), None, Path("."), 0, image_size=SIZE)
 
 
 def _cache(model: nn.Module, dataset: data.Dataset, **options) -> PrefixCache:
-    cfg = models.data_config(model)
-    return PrefixCache(model, dataset, mean=cfg["mean"], std=cfg["std"], device=CPU, **options)
+    setup = image_setup(model, dataset)
+    return PrefixCache(model, dataset, setup.task, setup.spec, device=CPU, **options)
 
 
 def _run(model: nn.Module, recipe: Recipe, dataset: data.Dataset, cache: PrefixCache | None) -> TrialOutcome:
-    cfg = models.data_config(model)
-    return run_trial(
-        model, recipe, dataset, mean=cfg["mean"], std=cfg["std"], device=CPU, seed=3,
-        report=lambda epoch, metrics: False, prefix_cache=cache,
-    )  # fmt: skip
+    return run_trial(image_setup(model, dataset, prefix_cache=cache), recipe, seed=3)
 
 
 def _partial(train_blocks: int = 2, **fields) -> Recipe:
@@ -56,13 +55,13 @@ def test_cached_partial_fine_tune_equals_the_uncached_one(dataset: data.Dataset,
 def test_every_cut_reproduces_the_models_forward(name: str) -> None:
     model = _model(name).eval()
     images = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-    for start in range(1, len(models.block_groups(model))):
+    for start in range(1, len(blocks.block_groups(model))):
         split = prefix.split_model(model, start)
         assert isinstance(split, prefix.Split), split
         with torch.no_grad():
             torch.testing.assert_close(split.suffix(split.prefix(images)), model(images), rtol=1e-4, atol=1e-5)
         suffix_params = {id(p) for p in split.suffix.parameters()}
-        trainable = models.block_groups(model)[start][0]
+        trainable = blocks.block_groups(model)[start][0]
         assert id(model.get_parameter(trainable)) in suffix_params  # the trial's own parameters train
 
 
@@ -145,7 +144,7 @@ def test_a_model_fx_cannot_split_falls_back() -> None:
 
 def test_a_search_setup_shares_one_prefix_cache_that_spills_under_the_run_dir(tmp_path: Path) -> None:
     from autoft.config import SearchConfig
-    from autoft.controller import prepare
+    from autoft.preparation import prepare
     from conftest import make_image_folder
 
     data_dir = make_image_folder(tmp_path / "data", per_class=4, size=(16, 16))

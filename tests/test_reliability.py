@@ -22,7 +22,9 @@ import autoft
 import autoft.cli
 from autoft import pieces, results
 from autoft.config import SearchConfig
-from autoft.controller import _check_free_space, _stop_on_signals, prepare, run_search
+from autoft.controller import _stop_on_signals, run_search
+from autoft.keeper import check_free_space
+from autoft.preparation import prepare
 from autoft.study import open_study
 from conftest import make_image_folder
 
@@ -296,8 +298,8 @@ def test_too_little_free_space_is_reported_before_training(tmp_path: Path) -> No
     with torch.device("meta"):  # a real 4 TB model that allocates nothing
         huge = nn.Linear(1_000_000, 1_000_000)
     with pytest.raises(autoft.AutoftError, match="Not enough free disk space"):
-        _check_free_space(tmp_path, huge)
-    _check_free_space(tmp_path, nn.Linear(4, 2))  # a small one fits
+        check_free_space(tmp_path, huge)
+    check_free_space(tmp_path, nn.Linear(4, 2))  # a small one fits
 
 
 def test_run_dir_that_cannot_be_created_is_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -425,9 +427,9 @@ import sys
 attempts = []
 NET = ("socket.connect", "socket.getaddrinfo")
 sys.addaudithook(lambda event, args: attempts.append(event) if event in NET else None)
-import autoft.models
+import autoft.tasks.image.models
 try:
-    autoft.models.create("resnet18", num_classes=2, pretrained=True)
+    autoft.tasks.image.models.create("resnet18", num_classes=2, pretrained=True)
 except autoft.AutoftError as exc:
     print("AutoftError:", exc)
 print("network attempts:", len(attempts))

@@ -21,7 +21,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import TrialState, create_trial
 
 import autoft
-from autoft import report
+from autoft import figures, report
 from autoft.cli import main
 from autoft.export import Evaluation
 from conftest import make_image_folder
@@ -60,15 +60,15 @@ def make_run(run_dir: Path, trials: list, *, directions: tuple[str, ...] = ("max
 def test_history_curves_and_table_come_from_the_study(tmp_path: Path) -> None:
     trials = [_trial(0, curve=(0.3, 0.5)), _trial(1, TrialState.PRUNED, (0.2,)), _trial(2, curve=(0.6, 0.4))]
     _, study = report.load_study(make_run(tmp_path / "run", trials))
-    assert report.history_data(study) == {"numbers": [0, 2], "values": [0.5, 0.6], "best_so_far": [0.5, 0.6]}
-    curves = report.curves_data(study)
+    assert figures.history_data(study) == {"numbers": [0, 2], "values": [0.5, 0.6], "best_so_far": [0.5, 0.6]}
+    curves = figures.curves_data(study)
     assert [(c["number"], c["state"], c["values"]) for c in curves] == [
         (0, "COMPLETE", [0.3, 0.5]),
         (1, "PRUNED", [0.2]),
         (2, "COMPLETE", [0.6, 0.4]),
     ]
     assert curves[1]["planned_epochs"] == 2  # the pruned trial was cut short of its planned epochs
-    rows = report.trials_table(study)
+    rows = figures.trials_table(study)
     assert [r["state"] for r in rows] == ["COMPLETE", "PRUNED", "COMPLETE"]
     assert rows[1]["param_freeze"] == "linear_probe" and rows[1]["strategy"].startswith("linear probe")
 
@@ -76,7 +76,7 @@ def test_history_curves_and_table_come_from_the_study(tmp_path: Path) -> None:
 def test_importances_rank_the_parameters_that_vary(tmp_path: Path) -> None:
     trials = [_trial(n, curve=(0.1 * (n % 4) + 0.2,)) for n in range(8)]
     _, study = report.load_study(make_run(tmp_path / "run", trials))
-    importances, why = report.importance_data(study)
+    importances, why = figures.importance_data(study)
     assert why == "" and set(importances) == {"lr", "epochs", "freeze"}
     assert list(importances.values()) == sorted(importances.values(), reverse=True)
     assert sum(importances.values()) == pytest.approx(1.0)
@@ -93,14 +93,14 @@ def test_importances_rank_the_parameters_that_vary(tmp_path: Path) -> None:
 )
 def test_importances_say_why_they_cannot_be_computed(tmp_path: Path, trials: list, reason: str) -> None:
     _, study = report.load_study(make_run(tmp_path / "run", trials))
-    importances, why = report.importance_data(study)
+    importances, why = figures.importance_data(study)
     assert importances == {} and reason in why
 
 
 def test_confident_mistakes_are_the_wrong_answers_surest_first() -> None:
     probabilities = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7], [0.95, 0.05]])
     labels = torch.tensor([0, 0, 1, 1, 1])
-    mistakes = report.confident_mistakes(probabilities, labels, ("a", "b"))
+    mistakes = figures.confident_mistakes(probabilities, labels, ("a", "b"))
     assert [(m["index"], m["true"], m["predicted"]) for m in mistakes] == [(4, "b", "a"), (1, "a", "b"), (2, "b", "a")]
     assert [m["confidence"] for m in mistakes] == [0.95, 0.8, 0.6]
 

@@ -12,10 +12,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from autoft import data, models, trial
+from autoft import blocks, tasks, trial
+from autoft.preparation import Setup
 from autoft.recipe import Recipe
+from autoft.tasks.base import Dataset
+from autoft.tasks.image import ImageSpec, data, models, transforms
 from autoft.trial import EpochMetrics, TrialOutcome, evaluate, run_trial
-from conftest import CLASS_COLORS
+from conftest import CLASS_COLORS, image_setup
 
 CPU = torch.device("cpu")
 SIZE = 16
@@ -32,7 +35,7 @@ def _split(per_class: int, *, seed: int, noise: int = 20) -> data.ImageSet:
 
 @pytest.fixture(scope="module")
 def dataset() -> data.Dataset:
-    return data.Dataset(
+    return Dataset(
         classes=("red", "green", "blue"),
         train=_split(8, seed=0),
         val=_split(4, seed=1),
@@ -49,17 +52,7 @@ def _model(name: str = "test_resnet") -> nn.Module:
 
 
 def _run(model: nn.Module, recipe: Recipe, dataset: data.Dataset, *, seed: int = 0, report=None) -> TrialOutcome:
-    cfg = models.data_config(model)
-    return run_trial(
-        model,
-        recipe,
-        dataset,
-        mean=cfg["mean"],
-        std=cfg["std"],
-        device=CPU,
-        seed=seed,
-        report=report or (lambda epoch, metrics: False),
-    )
+    return run_trial(image_setup(model, dataset), recipe, seed=seed, report=report)
 
 
 def _recipe(**fields: object) -> Recipe:
@@ -74,7 +67,7 @@ def _same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], keys: se
 
 def _head_keys(model: nn.Module) -> set[str]:
     """State-dict keys of the classifier (``fc.`` for test_resnet, ``head.`` for test_vit, ...)."""
-    prefixes = tuple(n.rsplit(".", 1)[0] + "." for n in models.head_parameter_names(model))
+    prefixes = tuple(n.rsplit(".", 1)[0] + "." for n in blocks.head_parameter_names(model))
     return {k for k in model.state_dict() if k.startswith(prefixes)}
 
 
@@ -84,9 +77,9 @@ def snapshots(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, torch.Tensor]]:
     seen: list[dict[str, torch.Tensor]] = []
     real = trial.evaluate
 
-    def recording(model: nn.Module, split: data.ImageSet, **kwargs: object) -> tuple[float, float]:
+    def recording(model: nn.Module, split: data.ImageSet, setup: Setup, **kwargs: object) -> tuple[float, float]:
         seen.append({k: v.detach().clone() for k, v in model.state_dict().items()})
-        return real(model, split, **kwargs)
+        return real(model, split, setup, **kwargs)
 
     monkeypatch.setattr(trial, "evaluate", recording)
     return seen
@@ -97,8 +90,7 @@ def snapshots(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, torch.Tensor]]:
 
 def test_run_trial_learns_an_easy_task(dataset: data.Dataset) -> None:
     model = _model()
-    cfg = models.data_config(model)
-    _, untrained = evaluate(model, dataset.val, mean=cfg["mean"], std=cfg["std"], device=CPU)
+    _, untrained = evaluate(model, dataset.val, image_setup(model, dataset))
     outcome = _run(model, _recipe(epochs=3, optimizer="adam", lr=1e-2, head_lr_ratio=1.0), dataset)
     assert untrained < 0.5
     assert outcome.best_score >= 0.9
@@ -176,8 +168,8 @@ def test_best_state_is_the_best_epochs_weights(
     scripted = iter([0.5, 0.9, 0.9, 0.3])  # best at epoch 1; a tie later must not replace it
     recording = trial.evaluate
 
-    def scored(model: nn.Module, split: data.ImageSet, **kwargs: object) -> tuple[float, float]:
-        loss, _ = recording(model, split, **kwargs)
+    def scored(model: nn.Module, split: data.ImageSet, setup: Setup, **kwargs: object) -> tuple[float, float]:
+        loss, _ = recording(model, split, setup, **kwargs)
         return loss, next(scripted)
 
     monkeypatch.setattr(trial, "evaluate", scored)
@@ -198,8 +190,7 @@ def test_best_state_reproduces_the_best_epochs_score(dataset: data.Dataset) -> N
     assert outcome.best_epoch == scores.index(max(scores))
     restored = _model()
     restored.load_state_dict(outcome.best_state)
-    cfg = models.data_config(restored)
-    loss, accuracy = evaluate(restored, dataset.val, mean=cfg["mean"], std=cfg["std"], device=CPU)
+    loss, accuracy = evaluate(restored, dataset.val, image_setup(restored, dataset))
     assert accuracy == outcome.best_score
     assert loss == pytest.approx(outcome.history[outcome.best_epoch].val_loss, rel=1e-5)
 
@@ -238,7 +229,7 @@ def test_partial_freeze_trains_only_the_last_block_groups(dataset: data.Dataset)
     model = _model()
     base = model.state_dict()
     outcome = _run(model, _recipe(freeze="partial", train_blocks=1, epochs=1, lr=1e-2), dataset)
-    last = set(models.block_groups(model)[-1])
+    last = set(blocks.block_groups(model)[-1])
     changed = {k for k in base if not torch.equal(outcome.best_state[k], base[k])}
     assert changed
     assert all(k.startswith(("layer4.", "fc.")) for k in changed), sorted(changed)
@@ -263,11 +254,11 @@ def test_evaluate_matches_a_manual_computation(dataset: data.Dataset, batch_size
     model = _model()
     model.train()
     cfg = models.data_config(model)
-    loss, accuracy = evaluate(model, dataset.val, mean=cfg["mean"], std=cfg["std"], device=CPU, batch_size=batch_size)
+    loss, accuracy = evaluate(model, dataset.val, image_setup(model, dataset), batch_size=batch_size)
     assert model.training  # mode restored
     model.eval()
     with torch.no_grad():
-        logits = model(data.normalize(dataset.val.images, mean=cfg["mean"], std=cfg["std"]))
+        logits = model(transforms.normalize(dataset.val.images, mean=cfg["mean"], std=cfg["std"]))
     expected = (logits.argmax(1) == dataset.val.labels).sum().item() / len(dataset.val)
     assert 0.0 <= accuracy <= 1.0
     assert accuracy == pytest.approx(expected)
@@ -286,7 +277,9 @@ def test_evaluate_of_a_perfect_and_a_wrong_classifier() -> None:
             return x.mean((2, 3)).roll(self.shift, dims=1) * 10  # strongest channel = class colour
 
     for shift, expected in ((0, 1.0), (1, 0.0)):
-        _, accuracy = evaluate(ByColour(shift), split, mean=(0.5,) * 3, std=(0.5,) * 3, device=CPU)
+        spec = ImageSpec(SIZE, (0.5,) * 3, (0.5,) * 3)
+        setup = Setup(tasks.get("image"), ByColour(shift), None, spec, CPU)
+        _, accuracy = evaluate(setup.base_model, split, setup)
         assert accuracy == expected
 
 

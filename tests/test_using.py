@@ -15,9 +15,9 @@ from onnx.external_data_helper import uses_external_data
 
 from autoft import AutoftError, export, load_model
 from autoft.cli import main
-from autoft.data import find_images
 from autoft.export import evaluate_folder, export_model, predict_files, save_model
-from autoft.models import create
+from autoft.tasks.image.data import find_images
+from autoft.tasks.image.models import create
 from conftest import make_image_folder
 
 

@@ -17,11 +17,13 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from autoft import data, export, objectives, report, results, selection, space
+from autoft import export, objectives, report, results, selection, space
 from autoft.config import BACKENDS, PRUNERS, SAMPLERS, SearchConfig, parse_duration
 from autoft.controller import Progress as SearchProgress
-from autoft.controller import SearchInterrupted, SearchResult, check_run_dir, run_search
+from autoft.controller import SearchInterrupted, SearchResult, run_search
 from autoft.errors import AutoftError
+from autoft.keeper import check_run_dir
+from autoft.tasks.image import data
 
 __all__ = ["main"]
 

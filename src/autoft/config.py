@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,10 +17,18 @@ from typing import Any
 import yaml
 
 from autoft.errors import AutoftError
-from autoft.objectives import parse_objectives
 from autoft.space import describe_space
 
-__all__ = ["BACKENDS", "PRUNERS", "SAMPLERS", "SearchConfig", "parse_duration"]
+__all__ = [
+    "BACKENDS",
+    "OBJECTIVES",
+    "PRUNERS",
+    "SAMPLERS",
+    "Objective",
+    "SearchConfig",
+    "parse_duration",
+    "parse_objectives",
+]
 
 SAMPLERS = ("tpe", "gp", "cmaes", "random", "qmc")
 PRUNERS = ("median", "hyperband", "sha", "wilcoxon", "none")
@@ -28,6 +37,43 @@ BACKENDS = ("auto", "local", "ray")
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
 _SECONDS_PER_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+@dataclass(frozen=True)
+class Objective:
+    """One objective: its direction, the trial user attr that holds its value, and how to show it."""
+
+    name: str
+    direction: str
+    attr: str
+    label: str
+
+
+OBJECTIVES: dict[str, Objective] = {
+    "accuracy": Objective("accuracy", "maximize", "best_score", "val accuracy"),
+    "params": Objective("params", "minimize", "params", "parameters"),
+    "latency": Objective("latency", "minimize", "latency_ms", "latency ms/image"),
+}
+
+
+def parse_objectives(text: str | Sequence[str]) -> tuple[str, ...]:
+    """``"accuracy,params"`` -> ``("accuracy", "params")``; accuracy comes first, each name once.
+
+    >>> parse_objectives("accuracy,latency")
+    ('accuracy', 'latency')
+    """
+    if not isinstance(text, str | list | tuple):
+        raise AutoftError(f"--objective must be names such as accuracy,params, but got {text!r}.")
+    names = [n.strip() for n in text.split(",")] if isinstance(text, str) else [str(n).strip() for n in text]
+    choices = "accuracy, accuracy,params, accuracy,latency or accuracy,params,latency"
+    unknown = [n for n in names if n not in OBJECTIVES]
+    if unknown or not names:
+        raise AutoftError(f"--objective {text!r} names unknown objective(s) {unknown}; choose {choices}.")
+    if names[0] != "accuracy" or len(set(names)) != len(names):
+        raise AutoftError(
+            f"--objective {text!r} must start with accuracy and name each objective once; choose {choices}."
+        )
+    return tuple(names)
 
 
 def parse_duration(text: str | float | int | None) -> float | None:
@@ -124,8 +170,9 @@ class SearchConfig:
     ('test_resnet', 'test_efficientnet')
     """
 
-    model: str  # one timm model name, or several: "a,b" or a list (stored as "a,b")
+    model: str  # one model name, or several: "a,b" or a list (stored as "a,b")
     data: Path
+    task: str = "image"  # what the data and model are: a name in autoft.tasks (image; text classification, NER)
     weights: Path | None = None
     pretrained: bool = True
     trials: int | None = 20
@@ -175,6 +222,8 @@ class SearchConfig:
         return tuple(self.model.split(","))
 
     def _validate(self) -> None:
+        if not isinstance(self.task, str) or not self.task.strip():
+            raise AutoftError(f"--task must be a task name such as image, but got {self.task!r}.")
         if not isinstance(self.pretrained, bool):
             raise AutoftError(f"pretrained must be True or False, but got {self.pretrained!r}.")
         if self.trials is not None and (not _whole(self.trials) or self.trials < 1):

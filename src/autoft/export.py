@@ -20,9 +20,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from autoft import data, models
+from autoft import tasks
 from autoft.errors import AutoftError
-from autoft.trial import predict_logits, resolve_device
+from autoft.features import autocast
+from autoft.tasks.base import LoadedModel
+from autoft.tasks.image import data, transforms
+from autoft.trial import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -79,22 +82,18 @@ def update_config(directory: Path, **fields: Any) -> dict[str, Any]:
 
 
 @dataclass
-class TunedModel:
-    """A fine-tuned model with its preprocessing: give it images, get class names back.
+class TunedModel(LoadedModel):
+    """A fine-tuned image model with its preprocessing: give it images, get class names back.
 
     >>> tuned = load_model("runs/demo/best")  # doctest: +SKIP
     >>> tuned.predict(["cat.jpg", "dog.jpg"])  # doctest: +SKIP
     ['cat', 'dog']
     """
 
-    model: nn.Module
-    classes: tuple[str, ...]
     image_size: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
     interpolation: str
-    meta: dict[str, Any]
-    device: torch.device
 
     def _as_batch(self, images: torch.Tensor | Sequence[str | Path]) -> torch.Tensor:
         if isinstance(images, torch.Tensor):
@@ -105,20 +104,25 @@ class TunedModel:
 
     def predict_proba(self, images: torch.Tensor | Sequence[str | Path]) -> torch.Tensor:
         """Class probabilities (N, classes) for image files or a uint8 batch (N, 3, S, S)."""
-        logits = predict_logits(self.model, self._as_batch(images), mean=self.mean, std=self.std, device=self.device)
-        return logits.softmax(1).cpu()
+        return self.logits(self._as_batch(images)).softmax(1)
 
     def predict(self, images: torch.Tensor | Sequence[str | Path]) -> list[str]:
         """The most likely class name for each image."""
         return [self.classes[i] for i in self.predict_proba(images).argmax(1).tolist()]
 
-    def logits(self, images: torch.Tensor) -> torch.Tensor:
-        """Raw class scores (N, classes) on the CPU for a uint8 batch (N, 3, S, S)."""
-        return predict_logits(self.model, images, mean=self.mean, std=self.std, device=self.device).cpu()
+    @torch.inference_mode()
+    def logits(self, images: torch.Tensor, *, batch_size: int = 256) -> torch.Tensor:
+        """Raw class scores (N, classes), float32 on the CPU, for a uint8 batch (N, 3, S, S) of any size."""
+        out = []
+        for start in range(0, len(images), batch_size):
+            chunk = images[start : start + batch_size].to(self.device, non_blocking=True)
+            with autocast(self.device):
+                out.append(self.model(transforms.normalize(chunk, mean=self.mean, std=self.std)).float().cpu())
+        return torch.cat(out) if out else torch.zeros(0, len(self.classes))
 
 
 def load_model(path: str | Path, *, device: str = "auto") -> TunedModel:
-    """Load an exported model (a ``best/`` folder) ready to predict.
+    """Load an exported model (a ``best/`` folder) ready to predict, as its task (``config.json``) loads it.
 
     >>> load_model("runs/demo/best").classes  # doctest: +SKIP
     ('0', '1', '2', ...)
@@ -140,20 +144,8 @@ def load_model(path: str | Path, *, device: str = "auto") -> TunedModel:
             f"{directory}: the weights are of trial {stamp} but {CONFIG} describes trial {meta.get('trial')} "
             "(interrupted while exporting?); run the search command again to re-export the best trial."
         )
-    model = models.create(meta["model"], num_classes=len(meta["classes"]), pretrained=False)
-    model.load_state_dict(state)
-    torch_device = resolve_device(device)
-    model.to(torch_device).eval()
-    return TunedModel(
-        model=model,
-        classes=tuple(meta["classes"]),
-        image_size=int(meta["image_size"]),
-        mean=tuple(meta["mean"]),
-        std=tuple(meta["std"]),
-        interpolation=meta["interpolation"],
-        meta=meta,
-        device=torch_device,
-    )
+    task = tasks.get(meta.get("task", "image"))  # models exported before tasks existed are images
+    return task.load_tuned(directory, meta, state, resolve_device(device))
 
 
 # ----------------------------------------------------------------------------- using the tuned model

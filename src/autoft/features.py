@@ -1,12 +1,13 @@
 """Frozen-feature cache: the pooled pre-logits features of train and val, computed once per search.
 
 When only the classifier trains (a linear probe, LP-FT's head-only epochs) on deterministic inputs
-(augment "none", no mixup or cutmix), everything before the classifier is a fixed function of the image:
-frozen layers run in eval mode (``models.set_train_mode``). So ``forward_head(forward_features(x),
-pre_logits=True)`` is computed once, on first use, and shared by every trial of the search; those trials
-train ``model.get_classifier()`` alone on it. A linear probe then costs one forward pass over the data per
-search instead of one per epoch per trial. The batches come from the same ``data.batches`` call with the
-same generator, so results equal the uncached path within float tolerance (tests/test_features.py).
+(``task.deterministic``; for images: augment "none", no mixup or cutmix), everything before the classifier is
+a fixed function of the example: frozen layers run in eval mode (``blocks.set_train_mode``). So
+``forward_head(forward_features(x), pre_logits=True)`` is computed once, on first use, and shared by every trial
+of the search; those trials train ``model.get_classifier()`` alone on it. A linear probe then costs one forward
+pass over the data per search instead of one per epoch per trial. The batches come from the same
+``tasks.base.batches`` call with the same generator, so results equal the uncached path within float tolerance
+(tests/test_features.py). Any task whose models have ``forward_features``/``forward_head`` gets it.
 
 Memory bound: (train + val images) x ``num_features`` x 4 bytes (2 under bf16 autocast), kept on the
 device, e.g. 1,437 digits x 1,280 (efficientnet_lite0) = 7 MB, 100,000 images x 2,048 (resnet50) = 820 MB.
@@ -20,50 +21,47 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from autoft import data
-from autoft.recipe import Recipe
+from autoft.tasks.base import Dataset, InputSpec, Task, TensorSplit
 
-__all__ = ["FeatureCache", "deterministic_inputs", "unsteady"]
+__all__ = ["FeatureCache", "autocast", "cached_logits", "model_inputs", "unsteady"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BYTES = 2 * 2**30
 
 
-def deterministic_inputs(recipe: Recipe) -> bool:
-    """Whether the recipe feeds the model the same tensor for an image every epoch (no augmentation, no mixing).
-
-    >>> deterministic_inputs(Recipe(augment="none")), deterministic_inputs(Recipe(augment="light"))
-    (True, False)
-    """
-    return recipe.augment == "none" and recipe.mixup == 0 and recipe.cutmix == 0
+def model_inputs(
+    task: Task, split: object, spec: InputSpec, *, device: torch.device, batch_size: int
+) -> Iterator[object]:
+    """The model inputs of every example of ``split`` in order, ``batch_size`` at a time (no randomness)."""
+    for inputs, _ in task.batches(split, batch_size=batch_size, shuffle=False):
+        yield task.eval_inputs(inputs, spec, device=device)
 
 
 @dataclass
 class FeatureCache:
     """Pooled pre-logits features of ``dataset``'s train and val splits under ``base_model``, built on first use.
 
-    >>> cache = FeatureCache(model, ds, mean=m, std=s, device=torch.device("cpu"))  # doctest: +SKIP
+    >>> cache = FeatureCache(model, ds, task, spec, device=torch.device("cpu"))  # doctest: +SKIP
     >>> train, val = cache.splits()  # doctest: +SKIP
     >>> train.images.shape  # (N, num_features) float features, labels as in ds.train  # doctest: +SKIP
     torch.Size([1077, 1280])
     """
 
     base_model: nn.Module
-    dataset: data.Dataset
-    mean: Sequence[float]
-    std: Sequence[float]
+    dataset: Dataset
+    task: Task
+    spec: InputSpec
     device: torch.device
     max_bytes: int = DEFAULT_MAX_BYTES
     batch_size: int = 256
-    _splits: tuple[data.ImageSet, data.ImageSet] | None = field(default=None, init=False, repr=False)
+    _splits: tuple[TensorSplit, TensorSplit] | None = field(default=None, init=False, repr=False)
     _refused: str = field(default="", init=False)
 
     @property
@@ -71,7 +69,7 @@ class FeatureCache:
         """Bytes the cached features hold (0 before the first use or when refused)."""
         return sum(s.images.numel() * s.images.element_size() for s in self._splits or ())
 
-    def splits(self) -> tuple[data.ImageSet, data.ImageSet] | None:
+    def splits(self) -> tuple[TensorSplit, TensorSplit] | None:
         """``(train, val)`` with ``images`` = float features ``(N, D)`` on the device; None when not cacheable."""
         if self._splits is None and not self._refused:
             self._refused = _why_not_cacheable(self.base_model)
@@ -86,12 +84,12 @@ class FeatureCache:
         if self.device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
         train, val = self.dataset.train, self.dataset.val
-        probe = data.normalize(val.images[:2].to(self.device), mean=self.mean, std=self.std)
+        probe = self.task.example_inputs(self.dataset, self.spec, device=self.device, count=2)
         mismatch = _forward_mismatch(model, probe)
         if mismatch:
             self._refused = mismatch
             return
-        width = self._pooled(model, val.images[:1]).shape[1]
+        width = self._pool(model, probe).shape[1]
         need = (len(train) + len(val)) * width * 4
         if need > self.max_bytes:
             self._refused = (
@@ -99,7 +97,7 @@ class FeatureCache:
             )
             return
         self._splits = tuple(  # type: ignore[assignment]
-            data.ImageSet(self._pooled(model, split.images), split.labels.to(self.device)) for split in (train, val)
+            TensorSplit(self._pooled(model, split), split.labels.to(self.device)) for split in (train, val)
         )
         log.info(
             "feature cache: %d x %d pooled features, %.1f MiB on %s",
@@ -109,25 +107,30 @@ class FeatureCache:
             self.device,
         )
 
+    def _pooled(self, model: nn.Module, split: object) -> torch.Tensor:
+        inputs = model_inputs(self.task, split, self.spec, device=self.device, batch_size=self.batch_size)
+        return torch.cat([self._pool(model, batch) for batch in inputs])
+
     @torch.no_grad()  # not inference_mode: the head's backward saves these features as its input
-    def _pooled(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-        out = []
-        for start in range(0, len(images), self.batch_size):
-            chunk = images[start : start + self.batch_size].to(self.device, non_blocking=True)
-            with autocast(self.device):
-                features = model.forward_features(data.normalize(chunk, mean=self.mean, std=self.std))
-                out.append(model.forward_head(features, pre_logits=True))
-        return torch.cat(out)
+    def _pool(self, model: nn.Module, inputs: object) -> torch.Tensor:
+        with autocast(self.device):
+            return model.forward_head(model.forward_features(inputs), pre_logits=True)
 
 
 @torch.no_grad()
-def evaluate_head(head: nn.Module, split: data.ImageSet, *, device: torch.device) -> tuple[float, float]:
-    """Mean cross-entropy loss and accuracy of the classifier on cached features (as ``trial.evaluate``)."""
-    with autocast(device):
-        logits = head(split.images).float()
-    loss = F.cross_entropy(logits, split.labels).item()
-    accuracy = (logits.argmax(1) == split.labels).float().mean().item()
-    return loss, accuracy
+def cached_logits(
+    model: nn.Module, net: nn.Module, split: TensorSplit, *, device: torch.device, batch_size: int = 256
+) -> torch.Tensor:
+    """Logits of ``net`` (the head, or the suffix of a split model) on cached inputs, with ``model`` in eval mode
+    as ``trial.evaluate`` puts it; float32 on ``device``, in the split's order."""
+    was_training = model.training
+    model.eval()
+    out = []
+    for start in range(0, len(split), batch_size):
+        with autocast(device):
+            out.append(net(split.images[start : start + batch_size].to(device, non_blocking=True)).float())
+    model.train(was_training)
+    return torch.cat(out)
 
 
 def autocast(device: torch.device) -> contextlib.AbstractContextManager:

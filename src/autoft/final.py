@@ -27,19 +27,18 @@ import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
 
-from autoft import data, export
+from autoft import export
+from autoft.config import SearchConfig
 from autoft.features import FeatureCache
+from autoft.preparation import Setup
 from autoft.recipe import Recipe
+from autoft.tasks.base import Dataset, Task
 from autoft.trial import evaluate, run_trial
-
-if TYPE_CHECKING:  # the controller imports this module; only its types are needed here
-    from autoft.config import SearchConfig
-    from autoft.controller import Setup
 
 __all__ = ["FinalModel", "average_states", "greedy_soup", "make_final_model", "refit_dataset", "restore_single"]
 
@@ -120,16 +119,13 @@ def greedy_soup(
     return members, soup_score, soup, single_score
 
 
-def refit_dataset(dataset: data.Dataset) -> data.Dataset:
-    """The data set with val folded into train (the decoded tensors, concatenated: nothing is decoded again).
+def refit_dataset(dataset: Dataset, task: Task) -> Dataset:
+    """The data set with val folded into train (the examples as read, joined by the task: nothing is read again).
 
-    >>> len(refit_dataset(ds).train) == len(ds.train) + len(ds.val)  # doctest: +SKIP
+    >>> len(refit_dataset(ds, task).train) == len(ds.train) + len(ds.val)  # doctest: +SKIP
     True
     """
-    train = data.ImageSet(
-        torch.cat([dataset.train.images, dataset.val.images]), torch.cat([dataset.train.labels, dataset.val.labels])
-    )
-    return dataclasses.replace(dataset, train=train)
+    return dataclasses.replace(dataset, train=task.merged(dataset.train, dataset.val))
 
 
 def restore_single(best_dir: Path, top_dir: Path) -> None:
@@ -177,11 +173,10 @@ def _soup(setup: Setup, best_dir: Path, top_dir: Path, meta: dict[str, Any]) -> 
         why = "a soup needs at least 2 kept models of one architecture (--keep-top K >= 2 keeps K)"
         return _record(best_dir, FinalModel("single", (trial,), single, single, why))
     tuned = export.load_model(best_dir, device=str(setup.device))
-    val = setup.dataset.val
 
     def score(state: State) -> float:
         tuned.model.load_state_dict(state)
-        return evaluate(tuned.model, val, mean=tuned.mean, std=tuned.std, device=tuned.device)[1]
+        return evaluate(tuned.model, setup.dataset.val, setup)[1]
 
     loaders = [lambda folder=folder: load_file(str(folder / export.WEIGHTS)) for _, folder in candidates]
     members, soup_score, soup, single_score = greedy_soup(loaders, score)
@@ -201,25 +196,19 @@ def _soup(setup: Setup, best_dir: Path, top_dir: Path, meta: dict[str, Any]) -> 
 def _refit(cfg: SearchConfig, setup: Setup, best_dir: Path, top_dir: Path, meta: dict[str, Any]) -> FinalModel:
     trial, single = meta["trial"], meta["val_accuracy"]
     recipe = dataclasses.replace(Recipe.from_params(meta["params"]), epochs=meta["best_epoch"] + 1)
-    dataset = refit_dataset(setup.dataset)
-    log.info("refit: trial %d's recipe for %d epochs on %d train+val images", trial, recipe.epochs, len(dataset.train))
-    outcome = run_trial(
-        setup.base_model,
-        recipe,
-        dataset,
-        mean=setup.mean,
-        std=setup.std,
-        device=setup.device,
-        seed=cfg.seed + trial,  # the best trial's seed
-        report=lambda epoch, metrics: False,
-        feature_cache=FeatureCache(setup.base_model, dataset, mean=setup.mean, std=setup.std, device=setup.device),
-        keep_last=True,  # no held-out split is left to choose an epoch by
+    dataset = refit_dataset(setup.dataset, setup.task)
+    log.info(
+        "refit: trial %d's recipe for %d epochs on %d train+val examples", trial, recipe.epochs, len(dataset.train)
     )
+    features = FeatureCache(setup.base_model, dataset, setup.task, setup.spec, device=setup.device)
+    refit = dataclasses.replace(setup, dataset=dataset, feature_cache=features, prefix_cache=None)
+    outcome = run_trial(refit, recipe, seed=cfg.seed + trial, keep_last=True)  # the best trial's seed; no
+    # held-out split is left to choose an epoch by, so the last epoch's weights are kept
     if outcome.diverged or not outcome.best_state:
         why = f"the refit on train+val failed ({outcome.diverged or 'no epoch finished'})"
         return _record(best_dir, FinalModel("single", (trial,), single, single, why))
     why = (
-        f"--refit: trained on train+val ({len(dataset.train)} images) for {recipe.epochs} epochs; "
+        f"--refit: trained on train+val ({len(dataset.train)} examples) for {recipe.epochs} epochs; "
         "val cannot judge it (it trained on val): the test split scores it"
     )
     final = FinalModel("refit", (trial,), None, single, why)

@@ -30,7 +30,8 @@ import torch
 from optuna.trial import TrialState
 from torch import nn
 
-from autoft.errors import AutoftError
+from autoft.config import OBJECTIVES, parse_objectives
+from autoft.tasks.base import ModelInputs
 
 __all__ = [
     "KNEE_RULE",
@@ -47,21 +48,6 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
-class Objective:
-    """One objective: its direction, the trial user attr that holds its value, and how to show it."""
-
-    name: str
-    direction: str
-    attr: str
-    label: str
-
-
-OBJECTIVES: dict[str, Objective] = {
-    "accuracy": Objective("accuracy", "maximize", "best_score", "val accuracy"),
-    "params": Objective("params", "minimize", "params", "parameters"),
-    "latency": Objective("latency", "minimize", "latency_ms", "latency ms/image"),
-}
 KNEE_RULE = (
     "the knee of the front: each objective scaled to 0..1 over the front (1 = best), the point farthest "
     "beyond the line (plane) through the extremes, i.e. the largest sum of scaled objectives; "
@@ -69,26 +55,6 @@ KNEE_RULE = (
 )
 _WARMUP, _RUNS = 3, 10
 _latency_cache: dict[tuple, float] = {}  # (architecture, input size, device) -> ms per image, this process
-
-
-def parse_objectives(text: str | Sequence[str]) -> tuple[str, ...]:
-    """``"accuracy,params"`` -> ``("accuracy", "params")``; accuracy comes first, each name once.
-
-    >>> parse_objectives("accuracy,latency")
-    ('accuracy', 'latency')
-    """
-    if not isinstance(text, str | list | tuple):
-        raise AutoftError(f"--objective must be names such as accuracy,params, but got {text!r}.")
-    names = [n.strip() for n in text.split(",")] if isinstance(text, str) else [str(n).strip() for n in text]
-    choices = "accuracy, accuracy,params, accuracy,latency or accuracy,params,latency"
-    unknown = [n for n in names if n not in OBJECTIVES]
-    if unknown or not names:
-        raise AutoftError(f"--objective {text!r} names unknown objective(s) {unknown}; choose {choices}.")
-    if names[0] != "accuracy" or len(set(names)) != len(names):
-        raise AutoftError(
-            f"--objective {text!r} must start with accuracy and name each objective once; choose {choices}."
-        )
-    return tuple(names)
 
 
 def directions(names: Sequence[str]) -> list[str]:
@@ -105,19 +71,19 @@ def _architecture(model: nn.Module) -> tuple:
     return type(model).__qualname__, sum(p.numel() for p in model.parameters()), repr(model)[:2000]
 
 
-def _latency_ms(model: nn.Module, image_size: int, device: torch.device) -> float:
+def _latency_ms(model: nn.Module, example: ModelInputs) -> float:
     """Median milliseconds of one forward pass at batch 1 (a copy of the model, so the shared one never moves)."""
-    key = (*_architecture(model), image_size, str(device))
+    device = _device_of(example)
+    key = (*_architecture(model), _shape_of(example), str(device))
     if key not in _latency_cache:
         net = copy.deepcopy(model).to(device).eval()
-        x = torch.randn(1, 3, image_size, image_size, device=device)
         timings = []
         with torch.inference_mode():
             for run in range(_WARMUP + _RUNS):
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)  # time the kernels, not their launch
                 start = time.perf_counter()
-                net(x)
+                net(example)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 if run >= _WARMUP:
@@ -127,17 +93,30 @@ def _latency_ms(model: nn.Module, image_size: int, device: torch.device) -> floa
     return _latency_cache[key]
 
 
-def costs(model: nn.Module, names: Sequence[str], *, image_size: int, device: torch.device) -> dict[str, float]:
+def _device_of(example: ModelInputs) -> torch.device:
+    tensor = example if isinstance(example, torch.Tensor) else next(iter(example.values()))
+    return tensor.device
+
+
+def _shape_of(example: ModelInputs) -> tuple:
+    if isinstance(example, torch.Tensor):
+        return tuple(example.shape)
+    return tuple(sorted((k, tuple(v.shape)) for k, v in example.items()))
+
+
+def costs(model: nn.Module, names: Sequence[str], *, example: ModelInputs) -> dict[str, float]:
     """The cost objectives of a trial's model, keyed by their user attr (``params``, ``latency_ms``).
 
-    >>> costs(timm.create_model("test_resnet"), ["accuracy", "params"], image_size=16, device=torch.device("cpu"))
-    {'params': 8730.0}  # doctest: +SKIP
+    ``example``: one model input (batch 1) on the device to time on, as the task makes it.
+
+    >>> costs(model, ["accuracy", "params"], example=torch.zeros(1, 3, 16, 16))  # doctest: +SKIP
+    {'params': 8730.0}
     """
     out: dict[str, float] = {}
     if "params" in names:
         out["params"] = float(sum(p.numel() for p in model.parameters()))
     if "latency" in names:
-        out["latency_ms"] = round(_latency_ms(model, image_size, device), 4)
+        out["latency_ms"] = round(_latency_ms(model, example), 4)
     return out
 
 

@@ -8,7 +8,7 @@ import torch
 from timm.optim import create_optimizer_v2
 from torch import nn
 
-from autoft import models, pieces
+from autoft import blocks, pieces
 from autoft.recipe import Recipe
 
 __all__ = ["create_optimizer", "lr_factor", "param_groups", "set_lr"]
@@ -21,14 +21,14 @@ def param_groups(model: nn.Module, recipe: Recipe) -> list[dict]:
     head gets ``head_lr_ratio``. Biases and norm weights (1-D tensors) get no weight decay. Only
     parameters with ``requires_grad`` are included, so frozen layers cost the optimizer nothing.
 
-    >>> from autoft.models import create
+    >>> from autoft.tasks.image.models import create
     >>> groups = param_groups(create("test_resnet", num_classes=3, pretrained=False), Recipe())
     >>> sorted({g["lr_scale"] for g in groups})[-1]
     10.0
     """
-    blocks = models.block_groups(model)
-    scale_of = {name: recipe.layer_decay ** (len(blocks) - i) for i, group in enumerate(blocks) for name in group}
-    head = models.head_parameter_names(model)
+    groups = blocks.block_groups(model)
+    scale_of = {name: recipe.layer_decay ** (len(groups) - i) for i, group in enumerate(groups) for name in group}
+    head = blocks.head_parameter_names(model)
     grouped: dict[tuple[float, float], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:

@@ -1,7 +1,7 @@
 """Frozen-prefix cache: the activations entering the first trainable block group, computed once per search.
 
 A partial fine-tune (``train_blocks=k``) freezes block groups ``0 .. g-1`` (``g = groups - k``; see
-``models.block_groups``). Frozen modules run in eval mode (``models.set_train_mode``), so on deterministic
+``blocks.block_groups``). Frozen modules run in eval mode (``models.set_train_mode``), so on deterministic
 inputs (augment "none", no mixup or cutmix) the tensor entering group ``g`` is a fixed function of the image.
 It is computed once, on first use, for train and val, and shared by every trial of the search that trains the
 same last ``k`` groups; those trials then run only the suffix (groups ``g..``, head) each epoch.
@@ -37,17 +37,16 @@ import logging
 import math
 import os
 import tempfile
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from timm.layers import get_notrace_functions, get_notrace_modules
 from torch import fx, nn
 
-from autoft import data, features, models
-from autoft.features import autocast
+from autoft import blocks, features
+from autoft.features import autocast, model_inputs
+from autoft.tasks.base import Dataset, InputSpec, Task, TensorSplit
 
 __all__ = ["PrefixCache", "Split", "split_model"]
 
@@ -69,8 +68,8 @@ class Split:
 
 @dataclass
 class _Entry:
-    train: data.ImageSet
-    val: data.ImageSet
+    train: TensorSplit
+    val: TensorSplit
     where: str  # "memory" or "disk"
 
     @property
@@ -82,16 +81,16 @@ class _Entry:
 class PrefixCache:
     """Activations entering block group ``g`` of ``base_model`` for ``dataset``'s train and val, one entry per ``g``.
 
-    >>> cache = PrefixCache(model, ds, mean=m, std=s, device=torch.device("cpu"))  # doctest: +SKIP
+    >>> cache = PrefixCache(model, ds, task, spec, device=torch.device("cpu"))  # doctest: +SKIP
     >>> train, val = cache.activations(train_blocks=2)  # doctest: +SKIP
     >>> train.images.shape  # (N, C, H, W) entering the second-to-last group  # doctest: +SKIP
     torch.Size([1077, 112, 3, 3])
     """
 
     base_model: nn.Module
-    dataset: data.Dataset
-    mean: Sequence[float]
-    std: Sequence[float]
+    dataset: Dataset
+    task: Task
+    spec: InputSpec
     device: torch.device
     spill_dir: Path | None = None
     max_memory_bytes: int = DEFAULT_MAX_MEMORY_BYTES
@@ -103,9 +102,7 @@ class PrefixCache:
         """Bytes the entries kept in ``"memory"`` or on ``"disk"`` hold."""
         return sum(e.nbytes for e in self._entries.values() if isinstance(e, _Entry) and e.where == where)
 
-    def for_trial(
-        self, model: nn.Module, *, train_blocks: int
-    ) -> tuple[nn.Module, data.ImageSet, data.ImageSet] | None:
+    def for_trial(self, model: nn.Module, *, train_blocks: int) -> tuple[nn.Module, TensorSplit, TensorSplit] | None:
         """``(suffix of model, train, val activations)`` when the last ``train_blocks`` groups' input is cached.
 
         ``model`` is the trial's copy of ``base_model``: the suffix runs its modules. None when not cacheable.
@@ -114,7 +111,7 @@ class PrefixCache:
         split = split_model(model, self._start(train_blocks)) if cached else None
         return (split.suffix, *cached) if isinstance(split, Split) else None
 
-    def activations(self, *, train_blocks: int) -> tuple[data.ImageSet, data.ImageSet] | None:
+    def activations(self, *, train_blocks: int) -> tuple[TensorSplit, TensorSplit] | None:
         """``(train, val)`` activations entering the first of the last ``train_blocks`` groups; None if not cached."""
         start = self._start(train_blocks)
         if start not in self._entries:
@@ -123,19 +120,19 @@ class PrefixCache:
         return (entry.train, entry.val) if isinstance(entry, _Entry) else None
 
     def _start(self, train_blocks: int) -> int:
-        return len(models.block_groups(self.base_model)) - train_blocks
+        return len(blocks.block_groups(self.base_model)) - train_blocks
 
     def _build(self, start: int) -> _Entry | str:
         model = _eval_copy(self.base_model, self.device)
         train, val = self.dataset.train, self.dataset.val
         split = split_model(model, start)
         if not isinstance(split, str):
-            probe = data.normalize(val.images[:2].to(self.device), mean=self.mean, std=self.std)
+            probe = self.task.example_inputs(self.dataset, self.spec, device=self.device, count=2)
             split = _mismatch(model, split, probe) or split
         if isinstance(split, str):
             log.debug("prefix cache off for group %d: %s", start, split)
             return split
-        shape = self._forward(split.prefix, val.images[:1]).shape[1:]
+        shape = self._forward(split.prefix, probe[:1]).shape[1:]
         need = (len(train) + len(val)) * math.prod(shape) * 4
         if self.bytes_in("memory") + need <= self.max_memory_bytes:
             where, allocate = "memory", self._in_memory
@@ -167,16 +164,18 @@ class PrefixCache:
         os.unlink(path)  # the mapping keeps the data; the space is freed when the tensor is
         return mapped.view(n, *shape)
 
-    def _fill(self, prefix: nn.Module, split: data.ImageSet, out: torch.Tensor) -> data.ImageSet:
-        for start in range(0, len(split), self.batch_size):
-            chunk = split.images[start : start + self.batch_size]
-            out[start : start + len(chunk)] = self._forward(prefix, chunk).to(out.device)
-        return data.ImageSet(out, split.labels.to(self.device) if out.device == self.device else split.labels)
+    def _fill(self, prefix: nn.Module, split: object, out: torch.Tensor) -> TensorSplit:
+        start = 0
+        for inputs in model_inputs(self.task, split, self.spec, device=self.device, batch_size=self.batch_size):
+            activations = self._forward(prefix, inputs)
+            out[start : start + len(activations)] = activations.to(out.device)
+            start += len(activations)
+        return TensorSplit(out, split.labels.to(self.device) if out.device == self.device else split.labels)
 
     @torch.no_grad()  # not inference_mode: the suffix's backward saves these activations as its input
-    def _forward(self, prefix: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    def _forward(self, prefix: nn.Module, inputs: object) -> torch.Tensor:
         with autocast(self.device):
-            return prefix(data.normalize(images.to(self.device), mean=self.mean, std=self.std)).float()
+            return prefix(inputs).float()
 
 
 def split_model(model: nn.Module, start: int) -> Split | str:
@@ -186,11 +185,11 @@ def split_model(model: nn.Module, start: int) -> Split | str:
     >>> [name for name, _ in split.suffix.named_children()]
     ['layer3', 'layer4', 'global_pool', 'fc']
     """
-    groups = models.block_groups(model)
+    groups = blocks.block_groups(model)
     if not 0 < start < len(groups):
         return f"group {start} is not inside the model's {len(groups)} block groups"
     group_of = {name: i for i, names in enumerate(groups) for name in names}
-    group_of |= dict.fromkeys(models.head_parameter_names(model), HEAD)
+    group_of |= dict.fromkeys(blocks.head_parameter_names(model), HEAD)
     module_groups = {
         name: {group_of[f"{name}.{p}" if name else p] for p, _ in module.named_parameters() if p}
         for name, module in model.named_modules()
@@ -295,20 +294,3 @@ def _mismatch(model: nn.Module, split: Split, probe: torch.Tensor) -> str:
 def _eval_copy(model: nn.Module, device: torch.device) -> nn.Module:
     copied = copy.deepcopy(model).to(device).eval()
     return copied.to(memory_format=torch.channels_last) if device.type == "cuda" else copied
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module, suffix: nn.Module, split: data.ImageSet, *, device: torch.device, batch_size: int = 256
-) -> tuple[float, float]:
-    """Mean cross-entropy loss and accuracy of ``suffix`` on cached activations, ``model`` in eval mode."""
-    was_training = model.training
-    model.eval()
-    logits = []
-    for start in range(0, len(split), batch_size):
-        chunk = split.images[start : start + batch_size].to(device, non_blocking=True)
-        with autocast(device):
-            logits.append(suffix(chunk).float())
-    model.train(was_training)
-    out, labels = torch.cat(logits), split.labels.to(device)
-    return F.cross_entropy(out, labels).item(), (out.argmax(1) == labels).float().mean().item()

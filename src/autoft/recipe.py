@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from autoft import pieces
-from autoft.data import AUGMENT_LEVELS
 from autoft.errors import AutoftError
 
 __all__ = [
+    "AUGMENT_LEVELS",
     "BASELINE",
     "CONTROLLER_KNOBS",
     "FREEZE_MODES",
@@ -30,6 +30,7 @@ __all__ = [
 FREEZE_MODES = ("linear_probe", "partial", "full", "lp_ft")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "constant")
+AUGMENT_LEVELS = ("none", "light", "strong")  # what a task does for each is its own (images: tasks/image/data.py)
 # Searched by the controller rather than the recipe: the model (`--model a,b`). A trial's knobs may hold them;
 # the recipe ignores them.
 CONTROLLER_KNOBS = ("model",)

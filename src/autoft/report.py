@@ -1,5 +1,8 @@
 """The study report: one self-contained ``report.html`` (Plotly's JavaScript embedded once, opens offline).
 
+The figures and the plain data behind them are :mod:`autoft.figures`; this module reads a run, lays out the
+sections and writes the page.
+
 Every section is built in two steps, as Optuna's own plots are: plain data first (dicts and lists that
 tests check), figures second. A study with one trial, only failed trials or no learning curves still
 gives a report; the sections that cannot be drawn say why.
@@ -7,9 +10,7 @@ gives a report; the sections that cannot be drawn say why.
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
 import logging
 import warnings
@@ -19,35 +20,20 @@ from typing import Any
 
 import optuna
 import plotly.graph_objects as go
-import torch
 import yaml
-from optuna.importance import FanovaImportanceEvaluator
-from optuna.search_space import intersection_search_space
 from optuna.trial import TrialState
-from PIL import Image
 
-from autoft import data, export, objectives, results, selection
+from autoft import export, figures, objectives, tasks
+from autoft.config import SearchConfig
 from autoft.errors import AutoftError
-from autoft.recipe import describe_knobs
+from autoft.tasks.base import Dataset, LoadedModel, Split, Task
+from autoft.trial import predict_logits
 
-__all__ = [
-    "StudyReport",
-    "build_report",
-    "confident_mistakes",
-    "curves_data",
-    "history_data",
-    "importance_data",
-    "load_study",
-    "pareto_data",
-    "summary_data",
-    "trials_table",
-    "write_report",
-]
+__all__ = ["REPORT", "StudyReport", "build_report", "load_study", "render_html", "write_pngs", "write_report"]
 
 log = logging.getLogger(__name__)
 
 REPORT = "report.html"
-MISTAKES_SHOWN = 12
 
 
 # ----------------------------------------------------------------------------- reading a run
@@ -70,217 +56,6 @@ def load_study(run_dir: Path) -> tuple[dict[str, Any], optuna.Study]:
             "study; was the study deleted?"
         ) from None
     return config, study
-
-
-# ----------------------------------------------------------------------------- plain data
-
-
-def _strategy(params: dict[str, Any]) -> str:
-    try:
-        return describe_knobs(params)
-    except AutoftError:  # a failed trial may hold parameters that are no recipe (that is why it failed)
-        return ""
-
-
-def summary_data(
-    study: optuna.Study, config: dict[str, Any], *, meta: dict[str, Any] | None, counts: dict[str, int] | None
-) -> dict[str, Any]:
-    """The headline numbers: data counts, model, budget used, best and test score, the best strategy in words."""
-    trials = study.get_trials(deepcopy=False)
-    states = {s.name: sum(t.state == s for t in trials) for s in TrialState}
-    starts = [t.datetime_start for t in trials if t.datetime_start]
-    ends = [t.datetime_complete for t in trials if t.datetime_complete]
-    trained = results.trained_trials(study)  # seeded by --warm-start: a score without a model, never the best
-    if len(study.directions) == 1:
-        best = max(trained, key=lambda t: (t.value, -t.number)) if trained else None
-    else:  # several objectives: best/ holds the knee of the Pareto front
-        best = next((t for t in trained if meta and t.number == meta.get("trial")), None)
-    return {
-        "study_name": study.study_name,
-        "model": config.get("model"),
-        "weights": config.get("weights") or ("pretrained" if config.get("pretrained", True) else "from scratch"),
-        "data": config.get("data"),
-        "counts": counts,
-        "classes": (meta or {}).get("classes"),
-        "trials": len(trials),
-        "trials_budget": config.get("trials"),
-        "timeout_s": config.get("timeout"),
-        "states": {k: v for k, v in states.items() if v},
-        "search_seconds": round((max(ends) - min(starts)).total_seconds(), 1) if starts and ends else None,
-        "best_trial": best.number if best else None,
-        "best_score": best.values[0] if best else None,
-        "best_strategy": _strategy(results.knobs(best)) if best else None,
-        "model_selection": selection.summary_line(study),  # several models: which were dropped, and why
-        "test_score": (meta or {}).get("test_accuracy"),
-    }
-
-
-def history_data(study: optuna.Study) -> dict[str, list]:
-    """Scores of COMPLETE trials in order, and the best so far after each (what the history plot shows)."""
-    numbers, values, best = [], [], []
-    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        numbers.append(t.number)
-        values.append(t.value)
-        best.append(max(values))
-    return {"numbers": numbers, "values": values, "best_so_far": best}
-
-
-def curves_data(study: optuna.Study) -> list[dict[str, Any]]:
-    """Every trial's learning curve (validation accuracy per epoch) with its state and planned epochs.
-
-    Multi-objective trials keep the curve in the user attr ``val_accuracy`` (Optuna takes no intermediate values).
-    """
-    curves = []
-    for t in study.get_trials(deepcopy=False):
-        values = [t.intermediate_values[e] for e in sorted(t.intermediate_values)] or t.user_attrs.get("val_accuracy")
-        if values:
-            epochs = sorted(t.intermediate_values) or list(range(len(values)))
-            planned = results.knobs(t).get("epochs")
-            curves.append({"number": t.number, "state": t.state.name, "epochs": epochs, "values": values})
-            curves[-1]["planned_epochs"] = planned
-    return curves
-
-
-def pareto_data(study: optuna.Study, *, best_trial: int | None) -> dict[str, Any]:
-    """The objectives' names and the front of the trials this study trained, with the knee (best/) marked."""
-    names = objectives.study_objectives(study)
-    if len(names) != len(study.directions):  # a study autoft did not open: name the values by position
-        names = tuple(f"objective {i}" for i in range(len(study.directions)))
-    labels = [objectives.OBJECTIVES[n].label if n in objectives.OBJECTIVES else n for n in names]
-    points = [objectives.ParetoPoint(t.number, tuple(t.values)) for t in results.trained_trials(study)]
-    front = objectives.pareto_front(points, names) if all(n in objectives.OBJECTIVES for n in names) else []
-    return {
-        "labels": labels,
-        "front": [{"trial": p.trial, "values": list(p.values)} for p in front],
-        "best_trial": best_trial,
-    }
-
-
-def _pareto_figure(study: optuna.Study, pareto: dict[str, Any]) -> go.Figure:
-    """Optuna's Pareto-front plot, with best/ (the knee) marked by a star when there are two or three objectives."""
-    figure = optuna.visualization.plot_pareto_front(study, target_names=pareto["labels"])
-    knee = next((p["values"] for p in pareto["front"] if p["trial"] == pareto["best_trial"]), None)
-    marker = {"symbol": "star" if len(pareto["labels"]) == 2 else "diamond", "size": 16, "color": "crimson"}
-    if knee is not None and len(knee) == 2:
-        figure.add_trace(go.Scatter(x=[knee[0]], y=[knee[1]], mode="markers", marker=marker, name="best/ (knee)"))
-    elif knee is not None and len(knee) == 3:
-        figure.add_trace(
-            go.Scatter3d(x=[knee[0]], y=[knee[1]], z=[knee[2]], mode="markers", marker=marker, name="best/ (knee)")
-        )
-    return figure
-
-
-def importance_data(study: optuna.Study) -> tuple[dict[str, float], str]:
-    """fANOVA importances of the parameters every COMPLETE trial shares, most important first, or a reason why not.
-
-    >>> importance_data(study)  # doctest: +SKIP
-    ({'lr': 0.61, 'freeze': 0.25, ...}, '')
-    """
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    if len(study.directions) > 1:
-        return {}, "Parameter importances are shown for single-objective studies only."
-    if len(complete) < 2:
-        return {}, f"Parameter importances need at least 2 complete trials; this study has {len(complete)}."
-    if len({t.value for t in complete}) == 1:
-        return {}, "Parameter importances need scores that differ; every complete trial scored the same."
-    space = intersection_search_space(complete)
-    varied = [p for p in space if len({repr(t.params[p]) for t in complete}) > 1]
-    if not varied:
-        return {}, "Parameter importances need parameters that vary between complete trials; none did."
-    evaluator = FanovaImportanceEvaluator(seed=0)
-    importances = optuna.importance.get_param_importances(study, evaluator=evaluator, params=varied)
-    return dict(importances), ""
-
-
-def trials_table(study: optuna.Study) -> list[dict[str, Any]]:
-    """Every trial as one row (state, value, epochs, seconds, strategy, parameters), in trial order."""
-    return [results.trial_row(t) | {"strategy": _strategy(results.knobs(t))} for t in study.get_trials(deepcopy=False)]
-
-
-def confident_mistakes(
-    probabilities: torch.Tensor, labels: torch.Tensor, classes: tuple[str, ...], *, top: int = MISTAKES_SHOWN
-) -> list[dict[str, Any]]:
-    """The wrongly classified images the model was surest of, surest first: index, true, predicted, confidence."""
-    confidence, predicted = probabilities.max(1)
-    wrong = (predicted != labels).nonzero().flatten()
-    order = wrong[confidence[wrong].argsort(descending=True, stable=True)][:top]
-    return [
-        {
-            "index": i,
-            "true": classes[labels[i]],
-            "predicted": classes[predicted[i]],
-            "confidence": round(confidence[i].item(), 4),
-        }
-        for i in order.tolist()
-    ]
-
-
-# ----------------------------------------------------------------------------- figures
-
-
-def _history_figure(study: optuna.Study) -> go.Figure:
-    return optuna.visualization.plot_optimization_history(study, target_name="validation accuracy")
-
-
-def _curves_figure(curves: list[dict[str, Any]]) -> go.Figure:
-    """Learning curves; pruned trials dashed, in orange, ending in a cross where they were stopped."""
-    colours = {"COMPLETE": "#1f77b4", "PRUNED": "#ff7f0e", "FAIL": "#d62728", "RUNNING": "#7f7f7f"}
-    figure = go.Figure()
-    for c in curves:
-        pruned = c["state"] == "PRUNED"
-        figure.add_trace(
-            go.Scatter(
-                x=[e + 1 for e in c["epochs"]],
-                y=c["values"],
-                mode="lines+markers",
-                name=f"trial {c['number']} ({c['state'].lower()})",
-                line={"color": colours.get(c["state"], "#7f7f7f"), "dash": "dash" if pruned else "solid"},
-                marker={
-                    "symbol": ["circle"] * (len(c["epochs"]) - 1) + ["x" if pruned else "circle"],
-                    "size": [6] * (len(c["epochs"]) - 1) + [12 if pruned else 6],
-                },
-            )
-        )
-    figure.update_layout(
-        title="Learning curves (validation accuracy per epoch; pruned trials dashed, stopped at the cross)",
-        xaxis={"title": "epoch", "dtick": 1},
-        yaxis_title="validation accuracy",
-    )
-    return figure
-
-
-def _importance_figure(importances: dict[str, float]) -> go.Figure:
-    names = list(importances)[::-1]
-    figure = go.Figure(go.Bar(x=[importances[n] for n in names], y=names, orientation="h"))
-    figure.update_layout(title="Parameter importances (fANOVA)", xaxis_title="importance")
-    return figure
-
-
-def _confusion_figure(evaluation: export.Evaluation, split: str) -> go.Figure:
-    figure = go.Figure(
-        go.Heatmap(
-            z=evaluation.confusion,
-            x=list(evaluation.classes),
-            y=list(evaluation.classes),
-            colorscale="Blues",
-            text=evaluation.confusion,
-            texttemplate="%{text}",
-        )
-    )
-    figure.update_layout(
-        title=f"Confusion matrix on {split} (accuracy {evaluation.accuracy:.4f}, {evaluation.count} images)",
-        xaxis_title="predicted",
-        yaxis_title="true",
-        yaxis={"autorange": "reversed"},
-    )
-    return figure
-
-
-def _per_class_figure(evaluation: export.Evaluation, split: str) -> go.Figure:
-    names = [n for n, v in evaluation.per_class.items() if v is not None]
-    figure = go.Figure(go.Bar(x=names, y=[evaluation.per_class[n] for n in names]))
-    figure.update_layout(title=f"Per-class accuracy on {split}", yaxis={"range": [0, 1], "title": "accuracy"})
-    return figure
 
 
 # ----------------------------------------------------------------------------- the report
@@ -311,26 +86,26 @@ def _study_sections(report: StudyReport, study: optuna.Study) -> None:
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     multi = len(study.directions) > 1
     if multi:
-        pareto = pareto_data(study, best_trial=report.summary.get("best_trial"))
-        report.add("Pareto front", report.figure("pareto_front", _pareto_figure(study, pareto)))
+        pareto = figures.pareto_data(study, best_trial=report.summary.get("best_trial"))
+        report.add("Pareto front", report.figure("pareto_front", figures.pareto_figure(study, pareto)))
         if pareto["best_trial"] is not None:
             report.add("How best/ was chosen", f"best/ holds trial {pareto['best_trial']}: {objectives.KNEE_RULE}.")
     elif complete:
-        report.add("Optimization history", report.figure("history", _history_figure(study)))
+        report.add("Optimization history", report.figure("history", figures.history_figure(study)))
     else:
         report.add("Optimization history", "No trial completed, so there is no score to plot.")
 
-    curves = curves_data(study)
+    curves = figures.curves_data(study)
     if curves:
-        report.add("Learning curves", report.figure("learning_curves", _curves_figure(curves)))
+        report.add("Learning curves", report.figure("learning_curves", figures.curves_figure(curves)))
     else:
         report.add("Learning curves", "No trial reported a validation score per epoch (no intermediate values).")
 
-    importances, why = importance_data(study)
+    importances, why = figures.importance_data(study)
     if not importances:
         report.add("Parameter importances", why)
         return
-    report.add("Parameter importances", report.figure("importances", _importance_figure(importances)))
+    report.add("Parameter importances", report.figure("importances", figures.importance_figure(importances)))
     names = list(importances)
     report.add(
         "Parallel coordinates",
@@ -344,57 +119,50 @@ def _study_sections(report: StudyReport, study: optuna.Study) -> None:
         report.add("Contour", "A contour needs two parameters that vary; only one did.")
 
 
-def _png_data_uri(image: torch.Tensor) -> str:
-    buffer = io.BytesIO()
-    Image.fromarray(image.permute(1, 2, 0).numpy()).save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-
-
-def _mistakes_html(mistakes: list[dict[str, Any]], images: torch.Tensor) -> _Html:
+def _mistakes_html(mistakes: list[dict[str, Any]], examples: list[str]) -> _Html:
     cells = "".join(
-        f'<figure><img src="{_png_data_uri(images[m["index"]])}" alt="image {m["index"]}">'
+        f"<figure>{example}"
         f"<figcaption>true <b>{html.escape(m['true'])}</b><br>predicted <b>{html.escape(m['predicted'])}</b>"
         f" ({m['confidence']:.0%})</figcaption></figure>"
-        for m in mistakes
+        for m, example in zip(mistakes, examples, strict=True)
     )
     return _Html(f'<div class="mistakes">{cells}</div>')
 
 
-def _model_sections(report: StudyReport, tuned: export.TunedModel, splits: dict[str, data.ImageSet]) -> None:
-    for split, images in splits.items():
-        probabilities = tuned.logits(images.images).softmax(1)
-        evaluation = export.Evaluation.from_predictions(images.labels, probabilities.argmax(1), tuned.classes)
+def _model_sections(report: StudyReport, tuned: LoadedModel, task: Task, splits: dict[str, Split]) -> None:
+    """The best model on each split: confusion matrix, per-class scores, the examples it got most surely wrong."""
+    spec = task.spec_from_meta(tuned.meta)
+    for split, examples in splits.items():
+        probabilities = predict_logits(tuned.model, examples, task, spec, device=tuned.device).softmax(1).cpu()
+        evaluation = export.Evaluation.from_predictions(examples.labels, probabilities.argmax(1), tuned.classes)
         report.summary.setdefault("evaluations", {})[split] = evaluation
-        mistakes = confident_mistakes(probabilities, images.labels, tuned.classes)
-        grid: Any = (
-            _mistakes_html(mistakes, images.images) if mistakes else f"No image of {split} is classified wrongly."
+        mistakes = figures.confident_mistakes(probabilities, examples.labels, tuned.classes)
+        rendered = task.example_html(examples, [m["index"] for m in mistakes])
+        grid: _Html | str = (
+            _mistakes_html(mistakes, rendered) if mistakes else f"Nothing in {split} is classified wrongly."
         )
         report.add(
             f"Best model on {split}",
-            report.figure(f"confusion_{split}", _confusion_figure(evaluation, split)),
-            report.figure(f"per_class_{split}", _per_class_figure(evaluation, split)),
+            report.figure(f"confusion_{split}", figures.confusion_figure(evaluation, split)),
+            report.figure(f"per_class_{split}", figures.per_class_figure(evaluation, split)),
             _Html(f"<h3>Most confidently wrong on {split}</h3>"),
             grid,
         )
 
 
-def _load_splits(config: dict[str, Any], meta: dict[str, Any]) -> tuple[dict[str, data.ImageSet], dict[str, int]]:
-    dataset = data.load_image_folder(
-        config["data"],
-        image_size=int(meta["image_size"]),
-        val_fraction=float(config.get("val_fraction", 0.2)),
-        seed=int(config.get("seed", 0)),
-        interpolation=meta["interpolation"],
-    )
-    return _splits_of(dataset)
+def _load_splits(config: dict[str, Any], task: Task, meta: dict[str, Any]) -> tuple[dict[str, Split], dict[str, int]]:
+    """The run's data read again as the search read it (its path, split fraction and seed from config.yaml)."""
+    keys = ("model", "data", "task", "val_fraction", "seed")
+    search = SearchConfig(**{k: config[k] for k in keys if k in config} | {"pretrained": False})
+    return _splits_of(task.load_data(search, task.spec_from_meta(meta)))
 
 
-def _splits_of(dataset: data.Dataset) -> tuple[dict[str, data.ImageSet], dict[str, int]]:
+def _splits_of(dataset: Dataset) -> tuple[dict[str, Split], dict[str, int]]:
     splits = {"validation": dataset.val} | ({"test": dataset.test} if dataset.test is not None else {})
     return splits, dataset.summary()
 
 
-def build_report(run_dir: str | Path, *, dataset: data.Dataset | None = None, device: str = "cpu") -> StudyReport:
+def build_report(run_dir: str | Path, *, dataset: Dataset | None = None, device: str = "cpu") -> StudyReport:
     """Gather everything the report shows from a run folder (study, best model, data), as data and figures.
 
     ``dataset``: the run's already decoded data (the search passes it); otherwise it is loaded from the path
@@ -407,26 +175,27 @@ def build_report(run_dir: str | Path, *, dataset: data.Dataset | None = None, de
     config, study = load_study(run_dir)
     best_dir = run_dir / "best"
     tuned = export.load_model(best_dir, device=device) if (best_dir / export.CONFIG).is_file() else None
-    splits: dict[str, data.ImageSet] = {}
+    task = tasks.get(tuned.meta.get("task", "image")) if tuned is not None else None
+    splits: dict[str, Split] = {}
     counts = None
     model_note = "No model was exported (no trial completed)."
     if tuned is not None and dataset is not None:
         splits, counts = _splits_of(dataset)
-    elif tuned is not None and Path(config["data"]).is_dir():
-        splits, counts = _load_splits(config, tuned.meta)
+    elif tuned is not None and Path(config["data"]).exists():
+        splits, counts = _load_splits(config, task, tuned.meta)
     elif tuned is not None:
         model_note = f"The data folder {config['data']} is no longer there, so the best model is not evaluated."
-    report = StudyReport(summary=summary_data(study, config, meta=tuned.meta if tuned else None, counts=counts))
+    report = StudyReport(summary=figures.summary_data(study, config, meta=tuned.meta if tuned else None, counts=counts))
     with warnings.catch_warnings():  # plot_timeline and friends are flagged experimental
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         _study_sections(report, study)
         if study.trials:
             report.add("Timeline", report.figure("timeline", optuna.visualization.plot_timeline(study)))
     if splits and tuned is not None:
-        _model_sections(report, tuned, splits)
+        _model_sections(report, tuned, task, splits)
     else:
         report.add("Best model", model_note)
-    report.add("All trials", _trials_html(trials_table(study)))
+    report.add("All trials", _trials_html(figures.trials_table(study)))
     return report
 
 
@@ -491,9 +260,10 @@ def _summary_html(s: dict[str, Any]) -> str:
         return "—" if value is None else format(value, spec)
 
     counts = s["counts"]
+    what = f"images at {counts['image_size']} px" if counts and "image_size" in counts else "examples"
     data_line = (
         f"{counts['classes']} classes; {counts['train']} train, {counts['val']} validation, "
-        f"{counts['test']} test images at {counts['image_size']} px"
+        f"{counts['test']} test {what}"
         if counts
         else "not loaded"
     )
@@ -549,7 +319,7 @@ def render_html(report: StudyReport) -> str:
 
 
 def write_report(
-    run_dir: str | Path, *, dataset: data.Dataset | None = None, device: str = "cpu", png: bool = False
+    run_dir: str | Path, *, dataset: Dataset | None = None, device: str = "cpu", png: bool = False
 ) -> Path:
     """Write ``RUN_DIR/report.html`` (and with ``png`` each figure as ``RUN_DIR/figures/NAME.png``).
 

@@ -9,9 +9,11 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from autoft import objectives
+from autoft.objectives import ParetoPoint
 from autoft.recipe import describe_knobs
 
-__all__ = ["finished_count", "knobs", "ranked_trials", "trained_trials", "trial_row", "write_trials_csv"]
+__all__ = ["best_trial", "finished_count", "knobs", "ranked_trials", "trained_trials", "trial_row", "write_trials_csv"]
 
 
 def knobs(trial: FrozenTrial) -> dict[str, Any]:
@@ -84,3 +86,16 @@ def trained_trials(study: optuna.Study) -> list[FrozenTrial]:
     """The COMPLETE trials this study trained, i.e. not seeded by ``--warm-start`` (those have no model)."""
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     return [t for t in complete if "warm_start_from" not in t.user_attrs]
+
+
+def best_trial(study: optuna.Study, names: tuple[str, ...]) -> tuple[FrozenTrial, list[ParetoPoint]]:
+    """The best trial this study trained, and the Pareto front (empty with one objective).
+
+    One objective: the most accurate, the earlier on a tie. Several: the knee of the front of trained trials.
+    """
+    trained = trained_trials(study)
+    if len(names) == 1:
+        return max(trained, key=lambda t: (t.values[0], -t.number)), []
+    front = objectives.pareto_front([ParetoPoint(t.number, tuple(t.values)) for t in trained], names)
+    knee = objectives.knee(front, names).trial
+    return next(t for t in trained if t.number == knee), front

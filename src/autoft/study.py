@@ -31,12 +31,16 @@ log = logging.getLogger(__name__)
 
 
 def open_study(config: SearchConfig) -> optuna.Study:
-    """Create the study in its storage, or load it to continue: running the same command again resumes."""
+    """Create the study in its storage, or load it to continue: running the same command again resumes.
+
+    It opens without a pruner: the plan, made after the study is open (it reads the study's stored probe),
+    decides the pruner and the trials' length, and the controller sets ``study.pruner`` from it once.
+    """
     study = optuna.create_study(
         storage=config.storage,
         study_name=config.study_name,
         sampler=create_sampler(config.sampler, seed=config.seed, trials=config.trials),
-        pruner=create_pruner(config.pruner, max_epochs=config.max_epochs),
+        pruner=optuna.pruners.NopPruner(),
         directions=objectives.directions(config.objectives),
         load_if_exists=True,
     )

@@ -13,18 +13,22 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from autoft import data, features, models, optim, pieces, prefix
+from autoft import blocks, features, optim, pieces
 from autoft.recipe import Recipe
+from autoft.tasks import base
+from autoft.tasks.base import InputSpec, Split, Task
 
-__all__ = ["EpochMetrics", "Report", "TrialOutcome", "evaluate", "resolve_device", "run_trial"]
+if TYPE_CHECKING:  # the setup module imports this one to train
+    from autoft.preparation import Setup
+
+__all__ = ["EpochMetrics", "Report", "TrialOutcome", "evaluate", "predict_logits", "resolve_device", "run_trial"]
 
 log = logging.getLogger(__name__)
 
@@ -80,41 +84,34 @@ _autocast = features.autocast  # bf16 on CUDA GPUs that support it; full precisi
 
 
 def run_trial(
-    base_model: nn.Module,
+    setup: Setup,
     recipe: Recipe,
-    dataset: data.Dataset,
     *,
-    mean: Sequence[float],
-    std: Sequence[float],
-    device: torch.device,
     seed: int,
-    report: Report,
+    report: Report | None = None,
     stop: threading.Event | None = None,
-    feature_cache: features.FeatureCache | None = None,
-    prefix_cache: prefix.PrefixCache | None = None,
-    compile_model: bool = False,
     keep_last: bool = False,
 ) -> TrialOutcome:
-    """Fine-tune a copy of ``base_model`` with ``recipe``; ``report`` after each epoch may stop it.
+    """Fine-tune a copy of ``setup.base_model`` on ``setup.dataset`` with ``recipe``; ``report`` may stop it.
 
-    ``stop``, once set, ends the trial before its next step (``outcome.interrupted``). ``feature_cache``
-    (built for this ``base_model`` and ``dataset``) lets head-only epochs on deterministic inputs train the
-    classifier on cached pooled features; ``prefix_cache`` (likewise) lets partial fine-tuning epochs run only the
-    unfrozen blocks, on the cached activations entering them. ``compile_model`` runs the training forward through
-    ``torch.compile``. ``keep_last`` keeps the last epoch's weights instead of the best epoch's (a refit on train+val
-    has no held-out split left to choose an epoch by).
+    ``report(epoch, metrics)`` after each epoch answers "stop now?" (pruning; None never stops). ``stop``, once
+    set, ends the trial before its next step (``outcome.interrupted``). The setup's feature cache lets head-only
+    epochs on deterministic inputs train the classifier on cached pooled features; its prefix cache lets partial
+    fine-tuning epochs run only the unfrozen blocks, on the cached activations entering them. ``keep_last`` keeps
+    the last epoch's weights instead of the best epoch's (a refit on train+val has no held-out split left).
 
-    >>> outcome = run_trial(model, Recipe(epochs=2), ds, mean=m, std=s, device=cpu, seed=0,
-    ...                     report=lambda epoch, metrics: False)  # doctest: +SKIP
+    >>> outcome = run_trial(setup, Recipe(epochs=2), seed=0)  # doctest: +SKIP
     """
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    model = copy.deepcopy(base_model).to(device)
+    task, dataset, device = setup.task, setup.dataset, setup.device
+    model = copy.deepcopy(setup.base_model).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    if feature_cache is not None and feature_cache.base_model is not base_model:
+    feature_cache, prefix_cache = setup.feature_cache, setup.prefix_cache
+    if feature_cache is not None and feature_cache.base_model is not setup.base_model:
         feature_cache = None  # features of another model: not ours to use
-    if prefix_cache is not None and prefix_cache.base_model is not base_model:
+    if prefix_cache is not None and prefix_cache.base_model is not setup.base_model:
         prefix_cache = None
     steps_per_epoch = math.ceil(len(dataset.train) / recipe.batch_size)
     total_steps, warmup_steps = recipe.epochs * steps_per_epoch, recipe.warmup_epochs * steps_per_epoch
@@ -123,26 +120,30 @@ def run_trial(
     for epoch in range(recipe.epochs):
         if recipe.train_blocks_at(epoch) != trainable:  # LP-FT unfreezes here; a fresh optimizer follows
             trainable = recipe.train_blocks_at(epoch)
-            models.apply_freeze(model, train_blocks=trainable)
+            blocks.apply_freeze(model, train_blocks=trainable)
             custom_freeze = pieces.get("freeze", recipe.freeze)
             if custom_freeze is not None:  # a registered policy freezes what it wants of a fully trainable model
                 custom_freeze.fn(model, recipe)
             optimizer = optim.create_optimizer(model, recipe)
-            # Head only, same input every epoch: the classifier trains on pooled features computed once per search.
-            head_only = trainable == 0 and custom_freeze is None and features.deterministic_inputs(recipe)
-            cached = feature_cache.splits() if feature_cache is not None and head_only else None
+            steady = custom_freeze is None and task.deterministic(recipe)  # same inputs every epoch
+            # Head only: the classifier trains on pooled features computed once per search.
+            cached = feature_cache.splits() if feature_cache is not None and steady and trainable == 0 else None
             net = model.get_classifier() if cached else model
-            # A frozen prefix, same input every epoch: only the trainable blocks run, on activations cached per search.
-            partial = bool(trainable) and custom_freeze is None and features.deterministic_inputs(recipe)
-            suffix = prefix_cache.for_trial(model, train_blocks=trainable) if partial and prefix_cache else None
+            # A frozen prefix: only the trainable blocks run, on activations cached per search.
+            partial = bool(trainable) and steady and prefix_cache is not None
+            suffix = prefix_cache.for_trial(model, train_blocks=trainable) if partial else None
             if suffix is not None:
                 net, cached = suffix[0], suffix[1:]
-            forward = torch.compile(net) if compile_model else net
-            train_split = cached[0] if cached else dataset.train
+            forward = torch.compile(net) if setup.compile else net
         started = time.perf_counter()
-        models.set_train_mode(model, freeze_bn_stats=recipe.freeze_bn_stats)
+        blocks.set_train_mode(model, freeze_bn_stats=recipe.freeze_bn_stats)
         train_loss_sum = torch.zeros((), device=device)
-        for batch, labels in data.batches(train_split, batch_size=recipe.batch_size, shuffle=True, generator=generator):
+        train_batches = (
+            base.batches(cached[0], batch_size=recipe.batch_size, shuffle=True, generator=generator)
+            if cached
+            else task.batches(dataset.train, batch_size=recipe.batch_size, shuffle=True, generator=generator)
+        )
+        for batch in train_batches:
             if stop is not None and stop.is_set():  # a flag read, no device sync
                 outcome.interrupted = outcome.stopped_early = True
                 return outcome
@@ -151,18 +152,18 @@ def run_trial(
                 recipe.lr
                 * optim.lr_factor(step, total_steps=total_steps, warmup_steps=warmup_steps, schedule=recipe.schedule),
             )
-            labels = labels.to(device, non_blocking=True)
-            inputs, targets = (
-                (batch.to(device, non_blocking=True), labels)
-                if cached
-                else _image_inputs(batch, labels, recipe, dataset, mean, std, device, generator)
-            )
+            if cached:
+                inputs, targets = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+            else:
+                inputs, targets = task.train_inputs(
+                    batch, recipe, setup.spec, num_classes=len(dataset.classes), device=device, generator=generator
+                )
             with _autocast(device):
-                loss = F.cross_entropy(forward(inputs), targets, label_smoothing=recipe.label_smoothing)
+                loss = task.loss(forward(inputs), targets, recipe)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            train_loss_sum += loss.detach() * len(labels)  # stays on the device: no per-step host sync
+            train_loss_sum += loss.detach() * len(batch[1])  # stays on the device: no per-step host sync
             step += 1
         train_loss = train_loss_sum.item() / len(dataset.train)  # one host sync per epoch
         if not math.isfinite(train_loss):  # diverged: more epochs cannot recover it
@@ -171,86 +172,42 @@ def run_trial(
             )
             outcome.stopped_early = True
             break
-        if suffix is not None:
-            val_loss, val_accuracy = prefix.evaluate(model, net, cached[1], device=device)
-        elif cached:
-            val_loss, val_accuracy = features.evaluate_head(net, cached[1], device=device)
+        if cached:  # the head or the suffix on cached inputs; the whole model in eval mode, as evaluate() does
+            logits = features.cached_logits(model, net, cached[1], device=device)
+            val_loss, val_accuracy = task.score(logits, dataset.val)
         else:
-            val_loss, val_accuracy = evaluate(model, dataset.val, mean=mean, std=std, device=device)
+            val_loss, val_accuracy = evaluate(model, dataset.val, setup)
         metrics = EpochMetrics(epoch, train_loss, val_loss, val_accuracy, time.perf_counter() - started)
         outcome.history.append(metrics)
         if val_accuracy > outcome.best_score or keep_last:
             outcome.best_score, outcome.best_epoch = val_accuracy, epoch
             outcome.best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         log.debug("epoch %d: %s", epoch, metrics)
-        if report(epoch, metrics):
+        if report is not None and report(epoch, metrics):
             outcome.stopped_early = epoch < recipe.epochs - 1
             break
     return outcome
 
 
-def _image_inputs(
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    recipe: Recipe,
-    dataset: data.Dataset,
-    mean: Sequence[float],
-    std: Sequence[float],
-    device: torch.device,
-    generator: torch.Generator,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """A uint8 CPU batch -> model inputs and targets on ``device``: copied, augmented there, normalized, mixed."""
-    if device.type == "cuda":  # page-locked, so the copy runs asynchronously (torch caches pinned blocks)
-        images = images.pin_memory()
-    images = data.augment(images.to(device, non_blocking=True), recipe.augment, generator=generator)
-    inputs = data.normalize(images, mean=mean, std=std)
-    if device.type == "cuda":
-        inputs = inputs.contiguous(memory_format=torch.channels_last)
-    if recipe.mixup > 0 or recipe.cutmix > 0:  # soft targets: cross_entropy takes class probabilities
-        return data.mix(
-            inputs, labels, len(dataset.classes), mixup=recipe.mixup, cutmix=recipe.cutmix, generator=generator
-        )
-    return inputs, labels
+def evaluate(model: nn.Module, split: Split, setup: Setup, *, batch_size: int = 256) -> tuple[float, float]:
+    """(mean loss, score) of ``model`` on ``split``, as the setup's task scores it (accuracy for images).
 
-
-@torch.inference_mode()
-def evaluate(
-    model: nn.Module,
-    split: data.ImageSet,
-    *,
-    mean: Sequence[float],
-    std: Sequence[float],
-    device: torch.device,
-    batch_size: int = 256,
-) -> tuple[float, float]:
-    """Mean cross-entropy loss and accuracy of ``model`` on ``split``.
-
-    >>> loss, accuracy = evaluate(model, ds.val, mean=m, std=s, device=cpu)  # doctest: +SKIP
+    >>> loss, accuracy = evaluate(model, setup.dataset.val, setup)  # doctest: +SKIP
     """
-    logits = predict_logits(model, split.images, mean=mean, std=std, device=device, batch_size=batch_size)
-    labels = split.labels.to(logits.device)
-    loss = F.cross_entropy(logits, labels).item()
-    accuracy = (logits.argmax(1) == labels).float().mean().item()
-    return loss, accuracy
+    logits = predict_logits(model, split, setup.task, setup.spec, device=setup.device, batch_size=batch_size)
+    return setup.task.score(logits, split)
 
 
 @torch.inference_mode()
 def predict_logits(
-    model: nn.Module,
-    images: torch.Tensor,
-    *,
-    mean: Sequence[float],
-    std: Sequence[float],
-    device: torch.device,
-    batch_size: int = 256,
+    model: nn.Module, split: Split, task: Task, spec: InputSpec, *, device: torch.device, batch_size: int = 256
 ) -> torch.Tensor:
-    """Logits (float32, on ``device``) for a uint8 image batch of any size, in eval mode."""
+    """Logits (float32, on ``device``) of ``model`` for every example of ``split``, in order, in eval mode."""
     was_training = model.training
     model.eval()
     outputs = []
-    for start in range(0, len(images), batch_size):
-        chunk = images[start : start + batch_size].to(device, non_blocking=True)
+    for inputs, _ in task.batches(split, batch_size=batch_size, shuffle=False):
         with _autocast(device):
-            outputs.append(model(data.normalize(chunk, mean=mean, std=std)).float())
+            outputs.append(model(task.eval_inputs(inputs, spec, device=device)).float())
     model.train(was_training)
     return torch.cat(outputs)

@@ -1,4 +1,4 @@
-"""timm models for fine-tuning: create, load weights, group blocks, freeze, and set the train mode.
+"""timm models for the image task: create one by name, load weights from a file, its preprocessing.
 
 Everything here goes through timm's own machinery (``create_model``, ``group_matcher``,
 ``get_classifier``, ``resolve_model_data_config``), so there is no per-architecture code.
@@ -24,22 +24,13 @@ import safetensors.torch
 import timm
 import timm.data
 import torch
-from timm.models import group_parameters, parse_model_name, split_model_name_tag
+from timm.models import parse_model_name, split_model_name_tag
 from torch import nn
 
+from autoft.blocks import classifier as _classifier
 from autoft.errors import AutoftError, closest
 
-__all__ = [
-    "apply_freeze",
-    "block_groups",
-    "check_name",
-    "count_parameters",
-    "create",
-    "data_config",
-    "head_parameter_names",
-    "load_weights",
-    "set_train_mode",
-]
+__all__ = ["check_name", "create", "data_config", "load_weights"]
 
 logger = logging.getLogger(__name__)
 
@@ -152,91 +143,6 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     )
 
 
-def block_groups(model: nn.Module) -> list[list[str]]:
-    """The backbone's coarse parameter groups in forward order (stem first), classifier excluded.
-
-    Groups come from the model's ``group_matcher(coarse=True)``; models without one are grouped
-    by their top-level children.
-
-    Example:
-        >>> groups = block_groups(create("test_resnet", num_classes=2, pretrained=False))
-        >>> groups[0][0], groups[-1][0]
-        ('conv1.0.weight', 'layer4.0.conv1.weight')
-    """
-    head = head_parameter_names(model)
-    matcher = getattr(model, "group_matcher", None)
-    if callable(matcher):
-        grouped = group_parameters(model, matcher(coarse=True))
-        raw = [grouped[k] for k in sorted(grouped)]
-    else:
-        by_child: dict[str, list[str]] = {}
-        for name, _ in model.named_parameters():
-            by_child.setdefault(name.split(".", 1)[0], []).append(name)
-        raw = list(by_child.values())
-    groups = [[n for n in names if n not in head] for names in raw]
-    return [g for g in groups if g]
-
-
-def head_parameter_names(model: nn.Module) -> set[str]:
-    """Names of the classifier's parameters (``model.get_classifier()``), as in ``named_parameters``.
-
-    Example:
-        >>> sorted(head_parameter_names(create("test_resnet", num_classes=2, pretrained=False)))
-        ['fc.bias', 'fc.weight']
-    """
-    head_ids = {id(p) for p in _classifier(model).parameters()}
-    return {name for name, p in model.named_parameters() if id(p) in head_ids}
-
-
-def apply_freeze(model: nn.Module, *, train_blocks: int | None) -> None:
-    """Set ``requires_grad``: the head always trains, plus the last ``train_blocks`` block groups.
-
-    ``None`` trains everything (full fine-tuning), ``0`` only the head (linear probe); a count
-    larger than the number of groups trains everything. The count is per model, clipped rather than scaled: in a
-    search over several models the same ``train_blocks`` trains the last k groups (those nearest the head) of
-    each, a different share of each (resnet50 has 5 groups, efficientnet_b0 8, convnext_tiny 6).
-
-    Example:
-        >>> model = create("test_resnet", num_classes=2, pretrained=False)
-        >>> apply_freeze(model, train_blocks=0)
-        >>> count_parameters(model, trainable_only=True)
-        194
-    """
-    if train_blocks is not None and train_blocks < 0:
-        raise AutoftError(f"train_blocks must be None or >= 0, but got {train_blocks}; use 0 for a linear probe.")
-    for p in model.parameters():
-        p.requires_grad_(True)
-    if train_blocks is None:
-        return
-    groups = block_groups(model)
-    frozen = {n for g in groups[: max(len(groups) - train_blocks, 0)] for n in g}
-    for name, p in model.named_parameters():
-        if name in frozen:
-            p.requires_grad_(False)
-
-
-def set_train_mode(model: nn.Module, *, freeze_bn_stats: bool) -> None:
-    """Put ``model`` in train mode, except parts that must stay fixed.
-
-    Every module whose parameters are all frozen goes to eval (its BatchNorm statistics and
-    dropout stay fixed, so frozen features stay frozen); with ``freeze_bn_stats`` every
-    normalization layer with running statistics goes to eval as well.
-
-    Example:
-        >>> model = create("test_resnet", num_classes=2, pretrained=False)
-        >>> apply_freeze(model, train_blocks=0)
-        >>> set_train_mode(model, freeze_bn_stats=False)
-        >>> model.training, model.bn1.training, model.fc.training
-        (True, False, True)
-    """
-    model.train()
-    for module in model.modules():
-        params = list(module.parameters())
-        all_frozen = bool(params) and not any(p.requires_grad for p in params)
-        if all_frozen or (freeze_bn_stats and _has_running_stats(module)):
-            module.eval()
-
-
 def data_config(model: nn.Module) -> dict[str, Any]:
     """The model's expected input: size, mean, std, interpolation and crop, from timm.
 
@@ -245,16 +151,6 @@ def data_config(model: nn.Module) -> dict[str, Any]:
         (3, 160, 160)
     """
     return dict(timm.data.resolve_model_data_config(model))
-
-
-def count_parameters(model: nn.Module, *, trainable_only: bool = False) -> int:
-    """Number of parameter elements, optionally only those with ``requires_grad``.
-
-    Example:
-        >>> count_parameters(nn.Linear(3, 2))
-        8
-    """
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -364,13 +260,6 @@ def _brief(err: BaseException, limit: int = 160) -> str:
 def _model_name(model: nn.Module) -> str:
     cfg = getattr(model, "pretrained_cfg", None) or {}
     return str(cfg.get("architecture") or type(model).__name__)
-
-
-def _classifier(model: nn.Module) -> nn.Module:
-    get = getattr(model, "get_classifier", None)
-    if not callable(get):
-        raise AutoftError(f"Model {_model_name(model)} has no get_classifier(); create it with autoft.models.create.")
-    return get()
 
 
 def _head_state_keys(model: nn.Module, state: Mapping[str, torch.Tensor]) -> set[str]:
@@ -525,7 +414,3 @@ def _fitting_head(
     if not head or not all(k in tensors and _shape(tensors[k]) == _shape(target[k]) for k in head_keys):
         return {}
     return {k: tensors[k] for k in head_keys}
-
-
-def _has_running_stats(module: nn.Module) -> bool:
-    return isinstance(getattr(module, "running_mean", None), torch.Tensor)

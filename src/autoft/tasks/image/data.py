@@ -1,4 +1,4 @@
-"""Image folders: find the splits, decode every image once at working resolution, batch, augment, normalize.
+"""Image folders: find the splits, decode every image once at working resolution (transforms.py augments).
 
 A data set is small enough for fine-tuning to keep in memory as one uint8 tensor per split, so images
 are decoded and resized exactly once (in a thread pool) and every epoch after that is tensor slicing.
@@ -8,34 +8,26 @@ Augmentation runs on uint8 batches on whatever device they live on; normalizatio
 from __future__ import annotations
 
 import logging
-import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
-from torchvision.transforms import v2
 
 from autoft.errors import AutoftError, closest
+from autoft.tasks.base import Dataset, TensorSplit
 
 __all__ = [
-    "AUGMENT_LEVELS",
     "IMAGE_EXTENSIONS",
     "INTERPOLATIONS",
     "Dataset",
     "ImageSet",
-    "augment",
-    "batches",
     "find_images",
     "load_image",
     "load_image_folder",
-    "mix",
-    "normalize",
 ]
 
 logger = logging.getLogger(__name__)
@@ -46,62 +38,13 @@ INTERPOLATIONS: dict[str, Image.Resampling] = {
     "bilinear": Image.Resampling.BILINEAR,
     "nearest": Image.Resampling.NEAREST,
 }
-AUGMENT_LEVELS: tuple[str, ...] = ("none", "light", "strong")
 
-# Random-resized-crop ranges for the "light" level (fraction of the area kept, width/height ratio).
-_CROP_SCALE = (0.6, 1.0)
-_CROP_RATIO = (3 / 4, 4 / 3)
 # Errors PIL raises for unreadable, truncated or absurd files; anything else is a bug and propagates.
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
-@dataclass(frozen=True)
-class ImageSet:
-    """One split, decoded once: ``images`` uint8 ``(N, 3, S, S)`` and ``labels`` int64 ``(N,)``.
-
-    >>> s = ImageSet(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), torch.tensor([0, 1]))
-    >>> len(s)
-    2
-    """
-
-    images: torch.Tensor
-    labels: torch.Tensor
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
-
-
-@dataclass(frozen=True)
-class Dataset:
-    """An image-folder data set: class names (sorted; label ``i`` is ``classes[i]``) and its splits.
-
-    >>> ds = load_image_folder("data/flowers", image_size=224)  # doctest: +SKIP
-    >>> ds.summary()  # doctest: +SKIP
-    {'classes': 5, 'train': 2936, 'val': 734, 'test': 0, 'image_size': 224, 'skipped': 0}
-    """
-
-    classes: tuple[str, ...]
-    train: ImageSet
-    val: ImageSet
-    test: ImageSet | None
-    root: Path
-    image_size: int
-    skipped: int
-
-    def summary(self) -> dict:
-        """Counts for logs and reports.
-
-        >>> ds.summary()["classes"]  # doctest: +SKIP
-        5
-        """
-        return {
-            "classes": len(self.classes),
-            "train": len(self.train),
-            "val": len(self.val),
-            "test": len(self.test) if self.test is not None else 0,
-            "image_size": self.image_size,
-            "skipped": self.skipped,
-        }
+# One decoded split: ``images`` uint8 ``(N, 3, S, S)`` and ``labels`` int64 ``(N,)``.
+ImageSet = TensorSplit
 
 
 # ----------------------------------------------------------------------------- finding files
@@ -384,173 +327,6 @@ def _check_not_emptied(split: ImageSet, classes: tuple[str, ...], folder: Path, 
         f"Class folder {folder / name} has only {n} readable image, too few to split into train and val; "
         "add images to it, or use train/ and val/ folders so no split is needed."
     )
-
-
-# ----------------------------------------------------------------------------- batches and transforms
-
-
-def batches(
-    split: ImageSet,
-    *,
-    batch_size: int,
-    shuffle: bool,
-    generator: torch.Generator | None = None,
-    drop_last: bool = False,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield ``(uint8 images, int64 labels)`` batches covering ``split`` once (one epoch).
-
-    With ``shuffle`` the order comes from ``generator`` (same generator state, same order); without
-    it, batches are views in stored order.
-
-    >>> s = ImageSet(torch.zeros(5, 3, 8, 8, dtype=torch.uint8), torch.arange(5))
-    >>> [len(y) for _, y in batches(s, batch_size=2, shuffle=False)]
-    [2, 2, 1]
-    """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise AutoftError(f"batch_size must be a positive integer, but got {batch_size!r}.")
-    n = len(split)
-    stop = n - n % batch_size if drop_last else n
-    if not shuffle:
-        for start in range(0, stop, batch_size):
-            yield split.images[start : start + batch_size], split.labels[start : start + batch_size]
-        return
-    order = torch.randperm(n, generator=generator)
-    for start in range(0, stop, batch_size):
-        rows = order[start : start + batch_size].to(split.labels.device)
-        yield split.images.index_select(0, rows), split.labels.index_select(0, rows)
-
-
-def _check_batch(images: torch.Tensor) -> None:
-    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
-        raise AutoftError(
-            "Expected a uint8 image batch of shape (N, 3, H, W), but got "
-            f"dtype {images.dtype} and shape {tuple(images.shape)}."
-        )
-
-
-def _light(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random horizontal flip + random-resized crop (back to the same size) per sample, in one grid_sample."""
-    n = images.shape[0]
-    g_device = generator.device
-
-    def uniform(low: float, high: float) -> torch.Tensor:
-        return low + (high - low) * torch.rand(n, generator=generator, device=g_device)
-
-    area = uniform(*_CROP_SCALE)
-    log_ratio = uniform(math.log(_CROP_RATIO[0]), math.log(_CROP_RATIO[1]))
-    ratio = log_ratio.exp()
-    w = (area * ratio).sqrt().clamp(max=1.0)  # crop width and height as fractions of the image
-    h = (area / ratio).sqrt().clamp(max=1.0)
-    x0 = uniform(0.0, 1.0) * (1.0 - w)
-    y0 = uniform(0.0, 1.0) * (1.0 - h)
-    flip = torch.where(uniform(0.0, 1.0) < 0.5, -1.0, 1.0)
-
-    # Affine map from output coordinates in [-1, 1] to the crop window in input coordinates.
-    theta = torch.zeros(n, 2, 3, device=g_device)
-    theta[:, 0, 0] = w * flip
-    theta[:, 0, 2] = 2 * x0 + w - 1
-    theta[:, 1, 1] = h
-    theta[:, 1, 2] = 2 * y0 + h - 1
-    theta = theta.to(images.device)
-    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
-    out = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
-    return out.round_().clamp_(0, 255).to(torch.uint8)
-
-
-_TRIVIAL_AUGMENT = v2.TrivialAugmentWide()
-
-
-def _strong(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Light, then TrivialAugmentWide per sample, its global-RNG draws seeded from ``generator``."""
-    out = _light(images, generator)
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
-    # TrivialAugmentWide draws from torch's global CPU RNG; fork it so callers' RNG state is untouched.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return torch.stack([_TRIVIAL_AUGMENT(img) for img in out])
-
-
-def augment(images: torch.Tensor, level: str, *, generator: torch.Generator) -> torch.Tensor:
-    """Augment a uint8 ``(N, 3, S, S)`` batch; same shape and dtype out, all randomness from ``generator``.
-
-    Levels: ``"none"`` (input returned as is), ``"light"`` (random horizontal flip + random-resized crop,
-    scale 0.6-1.0, ratio 3/4-4/3), ``"strong"`` (light + TrivialAugmentWide per sample).
-
-    >>> g = torch.Generator().manual_seed(0)
-    >>> augment(torch.zeros(2, 3, 16, 16, dtype=torch.uint8), "light", generator=g).shape
-    torch.Size([2, 3, 16, 16])
-    """
-    if level not in AUGMENT_LEVELS:
-        hint = closest(str(level), AUGMENT_LEVELS)
-        raise AutoftError(
-            f"Unknown augmentation level {level!r}; use one of {', '.join(AUGMENT_LEVELS)}"
-            + (f" (did you mean {hint[0]!r}?)." if hint else ".")
-        )
-    _check_batch(images)
-    if level == "none" or images.shape[0] == 0:
-        return images
-    if level == "light":
-        return _light(images, generator)
-    return _strong(images, generator)
-
-
-def mix(
-    inputs: torch.Tensor,
-    labels: torch.Tensor,
-    num_classes: int,
-    *,
-    mixup: float,
-    cutmix: float,
-    generator: torch.Generator,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mixup or CutMix of a normalized float batch with a shuffled copy of itself; returns inputs and soft targets.
-
-    ``mixup`` / ``cutmix`` are the Beta(alpha, alpha) parameters (0 = off); with both on, each batch uses one of
-    the two at random. Unlike timm's ``Mixup`` it takes batches of any size (an odd last batch included), and all
-    randomness comes from ``generator``.
-
-    >>> g = torch.Generator().manual_seed(0)
-    >>> x, y = mix(torch.zeros(3, 3, 8, 8), torch.tensor([0, 1, 2]), 3, mixup=0.2, cutmix=0.0, generator=g)
-    >>> y.sum(1).tolist()
-    [1.0, 1.0, 1.0]
-    """
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
-    rng = np.random.default_rng(seed)
-    use_cutmix = cutmix > 0 and (mixup <= 0 or rng.random() < 0.5)
-    alpha = cutmix if use_cutmix else mixup
-    lam = float(rng.beta(alpha, alpha))
-    perm = torch.randperm(len(inputs), generator=generator, device=generator.device).to(inputs.device)
-    if use_cutmix:  # paste a box of area (1 - lam) from the partner image; lam becomes the exact kept share
-        height, width = inputs.shape[-2:]
-        cut_h, cut_w = int(height * math.sqrt(1 - lam)), int(width * math.sqrt(1 - lam))
-        cy, cx = int(rng.integers(height)), int(rng.integers(width))
-        y0, y1 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, height)
-        x0, x1 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, width)
-        mixed = inputs.clone()
-        mixed[:, :, y0:y1, x0:x1] = inputs[perm][:, :, y0:y1, x0:x1]
-        lam = 1.0 - (y1 - y0) * (x1 - x0) / (height * width)
-    else:
-        mixed = lam * inputs + (1.0 - lam) * inputs[perm]
-    one_hot = F.one_hot(labels, num_classes).float()
-    return mixed, lam * one_hot + (1.0 - lam) * one_hot[perm]
-
-
-def normalize(images: torch.Tensor, *, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """uint8 ``(N, 3, S, S)`` -> float32 ``(x / 255 - mean) / std``, computed on the images' device.
-
-    >>> x = torch.full((1, 3, 2, 2), 255, dtype=torch.uint8)
-    >>> normalize(x, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))[0, :, 0, 0].tolist()
-    [1.0, 1.0, 1.0]
-    """
-    _check_batch(images)
-    if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
-        raise AutoftError(
-            f"mean and std need three values each (one per RGB channel) with std > 0, "
-            f"but got mean={tuple(mean)} and std={tuple(std)}."
-        )
-    m = torch.tensor(mean, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
-    return (images.float() / 255.0 - m) / s
 
 
 def find_images(specs: Sequence[str | Path]) -> list[Path]:

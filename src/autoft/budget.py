@@ -1,0 +1,141 @@
+"""The ``--timeout`` budget: how the plan spends it (:func:`plan_budget`) and how both backends apply it
+(:class:`Budget`: the deadline, "will the next epoch fit", the launch window).
+
+The plan is made once, before the first trial; the :class:`Budget` it yields travels with each trial's worker
+(in-process or to Ray workers), so every backend stops trials by the same rule.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+from autoft.errors import AutoftError
+from autoft.probe import DataProfile, Probe
+
+__all__ = ["EPOCH_SAFETY", "Budget", "BudgetPlan", "plan_budget"]
+
+
+# One epoch of a sampled recipe may cost more than the probe's (stronger augmentation, smaller batches,
+# evaluation variance): the plan counts each epoch at this multiple of the measured full fine-tuning epoch.
+# Measured: the probe's estimate was within 3% of the real epoch (30.1 s vs 30.7 s, digits, 1 thread); 1.5
+# left a third of a 2-minute budget unused, and a running trial is judged by its own pace anyway.
+EPOCH_SAFETY = 1.15
+FULL_TRIALS = 3  # the epochs per trial are set so that this many full-length trials fit, when the budget allows
+# ... unless each would get fewer epochs than this: then one trial may use the whole search time. Measured
+# (benchmarks/quality.py, 2-minute budgets, 1 thread): 1-epoch trials reached 0.57-0.59 val on digits where one
+# 4-6 epoch fine-tune reached 0.94-0.96; 3-epoch trials lost 10 points to one 6-epoch fine-tune on glyphs.
+MIN_USEFUL_EPOCHS = 3
+# The wrap-up besides evaluation (load the best model, write trials.csv, build the report's figures and
+# fANOVA importances): measured 5.1 s for a 7-trial study on 2 CPU cores at load ~10 (1.2 s test score and
+# model load, 3.9 s report); a load of 17 roughly doubles it. Plus a slack of 3% of the budget for jitter.
+WRAP_UP_FIXED_SECONDS = 8.0
+SLACK = 0.03
+HYPERBAND_FROM_EPOCHS = 9  # rungs at 1, 3, 9 epochs need trials at least this long to cut anything
+
+
+@dataclass(frozen=True)
+class BudgetPlan:
+    """How ``--timeout`` is spent: what is gone (preparation, probe), what the wrap-up keeps, and the fidelity
+    that fits the rest (epochs per trial, pruner, expected trials). All times in seconds.
+    """
+
+    timeout: float
+    spent: float
+    wrap_up: float
+    search: float
+    epoch_seconds: float
+    max_epochs: int
+    pruner: str
+    expected_trials: int
+
+
+def plan_budget(
+    timeout: float,
+    measured: Probe,
+    profile: DataProfile,
+    *,
+    spent: float,
+    max_epochs: int,
+    pruner: str,
+    soup_models: int = 0,
+    refit: bool = False,
+) -> BudgetPlan:
+    """Fit the search to ``timeout`` seconds, of which ``spent`` are gone.
+
+    wrap_up = WRAP_UP_FIXED_SECONDS + 3 x eval cost of (val + test) + SLACK x timeout, plus the final model's
+    cost: a soup of up to ``soup_models`` kept models evaluates val ``soup_models + 1`` times; ``refit`` trains
+    once more for max_epochs epochs on train+val (so max_epochs is chosen with that refit reserved too);
+    search = timeout - spent - wrap_up; epoch = EPOCH_SAFETY x measured full fine-tuning epoch;
+    max_epochs = clamp(search / (FULL_TRIALS x epoch), 1, --max-epochs) when that is at least MIN_USEFUL_EPOCHS,
+    else clamp(search / epoch, 1, --max-epochs): then one trial may take the whole search time;
+    expected trials = search / (epoch x (max_epochs + 1.5) / 2)  (about half run to the end, half are pruned
+    after 1-2 epochs). The default median pruner becomes hyperband when trials may run HYPERBAND_FROM_EPOCHS+.
+
+    >>> plan_budget(600, measured, profile, spent=20, max_epochs=10, pruner="median").max_epochs  # doctest: +SKIP
+    10
+    """
+    evaluations = 3 * measured.eval_seconds_per_image * (profile.val + profile.test)  # test score + the report's
+    if soup_models >= 2:
+        evaluations += (soup_models + 1) * measured.eval_seconds_per_image * profile.val
+    wrap_up = WRAP_UP_FIXED_SECONDS + evaluations + SLACK * timeout
+    epoch = EPOCH_SAFETY * max(measured.epoch_seconds_full, measured.epoch_seconds_head, 1e-3)
+    if refit:  # the refit's epochs cost (train + val) / train of a search epoch; reserve them for the longest trial
+        refit_epoch = epoch * (profile.train + profile.val) / max(profile.train, 1)
+        room = timeout - spent - wrap_up
+        epochs_fit = max(1, min(max_epochs, int(room // (FULL_TRIALS * epoch + refit_epoch))))
+        wrap_up += epochs_fit * refit_epoch
+    search = timeout - spent - wrap_up
+    if search < epoch:
+        need = math.ceil(spent + wrap_up + FULL_TRIALS * epoch)
+        raise AutoftError(
+            f"--timeout {timeout:g}s is too short: preparing and probing took {spent:.0f}s, the final test score "
+            f"and report need about {wrap_up:.0f}s, and one epoch about {epoch:.0f}s; give at least --timeout {need}s."
+        )
+    fits = int(search // epoch)  # epochs of full fine-tuning the search time holds in all
+    # Three useful trials fit: share the time. Otherwise one trial takes it all (the portfolio's first
+    # fine-tune, like the untuned recipe would): short trials of a small budget learn too little to compare.
+    epochs = fits // FULL_TRIALS if fits >= FULL_TRIALS * MIN_USEFUL_EPOCHS else fits
+    epochs = max(1, min(max_epochs, epochs))
+    if refit:  # the refit reserved above trains as long as the longest trial: no longer trials than it covers
+        epochs = min(epochs, epochs_fit)
+    chosen = "hyperband" if pruner == "median" and epochs >= HYPERBAND_FROM_EPOCHS else pruner
+    return BudgetPlan(
+        timeout=timeout,
+        spent=spent,
+        wrap_up=wrap_up,
+        search=search,
+        epoch_seconds=epoch,
+        max_epochs=epochs,
+        pruner=chosen,
+        expected_trials=max(1, int(search // (epoch * (epochs + 1.5) / 2))),
+    )
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The plan's limits as wall-clock readings (``time.time()``: the same in every process of the machine, and
+    across machines whose clocks are synchronized), so a Ray worker applies the same rule as the driver.
+
+    >>> budget = Budget(search_end=time.time() + 60, epoch_seconds=10)
+    >>> budget.next_epoch_fits(last_epoch_seconds=5), budget.next_epoch_fits(last_epoch_seconds=70)
+    (True, False)
+    """
+
+    search_end: float  # every trial has ended by then; the wrap-up (test score, report) has the rest
+    epoch_seconds: float  # one full fine-tuning epoch as the plan counts it (with its margin)
+
+    @classmethod
+    def from_plan(cls, plan: BudgetPlan, *, started: float) -> Budget:
+        """The budget of a plan made by a command that started at wall-clock time ``started``."""
+        return cls(search_end=started + plan.spent + plan.search, epoch_seconds=plan.epoch_seconds)
+
+    def launch_window(self) -> float:
+        """Seconds from now in which a new trial may start: one epoch must still fit after it (at least 1 ms)."""
+        return max(1e-3, self.search_end - self.epoch_seconds - time.time())
+
+    def next_epoch_fits(self, last_epoch_seconds: float) -> bool:
+        """Whether one more epoch, as long as the plan's or as the trial's own last one if that was slower, ends
+        before the search must: a trial for which it does not is stopped by the budget, and keeps its best epoch."""
+        return time.time() + max(self.epoch_seconds, last_epoch_seconds) <= self.search_end

@@ -1,0 +1,148 @@
+"""Look before searching, part two: small named rules that narrow a bundled preset from what the probe measured.
+
+A rule never widens the space, never edits a knob the user set with ``--set``/``--fix``, and never a user's own
+space file. docs/controller.md gives each rule's evidence, and the rules tried and removed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from autoft.probe import DataProfile, Probe
+from autoft.space import Param, SearchSpace
+
+__all__ = ["STRONG_FIT", "Prior", "apply_priors", "choose_priors"]
+
+
+@dataclass(frozen=True)
+class Prior:
+    """One rule that fired: its name, the measurement against its threshold, why, and the edits it made.
+
+    ``edits`` maps a parameter to the narrowed spec: ``{"choices": [...]}`` or ``{"low": x}``/``{"high": x}``;
+    ``first`` names portfolio recipes (by freeze mode) moved to the front.
+    """
+
+    name: str
+    because: str  # the measurement and the threshold, e.g. "linear probe fit 0.97 >= 0.95"
+    reason: str  # one line: why this edit helps, with the source
+    edits: Mapping[str, Mapping[str, Any]]
+    first: tuple[str, ...] = ()
+
+
+# The threshold, named once (docs/controller.md gives the evidence). Two more rules were tried and removed because
+# benchmarks/quality.py did not support them (docs/controller.md, "Rules tried and removed"): "features-fit-poorly"
+# (fit < 0.5: no linear probe, lr >= 1e-4) and "few-images" (< 20 per class: epochs <= 6, weight decay >= 1e-4).
+STRONG_FIT = 0.95  # linear-probe fit from which the pretrained features already separate the classes
+
+
+def choose_priors(profile: DataProfile, measured: Probe) -> tuple[Prior, ...]:
+    """The rules whose thresholds the measurements cross, in order (later rules narrow further).
+
+    ``profile`` is measured and printed for every search, but no rule uses it: the one data rule tried
+    ("few-images") did not survive the benchmark.
+
+    >>> [p.name for p in choose_priors(profile, dataclasses.replace(measured, linear_probe_accuracy=0.99))]
+    ... # doctest: +SKIP
+    ['features-fit-well']
+    """
+    fit = measured.fit
+    rules: list[Prior] = []
+    if fit >= STRONG_FIT:
+        rules.append(
+            Prior(
+                "features-fit-well",
+                f"linear probe fit {fit:.2f} >= {STRONG_FIT}",
+                "features already separate the classes: keep them (linear probe, LP-FT, shallow partial tuning; "
+                "Kumar et al. 2022 LP-FT) and use lower rates (Li et al. 2020: similar domains want smaller lr)",
+                {"freeze": {"choices": ["linear_probe", "lp_ft", "partial"]}, "lr": {"high": 1e-3}},
+                first=("linear_probe", "lp_ft"),
+            )
+        )
+    return tuple(rules)
+
+
+def apply_priors(
+    space: SearchSpace, priors: Sequence[Prior], *, keep: Sequence[str] = ()
+) -> tuple[SearchSpace, tuple[str, ...]]:
+    """The space with each prior's edits applied, and a note for every edit skipped.
+
+    An edit only narrows: choices are intersected (order kept), a bound moves inwards. It is skipped when the
+    parameter is in ``keep`` (the user's ``--set``/``--fix``), fixed, missing, or would be left empty.
+
+    >>> narrowed, skipped = apply_priors(load_space("default"), priors)  # doctest: +SKIP
+    """
+    skipped: list[str] = []
+    for prior in priors:
+        for name, edit in prior.edits.items():
+            param = next((p for p in space.params if p.name == name), None)
+            narrowed = (
+                "set by the user" if name in keep else "not searched" if param is None else _narrowed(param, edit)
+            )
+            if isinstance(narrowed, str):
+                skipped.append(f"{prior.name}: {name} left as is ({narrowed})")
+                continue
+            params = _conditions_within([narrowed if p.name == name else p for p in space.params])
+            portfolio = _portfolio_within(params, space.portfolio)
+            space = dataclasses.replace(space, params=params, portfolio=portfolio)
+        space = _portfolio_first(space, prior.first, keep)
+    return space, tuple(skipped)
+
+
+def _narrowed(param: Param, edit: Mapping[str, Any]) -> Param | str:
+    """The parameter narrowed by ``edit``, or why not (it already lies within, or nothing would be left)."""
+    if param.kind == "categorical" and "choices" in edit:
+        choices = tuple(c for c in param.choices if c in edit["choices"])  # the space's order
+        if not choices or choices == param.choices:
+            return "nothing would be left" if not choices else "already within"
+        return dataclasses.replace(param, choices=choices)
+    if param.kind in ("float", "int") and ("low" in edit or "high" in edit):
+        low = max(param.low, edit.get("low", param.low))
+        high = min(param.high, edit.get("high", param.high))
+        if low > high or (low, high) == (param.low, param.high):
+            return "nothing would be left" if low > high else "already within"
+        return dataclasses.replace(param, low=type(param.low)(low), high=type(param.high)(high))
+    return "not a searched range or choice"
+
+
+def _portfolio_first(space: SearchSpace, freeze_modes: Sequence[str], keep: Sequence[str]) -> SearchSpace:
+    if not freeze_modes or "freeze" in keep:
+        return space
+    rank = {mode: i for i, mode in enumerate(freeze_modes)}
+    ordered = sorted(space.portfolio, key=lambda entry: rank.get(entry.get("freeze"), len(rank)))
+    return dataclasses.replace(space, portfolio=tuple(ordered))
+
+
+def _conditions_within(params: Sequence[Param]) -> tuple[Param, ...]:
+    """Conditions follow a narrowed choice: values no longer offered leave ``when``; a parameter whose condition
+    can no longer hold is dropped (e.g. ``train_blocks`` once ``partial`` is gone)."""
+    kept: dict[str, Param] = {}
+    for p in params:
+        when = {}
+        for other, allowed in p.when.items():
+            source = kept.get(other)
+            offered = source.choices if source is not None and source.kind == "categorical" else allowed
+            when[other] = tuple(
+                v for v in allowed if source is not None and (v in offered or source.kind != "categorical")
+            )
+        if all(when.values()):
+            kept[p.name] = dataclasses.replace(p, when=when)
+    return tuple(kept.values())
+
+
+def _portfolio_within(params: Sequence[Param], portfolio: Sequence[Mapping[str, Any]]) -> tuple[dict, ...]:
+    """Portfolio entries the narrowed space still allows: entries with a choice no longer offered go, numbers are
+    clipped into the new ranges, and knobs the space dropped are left out."""
+    by_name = {p.name: p for p in params}
+    kept = []
+    for entry in portfolio:
+        values = {k: v for k, v in entry.items() if k in by_name}
+        if any(by_name[k].kind == "categorical" and v not in by_name[k].choices for k, v in values.items()):
+            continue
+        for k, v in values.items():
+            if by_name[k].kind in ("float", "int"):
+                values[k] = type(v)(min(max(v, by_name[k].low), by_name[k].high))
+        kept.append(values)
+    return tuple(kept)
