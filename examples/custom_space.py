@@ -8,7 +8,7 @@ Registers two custom strategy pieces and searches over them next to the built-in
 then runs a search with a define-by-run space: ``space(trial) -> dict``, where plain Python decides what to
 suggest (here: the learning-rate range depends on how much of the network trains).
 
-    python examples/custom_space.py             # the demo's digits and EfficientNet-Lite0 weights, 48 px, 2 minutes
+    python examples/custom_space.py             # the demo's digits and EfficientNet-Lite0 weights, 48 px, 3 minutes
     python examples/custom_space.py --yaml      # the same pieces searched from a YAML space instead
     python examples/custom_space.py --smoke     # a tiny version (40 training images, 32 px, 1 trial of 1 epoch)
     python examples/custom_space.py --data my_images --model resnet50 --weights resnet50.pth --timeout 30m
@@ -20,6 +20,7 @@ and ImageNet EfficientNet-Lite0 weights from the efficientnet-lite0-pytorch-mode
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +86,7 @@ def main() -> int:
     parser.add_argument("--weights", type=Path, help="weights file (default for the demo model: the demo's)")
     parser.add_argument("--no-pretrained", dest="pretrained", action="store_false")
     parser.add_argument("--trials", type=int, default=12)
-    parser.add_argument("--timeout", default="2m", help="search budget (default 2m)")
+    parser.add_argument("--timeout", default="3m", help="budget of the whole run (default 3m)")
     parser.add_argument("--image-size", type=int, default=48, help="working resolution (default 48 px)")
     parser.add_argument("--max-epochs", type=int, default=3)
     parser.add_argument("--yaml", action="store_true", help="search the SearchSpace built in code instead")
@@ -106,18 +107,22 @@ def main() -> int:
         args.weights = demo_weights()
     register()
     chosen = yaml_space() if args.yaml else space
-    result = autoft.search(
-        args.model,
-        args.data,
-        trials=args.trials,
-        timeout=args.timeout,
-        space=chosen,
-        pretrained=args.pretrained,
-        weights=args.weights,
-        image_size=args.image_size,
-        max_epochs=args.max_epochs,
-        run_dir=args.run_dir,
-    )
+    try:
+        result = autoft.search(
+            args.model,
+            args.data,
+            trials=args.trials,
+            timeout=args.timeout,
+            space=chosen,
+            pretrained=args.pretrained,
+            weights=args.weights,
+            image_size=args.image_size,
+            max_epochs=args.max_epochs,
+            run_dir=args.run_dir,
+        )
+    except autoft.AutoftError as exc:  # bad input or an unusable environment: one sentence, as the CLI prints it
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(f"best trial {result.best_trial}: val accuracy {result.best_score:.4f}  {result.best_recipe.describe()}")
     return 0
 
