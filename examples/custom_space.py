@@ -2,7 +2,8 @@
 
 Registers two custom strategy pieces and searches over them next to the built-in ones:
 
-- a freezing policy ``bitfit`` (train only biases, norms and the head: BitFit, Ben Zaken et al. 2022), and
+- a freezing policy ``bias_norm`` (biases, norm weights and the head: the built-in ``bitfit`` and ``norm`` modes
+  together), and
 - an optimizer factory ``rmsprop`` with its own searched knob ``rms_alpha``;
 
 then runs a search with a define-by-run space: ``space(trial) -> dict``, where plain Python decides what to
@@ -35,7 +36,7 @@ RUN_DIR = Path("runs/custom_space")
 SMOKE = {"image_size": 32, "max_epochs": 1, "trials": 1, "per_class": 4, "data": Path("demo_data/digits-smoke")}
 
 
-def bitfit(model: nn.Module, recipe: autoft.Recipe) -> None:
+def bias_norm(model: nn.Module, recipe: autoft.Recipe) -> None:
     """Freezing policy: every parameter arrives trainable; keep biases, 1-D (norm) weights and the head."""
     head = {id(p) for p in model.get_classifier().parameters()}
     for name, param in model.named_parameters():
@@ -49,13 +50,13 @@ def rmsprop(param_groups: list[dict], recipe: autoft.Recipe) -> torch.optim.Opti
 
 def register() -> None:
     """Make the pieces known by name; a space may then list them like the built-in ones."""
-    autoft.register_freeze("bitfit", bitfit)
+    autoft.register_freeze("bias_norm", bias_norm)
     autoft.register_optimizer("rmsprop", rmsprop, knobs={"rms_alpha": 0.99})
 
 
 def space(trial: Any) -> dict[str, Any]:
     """Define-by-run: any logic, Optuna's suggest_* calls; returns the knobs of one trial."""
-    freeze = trial.suggest_categorical("freeze", ["linear_probe", "bitfit", "full"])
+    freeze = trial.suggest_categorical("freeze", ["linear_probe", "bias_norm", "full"])
     params: dict[str, Any] = {"freeze": freeze, "epochs": 3, "batch_size": 32}
     # Fewer trainable parameters tolerate (and need) larger rates: the range follows the choice above.
     low, high = (1e-3, 1e-1) if freeze != "full" else (1e-5, 1e-2)
@@ -70,7 +71,7 @@ def space(trial: Any) -> dict[str, Any]:
 def yaml_space() -> autoft.SearchSpace:
     return autoft.SearchSpace(
         [
-            autoft.Param("freeze", "categorical", choices=["linear_probe", "bitfit"]),
+            autoft.Param("freeze", "categorical", choices=["linear_probe", "bias_norm"]),
             autoft.Param("optimizer", "categorical", choices=["adamw", "rmsprop"]),
             autoft.Param("rms_alpha", "float", low=0.9, high=0.999, when={"optimizer": "rmsprop"}),
             autoft.Param("lr", "float", low=1e-4, high=1e-1, log=True),

@@ -89,3 +89,16 @@ def image_setup(model, dataset, *, device=None, feature_cache=None, prefix_cache
     if prefix_cache == "build":
         prefix_cache = PrefixCache(model, dataset, task, spec, device=device)
     return Setup(task, model, dataset, spec, device, feature_cache, prefix_cache, compile)
+
+
+def colour_split(per_class: int, *, seed: int, size: int = 16, noise: int = 40):
+    """Three classes of solid colours (class i = ``CLASS_COLORS[i]``) plus uniform noise, as an image split."""
+    import torch
+
+    from autoft.tasks.image import data
+
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.arange(3).repeat_interleave(per_class)
+    colours = torch.tensor(CLASS_COLORS[:3])[labels][:, :, None, None]
+    jitter = torch.randint(-noise, noise + 1, (len(labels), 3, size, size), generator=gen)
+    return data.ImageSet((colours + jitter).clamp(0, 255).to(torch.uint8), labels)

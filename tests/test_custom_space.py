@@ -39,7 +39,7 @@ def example() -> Iterator[ModuleType]:
     module = _load_example()
     module.register()
     yield module
-    pieces.unregister("freeze", "bitfit")
+    pieces.unregister("freeze", "bias_norm")
     pieces.unregister("optimizer", "rmsprop")
 
 
@@ -51,20 +51,20 @@ def data(tmp_path: Path) -> Path:
 def test_custom_knob_is_unknown_until_its_piece_is_registered() -> None:
     with pytest.raises(autoft.AutoftError, match=r"'rms_alpha' is not a strategy knob.*register_optimizer"):
         autoft.SearchSpace([autoft.Param("rms_alpha", "float", low=0.9, high=0.99)])
-    with pytest.raises(autoft.AutoftError, match=r"'bitfit' is not a known freeze.*register a custom piece"):
+    with pytest.raises(autoft.AutoftError, match=r"'bias_norm' is not a known freeze.*register a custom piece"):
         _load_example().yaml_space()
 
 
 def test_custom_piece_names_become_valid_choices(example: ModuleType) -> None:
-    space = load_space(example.yaml_space(), fixed=["freeze=bitfit", "optimizer=rmsprop"])
-    assert {p.name: p.value for p in space.params if p.kind == "fixed"}["freeze"] == "bitfit"
-    with pytest.raises(autoft.AutoftError, match=r"'bitfix' is not a known freeze \(did you mean 'bitfit'\?\)"):
-        load_space(example.yaml_space(), fixed=["freeze=bitfix"])
+    space = load_space(example.yaml_space(), fixed=["freeze=bias_norm", "optimizer=rmsprop"])
+    assert {p.name: p.value for p in space.params if p.kind == "fixed"}["freeze"] == "bias_norm"
+    with pytest.raises(autoft.AutoftError, match=r"'bias_norx' is not a known freeze \(did you mean 'bias_norm'\?\)"):
+        load_space(example.yaml_space(), fixed=["freeze=bias_norx"])
 
 
-def test_bitfit_trains_biases_and_head_only_with_the_custom_optimizer(example: ModuleType, data: Path) -> None:
+def test_bias_norm_trains_biases_and_head_only_with_the_custom_optimizer(example: ModuleType, data: Path) -> None:
     setup = prepare(SearchConfig(model="test_resnet", data=data, **TINY))
-    recipe = autoft.Recipe.from_params({"freeze": "bitfit", "optimizer": "rmsprop", "rms_alpha": 0.95, "epochs": 1})
+    recipe = autoft.Recipe.from_params({"freeze": "bias_norm", "optimizer": "rmsprop", "rms_alpha": 0.95, "epochs": 1})
     assert recipe.knob("rms_alpha") == 0.95
     outcome = run_trial(setup, recipe, seed=0)
     before = setup.base_model.state_dict()
@@ -72,7 +72,7 @@ def test_bitfit_trains_biases_and_head_only_with_the_custom_optimizer(example: M
     assert "conv1.0.weight" not in changed and "layer1.0.conv1.weight" not in changed  # conv weights frozen
     assert "fc.weight" in changed and "conv1.1.bias" in changed  # head and norm biases trained
     model = setup.base_model
-    example.bitfit(model, recipe)
+    example.bias_norm(model, recipe)
     optimizer = create_optimizer(model, recipe)
     assert isinstance(optimizer, torch.optim.RMSprop) and optimizer.defaults["alpha"] == 0.95
 
@@ -90,12 +90,12 @@ def test_define_by_run_space_searches_end_to_end(example: ModuleType, data: Path
 
 @pytest.mark.slow
 def test_custom_pieces_search_end_to_end(example: ModuleType, data: Path, tmp_path: Path) -> None:
-    space = load_space(example.yaml_space(), fixed=["freeze=bitfit", "optimizer=rmsprop"])
+    space = load_space(example.yaml_space(), fixed=["freeze=bias_norm", "optimizer=rmsprop"])
     result = autoft.search("test_resnet", data, trials=2, space=space, run_dir=tmp_path / "run", **TINY)
     assert all(t.state == TrialState.COMPLETE for t in result.study.trials)
-    assert result.best_recipe.freeze == "bitfit" and 0.9 <= result.best_recipe.knob("rms_alpha") <= 0.999
+    assert result.best_recipe.freeze == "bias_norm" and 0.9 <= result.best_recipe.knob("rms_alpha") <= 0.999
     meta = json.loads((result.model_dir / "config.json").read_text())
-    assert meta["strategy"].startswith("custom freeze bitfit, rmsprop") and "rms_alpha" in meta["strategy"]
+    assert meta["strategy"].startswith("custom freeze bias_norm, rmsprop") and "rms_alpha" in meta["strategy"]
 
 
 @pytest.mark.parametrize(("mixup", "cutmix"), [(0.4, 0.0), (0.0, 1.0)], ids=["mixup", "cutmix"])

@@ -16,24 +16,18 @@ from autoft.recipe import Recipe
 from autoft.tasks.base import Dataset
 from autoft.tasks.image import data, models, transforms
 from autoft.trial import TrialOutcome, run_trial
-from conftest import CLASS_COLORS, image_setup, make_image_folder
+from conftest import colour_split, image_setup, make_image_folder
 
 CPU = torch.device("cpu")
 SIZE = 16
 MODELS = ["test_resnet", "test_efficientnet", "test_vit"]
 
 
-def _split(per_class: int, *, seed: int) -> data.ImageSet:
-    gen = torch.Generator().manual_seed(seed)
-    labels = torch.arange(3).repeat_interleave(per_class)
-    colours = torch.tensor(CLASS_COLORS[:3])[labels][:, :, None, None]
-    jitter = torch.randint(-40, 41, (len(labels), 3, SIZE, SIZE), generator=gen)
-    return data.ImageSet((colours + jitter).clamp(0, 255).to(torch.uint8), labels)
-
-
 @pytest.fixture(scope="module")
 def dataset() -> data.Dataset:
-    return Dataset(("r", "g", "b"), _split(8, seed=0), _split(4, seed=1), None, Path("."), 0, image_size=SIZE)
+    return Dataset(
+        ("r", "g", "b"), colour_split(8, seed=0), colour_split(4, seed=1), None, Path("."), 0, image_size=SIZE
+    )
 
 
 def _model(name: str) -> nn.Module:

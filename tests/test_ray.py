@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import signal
 import socket
@@ -12,7 +13,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import optuna
@@ -20,10 +22,12 @@ import pytest
 import ray
 import sqlalchemy
 import torch
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 import autoft
 from autoft import results
+from autoft.backends import ray as ray_backend
+from autoft.trial import EpochMetrics, Report, TrialOutcome
 from conftest import make_image_folder
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -44,7 +48,8 @@ def data(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def local_ray() -> Iterator[None]:
+def local_ray(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # as ENV: no token written to this user's ~/.ray
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     yield
     ray.shutdown()
@@ -130,6 +135,22 @@ def two_nodes() -> Iterator[str]:
         node.wait()
 
 
+def wait_for(db: Path, condition: Callable[[list[FrozenTrial]], bool], *, poll: float, limit: float = 240) -> None:
+    """Read the study in ``db`` (as another process writes it) until ``condition`` holds for its trials."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        time.sleep(poll)
+        if not db.is_file():  # the driver creates it; reading before then would race its schema creation
+            continue
+        try:
+            trials = optuna.load_study(study_name="test_resnet-data", storage=f"sqlite:///{db}").trials
+        except (KeyError, sqlalchemy.exc.OperationalError):  # not created yet, or locked by the writer
+            continue
+        if condition(trials):
+            return
+    pytest.fail(f"the study in {db} never reached the state the test waits for")
+
+
 def search_command(data: Path, address: str, trials: int) -> list[str]:
     return [sys.executable, "-m", "autoft", "search", "--model", "test_resnet", "--no-pretrained", "--data",
             str(data), "--image-size", "16", "--max-epochs", "3", "--trials", str(trials), "--seed", "5",
@@ -151,17 +172,12 @@ def test_driver_killed_mid_search_then_resumed(two_nodes: str, data: Path, tmp_p
     command = search_command(data, two_nodes, 5)
     storage = f"sqlite:///{tmp_path}/runs/test_resnet-data/study.db"
     driver = subprocess.Popen(command, cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline, db = time.monotonic() + 240, tmp_path / "runs" / "test_resnet-data" / "study.db"
-    while time.monotonic() < deadline:
-        time.sleep(1)
-        if not db.is_file():  # the driver creates it; reading before then would race its schema creation
-            continue
-        try:
-            states = [t.state for t in optuna.load_study(study_name="test_resnet-data", storage=storage).trials]
-        except (KeyError, sqlalchemy.exc.OperationalError):  # not created yet, or locked by the writer
-            continue
-        if states.count(TrialState.COMPLETE) + states.count(TrialState.PRUNED) >= 1 and TrialState.RUNNING in states:
-            break
+
+    def one_ended_one_running(trials: list[FrozenTrial]) -> bool:
+        states = [t.state for t in trials]
+        return states.count(TrialState.COMPLETE) + states.count(TrialState.PRUNED) >= 1 and TrialState.RUNNING in states
+
+    wait_for(tmp_path / "runs" / "test_resnet-data" / "study.db", one_ended_one_running, poll=1.0)
     driver.send_signal(signal.SIGKILL)
     driver.wait()
     before = optuna.load_study(study_name="test_resnet-data", storage=storage).trials
@@ -227,3 +243,110 @@ def test_a_study_started_locally_continues_on_ray_and_back(local_ray: None, data
     assert [(t.number, t.state, t.params) for t in on_ray.study.trials][:2] == first  # kept, not re-run
     back = autoft.search("test_resnet", data, trials=4, **options)
     assert len(back.study.trials) == 4 and results.finished_count(back.study) == 4
+
+
+# ----------------------------------------------------------------------------- parity with the local backend
+
+# Every trial trains 40 epochs of 3 steps (no pruning, no portfolio), so a signal lands while trials run.
+SLOW_SPACE = """params:
+  lr: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}
+  optimizer: adamw
+  epochs: 40
+  batch_size: 8
+"""
+
+
+def test_ctrl_c_records_the_running_trials_interrupted_and_the_same_command_resumes(data: Path, tmp_path: Path) -> None:
+    (tmp_path / "space.yaml").write_text(SLOW_SPACE)
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "autoft", "search", "--model", "test_resnet", "--no-pretrained", "--data",
+               str(data), "--space", str(tmp_path / "space.yaml"), "--trials", "2", "--image-size", "16", "--pruner",
+               "none", "--max-epochs", "40", "--run-dir", str(run), "--backend", "ray"]  # fmt: skip
+    # As a new user runs it: Ray's token-authentication default is on (its token goes to this HOME), so Ray
+    # prints its start-up warning; without -v it belongs in search.log, not on the terminal.
+    env = {k: v for k, v in ENV.items() if k != "RAY_AUTH_MODE"} | {"HOME": str(tmp_path), "COLUMNS": "200"}
+    # A session of its own: the SIGINT goes to the driver's whole process group, as Ctrl-C in a terminal does.
+    driver = subprocess.Popen(command, cwd=tmp_path, env=env, start_new_session=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        wait_for(run / "study.db", lambda trials: any(t.intermediate_values for t in trials), poll=0.2, limit=120)
+        os.killpg(driver.pid, signal.SIGINT)
+        out, err = driver.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(driver.pid, signal.SIGKILL)
+    assert driver.returncode == 130, err
+    assert "interrupted by SIGINT" in err and "Traceback" not in err
+    assert "Tuner.restore" not in out + err, "autoft resumes from its study, never with Ray's Tuner.restore"
+    assert "Token authentication" not in err and "Token authentication" in (run / "search.log").read_text()
+    study = optuna.load_study(study_name="test_resnet-data", storage=f"sqlite:///{run / 'study.db'}")
+    interrupted = [t for t in study.trials if t.user_attrs.get("interrupted")]
+    assert interrupted and all(t.state == TrialState.FAIL for t in interrupted)
+    assert all(t.state.is_finished() and "error" not in t.user_attrs for t in study.trials)  # none left RUNNING/WAITING
+    assert (run / "report.html").is_file() and "interrupted" in (run / "trials.csv").read_text()
+
+    again = subprocess.run([*command, "-v"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert "Token authentication" in " ".join(again.stderr.split()), "with -v Ray's warnings reach the terminal"
+    study = optuna.load_study(study_name="test_resnet-data", storage=f"sqlite:///{run / 'study.db'}")
+    retried = {t.user_attrs.get("retry_of"): t for t in study.trials}
+    for trial in interrupted:  # each interrupted trial's parameters ran again, to the end
+        assert retried[trial.number].params == trial.params and retried[trial.number].state.is_finished()
+    assert results.finished_count(study) == 2 and not study.get_trials(states=(TrialState.RUNNING, TrialState.WAITING))
+
+
+def test_a_trial_its_worker_stopped_for_the_budget_is_complete_with_its_note(local_ray: None, tmp_path: Path) -> None:
+    def budget_stopped_worker(number: int, params: dict, report: Report) -> TrialOutcome:  # local: shipped by value
+        """Two epochs, then ended by the time budget, as the search's worker returns such a trial."""
+        history = []
+        for epoch in range(2):
+            history.append(EpochMetrics(epoch, train_loss=1, val_loss=1, val_accuracy=0.5 + epoch / 10, seconds=0.1))
+            report(epoch, history[-1])
+        return TrialOutcome(best_score=0.6, best_epoch=1, history=history, notes={"stopped_by_budget": "epoch 2 of 9"})
+
+    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.NopPruner())
+    kept: list[int] = []
+    ray_backend.optimize(
+        study, autoft.load_space("default"), budget_stopped_worker, lambda number, params, outcome: kept.append(number),
+        cluster=ray_backend.Cluster(max_concurrent=1, storage_path=tmp_path / "ray"), n_trials=2, timeout=None,
+        on_trial_end=lambda trial: None, should_stop=lambda study: False,
+    )  # fmt: skip
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2 and sorted(kept) == [0, 1]
+    assert all(t.user_attrs["stopped_by_budget"] == "epoch 2 of 9" and t.value == 0.6 for t in study.trials)
+
+
+def test_a_timed_search_on_ray_records_only_trials_that_ran(local_ray: None, data: Path, tmp_path: Path) -> None:
+    started = datetime.now()
+    # No trial may start after the launch window (one epoch before the search's share of --timeout ends) but the
+    # first (as in the local backend); Tune's trial that was waiting for a worker then runs nothing and leaves no
+    # trial: none FAIL "not run" or WAITING.
+    result = autoft.search("test_resnet", data, timeout=30, run_dir=tmp_path / "run", backend="ray", warm_start=False,
+                           **TINY)  # fmt: skip
+    budget = result.study.user_attrs["plan"]["budget"]
+    window_end = started + timedelta(seconds=budget["spent"] + budget["search"] - budget["epoch_seconds"] + 1)
+    trials = result.study.trials
+    assert trials and all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+    assert all(t.intermediate_values for t in trials) and all(t.datetime_start <= window_end for t in trials[1:])
+
+
+def test_starting_ray_keeps_the_searchs_signal_handlers_and_hands_its_log_records_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def stop_after_the_step(signum: int, frame: object) -> None:  # stands for the controller's handler
+        pass
+
+    try:
+        for s in handlers:
+            signal.signal(s, stop_after_the_step)
+        ray_backend._connect(None)  # ray.init installs SIGTERM handlers that exit at once
+        assert signal.getsignal(signal.SIGINT) is stop_after_the_step
+        assert signal.getsignal(signal.SIGTERM) is stop_after_the_step
+        ray_logger = logging.getLogger("ray")  # Ray's records go where the CLI sends them (search.log; -v: terminal)
+        assert ray_logger.propagate and not ray_logger.handlers
+    finally:
+        ray.shutdown()
+        for s, handler in handlers.items():
+            signal.signal(s, handler)

@@ -138,3 +138,15 @@ def test_keep_top_keeps_the_best_models_and_deletes_the_rest(data: Path, tmp_pat
 def test_keep_top_must_be_at_least_one(data: Path, tmp_path: Path) -> None:
     with pytest.raises(autoft.AutoftError, match="--keep-top"):
         autoft.search("test_resnet", data, trials=1, run_dir=tmp_path / "run", keep_top=0, **TINY)
+
+
+def test_a_search_stopped_mid_portfolio_leaves_nothing_waiting_and_finishes_the_portfolio_on_resume(
+    data: Path, tmp_path: Path
+) -> None:
+    portfolio = autoft.load_space("default").with_max_epochs(1).portfolio
+    options = TINY | {"warm_start": True, "max_epochs": 1}
+    first = autoft.search("test_resnet", data, trials=1, run_dir=tmp_path / "run", **options)
+    assert [t.state for t in first.study.trials] == [TrialState.COMPLETE]  # the rest of the portfolio not queued
+    again = autoft.search("test_resnet", data, trials=len(portfolio), run_dir=tmp_path / "run", **options)
+    ran = [{k: t.params[k] for k in recipe} for t, recipe in zip(again.study.trials, portfolio, strict=True)]
+    assert ran == [dict(recipe) for recipe in portfolio]  # resumed where it stopped, each recipe once

@@ -12,7 +12,15 @@ from torch import nn
 
 from autoft.errors import AutoftError
 
-__all__ = ["apply_freeze", "block_groups", "classifier", "count_parameters", "head_parameter_names", "set_train_mode"]
+__all__ = [
+    "apply_freeze",
+    "block_groups",
+    "classifier",
+    "count_parameters",
+    "head_parameter_names",
+    "model_name",
+    "set_train_mode",
+]
 
 
 def block_groups(model: nn.Module) -> list[list[str]]:
@@ -115,12 +123,13 @@ def classifier(model: nn.Module) -> nn.Module:
     get = getattr(model, "get_classifier", None)
     if not callable(get):
         raise AutoftError(
-            f"Model {_model_name(model)} has no get_classifier(); a task's models must follow the model protocol."
+            f"Model {model_name(model)} has no get_classifier(); a task's models must follow the model protocol."
         )
     return get()
 
 
-def _model_name(model: nn.Module) -> str:
+def model_name(model: nn.Module) -> str:
+    """The model's architecture name (timm's ``pretrained_cfg``), or its class name, for messages."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
     return str(cfg.get("architecture") or type(model).__name__)
 

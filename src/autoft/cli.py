@@ -135,6 +135,12 @@ def _parser() -> argparse.ArgumentParser:
         help="keep the K best trials' models: best/ plus the runners-up in top/trial-N/ (default 1: best/ only)",
     )
     s.add_argument(
+        "--export-adapter",
+        action="store_true",
+        help="for LoRA / BitFit / norm trials, also write adapter.safetensors beside each kept model: the trained "
+        "parameters alone, with the base model's name and weights hash (the kept model has LoRA merged in)",
+    )
+    s.add_argument(
         "--compile",
         action="store_true",
         help="torch.compile each trial's training forward (a compile per trial: pays off for long trials on GPU)",
@@ -168,7 +174,7 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print the plan (data, linear probe, epoch cost, priors, budget) before the first trial, then search",
     )
-    s.add_argument("-v", "--verbose", action="store_true", help="show the library's log messages")
+    s.add_argument("-v", "--verbose", action="store_true", help="show the library's log messages (and Ray's warnings)")
     spaces = commands.add_parser("spaces", help="list the bundled search space presets, or show one")
     what = spaces.add_subparsers(dest="spaces_command", required=True)
     what.add_parser("list", help="each preset's name and when to use it")
@@ -243,6 +249,7 @@ def _config(args: argparse.Namespace) -> SearchConfig:
         gpus_per_trial=args.gpus_per_trial,
         max_concurrent=args.max_concurrent,
         keep_top=args.keep_top,
+        export_adapter=args.export_adapter,
         compile=args.compile,
         soup=args.soup,
         refit=args.refit,
@@ -251,8 +258,17 @@ def _config(args: argparse.Namespace) -> SearchConfig:
     ).resolved()
 
 
+def _on_terminal(record: logging.LogRecord, *, verbose: bool) -> bool:
+    """autoft's own records; with -v also Ray's warnings (its start-up notices: token authentication, …)."""
+    if record.name.startswith("autoft"):
+        return True
+    from_ray = record.name == "ray" or record.name.startswith("ray.")
+    return verbose and from_ray and record.levelno >= logging.WARNING
+
+
 def _setup_logging(run_dir: Path, *, verbose: bool) -> None:
-    """Everything goes to RUN_DIR/search.log; the terminal shows autoft's warnings (or all of autoft's with -v)."""
+    """Everything goes to RUN_DIR/search.log (Ray's records too); the terminal shows autoft's warnings (or all of
+    autoft's with -v, and then Ray's warnings as well)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     optuna.logging.disable_default_handler()
     optuna.logging.enable_propagation()  # Optuna's records (failed-trial tracebacks) go to search.log, not stderr
@@ -261,7 +277,7 @@ def _setup_logging(run_dir: Path, *, verbose: bool) -> None:
     terminal = RichHandler(console=console, show_path=False, show_time=False)
     terminal.setFormatter(logging.Formatter("%(message)s"))
     terminal.setLevel(logging.INFO if verbose else logging.WARNING)
-    terminal.addFilter(lambda record: record.name.startswith("autoft"))
+    terminal.addFilter(lambda record: _on_terminal(record, verbose=verbose))
     logging.basicConfig(level=logging.INFO, handlers=[file_handler, terminal], force=True)
 
 

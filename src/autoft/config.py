@@ -199,6 +199,7 @@ class SearchConfig:
     gpus_per_trial: float | None = None
     max_concurrent: int | None = None
     keep_top: int = 1
+    export_adapter: bool = False  # also write a parameter-efficient trial's trained parameters alone (adapter)
     compile: bool = False  # torch.compile the training forward (pays a compile per trial; for long trials on GPU)
     soup: bool = True  # greedy soup of the --keep-top models when its val accuracy beats the best single trial
     refit: bool = False  # final model: the best recipe trained again on train+val
@@ -237,7 +238,7 @@ class SearchConfig:
                 f"space must be a preset name, a YAML file, a SearchSpace or a space(trial) function, "
                 f"but got {self.space!r}."
             )
-        for name in ("warm_start", "compile", "soup", "refit", "model_selection", "priors"):
+        for name in ("warm_start", "compile", "soup", "refit", "model_selection", "priors", "export_adapter"):
             if not isinstance(getattr(self, name), bool):
                 raise AutoftError(f"{name} must be True or False, but got {getattr(self, name)!r}.")
         if not _whole(self.max_epochs) or self.max_epochs < 1:

@@ -42,7 +42,15 @@ from autoft.recipe import Recipe, describe_knobs
 from autoft.report import write_report
 from autoft.runner import TrialRunner
 from autoft.space import Space, load_space
-from autoft.study import create_pruner, no_complete_trial_error, open_study, recover_interrupted, systematic_error
+from autoft.study import (
+    Queued,
+    create_pruner,
+    no_complete_trial_error,
+    open_study,
+    portfolio_left,
+    recover_interrupted,
+    systematic_error,
+)
 from autoft.trial import EpochMetrics, Report, TrialOutcome, evaluate, run_trial
 
 if TYPE_CHECKING:  # ray is optional: its backend is imported only when used
@@ -186,7 +194,7 @@ def run_search(
         cfg.save(cfg.run_dir / "config.yaml")
         log.info("data: %s", next(iter(setups.values())).dataset.summary())
         study = open_study(cfg)
-        recover_interrupted(study)
+        retries = recover_interrupted(study)
         if len(cfg.models) > 1:  # the selection's time counts against --timeout: the plan's clock started above
             survivors = _select_models(cfg, setups, space, study, stop, show)
             setups = {m: setups[m] for m in survivors}  # the dropped models' weights and features are released
@@ -200,14 +208,14 @@ def run_search(
         if cfg.warm_start_from is not None and not study.trials:  # seeded once, when the study is new
             warmstart.seed_study(study, space, cfg.warm_start_from)
         remaining = None if cfg.trials is None else max(0, cfg.trials - results.finished_count(study))
-        if cfg.warm_start and not study.trials and not stop.is_set():  # a new, unseeded study tries strong recipes
-            for params in list(getattr(space, "portfolio", ()))[:remaining]:  # no more than the budget runs
-                study.enqueue_trial(dict(params))
+        # Interrupted trials run again first; a new, unseeded study then tries the space's strong recipes.
+        portfolio = portfolio_left(study, getattr(space, "portfolio", ())) if cfg.warm_start else []
+        queue = (retries + portfolio)[:remaining]
         final.restore_single(cfg.run_dir / "best", cfg.run_dir / "top")  # new trials meet a real trial
         folder = RunFolder(cfg, setups, study)
         runner = TrialRunner(cfg, setups, budget=budget, stop=stop)
         if remaining != 0 and not stop.is_set():
-            _optimize(cfg, study, space, runner, folder, show, remaining, budget, stop)
+            _optimize(cfg, study, space, queue, runner, folder, show, remaining, budget, stop)
         results.write_trials_csv(study, cfg.run_dir / "trials.csv")
     setup = exported_setup(setups, folder.model_dir)  # the best model's data and preprocessing, for its scores
     if received:  # the handlers are restored by now: a second signal during the wrap-up acts at once
@@ -230,6 +238,7 @@ def _optimize(
     cfg: SearchConfig,
     study: optuna.Study,
     space: Space,
+    queue: list[Queued],
     runner: TrialRunner,
     folder: RunFolder,
     show: Callable[[Progress], None],
@@ -238,13 +247,14 @@ def _optimize(
     stop: threading.Event,
 ) -> None:
     """Run the trials on the chosen backend until ``--trials`` finished, the budget's launch window closed, a
-    signal came, or the same error keeps failing trials."""
+    signal came, or the same error keeps failing trials; the ``queue`` runs first."""
 
     def on_trial_end(trial: FrozenTrial) -> None:
         score = trial.values[0] if trial.values else None
         show(Progress("trial_end", trial.number, score=score, best=folder.best, state=trial.state.name))
 
-    limits = dict(n_trials=remaining, timeout=budget.launch_window() if budget else None, on_trial_end=on_trial_end)
+    window = budget.launch_window() if budget else None
+    limits = dict(queue=queue, n_trials=remaining, timeout=window, on_trial_end=on_trial_end)
     should_stop = lambda s: stop.is_set() or systematic_error(s) is not None  # noqa: E731
     if _backend(cfg) == "ray":
         from autoft.backends import ray as ray_backend  # ray is optional: imported only when used

@@ -42,7 +42,7 @@ __all__ = [
     "update_config",
 ]
 
-WEIGHTS, CONFIG = "model.safetensors", "config.json"
+WEIGHTS, CONFIG, ADAPTER = "model.safetensors", "config.json", "adapter.safetensors"
 EXPORT_FORMATS = ("onnx", "torchscript")
 _ONNX_SINGLE_FILE_BYTES = 1 << 30  # weights above this go to an external-data file (protobuf caps a file at 2 GiB)
 
@@ -61,8 +61,17 @@ def _umask() -> int:
     return mask
 
 
-def save_model(directory: Path, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
+def save_model(
+    directory: Path,
+    state: dict[str, torch.Tensor],
+    meta: dict[str, Any],
+    *,
+    adapter: tuple[dict[str, torch.Tensor], dict[str, str]] | None = None,
+) -> Path:
     """Write ``state`` and ``meta`` (model name, classes, preprocessing, params, scores) into ``directory``.
+
+    ``adapter``: (tensors, metadata) of the trained parameters alone, written as ``adapter.safetensors``
+    (``--export-adapter``); without one, an adapter file left by an earlier model is removed.
 
     >>> save_model(Path("runs/x/best"), model.state_dict(), {"model": "resnet50", ...})  # doctest: +SKIP
     """
@@ -71,6 +80,11 @@ def save_model(directory: Path, state: dict[str, torch.Tensor], meta: dict[str, 
     stamp = {"trial": str(meta.get("trial"))}
     _replace_atomically(directory / WEIGHTS, lambda p: save_file(tensors, str(p), metadata=stamp))
     _replace_atomically(directory / CONFIG, lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
+    if adapter is None:
+        (directory / ADAPTER).unlink(missing_ok=True)
+    else:
+        small = {k: v.detach().cpu().contiguous() for k, v in adapter[0].items()}
+        _replace_atomically(directory / ADAPTER, lambda p: save_file(small, str(p), metadata=adapter[1] | stamp))
     return directory
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import optuna
 from torch import nn
 
-from autoft import export, objectives, results
+from autoft import adapters, export, objectives, results
 from autoft.config import SearchConfig
 from autoft.errors import AutoftError
 from autoft.objectives import ParetoPoint
@@ -45,6 +45,7 @@ class RunFolder:
         self.config, self.setups, self.study = config, setups, study
         self.model_dir, self.top_dir, self.pareto_dir = (config.run_dir / name for name in ("best", "top", "pareto"))
         self.best_score = max((t.values[0] for t in results.trained_trials(study)), default=-float("inf"))
+        self._hashes: dict[int, str] = {}
 
     @property
     def best(self) -> float | None:
@@ -113,8 +114,29 @@ class RunFolder:
             "best_epoch": outcome.best_epoch,
             "study_name": self.config.study_name,
         }
-        export.save_model(directory, outcome.best_state, meta)
+        adapter = None
+        if self.config.export_adapter and outcome.adapter_state:
+            adapter = (outcome.adapter_state, self._adapter_meta(setup, meta))
+        export.save_model(directory, outcome.best_state, meta, adapter=adapter)
         log.info("trial %d (val accuracy %.4f) saved to %s", number, outcome.best_score, directory)
+
+    def _adapter_meta(self, setup: Setup, meta: dict) -> dict[str, str]:
+        """What an adapter file needs to be applied again: the base model's name and weights, the recipe."""
+        if id(setup.base_model) not in self._hashes:  # hashing the weights reads them all: once per model
+            self._hashes[id(setup.base_model)] = adapters.weights_hash(setup.base_model)
+        recipe = Recipe.from_params(meta["params"])
+        return {
+            "base_model": str(meta["model"]),
+            "base_weights_sha256": self._hashes[id(setup.base_model)],
+            "freeze": recipe.freeze,
+            "strategy": meta["strategy"],
+            "lora": json.dumps(
+                {k: getattr(recipe, k) for k in ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")}
+                | {"target_modules": adapters.lora_targets(setup.base_model, recipe)}
+            )
+            if adapters.is_lora(recipe)
+            else "",
+        }
 
 
 def exported_setup(setups: dict[str, Setup], model_dir: Path) -> Setup:
@@ -133,6 +155,8 @@ def _exported_trial(directory: Path) -> int | None:
 def _copy_model(source: Path, target: Path) -> None:
     """Copy an exported model's files over another's, each written under a temporary name and renamed."""
     target.mkdir(parents=True, exist_ok=True)
+    if not (source / export.ADAPTER).is_file():  # no adapter left over from the model it replaces
+        (target / export.ADAPTER).unlink(missing_ok=True)
     for file in source.iterdir():
         partial = target / f".{file.name}.partial"
         shutil.copy2(file, partial)

@@ -3,11 +3,11 @@
 Register a piece before the search starts; a space may then list its name among the choices of ``freeze`` or
 ``optimizer``, and search the piece's own knobs (declared with defaults) like any other parameter::
 
-    def bitfit(model, recipe):                      # train biases and the head only
+    def bias_norm(model, recipe):                   # train biases, norm weights and the head
         for name, p in model.named_parameters():
-            p.requires_grad_(name.endswith("bias") or name.startswith("fc."))
+            p.requires_grad_(name.endswith("bias") or p.ndim == 1 or name.startswith("fc."))
 
-    autoft.register_freeze("bitfit", bitfit)
+    autoft.register_freeze("bias_norm", bias_norm)
     autoft.register_optimizer("rmsprop", lambda groups, recipe: torch.optim.RMSprop(groups, lr=recipe.lr,
                               alpha=recipe.knob("alpha")), knobs={"alpha": 0.99})
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from autoft.probe import DataProfile, Probe
+from autoft.recipe import PEFT_MODES
 from autoft.space import Param, SearchSpace
 
 __all__ = ["STRONG_FIT", "Prior", "apply_priors", "choose_priors"]
@@ -56,8 +57,9 @@ def choose_priors(profile: DataProfile, measured: Probe) -> tuple[Prior, ...]:
                 "features-fit-well",
                 f"linear probe fit {fit:.2f} >= {STRONG_FIT}",
                 "features already separate the classes: keep them (linear probe, LP-FT, shallow partial tuning; "
-                "Kumar et al. 2022 LP-FT) and use lower rates (Li et al. 2020: similar domains want smaller lr)",
-                {"freeze": {"choices": ["linear_probe", "lp_ft", "partial"]}, "lr": {"high": 1e-3}},
+                "Kumar et al. 2022 LP-FT; the parameter-efficient modes change them little too) and use lower "
+                "rates (Li et al. 2020: similar domains want smaller lr)",
+                {"freeze": {"choices": ["linear_probe", "lp_ft", "partial", *PEFT_MODES]}, "lr": {"high": 1e-3}},
                 first=("linear_probe", "lp_ft"),
             )
         )

@@ -19,7 +19,10 @@ __all__ = [
     "BASELINE",
     "CONTROLLER_KNOBS",
     "FREEZE_MODES",
+    "LORA_MODES",
+    "LORA_TARGETS",
     "OPTIMIZERS",
+    "PEFT_MODES",
     "SCHEDULES",
     "Recipe",
     "describe_knobs",
@@ -27,7 +30,11 @@ __all__ = [
     "knob_names",
 ]
 
-FREEZE_MODES = ("linear_probe", "partial", "full", "lp_ft")
+# Parameter-efficient modes choose what trains themselves (autoft.adapters), not by counting block groups.
+PEFT_MODES = ("lora", "lora_bias", "bitfit", "norm")
+LORA_MODES = ("lora", "lora_bias")
+FREEZE_MODES = ("linear_probe", "partial", "full", "lp_ft", *PEFT_MODES)
+LORA_TARGETS = ("attention", "attention+mlp")  # which layers LoRA adapts (autoft.adapters.lora_targets)
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "constant")
 AUGMENT_LEVELS = ("none", "light", "strong")  # what a task does for each is its own (images: tasks/image/data.py)
@@ -60,12 +67,17 @@ class Recipe:
     batch_size: int = 64
     label_smoothing: float = 0.0
     augment: str = "light"
+    lora_rank: int = 8  # lora, lora_bias: rank r of the update B @ A
+    lora_alpha: float = 16.0  # the update is scaled by alpha / r
+    lora_dropout: float = 0.0  # dropout on the adapter's input
+    lora_targets: str = "attention"  # attention, or attention+mlp (a model without either: its convolutions)
+    lora_modules: str = ""  # comma-separated module names (suffixes) to adapt instead of lora_targets
     mixup: float = 0.0  # Beta(alpha, alpha) mixing of image pairs; 0 = off
     cutmix: float = 0.0  # Beta(alpha, alpha) pasted boxes; with mixup on too, one of the two per batch
     extra: Mapping[str, Any] = field(default_factory=dict)  # knobs of registered custom pieces
 
     def __post_init__(self) -> None:
-        for name in ("freeze", "optimizer", "schedule", "augment"):
+        for name in ("freeze", "optimizer", "schedule", "augment", "lora_targets"):
             value, valid = getattr(self, name), knob_choices(name)
             if value not in valid:
                 raise AutoftError(f"Recipe field {name}={value!r} is not known; choose one of: {', '.join(valid)}.")
@@ -86,6 +98,10 @@ class Recipe:
             ("label_smoothing", self.label_smoothing, 0 <= self.label_smoothing < 1, "in [0, 1)"),
             ("mixup", self.mixup, self.mixup >= 0, ">= 0"),
             ("cutmix", self.cutmix, self.cutmix >= 0, ">= 0"),
+            ("lora_rank", self.lora_rank, isinstance(self.lora_rank, int) and self.lora_rank >= 1, "an int >= 1"),
+            ("lora_alpha", self.lora_alpha, self.lora_alpha > 0, "> 0"),
+            ("lora_dropout", self.lora_dropout, 0 <= self.lora_dropout < 1, "in [0, 1)"),
+            ("lora_modules", self.lora_modules, isinstance(self.lora_modules, str), "a string such as 'qkv,proj'"),
         ):
             if not ok:
                 raise AutoftError(f"Recipe field {name}={value!r} is out of range; it must be {rule}.")
@@ -115,7 +131,10 @@ class Recipe:
         )
 
     def train_blocks_at(self, epoch: int) -> int | None:
-        """How many block groups train at ``epoch``: None = all, 0 = head only (linear probe)."""
+        """How many block groups train at ``epoch``: None = all, 0 = head only (linear probe).
+
+        Parameter-efficient modes (and registered freeze pieces) start from all and choose for themselves.
+        """
         if self.freeze == "linear_probe":
             return 0
         if self.freeze == "partial":
@@ -123,6 +142,11 @@ class Recipe:
         if self.freeze == "lp_ft" and epoch < self.lp_epochs:
             return 0
         return None
+
+    def _lora_words(self) -> str:
+        where = self.lora_modules or self.lora_targets
+        dropout = f", dropout {self.lora_dropout:.2g}" if self.lora_dropout > 0 else ""
+        return f"LoRA r{self.lora_rank} alpha {self.lora_alpha:g} on {where}{dropout}"
 
     def knob(self, name: str) -> Any:
         """The value of a registered custom piece's knob (its default when the space did not search it)."""
@@ -137,6 +161,10 @@ class Recipe:
             "partial": f"last {self.train_blocks} block groups",
             "full": "full fine-tune",
             "lp_ft": f"LP-FT ({self.lp_epochs} head-only epochs, then all)",
+            "lora": self._lora_words(),
+            "lora_bias": f"{self._lora_words()} + biases",
+            "bitfit": "BitFit (biases + head)",
+            "norm": "norm layers + head",
         }.get(self.freeze, f"custom freeze {self.freeze}")
         parts = [what, f"{self.optimizer} lr {self.lr:.0e}"]
         if self.freeze != "linear_probe":
@@ -177,6 +205,7 @@ def knob_choices(name: str) -> tuple[Any, ...] | None:
         "optimizer": OPTIMIZERS + pieces.names("optimizer"),
         "schedule": SCHEDULES,
         "augment": AUGMENT_LEVELS,
+        "lora_targets": LORA_TARGETS,
     }
     return vocab.get(name)
 

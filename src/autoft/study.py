@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import optuna
 from optuna.trial import TrialState
@@ -19,10 +21,12 @@ from autoft.config import SearchConfig
 from autoft.errors import AutoftError
 
 __all__ = [
+    "Queued",
     "create_pruner",
     "create_sampler",
     "no_complete_trial_error",
     "open_study",
+    "portfolio_left",
     "recover_interrupted",
     "systematic_error",
 ]
@@ -112,21 +116,44 @@ def create_pruner(name: str, *, max_epochs: int) -> optuna.pruners.BasePruner:
         return factories[name]()
 
 
-def recover_interrupted(study: optuna.Study) -> int:
+@dataclass(frozen=True)
+class Queued:
+    """A trial the search runs before the sampler's: fixed ``params`` (a retry or a portfolio recipe).
+
+    Backends add it to the study (``enqueue``) only just before they ask for their next trial, so a search that
+    stops early leaves no WAITING trial behind; what was not run is found again by the next run.
+    """
+
+    params: dict[str, Any]
+    user_attrs: dict[str, Any] = field(default_factory=dict)
+
+    def enqueue(self, study: optuna.Study) -> None:
+        study.enqueue_trial(self.params, user_attrs=self.user_attrs)
+
+
+def recover_interrupted(study: optuna.Study) -> list[Queued]:
     """Interrupted trials are retried: those a crash (kill -9) left RUNNING are first recorded FAIL and
-    marked ``interrupted``, like those a signal stopped; each one's parameters are queued once (``retry_of``)."""
+    marked ``interrupted``, like those a signal stopped; each one not yet retried (``retry_of``) is returned."""
     storage = study._storage
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         storage.set_trial_user_attr(trial._trial_id, "interrupted", True)
         storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
     trials = study.get_trials(deepcopy=False)
-    queued = {t.user_attrs.get("retry_of") for t in trials}
-    pending = [t for t in trials if t.user_attrs.get("interrupted") and t.number not in queued]
-    for trial in pending:
-        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+    retried = {t.user_attrs.get("retry_of") for t in trials}
+    pending = [t for t in trials if t.user_attrs.get("interrupted") and t.number not in retried]
     if pending:
-        log.warning("resuming: %d interrupted trial(s) recorded FAIL and queued again", len(pending))
-    return len(pending)
+        log.warning("resuming: %d interrupted trial(s) recorded FAIL and run again first", len(pending))
+    return [Queued(dict(t.params), {"retry_of": t.number}) for t in pending]
+
+
+def portfolio_left(study: optuna.Study, portfolio: Sequence[Mapping[str, Any]]) -> list[Queued]:
+    """The space's portfolio, recorded once in a new study (user attr ``portfolio``), less the recipes the
+    study already tried: an interrupted search finishes its portfolio when it resumes, and never repeats it."""
+    if not study.trials and "portfolio" not in study.user_attrs:
+        study.set_user_attr("portfolio", [dict(recipe) for recipe in portfolio])
+    recorded = study.user_attrs.get("portfolio", [])
+    tried = [t.params for t in study.get_trials(deepcopy=False)]
+    return [Queued(dict(r)) for r in recorded if not any(all(p.get(k) == v for k, v in r.items()) for p in tried)]
 
 
 def systematic_error(study: optuna.Study) -> str | None:

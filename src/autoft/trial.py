@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from autoft import blocks, features, optim, pieces
-from autoft.recipe import Recipe
+from autoft import adapters, blocks, features, optim
+from autoft.recipe import PEFT_MODES, Recipe
 from autoft.tasks import base
 from autoft.tasks.base import InputSpec, Split, Task
 
@@ -52,7 +52,9 @@ class TrialOutcome:
     """A finished (or stopped) trial: its best epoch's score and weights, and every epoch's metrics.
 
     ``stopped_early``: ended before its last epoch (pruned or diverged); ``diverged``: why the loss went
-    non-finite; ``interrupted``: stopped by the ``stop`` event mid-epoch; ``notes``: extra facts for the record.
+    non-finite; ``interrupted``: stopped by the ``stop`` event mid-epoch; ``notes``: extra facts for the record;
+    ``best_state``: the best epoch's weights as the plain base model holds them (LoRA merged in);
+    ``adapter_state``: for parameter-efficient modes, the best epoch's trained parameters alone (peft's names).
     """
 
     best_score: float
@@ -62,7 +64,8 @@ class TrialOutcome:
     diverged: str = ""
     interrupted: bool = False
     notes: dict[str, Any] = field(default_factory=dict)
-    best_state: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    best_state: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # a plain model's (LoRA merged)
+    adapter_state: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # PEFT modes: what trained
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -121,11 +124,13 @@ def run_trial(
         if recipe.train_blocks_at(epoch) != trainable:  # LP-FT unfreezes here; a fresh optimizer follows
             trainable = recipe.train_blocks_at(epoch)
             blocks.apply_freeze(model, train_blocks=trainable)
-            custom_freeze = pieces.get("freeze", recipe.freeze)
-            if custom_freeze is not None:  # a registered policy freezes what it wants of a fully trainable model
-                custom_freeze.fn(model, recipe)
+            policy = adapters.policy(recipe)
+            if policy is not None:  # BitFit, norm, LoRA (injected here) or a registered piece chooses what trains
+                policy(model, recipe)
             optimizer = optim.create_optimizer(model, recipe)
-            steady = custom_freeze is None and task.deterministic(recipe)  # same inputs every epoch
+            outcome.notes["trainable_params"] = blocks.count_parameters(model, trainable_only=True)  # a study attr
+            # Same inputs every epoch and a frozen backbone prefix; a policy may train inside any block: no caches.
+            steady = policy is None and task.deterministic(recipe)
             # Head only: the classifier trains on pooled features computed once per search.
             cached = feature_cache.splits() if feature_cache is not None and steady and trainable == 0 else None
             net = model.get_classifier() if cached else model
@@ -181,7 +186,9 @@ def run_trial(
         outcome.history.append(metrics)
         if val_accuracy > outcome.best_score or keep_last:
             outcome.best_score, outcome.best_epoch = val_accuracy, epoch
-            outcome.best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            outcome.best_state = adapters.plain_state(model)  # LoRA merged: what leaves a trial is a plain model
+            if recipe.freeze in PEFT_MODES:
+                outcome.adapter_state = adapters.adapter_state(model)
         log.debug("epoch %d: %s", epoch, metrics)
         if report is not None and report(epoch, metrics):
             outcome.stopped_early = epoch < recipe.epochs - 1

@@ -10,13 +10,15 @@ SIGTERM (or a second Ctrl-C) is recorded FAIL with user attr ``interrupted`` and
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from autoft.objectives import EpochReports, study_objectives, trial_values
 from autoft.space import Space
+from autoft.study import Queued
 from autoft.trial import EpochMetrics, Report, TrialOutcome
 
 __all__ = ["Execute", "TrialInterrupted", "optimize"]
@@ -79,12 +81,19 @@ def optimize(
     timeout: float | None,
     on_trial_end: Callable[[FrozenTrial], None],
     should_stop: Callable[[optuna.Study], bool],
+    queue: Sequence[Queued] = (),
 ) -> None:
-    """Run up to ``n_trials`` trials (or until ``timeout`` seconds) in this process.
+    """Run up to ``n_trials`` trials in this process, the ``queue`` first; none starts after ``timeout`` seconds.
+
+    One trial at a time, each queued trial added to the study just before it runs: a search that stops early
+    leaves no WAITING trial. As Optuna's ``study.optimize``, the first trial starts whatever the window.
 
     >>> optimize(study, load_space("default"), execute, n_trials=10, timeout=None,
     ...          on_trial_end=print, should_stop=lambda s: False)  # doctest: +SKIP
     """
+    objective, pending, stopping = _objective(space, execute, study), list(queue), []
+    launch_end = None if timeout is None else time.monotonic() + timeout
+    ran = 0
 
     def callback(study: optuna.Study, trial: FrozenTrial) -> None:
         if trial.user_attrs.get("interrupted"):
@@ -95,12 +104,12 @@ def optimize(
             log.warning("trial %d diverged (recorded PRUNED): %s", trial.number, trial.user_attrs["diverged"])
         on_trial_end(trial)
         if should_stop(study):
-            study.stop()
+            stopping.append(True)
 
-    study.optimize(
-        _objective(space, execute, study),
-        n_trials=n_trials,
-        timeout=timeout,
-        catch=(Exception,),
-        callbacks=[callback],
-    )
+    while not stopping and (n_trials is None or ran < n_trials):
+        if ran and launch_end is not None and time.monotonic() >= launch_end:
+            break
+        if pending:
+            pending.pop(0).enqueue(study)
+        study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=[callback])
+        ran += 1

@@ -3,12 +3,23 @@
 Optuna suggests (``study.ask`` in the driver), Ray Tune runs each trial on a worker, and the driver
 tells Optuna the honest outcome, so the study in its storage stays the single record:
 
+- a trial exists in the study only once it really starts: Tune's trials carry a slot number, and the driver
+  asks Optuna when Tune starts a slot's worker (the worker then fetches its number and knobs from a small
+  holder actor); a slot that starts after the search stopped, or after the launch window (``timeout``), runs
+  nothing and leaves no trial behind;
 - every epoch a worker reports through ``tune.report``; the driver records the value in Optuna and asks
   the study's own pruner (``--pruner``) whether to stop; a trial stopped so is told PRUNED, with its
   intermediate values, never COMPLETE (the fault of Ray's stock ``OptunaSearch``);
 - a trial that raises is reported FAIL with its error; a worker that dies is FAIL with Ray's error;
-- a trial that ran all its epochs hands its best weights to a small holder actor; the driver takes
-  them and exports ``best/`` itself, one trial at a time, so concurrent trials never race for it.
+- a trial that ran all its epochs hands its best weights to the holder; the driver takes them and exports
+  ``best/`` itself, one trial at a time, so concurrent trials never race for it;
+- when the search stops (the controller's ``should_stop``: Ctrl-C / SIGTERM, or a systematic error), Tune
+  ends the running trials and each is recorded FAIL with user attr ``interrupted`` (retried on resume), as
+  the local backend does. Tune's own SIGINT handler is off, so the signal reaches autoft's and no Ray
+  resume advice is printed: autoft resumes from the study, never with ``Tuner.restore``.
+
+Ray's log records (start-up warnings included) go through Python logging like autoft's own: the CLI writes
+them to ``search.log`` and shows them on the terminal only with ``-v``.
 
 The model and the decoded data go into Ray's object store once (``tune.with_parameters``); the
 trainable function captures nothing large. This is the only module that imports ray.
@@ -18,8 +29,10 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +47,7 @@ from ray.tune.stopper import Stopper
 from autoft.errors import AutoftError
 from autoft.objectives import EpochReports, study_objectives, trial_values
 from autoft.space import Space
+from autoft.study import Queued
 from autoft.trial import EpochMetrics, Report, TrialOutcome
 
 __all__ = ["Cluster", "Keep", "Worker", "optimize"]
@@ -59,10 +73,18 @@ class Cluster:
 
 @ray.remote(num_cpus=0)
 class _Holder:
-    """Holds finished trials' outcomes (best weights included) until the driver takes them."""
+    """Hands each started slot its trial (number, knobs), and holds finished trials' outcomes (best weights
+    included) until the driver takes them."""
 
     def __init__(self) -> None:
+        self._jobs: dict[int, tuple[int, dict] | None] = {}
         self._held: dict[int, TrialOutcome] = {}
+
+    def assign(self, slot: int, job: tuple[int, dict] | None) -> None:
+        self._jobs[slot] = job
+
+    def job(self, slot: int) -> tuple[int, dict] | None:
+        return self._jobs.pop(slot, None)
 
     def put(self, number: int, outcome: TrialOutcome) -> None:
         self._held[number] = outcome
@@ -73,7 +95,11 @@ class _Holder:
 
 def _trainable(config: dict, worker: Worker, holder: Any) -> None:
     """One trial on a Ray worker. The one place a trial's exceptions are caught (reported, then FAIL)."""
-    number, params = config["number"], config["params"]
+    job = ray.get(holder.job.remote(config["slot"]))  # assigned by the driver as Tune started this worker
+    if job is None:  # the search stopped, or its launch window closed, before this slot started: nothing to run
+        tune.report({"skipped": True})  # a result, or Tune's progress printer says "completed" on stdout
+        return
+    number, params = job
     node = ray.get_runtime_context().get_node_id()
     epochs = int(params.get("epochs", 0))
 
@@ -102,7 +128,7 @@ def _trainable(config: dict, worker: Worker, holder: Any) -> None:
 
 
 class _Bridge:
-    """The driver's side: asks Optuna, records every epoch, decides pruning, tells each trial's outcome."""
+    """The driver's side: asks Optuna as trials start, records every epoch, decides pruning, tells each outcome."""
 
     def __init__(
         self,
@@ -112,15 +138,18 @@ class _Bridge:
         holder: Any,
         *,
         n_trials: int | None,
+        launch_end: float | None,
         on_trial_end: Callable[[FrozenTrial], None],
         should_stop: Callable[[optuna.Study], bool],
+        queue: Sequence[Queued] = (),
     ):
-        self.study, self.space, self.keep, self.holder = study, space, keep, holder
-        self.n_trials, self.on_trial_end, self.should_stop = n_trials, on_trial_end, should_stop
+        self.study, self.space, self.keep, self.holder, self.queue = study, space, keep, holder, list(queue)
+        self.n_trials, self.launch_end = n_trials, launch_end
+        self.on_trial_end, self.should_stop = on_trial_end, should_stop
         self.trials: dict[str, optuna.Trial] = {}
         self.params: dict[str, dict] = {}  # the knobs each trial trains with (fixed values included)
         self.history: dict[str, list[dict]] = {}
-        self.asked, self.stopping = 0, False
+        self.slots, self.started, self.stopping, self.polled = 0, 0, False, 0.0
         self.epochs, self.objectives = EpochReports(study), study_objectives(study)
 
     def __getstate__(self) -> dict:
@@ -128,15 +157,43 @@ class _Bridge:
         # the Optuna study instead, so the bridge (an open study, the CLI's live display) is left out.
         return {}
 
-    def ask(self, trial_id: str) -> dict | None:
-        if self.stopping or (self.n_trials is not None and self.asked >= self.n_trials):
+    def may_launch(self, *, first: bool) -> bool:
+        """False once the search is stopping or the launch window has closed: no trial may start after that.
+
+        The run's ``first`` trial starts whatever the window, as in the local backend (Optuna's ``study.optimize``
+        starts its first trial at once): Ray's start-up (workers importing torch) is not in the plan's estimate.
+        """
+        in_window = self.launch_end is None or time.monotonic() < self.launch_end
+        return not self.stopping and (first or in_window)
+
+    def slot(self) -> dict | None:
+        """A Tune trial's config: only a slot number, for the knobs are asked when (and if) it starts."""
+        if not self.may_launch(first=self.slots == 0) or (self.n_trials is not None and self.slots >= self.n_trials):
             return None
-        trial = self.study.ask()
-        params = self.space.sample(trial)
-        trial.set_user_attr("knobs", params)
-        self.asked += 1
-        self.trials[trial_id], self.params[trial_id], self.history[trial_id] = trial, params, []
-        return {"number": trial.number, "params": params}
+        self.slots += 1
+        return {"slot": self.slots - 1}
+
+    def start(self, trial_id: str, slot: int) -> None:
+        """Tune started a slot's worker: ask Optuna now, so that only trials that really start are in the study."""
+        job = None
+        self.stopping = self.stopping or self.should_stop(self.study)  # asked now: no trial starts after Ctrl-C
+        if self.may_launch(first=self.started == 0):
+            if self.queue:  # a retry or a portfolio recipe: into the study only now, as it starts
+                self.queue.pop(0).enqueue(self.study)
+            trial = self.study.ask()
+            params = self.space.sample(trial)
+            trial.set_user_attr("knobs", params)
+            self.trials[trial_id], self.params[trial_id], self.history[trial_id] = trial, params, []
+            self.started += 1
+            job = (trial.number, params)
+        ray.get(self.holder.assign.remote(slot, job))  # before Tune tells the worker to train
+
+    def stop_all(self) -> bool:
+        """Whether the search is stopping; the controller's ``should_stop`` (a signal) is asked twice a second."""
+        if not self.stopping and time.monotonic() - self.polled > 0.5:
+            self.polled = time.monotonic()
+            self.stopping = self.should_stop(self.study)
+        return self.stopping
 
     def report(self, trial_id: str, result: dict) -> bool:
         """Record an epoch in Optuna; True when the study's pruner stops the trial (never at its last epoch)."""
@@ -150,7 +207,8 @@ class _Bridge:
         last_epoch = result["epoch"] + 1 >= result["epochs"]
         return not last_epoch and prune  # like the local backend: a full run is COMPLETE
 
-    def finish(self, trial_id: str, result: dict | None, *, error: str | None = None) -> None:
+    def finish(self, trial_id: str, result: dict | None, *, error: str | None = None, cut: bool = False) -> None:
+        """Tell Optuna how a trial ended; ``cut``: Tune ended it because the search stopped."""
         trial = self.trials.pop(trial_id, None)
         if trial is None:
             return
@@ -165,28 +223,42 @@ class _Bridge:
             trial.set_user_attr("train_loss", [r["train_loss"] for r in history])
             trial.set_user_attr("epoch_seconds", [round(r["seconds"], 3) for r in history])
         error = error or result.get("error")
-        if error:
+        if outcome is not None:  # it ran to its end (it may have been cut just after): its outcome is the record
+            frozen = self._tell_outcome(trial, params, outcome)
+        elif error:
             trial.set_user_attr("error", error[:2000])
             frozen = self.study.tell(trial, state=TrialState.FAIL)
             log.warning("trial %d failed: %s", trial.number, error)
-        elif result.get("complete") and outcome is not None:
-            for key, value in outcome.notes.items():
-                trial.set_user_attr(key, value)
-            if outcome.diverged:  # like the local backend: PRUNED with the reason, so the sampler learns from it
-                trial.set_user_attr("diverged", outcome.diverged)
-                frozen = self.study.tell(trial, state=TrialState.PRUNED)
-            else:
-                frozen = self.study.tell(trial, trial_values(self.objectives, outcome.best_score, outcome.notes))
-                self.keep(trial.number, params, outcome)
-        else:  # stopped by the pruner or by the time budget before its last epoch
+        elif cut:  # like the local backend after Ctrl-C: FAIL + interrupted, run again on resume
+            trial.set_user_attr("interrupted", True)
+            frozen = self.study.tell(trial, state=TrialState.FAIL)
+            log.warning("trial %d interrupted: recorded FAIL, it runs again when the search resumes", trial.number)
+        else:  # stopped by the pruner before its last epoch
             frozen = self.study.tell(trial, state=TrialState.PRUNED)
         self.on_trial_end(frozen)
         self.stopping = self.stopping or self.should_stop(self.study)
 
+    def _tell_outcome(self, trial: optuna.Trial, params: dict, outcome: TrialOutcome) -> FrozenTrial:
+        """A trial its worker finished: COMPLETE (exported if best), or PRUNED when it diverged or stopped early.
+
+        A trial that the time budget stopped comes back with ``stopped_early`` False and ``notes["stopped_by_budget"]``:
+        COMPLETE with its best epoch, as in the local backend.
+        """
+        for key, value in outcome.notes.items():
+            trial.set_user_attr(key, value)
+        if outcome.diverged:  # like the local backend: PRUNED with the reason, so the sampler learns from it
+            trial.set_user_attr("diverged", outcome.diverged)
+            return self.study.tell(trial, state=TrialState.PRUNED)
+        if outcome.stopped_early:
+            return self.study.tell(trial, state=TrialState.PRUNED)
+        frozen = self.study.tell(trial, trial_values(self.objectives, outcome.best_score, outcome.notes))
+        self.keep(trial.number, params, outcome)
+        return frozen
+
     def abandon(self) -> None:
-        """Trials Tune never finished (time budget, driver stopping): PRUNED if they trained, else FAIL."""
+        """Trials that Tune ended because the search stopped (or that ``fit`` left behind): FAIL + interrupted."""
         for trial_id in list(self.trials):
-            self.finish(trial_id, None, error=None if self.history[trial_id] else "not run: the search stopped")
+            self.finish(trial_id, None, cut=True)
 
 
 class _OptunaAsks(Searcher):
@@ -195,7 +267,7 @@ class _OptunaAsks(Searcher):
         self.bridge = bridge
 
     def suggest(self, trial_id: str) -> dict | None:
-        config = self.bridge.ask(trial_id)
+        config = self.bridge.slot()
         return Searcher.FINISHED if config is None else config
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
@@ -210,12 +282,15 @@ class _Prunes(Stopper):
         return self.bridge.report(trial_id, result)
 
     def stop_all(self) -> bool:
-        return self.bridge.stopping
+        return self.bridge.stop_all()
 
 
 class _Records(tune.Callback):
     def __init__(self, bridge: _Bridge):
         self.bridge = bridge
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.bridge.start(trial.trial_id, trial.config["slot"])
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.bridge.finish(trial.trial_id, trial.last_result)
@@ -227,11 +302,21 @@ class _Records(tune.Callback):
 
 
 def _connect(address: str | None) -> None:
+    """Start Ray here (``address`` None) or join a cluster, keeping autoft's signal handlers and logging.
+
+    ``ray.init`` installs SIGTERM handlers that exit at once; the handlers in place before it (the controller's:
+    stop after the current step) come back. Ray's own logger stops printing to stderr and passes its records on
+    to the application's logging instead (the CLI: search.log, and the terminal with ``-v``).
+    """
     if ray.is_initialized():
         return
-    options: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": False}
+    ray_logger = logging.getLogger("ray")
+    ray_logger.handlers.clear()
+    ray_logger.propagate = True
+    options: dict[str, Any] = {"configure_logging": False, "log_to_driver": False}
     if address is None:
         options["include_dashboard"] = False
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         ray.init(address=address, **options)
     except ConnectionError as exc:
@@ -239,6 +324,10 @@ def _connect(address: str | None) -> None:
             f"Cannot reach the Ray cluster at --address {address!r} ({exc}); start it with `ray start --head` "
             "or check the address (`ray status` on the head node prints it)."
         ) from None
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            for s, handler in handlers.items():
+                signal.signal(s, handler if handler is not None else signal.SIG_DFL)
 
 
 def _resources(cluster: Cluster) -> dict[str, float]:
@@ -259,16 +348,27 @@ def optimize(
     timeout: float | None,
     on_trial_end: Callable[[FrozenTrial], None],
     should_stop: Callable[[optuna.Study], bool],
+    queue: Sequence[Queued] = (),
 ) -> None:
-    """Run up to ``n_trials`` trials (or until ``timeout`` seconds) as Ray Tune trials on ``cluster``.
+    """Run up to ``n_trials`` trials as Ray Tune trials on ``cluster``, the ``queue`` first (each added to the
+    study only as its trial starts); none starts after ``timeout`` seconds.
+
+    ``timeout`` is a launch window, as in the local backend: trials running when it closes run on (the worker's
+    own deadline rule ends them). ``should_stop`` becoming true (Ctrl-C) ends the running trials, recorded FAIL
+    + ``interrupted``.
 
     >>> optimize(study, load_space("default"), executor.worker, executor.keep, cluster=Cluster(),
     ...          n_trials=10, timeout=None, on_trial_end=print, should_stop=lambda s: False)  # doctest: +SKIP
     """
+    launch_end = None if timeout is None else time.monotonic() + timeout
     _connect(cluster.address)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no tables of Tune's own on the terminal
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # Ctrl-C is the controller's: it records, Tune's would not
     holder = _Holder.remote()
-    bridge = _Bridge(study, space, keep, holder, n_trials=n_trials, on_trial_end=on_trial_end, should_stop=should_stop)
+    bridge = _Bridge(
+        study, space, keep, holder,
+        n_trials=n_trials, launch_end=launch_end, on_trial_end=on_trial_end, should_stop=should_stop, queue=queue,
+    )  # fmt: skip
     trainable = tune.with_resources(
         tune.with_parameters(_trainable, worker=worker, holder=holder),  # put in the object store once
         _resources(cluster),
@@ -279,11 +379,10 @@ def optimize(
             search_alg=_OptunaAsks(bridge),
             num_samples=n_trials if n_trials is not None else -1,
             max_concurrent_trials=cluster.max_concurrent,
-            time_budget_s=timeout,
             # On this machine a worker that has imported torch and holds the data runs the next trial too; on a
             # cluster each trial gets a fresh worker, so Tune places it wherever resources are free.
             reuse_actors=cluster.address is None,
-            trial_dirname_creator=lambda trial: f"trial-{trial.config['number']}",
+            trial_dirname_creator=lambda trial: f"slot-{trial.config['slot']}",
         ),
         run_config=tune.RunConfig(
             name=f"search-{time.strftime('%Y%m%d-%H%M%S')}",
