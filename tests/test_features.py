@@ -10,12 +10,13 @@ import torch
 from torch import nn
 
 from autoft import tasks
+from autoft.cli import main
 from autoft.features import FeatureCache
 from autoft.recipe import Recipe
 from autoft.tasks.base import Dataset
 from autoft.tasks.image import data, models, transforms
 from autoft.trial import TrialOutcome, run_trial
-from conftest import colour_split, image_setup
+from conftest import colour_split, image_setup, make_image_folder
 
 CPU = torch.device("cpu")
 SIZE = 16
@@ -158,3 +159,36 @@ def test_compile_is_a_checked_config_flag(tmp_path: Path) -> None:
         SearchConfig(model="test_resnet", data=tmp_path, compile="yes")
     args = _parser().parse_args(["search", "--model", "test_resnet", "--data", str(tmp_path), "--compile"])
     assert _config(args).compile
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flag", [True, False], ids=["compile", "no-compile"])
+def test_compile_flag_runs_each_trial_s_training_forward_through_torch_compile(
+    tmp_path: Path, flag: bool, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    # A stand-in for torch.compile (a real compile on CPU needs a C++ toolchain and minutes): it records what it
+    # compiled and counts the calls that go through the compiled callable.
+    compiled, forwards = [], []
+
+    def fake_compile(module: torch.nn.Module, *args: object, **kwargs: object):
+        compiled.append(module)
+
+        def forward(*inputs: torch.Tensor) -> torch.Tensor:
+            forwards.append(inputs[0].shape[0])
+            return module(*inputs)
+
+        return forward
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    data = make_image_folder(tmp_path / "data", per_class=6, size=(16, 16))
+    space = tmp_path / "space.yaml"
+    space.write_text("params:\n  freeze: full\n  epochs: 2\n  batch_size: 8\n  lr: 1.0e-3\n")
+    args = ["search", "--model", "test_resnet", "--no-pretrained", "--data", str(data), "--space", str(space),
+            "--trials", "2", "--image-size", "16", "--no-warm-start", "--run-dir", str(tmp_path / "run")]  # fmt: skip
+    assert main([*args, "--compile"] if flag else args) == 0, capsys.readouterr().err
+    if not flag:
+        assert compiled == [] and forwards == []
+        return
+    assert len(compiled) == 2  # once per trial (freeze full: one set of trainable blocks)
+    assert all(isinstance(m, torch.nn.Module) and m.get_classifier().out_features == 3 for m in compiled)
+    assert forwards == [8, 8, 2] * 4  # 18 training images: every step of 2 epochs x 2 trials went through it

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import collections
 import importlib.util
+import socket
+import time
 from pathlib import Path
 
+import huggingface_hub.constants
 import pytest
 import safetensors.torch
 import timm
@@ -52,8 +55,86 @@ def test_create_download_failure_suggests_local_weights(monkeypatch: pytest.Monk
         raise OSError("We couldn't connect to huggingface.co")
 
     monkeypatch.setattr(timm, "create_model", offline)
+    monkeypatch.setattr(models, "_hub_reachable", lambda: True)  # the hub answers, the download still fails
     with pytest.raises(AutoftError, match=r"'test_resnet'.*couldn't connect.*--weights FILE.*--no-pretrained"):
         models.create("test_resnet", num_classes=2)
+
+
+def test_unreachable_hub_fails_within_seconds_with_the_ways_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(models, "_hub_reachable", lambda: False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    started = time.monotonic()
+    with pytest.raises(AutoftError) as error:
+        models.create("test_resnet", num_classes=2)
+    assert time.monotonic() - started < 10, "no minute of hub retries when the hub cannot be reached"
+    message = str(error.value)
+    assert "cannot be reached" in message and "HF_HUB_OFFLINE=1" in message and "--model PATH" in message
+    assert "--weights FILE" in message and "--no-pretrained" in message
+    assert huggingface_hub.constants.HF_HUB_OFFLINE is False  # offline mode only for that one call
+
+
+def test_hub_probe_tells_a_closed_port_from_a_listening_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    for proxy in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+        assert models._hub_reachable()
+    started = time.monotonic()
+    assert not models._hub_reachable()  # the port is closed now: refused at once
+    assert time.monotonic() - started < 5
+
+
+@pytest.fixture
+def model_folder(tmp_path: Path) -> tuple[Path, nn.Module]:
+    """A timm model folder as timm.models.save_for_hf writes it: config.json + model.safetensors."""
+    source = _tiny(num_classes=5)
+    timm.models.save_for_hf(source, str(tmp_path / "my-model"), safe_serialization=True)
+    return tmp_path / "my-model", source
+
+
+@pytest.mark.parametrize("prefix", ["", "local-dir:"])
+def test_a_model_folder_loads_its_weights_with_a_new_head(
+    model_folder: tuple[Path, nn.Module], prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder, source = model_folder
+    monkeypatch.setattr(models, "_hub_reachable", lambda: pytest.fail("a model folder needs no hub"))
+    monkeypatch.chdir(folder.parent)
+    for name in (f"{prefix}{folder}", f"{prefix}./{folder.name}"):  # absolute and relative
+        models.check_name(name)
+        model = models.create(name, num_classes=3)
+        assert torch.equal(model.conv1[0].weight, source.conv1[0].weight)  # the folder's weights
+        assert model.get_classifier().out_features == 3
+        assert not torch.equal(
+            models.create(name, num_classes=3, pretrained=False).conv1[0].weight, model.conv1[0].weight
+        )
+
+
+def test_bad_model_folders_are_one_clear_error(model_folder: tuple[Path, nn.Module]) -> None:
+    folder, _ = model_folder
+    cases = {
+        str(folder / "config.json"): "is a file, not a folder",
+        f"local-dir:{folder}-nope": "does not exist",
+        "./no/such/model": "does not exist",
+        "unknown-source:x": "does not exist",
+    }
+    for name, phrase in cases.items():
+        with pytest.raises(AutoftError, match=phrase):
+            models.check_name(name)
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(AutoftError, match=r"could not be loaded.*config\.json"):
+        models.create(str(folder), num_classes=2)
+    (folder / "config.json").write_text('{"architecture": "no_such_net"}')
+    with pytest.raises(AutoftError, match="'no_such_net', which is not a timm model"):
+        models.check_name(str(folder))
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(AutoftError, match=r"no readable config\.json"):
+        models.check_name(str(folder))
 
 
 def test_create_with_weights_skips_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -233,7 +314,7 @@ def test_load_weights_by_order(tmp_path: Path, caplog: pytest.LogCaptureFixture)
     renamed = collections.OrderedDict((f"x_{k}", v) for k, v in source.state_dict().items())
     path = _save(renamed, tmp_path / "renamed.pth")
     model = _tiny("test_efficientnet", num_classes=3)
-    with caplog.at_level("INFO", logger="autoft.models"):
+    with caplog.at_level("INFO", logger="autoft.tasks.image.models"):
         models.load_weights(model, path)
     assert "by order" in caplog.text
     for key, value in model.state_dict().items():

@@ -6,14 +6,21 @@ a run directory inside ``runs/`` (a study name such as ``../x`` never escapes it
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
+import huggingface_hub.constants
 import optuna
+import pytest
+import timm
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+import autoft.cli
 from autoft.config import SearchConfig, parse_duration
 from autoft.errors import AutoftError
 from autoft.space import SearchSpace
@@ -138,3 +145,53 @@ def test_option_values_pass_or_raise_autoft_error(values: dict[str, Any]) -> Non
     if values.get("run_dir") is None:  # the default run dir comes from the study name: it must stay in runs/
         runs = Path("runs").resolve()
         assert config.run_dir.resolve().parent == runs, config.run_dir
+
+
+# ----------------------------------------------------------------------------- --model and --data through the CLI
+
+odd_text = st.text(max_size=24) | st.sampled_from(["", " ", "\n", "[/]", "[bold]x", "🙂", "é/ü", "C:\\model", "~"])
+model_values = odd_text | st.sampled_from(
+    ["hf-hub:x", "hf-hub:", "local-dir:/nope", "local-dir:", "./nope", "/", ".", "..", "resnet50/", "a,b", ",",
+     "x:y:z", "test_resnet", "test_resnet\n", "my-model", "./my-model/", "local-dir:my-model", "a_file", "empty",
+     "bad-config", "my-model/config.json", "local-dir:a_file"]
+)  # fmt: skip
+data_values = odd_text | st.sampled_from(["nope", ".", "a_file", "empty", "my-model", "bad-config", "/nonexistent/x"])
+
+
+@pytest.fixture(scope="module")
+def odd_paths(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder of things a user may point --model or --data at: a real timm model folder and wrong ones."""
+    root = tmp_path_factory.mktemp("odd")
+    timm.models.save_for_hf(timm.create_model("test_resnet"), str(root / "my-model"), safe_serialization=True)
+    (root / "a_file").write_text("not a model")
+    (root / "empty").mkdir()
+    (root / "bad-config").mkdir()
+    (root / "bad-config" / "config.json").write_text('{"architecture": 3}')
+    return root
+
+
+@settings(SETTINGS, max_examples=80)
+@given(model=model_values, data=data_values, pretrained=st.booleans())
+@example(model="./my-model", data="nope", pretrained=True)
+@example(model="hf-hub:x", data="nope", pretrained=True)
+@example(model="[/]", data="nope", pretrained=False)
+@example(model="my-model/config.json", data="nope", pretrained=False)
+@example(model="test_resnet", data="a\nb", pretrained=False)
+def test_odd_model_and_data_values_are_one_line_and_exit_2(
+    odd_paths: Path, tmp_path_factory: pytest.TempPathFactory, model: str, data: str, pretrained: bool
+) -> None:
+    run_dir = tmp_path_factory.getbasetemp() / "odd-run"
+    args = ["search", f"--model={model}", f"--data={data}", f"--run-dir={run_dir}", "--trials=1"]
+    err = io.StringIO()
+    # Offline: a hub name fails from the (empty) cache at once, the same with or without a network.
+    with (
+        contextlib.chdir(odd_paths),
+        contextlib.redirect_stderr(err),
+        mock.patch.object(huggingface_hub.constants, "HF_HUB_OFFLINE", True),
+    ):
+        code = autoft.cli.main([*args, *([] if pretrained else ["--no-pretrained"])])
+    text = err.getvalue()
+    assert code == 2, text
+    assert "Traceback" not in text
+    errors = [line for line in text.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith("error: ") and text.strip().endswith(errors[0].strip()), text

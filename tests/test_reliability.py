@@ -20,7 +20,7 @@ from torch import nn
 
 import autoft
 import autoft.cli
-from autoft import results
+from autoft import pieces, results
 from autoft.config import SearchConfig
 from autoft.controller import _stop_on_signals, run_search
 from autoft.keeper import check_free_space
@@ -130,7 +130,7 @@ def test_kill_9_mid_trial_then_same_command_resumes(tmp_path: Path) -> None:
 def test_signal_stops_the_running_trial_and_writes_results(tmp_path: Path, sig: signal.Signals, code: int) -> None:
     proc = _start_and_wait_mid_trial(tmp_path, trials=20)
     running = next(n for n, s, _ in _trials_in(tmp_path / "run" / "study.db") if s == "RUNNING")
-    sent = time.monotonic()
+    sent, sent_wall = time.monotonic(), time.time()
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == code, err
@@ -144,6 +144,11 @@ def test_signal_stops_the_running_trial_and_writes_results(tmp_path: Path, sig: 
     csv = (tmp_path / "run" / "trials.csv").read_text()
     assert csv.count("\n") == running + 2 and "interrupted" in csv
     _assert_best_is_best_complete_trial(tmp_path)
+    report = tmp_path / "run" / "report.html"  # written on the way out, with the stopped trial in it
+    assert report.is_file() and report.stat().st_mtime >= sent_wall - 1
+    states = json.loads((tmp_path / "run" / "report.json").read_text())["states"]
+    assert states["FAIL"] == 1 and sum(states.values()) == running + 1
+    assert '<tr class="FAIL">' in report.read_text()
     print(f"{sig.name}: exited {seconds:.1f}s after the signal")
 
     if sig != signal.SIGINT:
@@ -202,30 +207,41 @@ def test_diverged_trial_is_pruned_with_its_reason_and_the_search_goes_on(tmp_pat
     assert "diverged: training loss became nan" in (tmp_path / "run" / "trials.csv").read_text()
 
 
-def _out_of_memory_above(limit: int):
-    """A real forward pre-hook that raises the device's out-of-memory error for training batches above ``limit``."""
+def _out_of_memory_above(limit: int, seen: list[int]):
+    """A real forward pre-hook that raises the device's out-of-memory error for training batches above ``limit``;
+    ``seen`` records every training batch size that reached the model."""
 
     def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-        if module.training and inputs[0].shape[0] > limit:
-            raise torch.OutOfMemoryError(f"CUDA out of memory (batch {inputs[0].shape[0]} > {limit})")
+        if module.training:
+            seen.append(inputs[0].shape[0])
+            if inputs[0].shape[0] > limit:
+                raise torch.OutOfMemoryError(f"CUDA out of memory (batch {inputs[0].shape[0]} > {limit})")
 
     return lambda setup: setup.base_model.register_forward_pre_hook(hook)  # copied into every trial's model
 
 
 @pytest.mark.slow
-def test_out_of_memory_is_retried_once_at_half_the_batch_size(tmp_path: Path, data: Path) -> None:
-    space = "params:\n  batch_size: {type: categorical, choices: [8, 16, 32]}\n  epochs: 1\n"
-    enqueue = [{"batch_size": 32}, {"batch_size": 16}, {"batch_size": 8}]
-    result = _enqueued_search(tmp_path, data, space, enqueue, setup_hook=_out_of_memory_above(8))
-    failed, retried, plain = result.study.trials
+def test_out_of_memory_is_retried_once_at_half_the_batch_size(
+    tmp_path: Path, data: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Every step trains the whole model (freeze full), so every training batch meets the hook.
+    space = "params:\n  batch_size: {type: categorical, choices: [16, 32]}\n  freeze: full\n  epochs: 1\n"
+    seen: list[int] = []
+    enqueue = [{"batch_size": 16}, {"batch_size": 32}]
+    result = _enqueued_search(tmp_path, data, space, enqueue, setup_hook=_out_of_memory_above(8, seen))
+    retried, failed = result.study.trials
+    # (The plan's timing steps come first: they halve their own batch when out of memory.)
+    assert seen[-2:] == [24, 16]  # trial 1: out of memory at 32 (all 24 images in one batch), and again at 16
+    before = seen[:-2]
+    trial_0 = before[len(before) - 1 - before[::-1].index(16) :]  # from its first batch, at 16
+    assert trial_0[0] == 16 and len(trial_0) > 1 and set(trial_0[1:]) == {8}  # 16 runs out, then all of it at 8
+    assert retried.state == TrialState.COMPLETE and retried.user_attrs["oom_retry_batch_size"] == 8
     assert failed.state == TrialState.FAIL
     assert failed.user_attrs["error"].startswith("OutOfMemoryError: also at half the batch size (16)")
-    assert retried.state == TrialState.COMPLETE and retried.user_attrs["oom_retry_batch_size"] == 8
-    assert plain.state == TrialState.COMPLETE and "oom_retry_batch_size" not in plain.user_attrs
+    assert "trial 0 ran out of device memory: retrying at batch size 8" in caplog.text
     meta = json.loads((result.model_dir / "config.json").read_text())
-    if meta["trial"] == 1:  # the exported parameters are the ones it really trained with
-        assert meta["params"]["batch_size"] == 8
-    assert "ran at batch size 8" in (tmp_path / "run" / "trials.csv").read_text()
+    assert meta["trial"] == 0 and meta["params"]["batch_size"] == 8  # exported with the batch size it trained at
+    assert "out of memory: ran at batch size 8" in (tmp_path / "run" / "trials.csv").read_text()
 
 
 @pytest.mark.slow
@@ -242,6 +258,37 @@ def test_every_trial_failing_exits_non_zero_with_the_distinct_errors(tmp_path: P
     err = " ".join(done.stderr.split())
     assert "No trial completed (4 trials" in err and "2 distinct error(s)" in err
     assert "batch_size=0" in err and "batch_size=-1" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_the_same_error_in_the_last_5_trials_stops_the_search_with_exit_2(
+    tmp_path: Path, data: Path, capsys: pytest.CaptureFixture
+) -> None:
+    calls: list[int] = []
+
+    def breaks_after_the_first_trial(model: nn.Module, recipe: autoft.Recipe) -> None:
+        calls.append(1)
+        if len(calls) > 1:  # trial 0 completes, so the first-3-trials rule cannot be what stops the search
+            raise RuntimeError("the custom freeze broke")
+
+    pieces.register_freeze("breaks", breaks_after_the_first_trial)
+    space = tmp_path / "space.yaml"
+    space.write_text("params:\n  freeze: breaks\n  lr: {type: float, low: 1.0e-3, high: 1.0e-2, log: true}\n"
+                     "  epochs: 1\n  batch_size: 8\n")  # fmt: skip
+    try:
+        code = autoft.cli.main(["search", "--model", "test_resnet", "--no-pretrained", "--data", str(data),
+                                "--space", str(space), "--trials", "20", "--image-size", "16", "--no-warm-start",
+                                "--run-dir", str(tmp_path / "run")])  # fmt: skip
+    finally:
+        pieces.unregister("freeze", "breaks")
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 2, err
+    message = (
+        "error: Stopped the search: every recent trial failed with the same error: RuntimeError: the custom freeze"
+    )
+    assert message in err and "Traceback" not in err
+    states = [t.state for t in _load_study(tmp_path).trials]
+    assert states == [TrialState.COMPLETE] + [TrialState.FAIL] * 5  # stopped at once, 14 trials short of 20
 
 
 # ----------------------------------------------------------------------------- disk
@@ -264,15 +311,26 @@ def test_run_dir_that_cannot_be_created_is_exit_2(tmp_path: Path, capsys: pytest
     assert code == 2 and "Cannot create run directory" in err and "Traceback" not in err
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
-def test_unwritable_run_dir_is_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_a_file_where_the_run_dir_should_be_is_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     data = make_image_folder(tmp_path / "data", per_class=4)
-    locked = tmp_path / "locked"
-    locked.mkdir(mode=0o500)
+    (tmp_path / "run").write_text("a regular file")
     code = autoft.cli.main(["search", "--model", "test_resnet", "--no-pretrained", "--data", str(data),
-                            "--run-dir", str(locked)])  # fmt: skip
-    err = capsys.readouterr().err
-    assert code == 2 and "not writable" in err
+                            "--run-dir", str(tmp_path / "run")])  # fmt: skip
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 2 and f"error: Cannot create run directory {tmp_path / 'run'}" in err, err
+    assert "--run-dir" in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_unwritable_run_dir_is_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    # /proc/self is a folder no one may create files in, root included (a read-only mount behaves the same;
+    # a chmod 500 folder would not stop root, and CI runs as root).
+    data = make_image_folder(tmp_path / "data", per_class=4)
+    code = autoft.cli.main(["search", "--model", "test_resnet", "--no-pretrained", "--data", str(data),
+                            "--run-dir", "/proc/self"])  # fmt: skip
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 2 and "error: Run directory /proc/self is not writable" in err, err
+    assert "--run-dir" in err and "Traceback" not in err
 
 
 # ----------------------------------------------------------------------------- bad input (exit 2, one sentence)

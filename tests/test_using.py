@@ -7,11 +7,13 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime
 import pytest
 import torch
+from onnx.external_data_helper import uses_external_data
 
-from autoft import AutoftError, load_model
+from autoft import AutoftError, export, load_model
 from autoft.cli import main
 from autoft.export import evaluate_folder, export_model, predict_files, save_model
 from autoft.tasks.image.data import find_images
@@ -89,6 +91,24 @@ def test_exported_file_gives_the_model_s_outputs(tuned_dir: Path, tmp_path: Path
         meta = json.loads(extra["config.json"])
     assert torch.allclose(got, expected, atol=1e-4)
     assert meta["classes"] == ["cat", "dog", "fish"] and meta["image_size"] == 16
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # one file, every weight in it: no stray .data
+
+
+@pytest.mark.slow
+def test_onnx_past_the_single_file_limit_is_the_external_data_pair(
+    tuned_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(export, "_ONNX_SINGLE_FILE_BYTES", 0)  # as if the model were over protobuf's 2 GiB
+    path, difference = export_model(tuned_dir, format="onnx", output=tmp_path / "model.onnx")
+    assert difference < 1e-4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.onnx.data"]
+    proto = onnx.load(str(path), load_external_data=False)
+    assert any(uses_external_data(t) for t in proto.graph.initializer)  # the .data file is the one it reads
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert "autoft" in session.get_modelmeta().custom_metadata_map
+    monkeypatch.setattr(export, "_ONNX_SINGLE_FILE_BYTES", 1 << 30)
+    export_model(tuned_dir, format="onnx", output=path)  # exported again as one file: the old .data goes
+    assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]
 
 
 def test_cli_predict_evaluate_and_bad_input(

@@ -13,6 +13,7 @@ import optuna
 from rich.console import Console
 from rich.live import Live
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -545,13 +546,18 @@ _COMMANDS = {
 }
 
 
+def _one_line(message: str) -> str:
+    """The message as one line of plain text: control characters (a newline in a path) escaped, no rich markup."""
+    return escape("".join(c if c.isprintable() else repr(c)[1:-1] for c in message))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``autoft`` command; returns the exit code (2 for bad input, 130/143 when interrupted)."""
     args = _parser().parse_args(argv)
     try:
         return _COMMANDS[args.command](args)
     except AutoftError as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        console.print(f"[bold red]error:[/] {_one_line(str(exc))}", highlight=False, soft_wrap=True)
         return 2
     except SearchInterrupted as exc:  # the first Ctrl-C / SIGTERM: the search wrote what it had
         if exc.result is not None:

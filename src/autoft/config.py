@@ -153,7 +153,26 @@ def _model_names(model: Any) -> str:
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         raise AutoftError(f"--model names {', '.join(repeated)} more than once; give each candidate model once.")
-    return ",".join(names)
+    return ",".join(_absolute_folder(n) for n in names)
+
+
+def _absolute_folder(name: str) -> str:
+    """A model given as a path to an existing folder (``./my-model``, ``local-dir:my-model``), made absolute, so
+    the exported model's config finds it again from any working directory; any other name is left as it is."""
+    path = name.removeprefix("local-dir:")
+    if path == name and not any(c in name for c in "/\\") and not name.startswith((".", "~")):
+        return name  # a timm name (or an hf-hub: id, which has no leading dot and is no folder here)
+    try:
+        folder = Path(path).expanduser()
+        return str(folder.resolve()) if folder.is_dir() else name
+    except (OSError, RuntimeError, ValueError):  # too long, a loop, a NUL: models.check_name says what is wrong
+        return name
+
+
+def _short_model_names(model: str) -> str:
+    """The models for a study name: a folder by its own name, not its whole path."""
+    paths = [Path(n.removeprefix("local-dir:")) for n in model.split(",")]
+    return ",".join(p.name if p.is_absolute() else n for p, n in zip(paths, model.split(","), strict=True))
 
 
 def _whole(value: Any) -> bool:
@@ -319,7 +338,7 @@ class SearchConfig:
 
         The default run dir is ``runs/`` + the study name as a safe slug: a name like ``../x`` stays inside.
         """
-        study_name = self.study_name or _slug(f"{self.model}-{self.data.resolve().name}")
+        study_name = self.study_name or _slug(f"{_short_model_names(self.model)}-{self.data.resolve().name}")
         run_dir = self.run_dir or Path("runs") / _slug(study_name)
         storage = self.storage or f"sqlite:///{(run_dir / 'study.db').resolve()}"
         trials = self.trials if (self.trials is not None or self.timeout is not None) else 20

@@ -44,12 +44,21 @@ __all__ = [
 
 WEIGHTS, CONFIG, ADAPTER = "model.safetensors", "config.json", "adapter.safetensors"
 EXPORT_FORMATS = ("onnx", "torchscript")
+_ONNX_SINGLE_FILE_BYTES = 1 << 30  # weights above this go to an external-data file (protobuf caps a file at 2 GiB)
 
 
 def _replace_atomically(path: Path, write: Callable[[Path], object]) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     write(tmp)
+    os.chmod(tmp, 0o666 & ~_umask())  # the mode a new file gets here (0644 under 022): safetensors writes 0600
     os.replace(tmp, path)
+
+
+def _umask() -> int:
+    """The process's umask (reading it means setting it: set to 022 and back at once, never to 0)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def save_model(
@@ -282,6 +291,10 @@ def _write_onnx(module: nn.Module, example: torch.Tensor, path: Path, meta: dict
     import onnxruntime
 
     batch = torch.export.Dim("batch", min=1)
+    # One self-contained file; past protobuf's 2 GiB limit the weights go to PATH.data beside it (referenced).
+    external = sum(t.numel() * t.element_size() for t in module.state_dict().values()) > _ONNX_SINGLE_FILE_BYTES
+    sidecar = path.with_name(path.name + ".data")
+    sidecar.unlink(missing_ok=True)  # an earlier export's weights, never this file's
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
@@ -292,9 +305,10 @@ def _write_onnx(module: nn.Module, example: torch.Tensor, path: Path, meta: dict
             output_names=["logits"],
             dynamic_shapes={"images": {0: batch}},
             dynamo=True,
+            external_data=external,
             verbose=False,
         )
-    proto = onnx.load(str(path))
+    proto = onnx.load(str(path), load_external_data=False)  # external tensors stay references to PATH.data
     onnx.helper.set_model_props(proto, {"autoft": json.dumps(meta)})
     onnx.save(proto, str(path))
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])

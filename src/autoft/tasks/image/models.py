@@ -6,12 +6,19 @@ Everything here goes through timm's own machinery (``create_model``, ``group_mat
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
+import os
 import pickle
-from collections.abc import Mapping
+import socket
+import threading
+import urllib.parse
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import huggingface_hub.constants
 import safetensors
 import safetensors.torch
 import timm
@@ -37,23 +44,37 @@ _BN_COUNTER = "num_batches_tracked"
 def create(name: str, *, num_classes: int, pretrained: bool = True, weights: str | Path | None = None) -> nn.Module:
     """Create the timm model ``name`` with a fresh ``num_classes``-way head.
 
-    With ``weights``, the backbone comes from that file instead of timm's hub (see `load_weights`).
+    ``name`` is a timm model name (``resnet50``, ``resnet50.a1_in1k``), ``hf-hub:ORG/REPO``, or a local model
+    folder as timm writes it (``timm.models.save_for_hf``: ``config.json`` plus weights), given as a path or as
+    ``local-dir:PATH``; the folder's weights are its pretrained weights. With ``weights``, the backbone comes from
+    that file instead (see `load_weights`). When the Hugging Face Hub cannot be reached, the weights come from the
+    local cache or the error says so within seconds (no minute of retries).
 
     Example:
         >>> model = create("test_resnet", num_classes=10, pretrained=False)
         >>> model.get_classifier().out_features
         10
     """
-    _check_model_name(name)
-    from_hub = pretrained and weights is None
+    timm_name = _timm_name(name)
+    source = parse_model_name(timm_name)[0]
+    load_pretrained = pretrained and weights is None
+    uses_hub = source == "hf-hub" or (load_pretrained and source is None)  # a folder's weights are local
+    reachable = not uses_hub or _hub_reachable()
     try:
-        model = timm.create_model(name, pretrained=from_hub, num_classes=num_classes)
-    except OSError as err:  # hub download failed: no network, or the weights are not in the cache
-        if not from_hub:
+        with _hub_offline(not reachable):
+            model = timm.create_model(timm_name, pretrained=load_pretrained, num_classes=num_classes)
+    except (OSError, RuntimeError, ValueError, KeyError) as err:
+        if source == "local-dir":  # a folder whose config or weights do not fit
+            raise AutoftError(
+                f"Model folder {_brief(name)!r} could not be loaded ({_brief(err)}); {_FOLDER_HINT}"
+            ) from err
+        if not uses_hub or not isinstance(err, OSError):
             raise
-        raise AutoftError(
-            f"Pretrained weights could not be fetched for model '{name}' ({_brief(err)}); "
-            "pass a local file with --weights FILE, or train from scratch with --no-pretrained."
+        cause = _brief(err) if reachable else f"the Hugging Face Hub ({_hub_host()}) cannot be reached"
+        raise AutoftError(  # no network, or the weights are not in the cache
+            f"Pretrained weights could not be fetched for model {_brief(name)!r} ({cause}); pass a local file with "
+            "--weights FILE or a local model folder with --model PATH, set HF_HUB_OFFLINE=1 with the weights "
+            "already in the Hugging Face cache, or train from scratch with --no-pretrained."
         ) from err
     if weights is not None:
         load_weights(model, weights)
@@ -63,10 +84,12 @@ def create(name: str, *, num_classes: int, pretrained: bool = True, weights: str
 def check_name(name: str) -> None:
     """Raise an AutoftError naming the closest timm models when ``name`` is not one (nothing is loaded).
 
+    A path (or ``local-dir:PATH``) must be a timm model folder; ``hf-hub:`` names are checked when loaded.
+
     Example:
         >>> check_name("test_resnet")
     """
-    _check_model_name(name)
+    _timm_name(name)
 
 
 def load_weights(model: nn.Module, path: str | Path) -> None:
@@ -134,17 +157,99 @@ def data_config(model: nn.Module) -> dict[str, Any]:
 # helpers
 
 
-def _check_model_name(name: str) -> None:
-    """Raise with the closest timm names when ``name`` is not a timm model."""
-    source, model_name = parse_model_name(name)
-    if source is not None:  # hf-hub: / local-dir: names are resolved by timm itself
-        return
-    architecture, _ = split_model_name_tag(model_name)
+_FOLDER_HINT = (
+    "a model folder needs timm's config.json (with 'architecture') and a weights file, as "
+    "timm.models.save_for_hf writes them."
+)
+_HUB_PROBE_SECONDS = 3.0
+
+
+def _timm_name(name: str) -> str:
+    """The name to give timm: a timm name as it is, a model folder as ``local-dir:PATH``; else one clear error."""
+    if not isinstance(name, str) or not name.strip():
+        raise AutoftError(f"--model must be a timm model name such as resnet50 or a model folder, but got {name!r}.")
+    try:
+        source, model_id = parse_model_name(name)
+    except ValueError:  # a path, or an unknown "source:" prefix
+        source, model_id = None, None
+    if source == "hf-hub":  # resolved (and, if unreachable, reported) by timm when the model is created
+        return name
+    if source == "local-dir" or model_id is None:
+        folder = Path(model_id if source == "local-dir" else name).expanduser()
+        _check_model_folder(name, folder)
+        return f"local-dir:{folder}"
+    architecture, _ = split_model_name_tag(model_id)
     if timm.is_model(architecture):
-        return
+        return name
     matches = closest(architecture, timm.list_models())
     hint = f" Did you mean: {', '.join(matches)}?" if matches else ""
-    raise AutoftError(f"Unknown model '{name}'.{hint} (see timm.list_models())")
+    raise AutoftError(f"Unknown model {_brief(name)!r}.{hint} (see timm.list_models(), or give a model folder)")
+
+
+def _check_model_folder(name: str, folder: Path) -> None:
+    """A timm model folder: ``config.json`` naming a timm architecture (its weights are checked when loaded)."""
+    config = folder / "config.json"
+    try:
+        if not folder.is_dir():
+            what = "is a file, not a folder" if folder.exists() else "does not exist"
+            raise AutoftError(
+                f"Model {_brief(name)!r} is not a timm model name, and as a model folder it {what}; give a timm name "
+                f"such as resnet50 (see timm.list_models()) or a folder: {_FOLDER_HINT}"
+            )
+        architecture = json.loads(config.read_text(encoding="utf-8")).get("architecture")
+    except (OSError, ValueError, AttributeError) as err:
+        raise AutoftError(
+            f"Model folder {_brief(str(folder))!r} has no readable config.json ({_brief(err)}); {_FOLDER_HINT}"
+        ) from err
+    if not isinstance(architecture, str) or not timm.is_model(split_model_name_tag(architecture)[0]):
+        raise AutoftError(
+            f"Model folder {_brief(str(folder))!r}: config.json names architecture {_brief(repr(architecture))}, "
+            f"which is not a timm model; {_FOLDER_HINT}"
+        )
+
+
+def _hub_host() -> str:
+    return urllib.parse.urlsplit(huggingface_hub.constants.ENDPOINT).hostname or "huggingface.co"
+
+
+def _hub_reachable() -> bool:
+    """Whether a TCP connection to the Hub opens within a few seconds (True when offline mode or a proxy is set).
+
+    Without it, huggingface_hub retries an unreachable Hub for about a minute before failing.
+    """
+    if huggingface_hub.constants.HF_HUB_OFFLINE or any(
+        os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+    ):
+        return True
+    url = urllib.parse.urlsplit(huggingface_hub.constants.ENDPOINT)
+    address = (url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443))
+    answer: list[bool] = []
+
+    def connect() -> None:  # in a thread: name resolution has no timeout of its own
+        try:
+            socket.create_connection(address, timeout=_HUB_PROBE_SECONDS).close()
+            answer.append(True)
+        except OSError:
+            answer.append(False)
+
+    probe = threading.Thread(target=connect, daemon=True)
+    probe.start()
+    probe.join(_HUB_PROBE_SECONDS + 1.0)
+    return bool(answer and answer[0])
+
+
+@contextlib.contextmanager
+def _hub_offline(offline: bool) -> Iterator[None]:
+    """Hub offline mode for one call: cached weights still load, missing ones fail at once."""
+    if not offline:
+        yield
+        return
+    was = huggingface_hub.constants.HF_HUB_OFFLINE
+    huggingface_hub.constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        huggingface_hub.constants.HF_HUB_OFFLINE = was
 
 
 def _brief(err: BaseException, limit: int = 160) -> str:
