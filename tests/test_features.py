@@ -150,7 +150,8 @@ def test_a_cached_linear_probe_is_faster(dataset: data.Dataset) -> None:
 
 
 def test_compile_is_a_checked_config_flag(tmp_path: Path) -> None:
-    from autoft.cli import _config, _parser
+    from autoft.cli import _parser
+    from autoft.cli.search import _config
     from autoft.config import SearchConfig
     from autoft.errors import AutoftError
 

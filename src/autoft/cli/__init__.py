@@ -1,0 +1,45 @@
+"""The ``autoft`` command: parses arguments, sets up logging and shows progress. Nothing else prints.
+
+``search.py`` is the search command; ``using.py`` the commands that use its results; ``output.py`` the console.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+from autoft.cli import search, using
+from autoft.cli.output import console, one_line
+from autoft.controller import SearchInterrupted
+from autoft.errors import AutoftError
+
+__all__ = ["main"]
+
+
+_COMMANDS = {"search": search.run} | using.COMMANDS
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="autoft", description="AutoML fine-tuning for pretrained models.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    search.add_parser(commands)
+    using.add_parsers(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``autoft`` command; returns the exit code (2 for bad input, 130/143 when interrupted)."""
+    args = _parser().parse_args(argv)
+    try:
+        return _COMMANDS[args.command](args)
+    except AutoftError as exc:
+        console.print(f"[bold red]error:[/] {one_line(str(exc))}", highlight=False, soft_wrap=True)
+        return 2
+    except SearchInterrupted as exc:  # the first Ctrl-C / SIGTERM: the search wrote what it had
+        if exc.result is not None:
+            search.summary(exc.result)
+        console.print(f"{exc}: the study keeps every finished trial; run the same command to continue.")
+        return exc.exit_code
+    except KeyboardInterrupt:  # a second Ctrl-C: out at once
+        console.print("interrupted: the study keeps every finished trial; run the same command to continue.")
+        return 130
