@@ -106,12 +106,14 @@ def parse_duration(text: str | float | int | None) -> float | None:
 
 
 TEXT_SUFFIXES = (".csv", ".tsv", ".jsonl")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 NER_SUFFIXES = (".conll", ".txt", ".iob", ".bio")
 
 
 def detect_task(data: Path) -> str:
     """The task the data is for: a CSV/TSV/JSONL file (or a folder with train.csv, or class folders of .txt files)
-    is text; CoNLL files (.conll, .txt; or JSONL with ``tokens``) are NER; anything else is images.
+    is text, unless its first row names an image file (an image manifest); CoNLL files (.conll, .txt; or JSONL
+    with ``tokens``) are NER; anything else (image folders, Parquet, CIFAR batches) is images.
 
     >>> detect_task(Path("reviews.csv")), detect_task(Path("photos"))
     ('text', 'image')
@@ -126,7 +128,18 @@ def detect_task(data: Path) -> str:
     if suffix == ".jsonl" and data.is_file():
         with data.open("rb") as handle:
             return "ner" if b'"tokens"' in handle.readline() else "text"
+    if suffix in (".csv", ".tsv") and data.is_file() and _names_an_image(data):
+        return "image"
     return "text" if suffix in TEXT_SUFFIXES else "ner" if suffix in NER_SUFFIXES else "image"
+
+
+def _names_an_image(manifest: Path) -> bool:
+    """Whether a CSV/TSV file's first data row has a cell that is an image file name (``a/1.jpg,cat``)."""
+    with manifest.open(encoding="utf-8-sig", errors="replace") as handle:
+        handle.readline()
+        row = handle.readline().strip()
+    cells = row.replace("\t", ",").split(",")
+    return any(Path(c.strip().strip('"')).suffix.lower() in IMAGE_SUFFIXES for c in cells)
 
 
 def _known_encoding(name: str) -> bool:

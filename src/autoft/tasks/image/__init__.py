@@ -1,7 +1,8 @@
 """Image classification: timm models, image folders decoded once, augmentation and mixing on uint8 batches.
 
 The first task behind the seam (:mod:`autoft.tasks.base`). timm models already follow the model protocol;
-``data`` reads and decodes image folders, ``models`` creates timm models and loads weights.
+``data`` reads and decodes image folders (``formats`` reads manifests, Parquet and CIFAR batches), ``models``
+creates timm models and loads weights.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ class ImageTask(base.Task):
         )
 
     def load_data(self, config: SearchConfig, spec: ImageSpec) -> base.Dataset:
-        return data.load_image_folder(
+        return data.load_images(
             config.data,
             image_size=spec.image_size,
             val_fraction=config.val_fraction,

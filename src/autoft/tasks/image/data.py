@@ -1,4 +1,6 @@
-"""Image folders: find the splits, decode every image once at working resolution (transforms.py augments).
+"""Image data: find the splits, decode every image once at working resolution (transforms.py augments).
+
+Image folders are read here; manifests, Parquet and CIFAR batches by ``formats.py``, into the same decoding.
 
 A data set is small enough for fine-tuning to keep in memory as one uint8 tensor per split, so images
 are decoded and resized exactly once (in a thread pool) and every epoch after that is tensor slicing.
@@ -7,6 +9,7 @@ Augmentation runs on uint8 batches on whatever device they live on; normalizatio
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 from collections.abc import Sequence
@@ -17,8 +20,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from autoft.config import IMAGE_SUFFIXES
 from autoft.errors import AutoftError, closest
 from autoft.tasks.base import Dataset, TensorSplit
+from autoft.tasks.image import formats
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -28,11 +33,12 @@ __all__ = [
     "find_images",
     "load_image",
     "load_image_folder",
+    "load_images",
 ]
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+IMAGE_EXTENSIONS: frozenset[str] = frozenset(IMAGE_SUFFIXES)
 INTERPOLATIONS: dict[str, Image.Resampling] = {
     "bicubic": Image.Resampling.BICUBIC,
     "bilinear": Image.Resampling.BILINEAR,
@@ -119,9 +125,16 @@ def _to_8bit(img: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8))
 
 
-def _decode(path: Path, size: int, resample: Image.Resampling) -> np.ndarray:
-    """One file -> uint8 ``(S, S, 3)``: RGB, shorter side resized to ``size``, center-cropped."""
-    with Image.open(path) as img:
+def _open(item: formats.Item) -> Image.Image:
+    """An image file, its encoded bytes, or uint8 pixels ``(H, W, 3)``, as a PIL image."""
+    if isinstance(item, np.ndarray):
+        return Image.fromarray(item)
+    return Image.open(io.BytesIO(item) if isinstance(item, bytes) else item)
+
+
+def _decode(item: formats.Item, size: int, resample: Image.Resampling) -> np.ndarray:
+    """One image -> uint8 ``(S, S, 3)``: RGB, shorter side resized to ``size``, center-cropped."""
+    with _open(item) as img:
         img.draft("RGB", (size, size))  # JPEG only: decode at a reduced scale that is still >= size
         img = _to_8bit(img)
         if img.mode == "P":  # via RGBA so palette transparency is handled without a PIL warning
@@ -152,25 +165,25 @@ def load_image(path: str | Path, *, image_size: int, interpolation: str = "bicub
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
-def _decode_all(paths: list[Path], size: int, resample: Image.Resampling) -> tuple[torch.Tensor, list[Path]]:
-    """Decode ``paths`` in a thread pool into one uint8 ``(N, 3, S, S)`` tensor; returns it and the failures.
+def _decode_all(items: list[formats.Item], size: int, resample: Image.Resampling) -> tuple[torch.Tensor, list[int]]:
+    """Decode ``items`` in a thread pool into one uint8 ``(N, 3, S, S)`` tensor; returns it and the failed rows.
 
-    Rows of failed files are left as zeros; the caller drops them.
+    Rows of failed images (unreadable, missing, empty bytes) are left as zeros; the caller drops them.
     """
-    out = torch.zeros((len(paths), 3, size, size), dtype=torch.uint8)
-    failed: list[Path] = []
+    out = torch.zeros((len(items), 3, size, size), dtype=torch.uint8)
+    failed: list[int] = []
 
     def work(i: int) -> None:
         try:
-            arr = _decode(paths[i], size, resample)
+            arr = _decode(items[i], size, resample)
         except _DECODE_ERRORS:
-            failed.append(paths[i])  # list.append is atomic under the GIL
+            failed.append(i)  # list.append is atomic under the GIL
             return
         out[i] = torch.from_numpy(arr).permute(2, 0, 1)
 
     # PIL releases the GIL while decoding and resizing, so threads give real parallelism here.
     with ThreadPoolExecutor(max_workers=min(16, (os.cpu_count() or 1) + 2)) as pool:
-        list(pool.map(work, range(len(paths))))
+        list(pool.map(work, range(len(items))))
     return out, sorted(failed)
 
 
@@ -201,7 +214,7 @@ def _select(images: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor) -> I
 # ----------------------------------------------------------------------------- loading
 
 
-def _check_options(root: Path, image_size: int, val_fraction: float, interpolation: str) -> None:
+def _check_options(image_size: int, val_fraction: float, interpolation: str) -> None:
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 8:
         raise AutoftError(f"image_size must be an integer of at least 8, but got {image_size!r}.")
     if isinstance(val_fraction, bool) or not isinstance(val_fraction, int | float) or not 0.0 < val_fraction < 1.0:
@@ -214,12 +227,15 @@ def _check_options(root: Path, image_size: int, val_fraction: float, interpolati
             f"Unknown interpolation {interpolation!r}; use one of {', '.join(INTERPOLATIONS)}"
             + (f" (did you mean {hint[0]!r}?)." if hint else ".")
         )
+
+
+def _check_folder(root: Path) -> None:
     if not root.exists():
         raise AutoftError(f"Data path {root} does not exist; pass the folder that holds your images.")
     if not root.is_dir():
         raise AutoftError(
-            f"Data path {root} is a file, not a folder; pass a folder with one subfolder per class "
-            "(or train/ and val/ subfolders)."
+            f"Data path {root} is a file, not a folder or a data file autoft reads (a CSV/TSV manifest, Parquet, "
+            "CIFAR batches); pass a folder with one subfolder per class (or train/ and val/ subfolders)."
         )
 
 
@@ -234,6 +250,44 @@ def _split_folders(root: Path) -> dict[str, Path]:
             "(or put the class folders directly in the data folder)."
         )
     return {"all": root}
+
+
+def load_images(
+    root: str | Path,
+    *,
+    image_size: int,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    interpolation: str = "bicubic",
+) -> Dataset:
+    """Load image data in any format autoft reads, decoded once at ``image_size``, detected by content.
+
+    Image folders (see :func:`load_image_folder`); a CSV/TSV manifest (``path,label``, paths relative to it);
+    Parquet files as Hugging Face ``datasets`` writes them (an image-bytes column and a label column); CIFAR-10/100
+    batches, python or binary version. A folder of split files (``train.csv``, ``validation.parquet``,
+    ``data_batch_1`` ... ``test_batch``) gives its splits; without a val split, train is split like folders are.
+
+    >>> ds = load_images("cifar-10-batches-py", image_size=32)  # doctest: +SKIP
+    >>> ds.classes[:2], len(ds.test)  # doctest: +SKIP
+    (('airplane', 'automobile'), 10000)
+    """
+    root = Path(root).expanduser()
+    _check_options(image_size, val_fraction, interpolation)
+    found = formats.read(root) if root.exists() else None
+    if found is None:
+        return load_image_folder(
+            root, image_size=image_size, val_fraction=val_fraction, seed=seed, interpolation=interpolation
+        )
+    if len(found.classes) < 2:
+        raise AutoftError(
+            f"Data {root} has only one class ({found.classes[0]!r}); classification needs at least two classes."
+        )
+    dataset = _decode_parts(
+        found.parts, found.classes, root, class_folders=False, image_size=image_size, val_fraction=val_fraction,
+        seed=seed, interpolation=interpolation,
+    )  # fmt: skip
+    logger.info("Loaded %s (%s): %s", root, found.kind, dataset.summary())
+    return dataset
 
 
 def load_image_folder(
@@ -256,7 +310,8 @@ def load_image_folder(
     (('daisy', 'rose', 'tulip'), torch.Size([2936, 3, 224, 224]))
     """
     root = Path(root).expanduser()
-    _check_options(root, image_size, val_fraction, interpolation)
+    _check_options(image_size, val_fraction, interpolation)
+    _check_folder(root)
     folders = _split_folders(root)
     files = {split: _scan_split(folder) for split, folder in folders.items()}
     first = "train" if "train" in files else "all"
@@ -269,26 +324,48 @@ def load_image_folder(
             f"Data folder {folders[first]} has only one class folder ({classes[0]!r}); "
             "classification needs at least two, one subfolder per class."
         )
-
-    resample = INTERPOLATIONS[interpolation]
-    index = {name: i for i, name in enumerate(classes)}
-    decoded: dict[str, ImageSet] = {}
-    all_failed: list[Path] = []
+    parts = {}
     for split, per_class in files.items():
-        paths = [p for name in classes for p in per_class[name]]
-        labels = torch.tensor([index[name] for name in classes for _ in per_class[name]], dtype=torch.int64)
-        images, failed = _decode_all(paths, image_size, resample)
-        all_failed += failed
-        bad = set(failed)
-        keep = torch.tensor([i for i, p in enumerate(paths) if p not in bad], dtype=torch.int64)
-        decoded[split] = _select(images, labels, keep)
-        need = 2 if split == first and "val" not in files else 1  # splitting needs one train + one val
-        _check_not_emptied(decoded[split], classes, folders[split], need=need)
+        paths: list[formats.Item] = [p for name in classes for p in per_class[name]]
+        labels = [i for i, name in enumerate(classes) for _ in per_class[name]]
+        parts[split] = formats.Part(paths, labels, [str(p) for p in paths], folders[split])
+    dataset = _decode_parts(
+        parts, classes, root, class_folders=True, image_size=image_size, val_fraction=val_fraction, seed=seed,
+        interpolation=interpolation,
+    )  # fmt: skip
+    logger.info("Loaded %s: %s", root, dataset.summary())
+    return dataset
 
-    if all_failed:
-        names = ", ".join(str(p) for p in all_failed[:3])
-        more = f" and {len(all_failed) - 3} more" if len(all_failed) > 3 else ""
-        logger.warning("Skipped %d unreadable image file(s): %s%s.", len(all_failed), names, more)
+
+def _decode_parts(
+    parts: dict[str, formats.Part],
+    classes: tuple[str, ...],
+    root: Path,
+    *,
+    class_folders: bool,
+    image_size: int,
+    val_fraction: float,
+    seed: int,
+    interpolation: str,
+) -> Dataset:
+    """Decode every split once; drop (and count, with one warning) what cannot be read; split off val if needed."""
+    resample = INTERPOLATIONS[interpolation]
+    first = "train" if "train" in parts else "all"
+    decoded: dict[str, ImageSet] = {}
+    skipped: list[str] = []
+    for split, part in parts.items():
+        images, failed = _decode_all(part.items, image_size, resample)
+        skipped += [part.names[i] for i in sorted(failed)]
+        bad = set(failed)
+        keep = torch.tensor([i for i in range(len(part.items)) if i not in bad], dtype=torch.int64)
+        decoded[split] = _select(images, torch.tensor(part.labels, dtype=torch.int64), keep)
+        need = 2 if split == first and "val" not in parts else 1  # splitting needs one train + one val
+        _check_not_emptied(decoded[split], classes, part.place, need=need, class_folders=class_folders)
+
+    if skipped:
+        names = ", ".join(skipped[:3])
+        more = f" and {len(skipped) - 3} more" if len(skipped) > 3 else ""
+        logger.warning("Skipped %d missing or unreadable image(s): %s%s.", len(skipped), names, more)
 
     if "val" in decoded:
         train, val = decoded[first], decoded["val"]
@@ -298,34 +375,33 @@ def load_image_folder(
         )
         train = _select(decoded[first].images, decoded[first].labels, t_rows)
         val = _select(decoded[first].images, decoded[first].labels, v_rows)
-    dataset = Dataset(
+    return Dataset(
         classes=classes,
         train=train,
         val=val,
         test=decoded.get("test"),
         root=root.resolve(),
         image_size=image_size,
-        skipped=len(all_failed),
+        skipped=len(skipped),
     )
-    logger.info("Loaded %s: %s", root, dataset.summary())
-    return dataset
 
 
-def _check_not_emptied(split: ImageSet, classes: tuple[str, ...], folder: Path, *, need: int) -> None:
-    """Raise if corrupt files left a class with fewer readable images than ``need``."""
+def _check_not_emptied(
+    split: ImageSet, classes: tuple[str, ...], place: Path, *, need: int, class_folders: bool
+) -> None:
+    """Raise if unreadable images left a class with fewer readable images than ``need``."""
     counts = torch.bincount(split.labels, minlength=len(classes)).tolist()
     short = [(name, n) for name, n in zip(classes, counts, strict=True) if n < need]
     if not short:
         return
     name, n = short[0]
+    where = f"Class folder {place / name}" if class_folders else f"Class {name!r} in {place}"
     if n == 0:
-        raise AutoftError(
-            f"Class folder {folder / name} has no readable images (all were corrupt or unreadable); "
-            "replace the broken files or remove the folder."
-        )
+        fix = "replace the broken files or remove the folder" if class_folders else "fix or remove its rows"
+        raise AutoftError(f"{where} has no readable images (all were missing, corrupt or unreadable); {fix}.")
     raise AutoftError(
-        f"Class folder {folder / name} has only {n} readable image, too few to split into train and val; "
-        "add images to it, or use train/ and val/ folders so no split is needed."
+        f"{where} has only {n} readable image, too few to split into train and val; add images to it, "
+        + ("or use train/ and val/ folders so no split is needed." if class_folders else "or give a validation split.")
     )
 
 
