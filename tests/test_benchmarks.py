@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -14,7 +15,9 @@ from conftest import make_image_folder
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import baselines
 import bench_data
+import gpu
 import quality
+import torch
 
 from autoft.space import load_space
 
@@ -132,3 +135,31 @@ def test_baselines_run_end_to_end(tmp_path):
     with pytest.raises(SystemExit, match="would continue its study"):
         baselines.autoft_search(data, model="test_resnet", run_dir=tmp_path / "run", trials=1, timeout=None, seed=0,
                                 max_epochs=2, pretrained=False, image_size=16)  # fmt: skip
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread: on a shared 2-core CI box more threads spin against each other (10x slower here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_gpu_check_runs_on_the_cpu(one_thread):
+    """The prepared GPU check's CPU mode: every figure present, one JSON-able dict, device cpu."""
+    out = gpu.run(device="cpu", images=24, ray=False)
+    assert out["device"] == "cpu" and out["model"] == "test_resnet" and out["ray"] is None
+    assert out["loop"]["autoft_images_per_s"] > 0 and out["loop"]["bare_images_per_s"] > 0
+    assert out["data_path"]["fed_over_consumed"] > 0 and out["memory"]["kind"] == "cpu_peak_rss"
+    assert json.loads(json.dumps(out)) == out
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_gpu_check_ray_search_records_placement(tmp_path, one_thread):
+    pytest.importorskip("ray")
+    data = gpu.write_images(tmp_path / "data", count=16, size=32)
+    out = gpu.ray_search(data, tmp_path / "run", gpu.TINY, torch.device("cpu"))
+    assert out["gpus_per_trial"] == 0.0 and len(out["placement"]) == 2
+    assert all(p["node_id"] for p in out["placement"])
