@@ -16,6 +16,7 @@ from PIL import Image
 from autoft.cli import main
 from autoft.config import detect_task
 from autoft.errors import AutoftError
+from autoft.tasks.image import cache
 from autoft.tasks.image.data import load_images
 
 pa = pytest.importorskip("pyarrow")
@@ -222,5 +223,7 @@ def test_search_on_parquet(tmp_path: Path) -> None:
 
     data = make_parquet(tmp_path / "data" / "train.parquet", per_class=6)
     result = autoft.search("test_resnet", data, trials=1, image_size=16, pretrained=False, max_epochs=1,
-                           run_dir=tmp_path / "run", warm_start=False, priors=False)  # fmt: skip
+                           run_dir=tmp_path / "run", warm_start=False, priors=False,
+                           cache_dir=tmp_path / "cache")  # fmt: skip
     assert result.model_dir.is_dir()
+    assert len(cache.entries(tmp_path / "cache")) == 1  # the decoded images, kept for the next search

@@ -9,6 +9,7 @@ from __future__ import annotations
 import codecs
 import dataclasses
 import math
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -106,6 +107,7 @@ def parse_duration(text: str | float | int | None) -> float | None:
 
 
 TEXT_SUFFIXES = (".csv", ".tsv", ".jsonl")
+CACHE_ENV = "AUTOFT_CACHE_DIR"  # where decoded images are kept when --cache-dir is not given
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 NER_SUFFIXES = (".conll", ".txt", ".iob", ".bio")
 
@@ -255,12 +257,18 @@ class SearchConfig:
     text_column: str | None = None  # text: the column of the sentences ("a,b": a sentence pair); default detected
     label_column: str | None = None  # text: the column of the labels; default detected (label, labels, class, ...)
     encoding: str = "utf-8"  # text: the encoding of the data files
+    cache_dir: Path | None = None  # images: keep decoded images here for later searches (default $AUTOFT_CACHE_DIR)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model", _model_names(self.model))
         object.__setattr__(self, "data", _path("--data", self.data))
         object.__setattr__(self, "objectives", parse_objectives(self.objectives))
-        for name, flag in (("weights", "--weights"), ("run_dir", "--run-dir"), ("warm_start_from", "--warm-start")):
+        if self.cache_dir is None and os.environ.get(CACHE_ENV, "").strip():
+            object.__setattr__(self, "cache_dir", Path(os.environ[CACHE_ENV]).expanduser())
+        for name, flag in (
+            ("weights", "--weights"), ("run_dir", "--run-dir"), ("warm_start_from", "--warm-start"),
+            ("cache_dir", "--cache-dir"),
+        ):  # fmt: skip
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, _path(flag, getattr(self, name)))
         object.__setattr__(self, "space_overrides", tuple(self.space_overrides or ()))

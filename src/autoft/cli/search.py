@@ -82,6 +82,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     s.add_argument("--max-epochs", type=int, default=10, help="most epochs a trial may train (default 10)")
     s.add_argument("--image-size", type=int, help="working resolution in pixels (default: the model's own)")
     s.add_argument(
+        "--cache-dir",
+        type=Path,
+        help="keep decoded images in this folder; later searches map them instead of decoding (default: "
+        "$AUTOFT_CACHE_DIR, else no cache)",
+    )
+    s.add_argument(
         "--val-fraction",
         type=float,
         default=0.2,
@@ -184,6 +190,7 @@ def _config(args: argparse.Namespace) -> SearchConfig:
         text_column=args.text_column,
         label_column=args.label_column,
         encoding=args.encoding,
+        cache_dir=args.cache_dir,
         weights=args.weights,
         pretrained=args.pretrained,
         trials=args.trials,

@@ -1,10 +1,12 @@
-"""The commands that use a finished search: ``report``, ``dashboard``, ``predict``, ``evaluate``, ``export``; and
-``spaces``, which shows the bundled search spaces."""
+"""The commands that use a finished search: ``report``, ``dashboard``, ``predict``, ``evaluate``, ``export``;
+``spaces``, which shows the bundled search spaces; and ``cache``, which lists or clears the decoded-image cache."""
 
 from __future__ import annotations
 
 import argparse
 import csv
+import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,7 +18,7 @@ from autoft import export, report, space
 from autoft.cli.output import console
 from autoft.errors import AutoftError
 from autoft.tasks.base import LoadedModel
-from autoft.tasks.image import data
+from autoft.tasks.image import cache, data
 
 __all__ = ["COMMANDS", "add_parsers"]
 
@@ -30,6 +32,9 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     show.add_argument("name", help="preset name or path to a YAML file")
     show.add_argument("--set", dest="space_overrides", action="append", default=[], metavar="PARAM.FIELD=VALUE")
     show.add_argument("--fix", dest="space_fixed", action="append", default=[], metavar="PARAM=VALUE")
+    c = commands.add_parser("cache", help="list or clear the decoded-image cache (--cache-dir / $AUTOFT_CACHE_DIR)")
+    c.add_argument("cache_command", choices=("list", "clear"), help="list the entries, or remove them all")
+    c.add_argument("--cache-dir", type=Path, help="the cache folder (default $AUTOFT_CACHE_DIR)")
     r = commands.add_parser(
         "report",
         help="write RUN_DIR/report.html: the study's figures, the best model's scores and mistakes",
@@ -217,7 +222,25 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cache(args: argparse.Namespace) -> int:
+    folder = args.cache_dir or (Path(os.environ[cache.ENV]).expanduser() if os.environ.get(cache.ENV) else None)
+    if folder is None:
+        raise AutoftError(f"autoft cache needs the cache folder: pass --cache-dir DIR or set {cache.ENV}.")
+    if args.cache_command == "clear":
+        console.print(f"Cleared {folder}: {cache.clear(folder) / 2**20:.1f} MiB freed.")
+        return 0
+    found = cache.entries(folder)
+    table = Table("entry", "source", "image size", "images", "MiB", "created", box=None)
+    for e in found:
+        created = time.strftime("%Y-%m-%d %H:%M", time.localtime(e["created"]))
+        table.add_row(e["name"][:12], e["source"], str(e["image_size"]), str(e["images"]), f"{e['bytes'] / 2**20:.1f}",
+                      created)  # fmt: skip
+    Console().print(table if found else f"{folder}: no cached images.")
+    return 0
+
+
 COMMANDS = {
+    "cache": _cache,
     "spaces": _spaces,
     "report": _report,
     "dashboard": _dashboard,

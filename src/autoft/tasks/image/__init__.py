@@ -67,6 +67,7 @@ class ImageTask(base.Task):
             val_fraction=config.val_fraction,
             seed=config.seed,
             interpolation=spec.interpolation,
+            cache_dir=config.cache_dir,
         )
 
     def batches(

@@ -23,7 +23,7 @@ from PIL import Image
 from autoft.config import IMAGE_SUFFIXES
 from autoft.errors import AutoftError, closest
 from autoft.tasks.base import Dataset, TensorSplit
-from autoft.tasks.image import formats
+from autoft.tasks.image import cache, formats
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -259,6 +259,7 @@ def load_images(
     val_fraction: float = 0.2,
     seed: int = 0,
     interpolation: str = "bicubic",
+    cache_dir: Path | None = None,
 ) -> Dataset:
     """Load image data in any format autoft reads, decoded once at ``image_size``, detected by content.
 
@@ -266,6 +267,7 @@ def load_images(
     Parquet files as Hugging Face ``datasets`` writes them (an image-bytes column and a label column); CIFAR-10/100
     batches, python or binary version. A folder of split files (``train.csv``, ``validation.parquet``,
     ``data_batch_1`` ... ``test_batch``) gives its splits; without a val split, train is split like folders are.
+    With ``cache_dir`` the decoded images are kept there and mapped by later calls (``cache.py``).
 
     >>> ds = load_images("cifar-10-batches-py", image_size=32)  # doctest: +SKIP
     >>> ds.classes[:2], len(ds.test)  # doctest: +SKIP
@@ -276,15 +278,16 @@ def load_images(
     found = formats.read(root) if root.exists() else None
     if found is None:
         return load_image_folder(
-            root, image_size=image_size, val_fraction=val_fraction, seed=seed, interpolation=interpolation
-        )
+            root, image_size=image_size, val_fraction=val_fraction, seed=seed, interpolation=interpolation,
+            cache_dir=cache_dir,
+        )  # fmt: skip
     if len(found.classes) < 2:
         raise AutoftError(
             f"Data {root} has only one class ({found.classes[0]!r}); classification needs at least two classes."
         )
     dataset = _decode_parts(
         found.parts, found.classes, root, class_folders=False, image_size=image_size, val_fraction=val_fraction,
-        seed=seed, interpolation=interpolation,
+        seed=seed, interpolation=interpolation, cache_dir=cache_dir,
     )  # fmt: skip
     logger.info("Loaded %s (%s): %s", root, found.kind, dataset.summary())
     return dataset
@@ -297,6 +300,7 @@ def load_image_folder(
     val_fraction: float = 0.2,
     seed: int = 0,
     interpolation: str = "bicubic",
+    cache_dir: Path | None = None,
 ) -> Dataset:
     """Load an image-folder data set into memory, decoded once at ``image_size``.
 
@@ -331,7 +335,7 @@ def load_image_folder(
         parts[split] = formats.Part(paths, labels, [str(p) for p in paths], folders[split])
     dataset = _decode_parts(
         parts, classes, root, class_folders=True, image_size=image_size, val_fraction=val_fraction, seed=seed,
-        interpolation=interpolation,
+        interpolation=interpolation, cache_dir=cache_dir,
     )  # fmt: skip
     logger.info("Loaded %s: %s", root, dataset.summary())
     return dataset
@@ -347,20 +351,28 @@ def _decode_parts(
     val_fraction: float,
     seed: int,
     interpolation: str,
+    cache_dir: Path | None,
 ) -> Dataset:
-    """Decode every split once; drop (and count, with one warning) what cannot be read; split off val if needed."""
-    resample = INTERPOLATIONS[interpolation]
+    """Decode every split once (or map it from ``cache_dir``); drop (and count, with one warning) what cannot be
+    read; split off val if needed."""
     first = "train" if "train" in parts else "all"
+    name = cache.key(parts, classes, image_size=image_size, interpolation=interpolation) if cache_dir else ""
+    stored = cache.load(cache_dir, name) if cache_dir else None
+    if stored is None:
+        stored = {split: _decode_part(part, image_size, interpolation) for split, part in parts.items()}
+        if cache_dir:
+            cache.store(cache_dir, name, stored, source=root.resolve(), image_size=image_size,
+                        interpolation=interpolation)  # fmt: skip
+    else:
+        logger.info("Mapped the decoded images of %s from the cache %s", root, cache_dir / name)
     decoded: dict[str, ImageSet] = {}
     skipped: list[str] = []
-    for split, part in parts.items():
-        images, failed = _decode_all(part.items, image_size, resample)
-        skipped += [part.names[i] for i in sorted(failed)]
-        bad = set(failed)
-        keep = torch.tensor([i for i in range(len(part.items)) if i not in bad], dtype=torch.int64)
-        decoded[split] = _select(images, torch.tensor(part.labels, dtype=torch.int64), keep)
+    for split, (images, labels, names) in stored.items():
+        decoded[split] = ImageSet(images, labels)
+        skipped += names
         need = 2 if split == first and "val" not in parts else 1  # splitting needs one train + one val
-        _check_not_emptied(decoded[split], classes, part.place, need=need, class_folders=class_folders)
+        place = parts[split].place
+        _check_not_emptied(decoded[split], classes, place, need=need, class_folders=class_folders)
 
     if skipped:
         names = ", ".join(skipped[:3])
@@ -384,6 +396,17 @@ def _decode_parts(
         image_size=image_size,
         skipped=len(skipped),
     )
+
+
+def _decode_part(
+    part: formats.Part, image_size: int, interpolation: str
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """One split decoded: images and labels of the readable rows, names of the rest."""
+    images, failed = _decode_all(part.items, image_size, INTERPOLATIONS[interpolation])
+    bad = set(failed)
+    keep = torch.tensor([i for i in range(len(part.items)) if i not in bad], dtype=torch.int64)
+    kept = _select(images, torch.tensor(part.labels, dtype=torch.int64), keep)
+    return kept.images, kept.labels, [part.names[i] for i in sorted(failed)]
 
 
 def _check_not_emptied(
