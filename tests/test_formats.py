@@ -141,6 +141,16 @@ def test_cifar_python_batches(tmp_path: Path, protocol: int) -> None:
     assert load_images(root / "data_batch_1", image_size=8).classes == ("cat", "dog", "fish")
 
 
+def test_cifar_pickle_as_numpy_1_wrote_it(tmp_path: Path) -> None:
+    """The original batches name numpy.core.multiarray (numpy 1); numpy 2 writes numpy._core."""
+    root = make_cifar_python(tmp_path, protocol=2)
+    for name in ("data_batch_1", "test_batch"):
+        blob = (root / name).read_bytes()
+        assert b"numpy._core.multiarray" in blob
+        (root / name).write_bytes(blob.replace(b"numpy._core.multiarray", b"numpy.core.multiarray"))
+    _check(load_images(root, image_size=8), test=6)
+
+
 @pytest.mark.parametrize("cifar100", [False, True])
 def test_cifar_binary_batches(tmp_path: Path, cifar100: bool) -> None:
     _check(load_images(make_cifar_binary(tmp_path, cifar100=cifar100), image_size=8))
@@ -174,11 +184,14 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[Path, str]]:
     float_parquet = tmp / "fp" / "train.parquet"
     float_parquet.parent.mkdir()
     pq.write_table(pa.table({"image": pa.array([_png(COLORS[0])]), "label": pa.array([0.5])}), float_parquet)
+    unnamed = make_manifest(tmp / "unnamed")
+    unnamed.write_text(unnamed.read_text().replace("path,label", "file,label", 1))
     short = make_cifar_binary(tmp / "short")
     (short / "data_batch_1.bin").write_bytes((short / "data_batch_1.bin").read_bytes()[:-5])
     return {
         "manifest with two label columns": (extra, "line 1 has 3 column(s)"),
         "manifest label of floats": (floats, "line 2 column 2 (label)"),
+        "manifest without a path column": (unnamed, "name the image column path"),
         "pickle that runs code": (evil / "data_batch_1", "posix.system"),
         "parquet label of floats": (float_parquet, "column 'label' holds double"),
         "truncated cifar binary": (short, "not a whole number"),
@@ -190,6 +203,7 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[Path, str]]:
     [
         "manifest with two label columns",
         "manifest label of floats",
+        "manifest without a path column",
         "pickle that runs code",
         "parquet label of floats",
         "truncated cifar binary",

@@ -159,10 +159,7 @@ def _read_manifests(splits: dict[str, list[Path]], root: Path) -> Found:
             items[split] += files
             raw[split] += labels
     classes, labels = _classes_and_labels(raw, root, None)
-    parts = {
-        s: Part(items[s], labels[s], [str(p) for p in items[s]], splits[s][0])  # type: ignore[misc]
-        for s in splits
-    }
+    parts = {s: Part(items[s], labels[s], [str(p) for p in items[s]], splits[s][0]) for s in splits}
     return Found(classes, parts, "manifest")
 
 
@@ -171,7 +168,11 @@ def _read_manifest(path: Path) -> tuple[list[Item], list[Any]]:
     delimiter = "\t" if path.suffix.lower() == ".tsv" or "\t" in text.partition("\n")[0] else ","
     rows = csv.reader(io.StringIO(text), delimiter=delimiter)
     header = [h.strip().lower() for h in next(rows, [])]
-    if len(header) != 2 or "path" not in header:
+    if len(header) == 2 and "path" not in header:
+        raise AutoftError(
+            f"Manifest {path} line 1 names columns {', '.join(header)}; name the image column path (path,label)."
+        )
+    if len(header) != 2:
         extra = f" ({', '.join(header)})" if header else ""
         raise AutoftError(
             f"Manifest {path} line 1 has {len(header)} column(s){extra}; a manifest has exactly two, "
