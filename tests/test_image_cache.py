@@ -28,6 +28,7 @@ def test_second_load_maps_the_cache_instead_of_decoding(tmp_path: Path, monkeypa
     second = data.load_images(root, image_size=8, cache_dir=tmp_path / "cache")
     assert torch.equal(first.train.images, second.train.images) and torch.equal(first.val.labels, second.val.labels)
     assert first.skipped == second.skipped == 1
+    assert "decoded images in the cache" in first.inputs and "mapped from the cache" in second.inputs
     assert len(cache.entries(tmp_path / "cache")) == 1
 
 

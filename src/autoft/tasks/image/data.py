@@ -358,13 +358,14 @@ def _decode_parts(
     first = "train" if "train" in parts else "all"
     name = cache.key(parts, classes, image_size=image_size, interpolation=interpolation) if cache_dir else ""
     stored = cache.load(cache_dir, name) if cache_dir else None
+    how = "mapped from"
     if stored is None:
-        stored = {split: _decode_part(part, image_size, interpolation) for split, part in parts.items()}
+        stored, how = {split: _decode_part(part, image_size, interpolation) for split, part in parts.items()}, "in"
         if cache_dir:
             cache.store(cache_dir, name, stored, source=root.resolve(), image_size=image_size,
                         interpolation=interpolation)  # fmt: skip
-    else:
-        logger.info("Mapped the decoded images of %s from the cache %s", root, cache_dir / name)
+    disk = sum(images.numel() for images, _, _ in stored.values()) / 2**20
+    inputs = f"decoded images {how} the cache {cache_dir / name} ({disk:.1f} MiB on disk)" if cache_dir else ""
     decoded: dict[str, ImageSet] = {}
     skipped: list[str] = []
     for split, (images, labels, names) in stored.items():
@@ -395,6 +396,7 @@ def _decode_parts(
         root=root.resolve(),
         image_size=image_size,
         skipped=len(skipped),
+        inputs=inputs,  # the plan's data line shows it
     )
 
 
