@@ -12,7 +12,7 @@ import torch
 from autoft.cli import main
 from autoft.config import SearchConfig
 from autoft.errors import AutoftError
-from autoft.tasks.image import cache, data
+from autoft.tasks.image import cache, data, decode
 from conftest import make_image_folder
 
 
@@ -24,7 +24,7 @@ def test_second_load_maps_the_cache_instead_of_decoding(tmp_path: Path, monkeypa
     root = make_image_folder(tmp_path / "data", per_class=4)
     (root / "train" / "cat" / "broken.png").write_bytes(b"not an image")
     first = data.load_images(root, image_size=8, cache_dir=tmp_path / "cache")
-    monkeypatch.setattr(data, "_decode_all", _no_decoding)
+    monkeypatch.setattr(decode, "decode_all", _no_decoding)
     second = data.load_images(root, image_size=8, cache_dir=tmp_path / "cache")
     assert torch.equal(first.train.images, second.train.images) and torch.equal(first.val.labels, second.val.labels)
     assert first.skipped == second.skipped == 1

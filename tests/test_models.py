@@ -17,7 +17,7 @@ from torch import nn
 
 from autoft import blocks
 from autoft.errors import AutoftError
-from autoft.tasks.image import models
+from autoft.tasks.image import models, weights
 
 TINY = ["test_resnet", "test_efficientnet", "test_vit"]
 
@@ -287,7 +287,7 @@ def test_load_weights_by_name(tmp_path: Path, suffix: str) -> None:
     path = _save(source.state_dict(), tmp_path / f"w{suffix}")
     model = _tiny(num_classes=3)
     fresh_head = model.fc.weight.clone()
-    models.load_weights(model, path)
+    weights.load_weights(model, path)
     _assert_backbone_equal(model, source)
     assert model.fc.weight.shape == (3, 96) and torch.equal(model.fc.weight, fresh_head)
 
@@ -296,7 +296,7 @@ def test_load_weights_same_head_is_loaded(tmp_path: Path) -> None:
     source = _tiny(num_classes=5)
     path = _save(source.state_dict(), tmp_path / "w.pth")
     model = models.create("test_resnet", num_classes=5, pretrained=False)
-    models.load_weights(model, path)
+    weights.load_weights(model, path)
     assert torch.equal(model.fc.weight, source.fc.weight)
 
 
@@ -305,7 +305,7 @@ def test_load_weights_unwraps_containers_and_module_prefix(tmp_path: Path) -> No
     wrapped = {"epoch": 3, "model": {f"module.{k}": v for k, v in source.state_dict().items()}}
     torch.save(wrapped, tmp_path / "ckpt.pt")
     model = _tiny(num_classes=2)
-    models.load_weights(model, tmp_path / "ckpt.pt")
+    weights.load_weights(model, tmp_path / "ckpt.pt")
     _assert_backbone_equal(model, source)
 
 
@@ -314,8 +314,8 @@ def test_load_weights_by_order(tmp_path: Path, caplog: pytest.LogCaptureFixture)
     renamed = collections.OrderedDict((f"x_{k}", v) for k, v in source.state_dict().items())
     path = _save(renamed, tmp_path / "renamed.pth")
     model = _tiny("test_efficientnet", num_classes=3)
-    with caplog.at_level("INFO", logger="autoft.tasks.image.models"):
-        models.load_weights(model, path)
+    with caplog.at_level("INFO", logger="autoft.tasks.image.weights"):
+        weights.load_weights(model, path)
     assert "by order" in caplog.text
     for key, value in model.state_dict().items():
         if not key.startswith("classifier."):
@@ -328,7 +328,7 @@ def test_load_weights_by_order_without_bn_counters(tmp_path: Path) -> None:
     renamed = {f"x_{k}": v for k, v in source.state_dict().items() if not k.endswith("num_batches_tracked")}
     path = _save(renamed, tmp_path / "renamed.pth")
     model = _tiny(num_classes=3)
-    models.load_weights(model, path)
+    weights.load_weights(model, path)
     _assert_backbone_equal(model, source)
 
 
@@ -336,13 +336,13 @@ def test_load_weights_safetensors_needs_names(tmp_path: Path) -> None:
     renamed = {f"x_{k}": v for k, v in _tiny().state_dict().items()}
     path = _save(renamed, tmp_path / "renamed.safetensors")
     with pytest.raises(AutoftError, match="by order, not tried: safetensors"):
-        models.load_weights(_tiny(), path)
+        weights.load_weights(_tiny(), path)
 
 
 def test_load_weights_other_architecture_fails_with_shapes(tmp_path: Path) -> None:
     path = _save(_tiny("test_efficientnet").state_dict(), tmp_path / "effnet.pth")
     with pytest.raises(AutoftError, match=r"effnet\.pth does not fit model test_resnet: by name .*by order.*\(\d+,"):
-        models.load_weights(_tiny("test_resnet"), path)
+        weights.load_weights(_tiny("test_resnet"), path)
 
 
 def test_load_weights_shape_mismatch_names_tensor_pair(tmp_path: Path) -> None:
@@ -350,12 +350,12 @@ def test_load_weights_shape_mismatch_names_tensor_pair(tmp_path: Path) -> None:
     state["x_layer1.0.conv1.weight"] = torch.zeros(1, 2, 3, 3)
     path = _save(state, tmp_path / "bad.pth")
     with pytest.raises(AutoftError, match=r"'x_layer1\.0\.conv1\.weight' has shape \(1, 2, 3, 3\).*'layer1\.0\.conv1"):
-        models.load_weights(_tiny(), path)
+        weights.load_weights(_tiny(), path)
 
 
 def test_load_weights_missing_file(tmp_path: Path) -> None:
     with pytest.raises(AutoftError, match="does not exist"):
-        models.load_weights(_tiny(), tmp_path / "nope.pth")
+        weights.load_weights(_tiny(), tmp_path / "nope.pth")
 
 
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
@@ -363,14 +363,14 @@ def test_load_weights_corrupt_file(tmp_path: Path, suffix: str) -> None:
     path = tmp_path / f"corrupt{suffix}"
     path.write_bytes(b"not a weights file at all")
     with pytest.raises(AutoftError, match="could not be read"):
-        models.load_weights(_tiny(), path)
+        weights.load_weights(_tiny(), path)
 
 
 def test_load_weights_unsupported_suffix(tmp_path: Path) -> None:
     path = tmp_path / "w.onnx"
     path.write_bytes(b"x")
     with pytest.raises(AutoftError, match=r"unsupported suffix '\.onnx'"):
-        models.load_weights(_tiny(), path)
+        weights.load_weights(_tiny(), path)
 
 
 class _Payload:
@@ -381,14 +381,14 @@ def test_load_weights_refuses_pickled_objects(tmp_path: Path) -> None:
     path = tmp_path / "evil.pth"
     torch.save({"conv1.0.weight": torch.zeros(1), "payload": _Payload()}, path)
     with pytest.raises(AutoftError, match="pickled objects other than tensors"):
-        models.load_weights(_tiny(), path)
+        weights.load_weights(_tiny(), path)
 
 
 def test_load_weights_without_tensors(tmp_path: Path) -> None:
     path = tmp_path / "empty.pth"
     torch.save({"epoch": 1}, path)
     with pytest.raises(AutoftError, match="contains no named tensors"):
-        models.load_weights(_tiny(), path)
+        weights.load_weights(_tiny(), path)
 
 
 @pytest.mark.skipif(

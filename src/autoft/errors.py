@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 
-__all__ = ["AutoftError", "closest"]
+__all__ = ["AutoftError", "brief", "closest"]
 
 
 class AutoftError(Exception):
@@ -19,3 +19,13 @@ def closest(name: str, choices: Iterable[str], *, n: int = 3) -> list[str]:
     ['resnet50', 'resnet18']
     """
     return difflib.get_close_matches(name, list(choices), n=n, cutoff=0.6)
+
+
+def brief(err: BaseException | str, limit: int = 160) -> str:
+    """An error (or any text) as one short line, for a message that quotes it.
+
+    >>> brief(ValueError("a\\n  b"))
+    'a b'
+    """
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,4 +1,5 @@
-"""Image data: find the splits, decode every image once at working resolution (transforms.py augments).
+"""Image data: find the splits, decode every image once at working resolution (decode.py decodes one,
+transforms.py augments).
 
 Image folders are read here; manifests, Parquet and CIFAR batches by ``formats.py``, into the same decoding.
 
@@ -9,25 +10,22 @@ Augmentation runs on uint8 batches on whatever device they live on; normalizatio
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from autoft.config import IMAGE_SUFFIXES
 from autoft.errors import AutoftError, closest
 from autoft.tasks.base import Dataset, TensorSplit
-from autoft.tasks.image import cache, formats
+from autoft.tasks.image import cache, decode, formats
+from autoft.tasks.image.decode import load_image
 
 __all__ = [
     "IMAGE_EXTENSIONS",
-    "INTERPOLATIONS",
     "Dataset",
     "ImageSet",
     "find_images",
@@ -39,16 +37,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(IMAGE_SUFFIXES)
-INTERPOLATIONS: dict[str, Image.Resampling] = {
-    "bicubic": Image.Resampling.BICUBIC,
-    "bilinear": Image.Resampling.BILINEAR,
-    "nearest": Image.Resampling.NEAREST,
-}
-
-# Errors PIL raises for unreadable, truncated or absurd files; anything else is a bug and propagates.
-_DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
-
-
 # One decoded split: ``images`` uint8 ``(N, 3, S, S)`` and ``labels`` int64 ``(N,)``.
 ImageSet = TensorSplit
 
@@ -106,87 +94,6 @@ def _check_same_classes(train: dict[str, list[Path]], other: dict[str, list[Path
         )
 
 
-# ----------------------------------------------------------------------------- decoding
-
-
-def _to_8bit(img: Image.Image) -> Image.Image:
-    """Scale 16-bit and 32-bit grayscale to 8 bits (PIL's own convert clips them to white)."""
-    if img.mode.startswith("I;16"):
-        arr = np.asarray(img, dtype=np.float32) / 257.0
-    elif img.mode in ("I", "F"):
-        arr = np.asarray(img, dtype=np.float32)
-        top = float(arr.max()) if arr.size else 0.0
-        if img.mode == "F" and top <= 1.0:
-            arr = arr * 255.0
-        elif top > 255.0:
-            arr = arr / (257.0 if top <= 65535.0 else top / 255.0)
-    else:
-        return img
-    return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8))
-
-
-def _open(item: formats.Item) -> Image.Image:
-    """An image file, its encoded bytes, or uint8 pixels ``(H, W, 3)``, as a PIL image."""
-    if isinstance(item, np.ndarray):
-        return Image.fromarray(item)
-    return Image.open(io.BytesIO(item) if isinstance(item, bytes) else item)
-
-
-def _decode(item: formats.Item, size: int, resample: Image.Resampling) -> np.ndarray:
-    """One image -> uint8 ``(S, S, 3)``: RGB, shorter side resized to ``size``, center-cropped."""
-    with _open(item) as img:
-        img.draft("RGB", (size, size))  # JPEG only: decode at a reduced scale that is still >= size
-        img = _to_8bit(img)
-        if img.mode == "P":  # via RGBA so palette transparency is handled without a PIL warning
-            img = img.convert("RGBA")
-        if img.mode != "RGB":
-            img = img.convert("RGB")
-        w, h = img.size
-        scale = size / min(w, h)
-        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-        left, top = (nw - size) // 2, (nh - size) // 2
-        img = img.resize((nw, nh), resample).crop((left, top, left + size, top + size))
-        return np.array(img, dtype=np.uint8)  # a writable copy, so torch.from_numpy does not warn
-
-
-def load_image(path: str | Path, *, image_size: int, interpolation: str = "bicubic") -> torch.Tensor:
-    """One image file as the model sees it before normalization: uint8 ``(3, S, S)``.
-
-    >>> load_image("cat.jpg", image_size=224).shape  # doctest: +SKIP
-    torch.Size([3, 224, 224])
-    """
-    path = Path(path)
-    if interpolation not in INTERPOLATIONS:
-        raise AutoftError(f"Unknown interpolation {interpolation!r}; choose one of: {', '.join(INTERPOLATIONS)}.")
-    try:
-        array = _decode(path, image_size, INTERPOLATIONS[interpolation])
-    except _DECODE_ERRORS as exc:
-        raise AutoftError(f"Cannot read image {path}: {exc}") from None
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
-
-
-def _decode_all(items: list[formats.Item], size: int, resample: Image.Resampling) -> tuple[torch.Tensor, list[int]]:
-    """Decode ``items`` in a thread pool into one uint8 ``(N, 3, S, S)`` tensor; returns it and the failed rows.
-
-    Rows of failed images (unreadable, missing, empty bytes) are left as zeros; the caller drops them.
-    """
-    out = torch.zeros((len(items), 3, size, size), dtype=torch.uint8)
-    failed: list[int] = []
-
-    def work(i: int) -> None:
-        try:
-            arr = _decode(items[i], size, resample)
-        except _DECODE_ERRORS:
-            failed.append(i)  # list.append is atomic under the GIL
-            return
-        out[i] = torch.from_numpy(arr).permute(2, 0, 1)
-
-    # PIL releases the GIL while decoding and resizing, so threads give real parallelism here.
-    with ThreadPoolExecutor(max_workers=min(16, (os.cpu_count() or 1) + 2)) as pool:
-        list(pool.map(work, range(len(items))))
-    return out, sorted(failed)
-
-
 # ----------------------------------------------------------------------------- splitting
 
 
@@ -221,10 +128,10 @@ def _check_options(image_size: int, val_fraction: float, interpolation: str) -> 
         raise AutoftError(
             f"val_fraction must be a number strictly between 0 and 1 (e.g. 0.2), but got {val_fraction!r}."
         )
-    if interpolation not in INTERPOLATIONS:
-        hint = closest(str(interpolation), INTERPOLATIONS)
+    if interpolation not in decode.INTERPOLATIONS:
+        hint = closest(str(interpolation), decode.INTERPOLATIONS)
         raise AutoftError(
-            f"Unknown interpolation {interpolation!r}; use one of {', '.join(INTERPOLATIONS)}"
+            f"Unknown interpolation {interpolation!r}; use one of {', '.join(decode.INTERPOLATIONS)}"
             + (f" (did you mean {hint[0]!r}?)." if hint else ".")
         )
 
@@ -404,7 +311,7 @@ def _decode_part(
     part: formats.Part, image_size: int, interpolation: str
 ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """One split decoded: images and labels of the readable rows, names of the rest."""
-    images, failed = _decode_all(part.items, image_size, INTERPOLATIONS[interpolation])
+    images, failed = decode.decode_all(part.items, image_size, decode.INTERPOLATIONS[interpolation])
     bad = set(failed)
     keep = torch.tensor([i for i in range(len(part.items)) if i not in bad], dtype=torch.int64)
     kept = _select(images, torch.tensor(part.labels, dtype=torch.int64), keep)
