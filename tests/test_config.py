@@ -148,9 +148,9 @@ def test_a_model_folder_is_stored_absolute_and_names_the_study_by_its_own_name(
 ) -> None:
     (tmp_path / "my-model").mkdir()
     monkeypatch.chdir(tmp_path)
-    for given in ("./my-model", "local-dir:my-model/"):
+    for given, stored in (("./my-model", ""), ("local-dir:my-model/", "local-dir:")):
         config = SearchConfig(model=given, data=Path("data")).resolved()
-        assert config.model == str(tmp_path / "my-model")  # best/config.json finds it from any directory
+        assert config.model == stored + str(tmp_path / "my-model")  # best/config.json finds it from any directory
         assert config.study_name == "my-model-data"
     assert SearchConfig(model="hf-hub:org/name", data=Path("data")).model == "hf-hub:org/name"
     assert SearchConfig(model="./missing", data=Path("data")).model == "./missing"  # models.check_name reports it

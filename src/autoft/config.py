@@ -172,14 +172,16 @@ def _model_names(model: Any) -> str:
 
 
 def _absolute_folder(name: str) -> str:
-    """A model given as a path to an existing folder (``./my-model``, ``local-dir:my-model``), made absolute, so
-    the exported model's config finds it again from any working directory; any other name is left as it is."""
+    """A model given as a path to an existing folder (``./my-model``, ``local-dir:my-model``), made absolute (a
+    ``local-dir:`` prefix kept), so the exported model's config finds it again from any working directory; any
+    other name is left as it is."""
     path = name.removeprefix("local-dir:")
     if path == name and not any(c in name for c in "/\\") and not name.startswith((".", "~")):
         return name  # a timm name (or an hf-hub: id, which has no leading dot and is no folder here)
     try:
         folder = Path(path).expanduser()
-        return str(folder.resolve()) if folder.is_dir() else name
+        prefix = name[: len(name) - len(path)]
+        return prefix + str(folder.resolve()) if folder.is_dir() else name
     except (OSError, RuntimeError, ValueError):  # too long, a loop, a NUL: models.check_name says what is wrong
         return name
 
