@@ -350,3 +350,13 @@ def test_starting_ray_keeps_the_searchs_signal_handlers_and_hands_its_log_record
         ray.shutdown()
         for s, handler in handlers.items():
             signal.signal(s, handler)
+
+
+def test_a_search_that_started_ray_stops_it_at_its_end(data: Path, tmp_path: Path, monkeypatch) -> None:
+    """Ray started for one search (no cluster given) leaves with it: no workers or object store left behind to
+    hold memory or collide with the next cluster on this machine."""
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    assert not ray.is_initialized()
+    result = autoft.search("test_resnet", data, trials=1, run_dir=tmp_path / "run", backend="ray", **TINY)
+    assert result.study.trials[0].state == TrialState.COMPLETE
+    assert not ray.is_initialized()

@@ -301,15 +301,16 @@ class _Records(tune.Callback):
         self.bridge.finish(trial.trial_id, trial.last_result, error=f"RayError: {text}")
 
 
-def _connect(address: str | None) -> None:
-    """Start Ray here (``address`` None) or join a cluster, keeping autoft's signal handlers and logging.
+def _connect(address: str | None) -> bool:
+    """Start Ray here (``address`` None) or join a cluster, keeping autoft's signal handlers and logging; True
+    when this call connected (the search then disconnects at its end: a local Ray it started stops with it).
 
     ``ray.init`` installs SIGTERM handlers that exit at once; the handlers in place before it (the controller's:
     stop after the current step) come back. Ray's own logger stops printing to stderr and passes its records on
     to the application's logging instead (the CLI: search.log, and the terminal with ``-v``).
     """
     if ray.is_initialized():
-        return
+        return False
     ray_logger = logging.getLogger("ray")
     ray_logger.handlers.clear()
     ray_logger.propagate = True
@@ -328,6 +329,7 @@ def _connect(address: str | None) -> None:
         if threading.current_thread() is threading.main_thread():
             for s, handler in handlers.items():
                 signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+    return True
 
 
 def _resources(cluster: Cluster) -> dict[str, float]:
@@ -361,7 +363,7 @@ def optimize(
     ...          n_trials=10, timeout=None, on_trial_end=print, should_stop=lambda s: False)  # doctest: +SKIP
     """
     launch_end = None if timeout is None else time.monotonic() + timeout
-    _connect(cluster.address)
+    connected = _connect(cluster.address)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no tables of Tune's own on the terminal
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # Ctrl-C is the controller's: it records, Tune's would not
     holder = _Holder.remote()
@@ -401,3 +403,5 @@ def optimize(
     finally:
         bridge.abandon()
         ray.kill(holder)
+        if connected:  # Ray started (or joined) for this search: its workers and object store go with it
+            ray.shutdown()
