@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
+# Every Ray cluster the tests start (in-process ones included) is a throwaway on localhost, without token
+# authentication (docs/cluster.md covers tokens): one in token mode broke the next one started in the process.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
 from collections.abc import Sequence
 from pathlib import Path
 
