@@ -285,7 +285,9 @@ def _decode_parts(
     if skipped:
         names = ", ".join(skipped[:3])
         more = f" and {len(skipped) - 3} more" if len(skipped) > 3 else ""
-        logger.warning("Skipped %d unreadable image file(s) (missing, corrupt or empty): %s%s.", len(skipped), names, more)
+        logger.warning(
+            "Skipped %d unreadable image file(s) (missing, corrupt or empty): %s%s.", len(skipped), names, more
+        )
 
     if "val" in decoded:
         train, val = decoded[first], decoded["val"]
