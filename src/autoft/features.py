@@ -29,7 +29,7 @@ from torch import nn
 
 from autoft.tasks.base import Dataset, InputSpec, Task, TensorSplit
 
-__all__ = ["FeatureCache", "autocast", "cached_logits", "model_inputs", "unsteady"]
+__all__ = ["FeatureCache", "autocast", "cached_logits", "model_inputs", "pool", "pooled", "unsteady"]
 
 log = logging.getLogger(__name__)
 
@@ -108,13 +108,25 @@ class FeatureCache:
         )
 
     def _pooled(self, model: nn.Module, split: object) -> torch.Tensor:
-        inputs = model_inputs(self.task, split, self.spec, device=self.device, batch_size=self.batch_size)
-        return torch.cat([self._pool(model, batch) for batch in inputs])
+        return pooled(model, self.task, split, self.spec, device=self.device, batch_size=self.batch_size)
 
-    @torch.no_grad()  # not inference_mode: the head's backward saves these features as its input
     def _pool(self, model: nn.Module, inputs: object) -> torch.Tensor:
-        with autocast(self.device):
-            return model.forward_head(model.forward_features(inputs), pre_logits=True)
+        return pool(model, inputs, device=self.device)
+
+
+@torch.no_grad()  # not inference_mode: the head's backward saves these features as its input
+def pool(model: nn.Module, inputs: object, *, device: torch.device) -> torch.Tensor:
+    """The pooled pre-logits features ``forward_head(forward_features(x), pre_logits=True)`` of a batch."""
+    with autocast(device):
+        return model.forward_head(model.forward_features(inputs), pre_logits=True)
+
+
+def pooled(
+    model: nn.Module, task: Task, split: object, spec: InputSpec, *, device: torch.device, batch_size: int = 256
+) -> torch.Tensor:
+    """The pooled features of every example of ``split``, in order (``model`` in the mode the caller set)."""
+    inputs = model_inputs(task, split, spec, device=device, batch_size=batch_size)
+    return torch.cat([pool(model, batch, device=device) for batch in inputs])
 
 
 @torch.no_grad()

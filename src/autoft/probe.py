@@ -168,17 +168,9 @@ def _pooled_features(setup: Setup) -> tuple[TensorSplit, TensorSplit]:
     for split, limit in ((setup.dataset.train, FALLBACK_TRAIN_IMAGES), (setup.dataset.val, FALLBACK_VAL_IMAGES)):
         rows = torch.linspace(0, len(split) - 1, min(len(split), limit)).long()  # evenly spread: every class
         subset = setup.task.select(split, rows)
-        out.append(TensorSplit(_pooled(model, subset, setup), subset.labels.to(setup.device)))
+        pooled = features.pooled(model, setup.task, subset, setup.spec, device=setup.device).float()
+        out.append(TensorSplit(pooled, subset.labels.to(setup.device)))
     return out[0], out[1]
-
-
-@torch.no_grad()
-def _pooled(model: nn.Module, split: object, setup: Setup, chunk: int = 256) -> torch.Tensor:
-    out = []
-    for inputs in features.model_inputs(setup.task, split, setup.spec, device=setup.device, batch_size=chunk):
-        with features.autocast(setup.device):
-            out.append(model.forward_head(model.forward_features(inputs), pre_logits=True).float())
-    return torch.cat(out)
 
 
 def _linear_probe(
