@@ -23,7 +23,7 @@ from torch import nn
 from autoft import tasks
 from autoft.errors import AutoftError
 from autoft.features import autocast
-from autoft.tasks.base import LoadedModel
+from autoft.tasks.base import Deployable, LoadedModel
 from autoft.tasks.image import data, transforms
 from autoft.trial import resolve_device
 
@@ -133,6 +133,27 @@ class TunedModel(LoadedModel):
             with autocast(self.device):
                 out.append(self.model(transforms.normalize(chunk, mean=self.mean, std=self.std)).float().cpu())
         return torch.cat(out) if out else torch.zeros(0, len(self.classes))
+
+    def deployable(self, examples: Sequence[str | Path] | None = None) -> Deployable:
+        """Float pixel values 0-255 in (normalization built in), logits out, any batch size; checked on the images
+        ``examples`` names (files, folders, patterns; None: a batch of 3 random images, not the traced 4)."""
+        generator = torch.Generator().manual_seed(0)
+        size = self.image_size
+        example = torch.randint(0, 256, (4, 3, size, size), generator=generator).float()
+        if examples:
+            odd_batch = self._as_batch(data.find_images(examples))
+        else:
+            odd_batch = torch.randint(0, 256, (3, 3, size, size), generator=generator).to(torch.uint8)
+        meta = {k: self.meta[k] for k in ("model", "classes", "image_size", "interpolation") if k in self.meta}
+        meta["input"] = "float32 (N, 3, S, S) RGB pixel values 0-255; normalization is built in"
+        return Deployable(
+            module=_Deployable(self.model, self.mean, self.std).eval(),
+            example={"images": example},
+            dynamic={"images": {0: torch.export.Dim("batch", min=1)}},
+            check={"images": odd_batch.float()},
+            expected=self.logits(odd_batch),
+            meta=meta,
+        )
 
 
 def load_model(path: str | Path, *, device: str = "auto") -> TunedModel:
@@ -286,11 +307,11 @@ class _Deployable(nn.Module):
         return self.model((images - self.mean) / self.std)
 
 
-def _write_onnx(module: nn.Module, example: torch.Tensor, path: Path, meta: dict[str, Any]) -> Callable:
+def _write_onnx(deployable: Deployable, path: Path) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
     import onnx
     import onnxruntime
 
-    batch = torch.export.Dim("batch", min=1)
+    module = deployable.module
     # One self-contained file; past protobuf's 2 GiB limit the weights go to PATH.data beside it (referenced).
     external = sum(t.numel() * t.element_size() for t in module.state_dict().values()) > _ONNX_SINGLE_FILE_BYTES
     sidecar = path.with_name(path.name + ".data")
@@ -299,42 +320,50 @@ def _write_onnx(module: nn.Module, example: torch.Tensor, path: Path, meta: dict
         warnings.simplefilter("ignore")
         torch.onnx.export(
             module,
-            (example,),
+            tuple(deployable.example.values()),
             str(path),
-            input_names=["images"],
+            input_names=list(deployable.example),
             output_names=["logits"],
-            dynamic_shapes={"images": {0: batch}},
+            dynamic_shapes=deployable.dynamic,
             dynamo=True,
             external_data=external,
             verbose=False,
         )
     proto = onnx.load(str(path), load_external_data=False)  # external tensors stay references to PATH.data
-    onnx.helper.set_model_props(proto, {"autoft": json.dumps(meta)})
+    onnx.helper.set_model_props(proto, {"autoft": json.dumps(deployable.meta)})
     onnx.save(proto, str(path))
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return lambda x: torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
+    return lambda inputs: torch.from_numpy(session.run(None, {k: v.numpy() for k, v in inputs.items()})[0])
 
 
-def _write_torchscript(module: nn.Module, example: torch.Tensor, path: Path, meta: dict[str, Any]) -> Callable:
+def _write_torchscript(deployable: Deployable, path: Path) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
     with warnings.catch_warnings():  # torch.jit is deprecated in favour of torch.export, but still the portable file
         warnings.simplefilter("ignore")
-        traced = torch.jit.trace(module, example)
-        torch.jit.save(traced, str(path), _extra_files={CONFIG: json.dumps(meta)})
+        traced = torch.jit.trace(deployable.module, tuple(deployable.example.values()))
+        torch.jit.save(traced, str(path), _extra_files={CONFIG: json.dumps(deployable.meta)})
         loaded = torch.jit.load(str(path))
-    return lambda x: loaded(x).detach()
+    return lambda inputs: loaded(*inputs.values()).detach()
 
 
 _WRITERS = {"onnx": (".onnx", _write_onnx), "torchscript": (".pt", _write_torchscript)}
 
 
 def export_model(
-    path: str | Path, *, format: str, output: str | Path | None = None, tolerance: float = 1e-4
+    path: str | Path,
+    *,
+    format: str,
+    output: str | Path | None = None,
+    tolerance: float = 1e-4,
+    examples: Sequence[Any] | None = None,
 ) -> tuple[Path, float]:
     """Write a deployable file of an exported model and check it against PyTorch on a batch.
 
-    The file takes float images ``(N, 3, S, S)`` with pixel values 0-255 (normalization is built in) and
-    returns logits; the classes and preprocessing travel in its metadata. Returns the file and the largest
-    absolute difference between its logits and PyTorch's on a batch of 4 (above ``tolerance``: an error).
+    Image models take float images ``(N, 3, S, S)`` with pixel values 0-255 (normalization is built in); text
+    models take ``input_ids`` and ``attention_mask`` ``(N, T)`` int64 (and ``token_type_ids`` for sentence pairs);
+    both return logits, and the classes and preprocessing travel in the file's metadata. Returns the file and the
+    largest absolute difference between its logits and PyTorch's on ``examples`` (what ``autoft predict`` takes:
+    image files or folders; sentences or files of them; None: the task's own check batch), above ``tolerance`` an
+    error.
 
     >>> export_model("runs/demo/best", format="onnx")  # doctest: +SKIP
     (PosixPath('runs/demo/best/model.onnx'), 2.1e-06)
@@ -343,28 +372,16 @@ def export_model(
         raise AutoftError(f"Export format {format!r} is not known; choose one of: {', '.join(_WRITERS)}.")
     suffix, write = _WRITERS[format]
     tuned = load_model(path, device="cpu")
-    if not isinstance(tuned, TunedModel):
-        raise AutoftError(
-            f"Exporting a {tuned.meta.get('task')} model to {format} is not supported yet; export covers image models."
-        )
     target = Path(output) if output else Path(path) / f"model{suffix}"
-    module = _Deployable(tuned.model, tuned.mean, tuned.std).eval()
-    generator = torch.Generator().manual_seed(0)
-    size = tuned.image_size
-    example = torch.randint(0, 256, (4, 3, size, size), generator=generator).float()
-    meta = {k: tuned.meta[k] for k in ("model", "classes", "image_size", "interpolation") if k in tuned.meta}
-    meta["input"] = "float32 (N, 3, S, S) RGB pixel values 0-255; normalization is built in"
+    deployable = tuned.deployable(examples)
     try:
-        run = write(module, example, target, meta)
+        run = write(deployable, target)
     except ImportError as exc:
         raise AutoftError(
             f"Exporting to {format} needs {exc.name}; install it with: pip install 'autoft[export]'."
         ) from None
-    odd_batch = torch.randint(0, 256, (3, 3, size, size), generator=generator).float()  # not the traced size
-    with torch.inference_mode():
-        expected = tuned.logits(odd_batch.to(torch.uint8))
-    difference = (run(odd_batch) - expected).abs().max().item()
-    scale = max(1.0, expected.abs().max().item())
+    difference = (run(deployable.check) - deployable.expected).abs().max().item()
+    scale = max(1.0, deployable.expected.abs().max().item())
     if not difference <= tolerance * scale:
         raise AutoftError(
             f"The {format} file {target} differs from the PyTorch model by up to {difference:.3g} "

@@ -80,6 +80,13 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     x.add_argument("model_dir", type=Path, metavar="MODEL_DIR", help="an exported model, e.g. runs/x/best")
     x.add_argument("--format", required=True, choices=export.EXPORT_FORMATS, help="onnx or torchscript")
     x.add_argument("--output", type=Path, help="file to write (default MODEL_DIR/model.onnx or model.pt)")
+    x.add_argument(
+        "--check",
+        nargs="+",
+        metavar="INPUT",
+        help="inputs to compare the file with PyTorch on, as predict takes them: image files or folders; sentences "
+        "or files of them (default: random images; a few built-in sentences)",
+    )
 
 
 def _spaces(args: argparse.Namespace) -> int:
@@ -217,7 +224,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    path, difference = export.export_model(args.model_dir, format=args.format, output=args.output)
+    path, difference = export.export_model(args.model_dir, format=args.format, output=args.output, examples=args.check)
     console.print(f"Wrote {path}; checked against the PyTorch model on a batch: max abs difference {difference:.3g}")
     return 0
 

@@ -40,6 +40,7 @@ if TYPE_CHECKING:  # the config is the ground floor; a task only reads it
 __all__ = [
     "Batch",
     "Dataset",
+    "Deployable",
     "InputSpec",
     "LoadedModel",
     "ModelInputs",
@@ -118,17 +119,43 @@ class Dataset:
         return out | {"skipped": self.skipped}
 
 
+@dataclass(frozen=True)
+class Deployable:
+    """A tuned model as a deployable file (ONNX, TorchScript) sees it, and how to check the file against it.
+
+    ``module`` takes the tensors of ``example`` as positional arguments, in order, and returns logits;
+    ``dynamic`` names the axes that may vary (``{"input_ids": {0: batch, 1: sequence}}``, shared ``Dim`` objects
+    for axes that must match); ``check`` are other inputs (another batch size and length, so a shape fixed by
+    tracing shows up) and ``expected`` the PyTorch model's logits for them; ``meta`` travels in the file.
+    """
+
+    module: nn.Module
+    example: dict[str, torch.Tensor]
+    dynamic: dict[str, dict[int, Any]]
+    check: dict[str, torch.Tensor]
+    expected: torch.Tensor
+    meta: dict[str, Any]
+
+
 @dataclass
 class LoadedModel:
     """An exported model loaded back: the network (eval mode, on ``device``), its classes and ``config.json``.
 
-    A task may return a subclass that also predicts from raw inputs (the image task's ``TunedModel``).
+    A task may return a subclass that also predicts from raw inputs (the image task's ``TunedModel``) and that
+    can be written as a deployable file (:meth:`deployable`).
     """
 
     model: nn.Module
     classes: tuple[str, ...]
     meta: dict[str, Any]
     device: torch.device
+
+    def deployable(self, examples: Any = None) -> Deployable:
+        """The model as ``autoft export`` writes it, checked on ``examples`` (raw inputs; None: the task's own)."""
+        raise AutoftError(
+            f"Exporting a {self.meta.get('task')} model to a deployable file is not supported; "
+            "export covers image, text and ner models."
+        )
 
 
 def batches(

@@ -21,7 +21,15 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["IGNORE", "TextSplit", "batches", "choose_max_length", "encode_sentences", "encode_tagged"]
+__all__ = [
+    "IGNORE",
+    "TextSplit",
+    "batches",
+    "choose_max_length",
+    "encode_sentences",
+    "encode_tagged",
+    "model_inputs",
+]
 
 IGNORE = -100  # label of positions that are not scored (later sub-tokens, special tokens, padding)
 PERCENTILE = 98
@@ -234,16 +242,23 @@ def batches(
     on cached features see the same batches. NER evaluation batches keep the full width (see the module doc)."""
     n = len(split)
     order = torch.randperm(n, generator=generator) if shuffle else None
-    positions = torch.arange(split.max_length)
     for start in range(0, n, batch_size):
         rows = order[start : start + batch_size] if order is not None else slice(start, start + batch_size)
-        lengths = split.lengths[rows]
-        width = split.max_length if split.token_level and not shuffle else max(1, int(lengths.max()))
-        inputs = {
-            "input_ids": split.input_ids[rows, :width],
-            "attention_mask": (positions[:width] < lengths[:, None]).long(),
-        }
-        if split.token_type_ids is not None:
-            inputs["token_type_ids"] = split.token_type_ids[rows, :width]
-        labels = split.labels[rows, :width] if split.token_level else split.labels[rows]
+        width = split.max_length if split.token_level and not shuffle else None
+        inputs = model_inputs(split, rows, width=width)
+        labels = split.labels[rows, : inputs["input_ids"].shape[1]] if split.token_level else split.labels[rows]
         yield inputs, labels
+
+
+def model_inputs(split: TextSplit, rows: torch.Tensor | slice, *, width: int | None = None) -> dict[str, torch.Tensor]:
+    """The model inputs of the examples ``rows``: ``input_ids``, ``attention_mask`` (and ``token_type_ids`` for
+    pairs), ``width`` tokens wide (None: the longest of these examples)."""
+    lengths = split.lengths[rows]
+    width = width or max(1, int(lengths.max()))
+    inputs = {
+        "input_ids": split.input_ids[rows, :width],
+        "attention_mask": (torch.arange(width) < lengths[:, None]).long(),
+    }
+    if split.token_type_ids is not None:
+        inputs["token_type_ids"] = split.token_type_ids[rows, :width]
+    return inputs

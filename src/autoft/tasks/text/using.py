@@ -8,12 +8,25 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from autoft.errors import AutoftError
-from autoft.tasks.base import LoadedModel
+from autoft.tasks.base import Deployable, LoadedModel
 from autoft.tasks.text import data, models, tokens
 
-__all__ = ["TextEvaluation", "TunedText", "read_inputs"]
+__all__ = ["CHECK_SENTENCES", "TextEvaluation", "TunedText", "read_inputs"]
+
+# What an export is traced on (the first four) and checked on (the rest: another batch size and length), when the
+# user gives no sentences of their own: real text, so the tokenizer, padding and attention mask all take part.
+CHECK_SENTENCES = (
+    "The battery died after two days.",
+    "Great screen, but the speakers are awful and the case cracked within a week of light use.",
+    "Alice flew from Paris to Berlin on Monday.",
+    "Not bad.",
+    "John Smith works for the United Nations in New York.",
+    "I would not buy this phone again.",
+    "Ok",
+)
 
 
 @dataclass(frozen=True)
@@ -62,6 +75,41 @@ class TunedText(LoadedModel):
                                             max_length=self.spec.max_length, limit=self.spec.max_positions)  # fmt: skip
         return _with_classes(split, self.classes)
 
+    def deployable(self, examples: Sequence[Any] | None = None) -> Deployable:
+        """Token ids and attention mask in (``(N, T)`` int64; token type ids too for sentence pairs), logits out,
+        batch and sequence axes dynamic; checked on ``examples`` (sentences, or files of them as ``autoft predict``
+        reads them; None: the rest of :data:`CHECK_SENTENCES`)."""
+        traced = self._inputs(CHECK_SENTENCES[:4])
+        sentences = read_inputs(examples, text_column=None, encoding="utf-8") if examples else CHECK_SENTENCES[4:]
+        if not sentences:
+            raise AutoftError(f"The examples to check the export on ({', '.join(map(str, examples))}) hold no text.")
+        check = self._inputs(sentences)
+        batch = torch.export.Dim("batch", min=1)
+        sequence = torch.export.Dim("sequence", min=1, max=self.spec.max_positions)
+        module = _TokenInputs(self.model).eval()
+        with torch.inference_mode():
+            expected = module(*check.values()).float()
+        meta = {k: self.meta[k] for k in ("model", "task", "classes", "tokenizer", "max_length") if k in self.meta}
+        meta["input"] = f"int64 (N, T) {', '.join(traced)} from the tokenizer; logits " + (
+            "(N, T, tags): one row per token, a word scored at its first sub-token" if self.task.token_level
+            else "(N, classes)"
+        )  # fmt: skip
+        return Deployable(
+            module=module,
+            example=traced,
+            dynamic={name: {0: batch, 1: sequence} for name in traced},
+            check=check,
+            expected=expected,
+            meta=meta,
+        )
+
+    def _inputs(self, sentences: Sequence[Any]) -> dict[str, torch.Tensor]:
+        """The model inputs of ``sentences`` as one batch (sentence pairs of a pair model: each with the next)."""
+        if self.meta.get("sentence_pairs") and sentences and isinstance(sentences[0], str):
+            sentences = [(s, sentences[(i + 1) % len(sentences)]) for i, s in enumerate(sentences)]
+        split = self.encode(sentences)
+        return tokens.model_inputs(split, slice(None))
+
     @torch.inference_mode()
     def logits(self, split: tokens.TextSplit, *, batch_size: int = 64) -> torch.Tensor:
         """Raw scores, float32 on the CPU: ``(N, classes)``, or ``(N, T, tags)`` for NER."""
@@ -100,6 +148,22 @@ class TunedText(LoadedModel):
         split = self.task.encode(self.tokenizer, sentences, self.classes, max_length=self.spec.max_length,
                                  limit=self.spec.max_positions)  # fmt: skip
         return _class_scores(self.logits(split).argmax(1), split.labels, self.classes)
+
+
+class _TokenInputs(nn.Module):
+    """A text model taking its input tensors as arguments (what ONNX and TorchScript files take)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None:
+            inputs["token_type_ids"] = token_type_ids
+        return self.model(inputs)
 
 
 @dataclass(frozen=True)
