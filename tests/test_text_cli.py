@@ -6,11 +6,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import optuna
 import pytest
 from optuna.trial import TrialState
 
 import autoft
+from autoft import figures, report, tasks
 from autoft.cli import main
+from autoft.cli.search import _Display
+from autoft.controller import Progress
 from textdata import sentences, tagged, write_conll, write_csv, write_tiny_bert
 
 
@@ -87,6 +91,36 @@ def test_a_directory_without_a_tokenizer(bert: Path, tmp_path: Path, capsys: pyt
     assert "has no tokenizer" in _fails(capsys, tmp_path, model, data)
 
 
+class _Live:
+    """What the display writes to: its status line updates."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def update(self, line: str) -> None:
+        self.lines.append(line)
+
+
+def test_each_task_names_its_score() -> None:
+    assert [tasks.score_name(name) for name in ("image", "text", "ner", None)] == [
+        "accuracy", "accuracy", "entity F1", "accuracy",
+    ]  # fmt: skip
+
+
+def test_progress_and_report_call_an_ner_score_entity_f1() -> None:
+    live = _Live()
+    _Display(live, 3, score_name=tasks.score_name("ner"))(Progress("epoch", 1, 2, 3, score=0.5, best=0.625))
+    assert "val entity F1 0.5000" in live.lines[-1] and "acc" not in live.lines[-1]
+    study = optuna.create_study(direction="maximize")
+    study.add_trial(optuna.trial.create_trial(value=0.625, params={}, distributions={}))
+    summary = figures.summary_data(study, {"task": "ner"}, meta={"test_accuracy": 0.5}, counts=None)
+    page = report._summary_html(summary)
+    assert "Best validation entity F1" in page and "Test entity F1" in page and "accuracy" not in page
+    curves = figures.curves_figure([{"number": 0, "state": "COMPLETE", "epochs": [0, 1], "values": [0.5, 0.6]}],
+                                   score_name="entity F1")  # fmt: skip
+    assert curves.layout.yaxis.title.text == "validation entity F1"
+
+
 @pytest.mark.slow
 def test_a_tiny_text_search_end_to_end(bert: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     folder = tmp_path / "reviews"
@@ -118,6 +152,8 @@ def test_a_tiny_ner_search_end_to_end(bert: Path, tmp_path: Path, capsys: pytest
     run = tmp_path / "run"
     assert main(["search", "--model", str(bert), "--data", str(data), "--run-dir", str(run), "--trials", "3",
                  "--max-epochs", "3", "--timeout", "4m"]) == 0  # fmt: skip
+    summary = " ".join(capsys.readouterr().err.split())
+    assert "val entity F1" in summary and "val acc" not in summary and "val accuracy" not in summary
     meta = json.loads((run / "best" / "config.json").read_text())
     assert meta["task"] == "ner" and meta["classes"] == ["O", "B-LOC", "B-PER"]
     tuned = autoft.load_model(run / "best", device="cpu")
@@ -125,4 +161,6 @@ def test_a_tiny_ner_search_end_to_end(bert: Path, tmp_path: Path, capsys: pytest
     assert len(found) == 1 and all({"type", "text", "start", "end"} <= set(e) for e in found[0])
     assert main(["evaluate", str(run / "best"), str(data)]) == 0
     assert "entity F1" in capsys.readouterr().out
-    assert "<mark" in (run / "report.html").read_text()  # entities highlighted in the gallery
+    page = (run / "report.html").read_text()
+    assert "<mark" in page  # entities highlighted in the gallery
+    assert "Best validation entity F1" in page and "Best validation accuracy" not in page

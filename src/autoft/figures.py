@@ -14,7 +14,7 @@ from optuna.importance import FanovaImportanceEvaluator
 from optuna.search_space import intersection_search_space
 from optuna.trial import TrialState
 
-from autoft import export, objectives, results, selection
+from autoft import export, objectives, results, selection, tasks
 from autoft.errors import AutoftError
 from autoft.recipe import describe_knobs
 
@@ -75,6 +75,7 @@ def summary_data(
         "best_strategy": _strategy(results.knobs(best)) if best else None,
         "model_selection": selection.summary_line(study),  # several models: which were dropped, and why
         "test_score": (meta or {}).get("test_accuracy"),
+        "score_name": tasks.score_name(config.get("task")),  # what best_score and test_score measure
     }
 
 
@@ -181,11 +182,11 @@ def confident_mistakes(
 # ----------------------------------------------------------------------------- figures
 
 
-def history_figure(study: optuna.Study) -> go.Figure:
-    return optuna.visualization.plot_optimization_history(study, target_name="validation accuracy")
+def history_figure(study: optuna.Study, *, score_name: str = "accuracy") -> go.Figure:
+    return optuna.visualization.plot_optimization_history(study, target_name=f"validation {score_name}")
 
 
-def curves_figure(curves: list[dict[str, Any]]) -> go.Figure:
+def curves_figure(curves: list[dict[str, Any]], *, score_name: str = "accuracy") -> go.Figure:
     """Learning curves; pruned trials dashed, in orange, ending in a cross where they were stopped."""
     colours = {"COMPLETE": "#1f77b4", "PRUNED": "#ff7f0e", "FAIL": "#d62728", "RUNNING": "#7f7f7f"}
     figure = go.Figure()
@@ -205,9 +206,9 @@ def curves_figure(curves: list[dict[str, Any]]) -> go.Figure:
             )
         )
     figure.update_layout(
-        title="Learning curves (validation accuracy per epoch; pruned trials dashed, stopped at the cross)",
+        title=f"Learning curves (validation {score_name} per epoch; pruned trials dashed, stopped at the cross)",
         xaxis={"title": "epoch", "dtick": 1},
-        yaxis_title="validation accuracy",
+        yaxis_title=f"validation {score_name}",
     )
     return figure
 

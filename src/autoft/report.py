@@ -91,13 +91,15 @@ def _study_sections(report: StudyReport, study: optuna.Study) -> None:
         if pareto["best_trial"] is not None:
             report.add("How best/ was chosen", f"best/ holds trial {pareto['best_trial']}: {objectives.KNEE_RULE}.")
     elif complete:
-        report.add("Optimization history", report.figure("history", figures.history_figure(study)))
+        history = figures.history_figure(study, score_name=report.summary["score_name"])
+        report.add("Optimization history", report.figure("history", history))
     else:
         report.add("Optimization history", "No trial completed, so there is no score to plot.")
 
     curves = figures.curves_data(study)
     if curves:
-        report.add("Learning curves", report.figure("learning_curves", figures.curves_figure(curves)))
+        figure = figures.curves_figure(curves, score_name=report.summary["score_name"])
+        report.add("Learning curves", report.figure("learning_curves", figure))
     else:
         report.add("Learning curves", "No trial reported a validation score per epoch (no intermediate values).")
 
@@ -282,8 +284,8 @@ def _summary_html(s: dict[str, Any]) -> str:
         ("Data", f"{s['data']}: {data_line}"),
         ("Budget used", budget),
         ("Best trial", fmt(s["best_trial"])),
-        ("Best validation accuracy", fmt(s["best_score"], ".4f")),
-        ("Test accuracy", fmt(s["test_score"], ".4f")),
+        (f"Best validation {s['score_name']}", fmt(s["best_score"], ".4f")),
+        (f"Test {s['score_name']}", fmt(s["test_score"], ".4f")),
         ("Best strategy", s["best_strategy"] or "—"),
     ]
     if s.get("model_selection"):

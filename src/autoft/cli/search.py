@@ -7,11 +7,12 @@ import logging
 from pathlib import Path
 
 import optuna
+import yaml
 from rich.live import Live
 from rich.logging import RichHandler
 from rich.table import Table
 
-from autoft import objectives, report, results, selection, space
+from autoft import objectives, report, results, selection, space, tasks
 from autoft.cli.output import console
 from autoft.config import BACKENDS, PRUNERS, SAMPLERS, SearchConfig, parse_duration
 from autoft.controller import Progress as SearchProgress
@@ -250,10 +251,11 @@ def _setup_logging(run_dir: Path, *, verbose: bool) -> None:
 
 
 class _Display:
-    """A live status line (trial, epoch, current and best score) above which finished trials are listed."""
+    """A live status line (trial, epoch, current and best score) above which finished trials are listed;
+    ``score_name``: what the task scores (accuracy, entity F1)."""
 
-    def __init__(self, live: Live, total: int | None):
-        self.live, self.total, self.strategy = live, total, ""
+    def __init__(self, live: Live, total: int | None, *, score_name: str = "accuracy"):
+        self.live, self.total, self.strategy, self.score_name = live, total, "", score_name
 
     def __call__(self, event: SearchProgress) -> None:
         of = f"/{self.total}" if self.total else ""
@@ -266,7 +268,7 @@ class _Display:
         elif event.kind == "epoch":
             self.live.update(
                 f"[bold]trial {event.trial}{of}[/] · epoch {event.epoch}/{event.epochs} · "
-                f"val acc {event.score:.4f} · best {best}\n  {self.strategy}"
+                f"val {self.score_name} {event.score:.4f} · best {best}\n  {self.strategy}"
             )
         else:
             score = f"{event.score:.4f}" if event.score is not None else "-"
@@ -291,12 +293,20 @@ def _paretosummary(result: SearchResult) -> None:
     )
 
 
+def _score_name(run_dir: Path) -> str:
+    """What the run's task scores, from its config.yaml (the search wrote it with the task resolved)."""
+    config_file = run_dir / "config.yaml"
+    task = yaml.safe_load(config_file.read_text()).get("task") if config_file.is_file() else None
+    return tasks.score_name(task)
+
+
 def summary(result: SearchResult) -> None:
     multi = len(result.objectives) > 1
     if multi:
         _paretosummary(result)
+    score_name = _score_name(result.run_dir)
     table = Table(title="Most accurate trials" if multi else "Best trials", show_lines=False)
-    for column in ("trial", "val acc", "epochs", "seconds", "strategy"):
+    for column in ("trial", f"val {score_name}", "epochs", "seconds", "strategy"):
         table.add_column(column)
     for row in results.ranked_trials(result.study, top=5):
         table.add_row(
@@ -310,9 +320,9 @@ def summary(result: SearchResult) -> None:
     chosen = selection.summary_line(result.study)
     if chosen:
         console.print(chosen, highlight=False)
-    test = f", test accuracy {result.test_score:.4f}" if result.test_score is not None else ""
+    test = f", test {score_name} {result.test_score:.4f}" if result.test_score is not None else ""
     console.print(
-        f"Best: trial {result.best_trial}, val accuracy {result.best_score:.4f}{test}\n"
+        f"Best: trial {result.best_trial}, val {score_name} {result.best_score:.4f}{test}\n"
         f"Model: {result.model_dir}  (load with autoft.load_model)\nStudy: {result.run_dir / 'study.db'}\n"
         f"Report: {result.run_dir / report.REPORT}"
     )
@@ -328,6 +338,7 @@ def run(args: argparse.Namespace) -> int:
         explain = (
             (lambda plan: live.console.print(plan.describe(), markup=False, highlight=False)) if args.explain else None
         )
-        result = run_search(config, progress=_Display(live, config.trials), on_plan=explain)
+        display = _Display(live, config.trials, score_name=tasks.score_name(config.task))
+        result = run_search(config, progress=display, on_plan=explain)
     summary(result)
     return 0

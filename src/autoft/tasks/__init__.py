@@ -12,7 +12,7 @@ from collections.abc import Callable
 from autoft.errors import AutoftError, closest
 from autoft.tasks.base import Dataset, Task, TensorSplit
 
-__all__ = ["Dataset", "Task", "TensorSplit", "get", "names", "register"]
+__all__ = ["Dataset", "Task", "TensorSplit", "get", "names", "register", "score_name"]
 
 # Built-in tasks by name, created on first use (a task's imports, e.g. transformers, load only when it is used).
 _FACTORIES: dict[str, Callable[[], Task]] = {}
@@ -42,6 +42,16 @@ def get(name: str) -> Task:
     if name not in _CREATED:
         _CREATED[name] = _FACTORIES[name]()
     return _CREATED[name]
+
+
+def score_name(name: str | None) -> str:
+    """What the task called ``name`` scores (``accuracy``, ``entity F1``), for labels in the CLI and the report;
+    accuracy for a run that names no task (image runs made before tasks existed).
+
+    >>> score_name("ner")
+    'entity F1'
+    """
+    return get(name).score_name if name else "accuracy"
 
 
 def _image() -> Task:
