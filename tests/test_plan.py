@@ -101,12 +101,29 @@ def test_a_budget_that_cannot_fit_one_epoch_is_one_clear_error() -> None:
 # -------------------------------------------------------------------------------------------------- priors
 
 
+# Enough training images that every preset batch size gives an epoch 16+ steps: the batch rule stays quiet.
+LARGE = dataclasses.replace(PROFILE, train=16 * 128)
+
+
 def test_priors_fire_on_their_thresholds() -> None:
-    names = lambda acc, profile=PROFILE: [p.name for p in choose_priors(profile, _probe(acc))]  # noqa: E731
+    names = lambda acc, profile=LARGE: [p.name for p in choose_priors(profile, _probe(acc))]  # noqa: E731
     assert names(0.99) == ["features-fit-well"]  # fit (0.99 - 0.4) / 0.6 = 0.98
     assert names(0.95) == []  # fit 0.92: fine-tuning still has room
     # The poor-fit and few-images rules were removed: the quality benchmark did not support them (docs/controller.md).
-    assert names(0.6) == [] and names(0.8, dataclasses.replace(PROFILE, train=30)) == []
+    assert names(0.6) == [] and names(0.8, dataclasses.replace(PROFILE, train=30)) == ["few-steps-per-epoch"]
+    assert names(0.6, dataclasses.replace(LARGE, train=LARGE.train - 1)) == ["few-steps-per-epoch"]
+
+
+def test_a_small_training_split_gets_batches_with_enough_steps_and_the_portfolio_follows() -> None:
+    space = load_space("default")
+    narrowed, skipped = apply_priors(space, choose_priors(dataclasses.replace(PROFILE, train=600), PROBE))
+    assert _param(narrowed, "batch_size").choices == (16, 32) and skipped == ()  # 600 / 16 steps: batch <= 37
+    assert [e["batch_size"] for e in narrowed.portfolio] == [32] * len(space.portfolio)  # 64 -> 32, not dropped
+    tiny, _ = apply_priors(space, choose_priors(dataclasses.replace(PROFILE, train=24), PROBE))
+    assert _param(tiny, "batch_size").choices == (16,)  # none is small enough: the smallest offered stays
+    plan_line = "optimizer steps per epoch: 19 at batch 32"
+    assert plan_line not in plan.Plan(PROFILE, PROBE, 4, "median").describe()
+    assert plan_line in plan.Plan(PROFILE, PROBE, 4, "median", steps_per_epoch={32: 19}).describe()
 
 
 def test_strong_features_narrow_the_default_space_consistently() -> None:
@@ -136,7 +153,7 @@ def test_a_narrowed_choice_drops_its_portfolio_entry_and_reorders_the_rest() -> 
 
 def test_priors_never_touch_what_the_user_set_and_never_widen() -> None:
     space = load_space("default", fixed=["freeze=full"], overrides=["lr.high=1e-4"])
-    priors = choose_priors(PROFILE, _probe(0.99))
+    priors = choose_priors(LARGE, _probe(0.99))
     narrowed, skipped = apply_priors(space, priors, keep=["freeze", "lr"])
     assert narrowed.params == space.params
     assert skipped == ("features-fit-well: freeze left as is (set by the user)", "features-fit-well: lr left as is "

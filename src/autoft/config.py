@@ -242,6 +242,7 @@ class SearchConfig:
     run_dir: Path | None = None
     device: str = "auto"
     warm_start: bool = True  # try the space's portfolio of strong recipes first (--no-warm-start: don't)
+    exploit: bool = True  # after the portfolio, its best recipe's neighbours before sampling (--no-exploit)
     warm_start_from: Path | None = None  # --warm-start RUN_DIR: seed the new study with that run's trials
     objectives: tuple[str, ...] = ("accuracy",)  # --objective accuracy[,params][,latency]
     backend: str = "auto"
@@ -305,7 +306,8 @@ class SearchConfig:
                 f"space must be a preset name, a YAML file, a SearchSpace or a space(trial) function, "
                 f"but got {self.space!r}."
             )
-        for name in ("warm_start", "compile", "soup", "refit", "model_selection", "priors", "export_adapter"):
+        flags = ("warm_start", "exploit", "compile", "soup", "refit", "model_selection", "priors", "export_adapter")
+        for name in flags:
             if not isinstance(getattr(self, name), bool):
                 raise AutoftError(f"{name} must be True or False, but got {getattr(self, name)!r}.")
         if not _whole(self.max_epochs) or self.max_epochs < 1:

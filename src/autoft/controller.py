@@ -3,7 +3,8 @@
 Flow: ``preparation.prepare_models`` (each model's weights, the data read once through the task, device) ->
 ``study.open_study`` (storage, sampler; resume) -> ``selection`` (several models: drop the weak ones) ->
 ``plan.make_plan`` (probe, priors, ``--timeout`` budget; docs/controller.md; it sets the trials' length and the
-pruner, once) -> a backend runs trials through a :class:`~autoft.runner.TrialRunner` while the
+pruner, once) -> a backend runs trials (retries, the portfolio, then the best recipe's neighbours from
+``exploit``, then the sampler's) through a :class:`~autoft.runner.TrialRunner` while the
 :class:`~autoft.keeper.RunFolder` keeps ``best/``, ``top/`` or ``pareto/`` -> ``final`` (soup or refit) -> test
 score -> report.
 
@@ -35,6 +36,7 @@ from autoft.backends import local
 from autoft.budget import Budget
 from autoft.config import SearchConfig
 from autoft.errors import AutoftError
+from autoft.exploit import Exploit
 from autoft.keeper import RunFolder, check_free_space, check_run_dir, exported_setup
 from autoft.objectives import ParetoPoint
 from autoft.preparation import Setup, prepare_models
@@ -255,7 +257,9 @@ def _optimize(
         show(Progress("trial_end", trial.number, score=score, best=folder.best, state=trial.state.name))
 
     window = budget.launch_window() if budget else None
-    limits = dict(queue=queue, n_trials=remaining, timeout=window, on_trial_end=on_trial_end)
+    # After the portfolio, its best recipe's neighbours (with --no-warm-start there is no portfolio to follow).
+    refill = Exploit(space, cfg.objectives) if cfg.exploit and cfg.warm_start else None
+    limits = dict(queue=queue, refill=refill, n_trials=remaining, timeout=window, on_trial_end=on_trial_end)
     should_stop = lambda s: stop.is_set() or systematic_error(s) is not None  # noqa: E731
     if _backend(cfg) == "ray":
         from autoft.backends import ray as ray_backend  # ray is optional: imported only when used

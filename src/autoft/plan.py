@@ -21,6 +21,7 @@ A resumed search reuses the stored probe (study user attr ``plan``), so it shape
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -48,6 +49,7 @@ class Plan:
     budget: BudgetPlan | None = None
     priors_off: str = ""  # why no prior applies ("--no-priors", "your own space file", ...)
     reused: bool = False  # the probe came from the study (a resumed search)
+    steps_per_epoch: Mapping[int, int] = dataclasses.field(default_factory=dict)  # batch size -> optimizer steps
 
     def record(self) -> dict[str, Any]:
         """Plain data for the study's user attr ``plan``: the measurements (a resumed search reuses them), the
@@ -79,6 +81,9 @@ class Plan:
             edits = ", ".join(f"{k} {_edit_text(v)}" for k, v in prior.edits.items())
             lines.append(f"prior {prior.name} ({prior.because}): {edits} -- {prior.reason}")
         lines += [f"  skipped: {note}" for note in self.skipped]
+        if self.steps_per_epoch:
+            steps = ", ".join(f"{n} at batch {b}" for b, n in sorted(self.steps_per_epoch.items()))
+            lines.append(f"updates: {self.max_epochs} epoch(s) per trial at most; optimizer steps per epoch: {steps}")
         b = self.budget
         if b is None:
             lines.append("budget: none (no --timeout): --trials and --max-epochs as given")
@@ -155,6 +160,21 @@ def make_plan(
         )
         space, epochs, pruner = space.with_max_epochs(budget.max_epochs), budget.max_epochs, budget.pruner
     plan = Plan(
-        profile, measured, epochs, pruner, priors, skipped, budget, priors_off=priors_off, reused=reuse is not None
-    )
+        profile, measured, epochs, pruner, priors, skipped, budget, priors_off=priors_off, reused=reuse is not None,
+        steps_per_epoch=_steps_per_epoch(space, profile.train),
+    )  # fmt: skip
     return plan, space
+
+
+def _steps_per_epoch(space: Space, train: int) -> dict[int, int]:
+    """Optimizer steps one epoch takes at each batch size the space may choose (the plan says how many updates
+    a trial gets, not only how many epochs); empty when a space function decides the batch."""
+    params = {p.name: p for p in getattr(space, "params", ())}
+    batch = params.get("batch_size")
+    if batch is None and isinstance(space, SearchSpace):
+        sizes: tuple = (Recipe.__dataclass_fields__["batch_size"].default,)
+    elif batch is None:
+        return {}
+    else:
+        sizes = batch.choices if batch.kind == "categorical" else (batch.value,) if batch.kind == "fixed" else ()
+    return {int(b): math.ceil(train / int(b)) for b in sizes if isinstance(b, int) and b > 0}

@@ -107,6 +107,13 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         help="do not try the space's portfolio of known strong recipes before sampling",
     )
     s.add_argument(
+        "--no-exploit",
+        dest="exploit",
+        action="store_false",
+        help="after the portfolio, sample at once instead of first trying the best recipe's neighbours "
+        "(learning rate x3 and /3, smaller batch, next freeze depth, augmentation, longer)",
+    )
+    s.add_argument(
         "--warm-start",
         dest="warm_start_from",
         type=Path,
@@ -209,6 +216,7 @@ def _config(args: argparse.Namespace) -> SearchConfig:
         run_dir=args.run_dir,
         device=args.device,
         warm_start=args.warm_start,
+        exploit=args.exploit,
         warm_start_from=args.warm_start_from,
         objectives=args.objective,
         backend=args.backend,
