@@ -12,7 +12,14 @@ from optuna.trial import TrialState
 
 from autoft import plan, results
 from autoft.backends import local
-from autoft.budget import EPOCH_SAFETY, MIN_USEFUL_EPOCHS, WRAP_UP_FIXED_SECONDS, Budget, plan_budget
+from autoft.budget import (
+    EPOCH_SAFETY,
+    MIN_USEFUL_EPOCHS,
+    MIN_USEFUL_STEPS,
+    WRAP_UP_FIXED_SECONDS,
+    Budget,
+    plan_budget,
+)
 from autoft.cli import main
 from autoft.config import SearchConfig
 from autoft.controller import _LocalTrial, run_search
@@ -91,6 +98,17 @@ def test_a_small_budget_gives_one_trial_all_its_epochs_not_three_short_trials() 
     assert tiny.max_epochs == int(tiny.search // tiny.epoch_seconds) >= 1  # as many epochs as fit, at least one
     roomy = plan_budget(600, _epoch(10.0), PROFILE, spent=16, max_epochs=20, pruner="median")
     assert roomy.max_epochs == int(roomy.search // roomy.epoch_seconds) // 3 >= MIN_USEFUL_EPOCHS  # 3 trials
+
+
+def test_trials_share_the_budget_only_when_each_gets_enough_optimizer_steps() -> None:
+    # 48 epochs fit: three trials of 16. At 10 steps per epoch that is 160 updates each, enough; at 5 steps per
+    # epoch (a small split at the largest batch) 80 each, too few: one trial takes all 48 epochs instead.
+    plan = lambda steps: plan_budget(  # noqa: E731
+        600, _epoch(10.0), PROFILE, spent=16, max_epochs=60, pruner="median", steps_per_epoch=steps
+    )
+    fits = int(plan(None).search // plan(None).epoch_seconds)
+    assert plan(None).max_epochs == plan(10).max_epochs == fits // 3 and 10 * fits // 3 >= MIN_USEFUL_STEPS
+    assert 5 * (fits // 3) < MIN_USEFUL_STEPS and plan(5).max_epochs == fits
 
 
 def test_a_budget_that_cannot_fit_one_epoch_is_one_clear_error() -> None:

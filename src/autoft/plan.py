@@ -153,15 +153,17 @@ def make_plan(
         priors = choose_priors(profile, measured)
         space, skipped = apply_priors(space, priors, keep=keep)
     budget, epochs = None, max_epochs
+    steps = _steps_per_epoch(space, profile.train)
     if timeout is not None:
         longest = min(max_epochs, _longest_trial(space))
         budget = plan_budget(
-            timeout, measured, profile, spent=spent(), max_epochs=longest, pruner=pruner, **final_model
-        )
+            timeout, measured, profile, spent=spent(), max_epochs=longest, pruner=pruner,
+            steps_per_epoch=min(steps.values(), default=None), **final_model,
+        )  # fmt: skip
         space, epochs, pruner = space.with_max_epochs(budget.max_epochs), budget.max_epochs, budget.pruner
     plan = Plan(
         profile, measured, epochs, pruner, priors, skipped, budget, priors_off=priors_off, reused=reuse is not None,
-        steps_per_epoch=_steps_per_epoch(space, profile.train),
+        steps_per_epoch=steps,
     )  # fmt: skip
     return plan, space
 
