@@ -69,6 +69,10 @@ class FeatureCache:
         """Bytes the cached features hold (0 before the first use or when refused)."""
         return sum(s.images.numel() * s.images.element_size() for s in self._splits or ())
 
+    def built(self) -> tuple[TensorSplit, TensorSplit] | None:
+        """``(train, val)`` when something already built them; never builds (the probe samples them if there)."""
+        return self._splits
+
     def splits(self) -> tuple[TensorSplit, TensorSplit] | None:
         """``(train, val)`` with ``images`` = float features ``(N, D)`` on the device; None when not cacheable."""
         if self._splits is None and not self._refused:
