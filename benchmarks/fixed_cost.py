@@ -35,8 +35,9 @@ MODEL, IMAGE_SIZE, MAX_EPOCHS = "tf_efficientnet_lite0", 48, 6  # examples/demo.
 DATA = Path(os.environ.get("AUTOFT_BENCH_DATA", "demo_data/digits"))
 WRAP_UP_PARTS = ("trials_csv", "final_model", "test_score", "report")
 FIELDS = (
-    "label", "repeat", "timeout", "load_1min", "startup", "preparation", "plan", "search", *WRAP_UP_PARTS,
-    "wrap_up", "fixed", "total", "trials", "test_accuracy", "report_import", "report_work", "report_total",
+    "label", "repeat", "timeout", "trials_limit", "load_1min", "startup", "preparation", "plan", "search",
+    *WRAP_UP_PARTS, "wrap_up", "fixed", "total", "trials", "test_accuracy",
+    "report_import", "report_work", "report_total",
 )  # fmt: skip
 
 
@@ -105,7 +106,7 @@ def _child(mode: str, args: list[str], work: Path) -> tuple[dict, float]:
     return json.loads(out.read_text()) | {"output": done.stdout + done.stderr}, wall
 
 
-def measure(timeout: str, work: Path) -> dict:
+def measure(timeout: str, work: Path, *, trials: int | None = None) -> dict:
     """One search and one standalone report in fresh folders; the row of the CSV (without label and repeat)."""
     data, run_dir = write_digits(DATA), work / "run"
     load = os.getloadavg()[0]
@@ -113,15 +114,21 @@ def measure(timeout: str, work: Path) -> dict:
         "search", "--model", MODEL, "--weights", str(demo_weights()), "--data", str(data),
         "--image-size", str(IMAGE_SIZE), "--max-epochs", str(MAX_EPOCHS), "--timeout", timeout,
         "--run-dir", str(run_dir),
-    ]  # fmt: skip
+    ] + (["--trials", str(trials)] if trials else [])  # fmt: skip
     times, total = _child("search", argv, work)
     if times["code"] != 0:
-        sys.exit(f"the search exited with {times['code']}:\n{times['output'][-3000:]}")
+        steps = {k: round(v, 2) for k, v in times.items() if isinstance(v, float)}
+        sys.exit(f"the search exited with {times['code']} after {total:.1f}s {steps}:\n{times['output'][-3000:]}")
     report, report_total = _child("report", [str(run_dir)], work)
     wrap_up = sum(times.get(part, 0.0) for part in WRAP_UP_PARTS)
     meta = json.loads((run_dir / "best" / "config.json").read_text()) if (run_dir / "best").is_dir() else {}
     trials = sum(1 for _ in csv.DictReader((run_dir / "trials.csv").open()))
-    row = {"timeout": timeout, "load_1min": load, **{k: times.get(k, 0.0) for k in FIELDS if k in times}}
+    row = {
+        "timeout": timeout,
+        "trials_limit": trials or "",
+        "load_1min": load,
+        **{k: times.get(k, 0.0) for k in FIELDS if k in times},
+    }
     return row | {
         "wrap_up": wrap_up,
         "fixed": times["preparation"] + times["plan"] + wrap_up,
@@ -143,13 +150,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--timeout", default="30s", help="the search's --timeout (default 30s)")
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--trials", type=int, help="also stop after this many trials (a loaded machine's long budget)")
     parser.add_argument("--label", default="", help="a name for these rows in the CSV (e.g. before, after)")
     parser.add_argument("--csv", type=Path, help="append the rows to this CSV file")
     args = parser.parse_args()
     for repeat in range(args.repeats):
         work = Path(tempfile.mkdtemp(prefix="autoft-fixed-cost-"))
         try:
-            row = {"label": args.label, "repeat": repeat, **measure(args.timeout, work)}
+            row = {"label": args.label, "repeat": repeat, **measure(args.timeout, work, trials=args.trials)}
         finally:
             shutil.rmtree(work, ignore_errors=True)
         rounded = {k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()}

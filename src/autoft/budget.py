@@ -64,7 +64,7 @@ def plan_budget(
 ) -> BudgetPlan:
     """Fit the search to ``timeout`` seconds, of which ``spent`` are gone.
 
-    wrap_up = WRAP_UP_FIXED_SECONDS + 3 x eval cost of (val + test) + SLACK x timeout, plus the final model's
+    wrap_up = WRAP_UP_FIXED_SECONDS + eval cost of (val + test) + SLACK x timeout, plus the final model's
     cost: a soup of up to ``soup_models`` kept models evaluates val ``soup_models + 1`` times; ``refit`` trains
     once more for max_epochs epochs on train+val (so max_epochs is chosen with that refit reserved too);
     search = timeout - spent - wrap_up; epoch = EPOCH_SAFETY x measured full fine-tuning epoch;
@@ -76,7 +76,8 @@ def plan_budget(
     >>> plan_budget(600, measured, profile, spent=20, max_epochs=10, pruner="median").max_epochs  # doctest: +SKIP
     10
     """
-    evaluations = 3 * measured.eval_seconds_per_image * (profile.val + profile.test)  # test score + the report's
+    # The exported model is evaluated once on test (the score; the report reuses its logits), the report adds val.
+    evaluations = measured.eval_seconds_per_image * (profile.val + profile.test)
     if soup_models >= 2:
         evaluations += (soup_models + 1) * measured.eval_seconds_per_image * profile.val
     wrap_up = WRAP_UP_FIXED_SECONDS + evaluations + SLACK * timeout
