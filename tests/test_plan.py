@@ -159,6 +159,17 @@ def test_priors_never_touch_what_the_user_set_and_never_widen() -> None:
 # ----------------------------------------------------------------------------------------- probe (real model)
 
 
+def test_a_30_second_budget_fits_the_demo_on_a_quiet_machine() -> None:
+    """Issue 14: a 30 s --timeout runs and returns a model. The demo's quiet-machine measurements (docs/controller.md,
+    `make demo` on 2 quiet cores): 6.5 s preparation and probe (the old, slower probe), a 7.5 s full fine-tuning
+    epoch, 1.2 ms per evaluated image (its 300 s plan reserved 19.6 s = 8 s + 3 x 1.2 ms x 720 + 9 s)."""
+    demo = DataProfile(train=1077, val=360, test=360, classes=10, smallest_class=104, largest_class=109, image_size=48)
+    measured = dataclasses.replace(PROBE, epoch_seconds_full=7.5, epoch_seconds_head=0.6, eval_seconds_per_image=0.0012)
+    budget = plan_budget(30, measured, demo, spent=6.5, max_epochs=6, pruner="median")
+    assert budget.max_epochs >= 1 and budget.search >= budget.epoch_seconds  # one fine-tuning epoch fits
+    assert budget.wrap_up < 10
+
+
 @pytest.fixture(scope="module")
 def tiny_setup(tmp_path_factory: pytest.TempPathFactory):
     root = make_image_folder(tmp_path_factory.mktemp("plan") / "data", per_class=8, with_test=True)

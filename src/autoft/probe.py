@@ -130,7 +130,7 @@ class Probe:
 
 
 # The linear probe sees at most this many train and val examples, evenly spread over each class: its cost is
-# bounded whatever the data size. Measured on digits (benchmarks/fixed_cost.py, docs/benchmarks.md): the fit on
+# bounded whatever the data size. Measured on digits (benchmarks/probe_sample.py, docs/benchmarks.md): the fit on
 # 1,017 of the 1,077 train images was 0.864-0.873 against 0.873-0.879 on all of them; on 505 it fell to 0.80-0.81
 # (a linear probe learns from more examples; the prior's threshold was set on fits of whole data sets).
 PROBE_TRAIN_EXAMPLES, PROBE_VAL_EXAMPLES = 1024, 512
