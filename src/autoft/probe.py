@@ -137,7 +137,7 @@ PROBE_TRAIN_EXAMPLES, PROBE_VAL_EXAMPLES = 1024, 512
 # The epoch cost: the fastest of TIMED_STEPS full fine-tuning steps of TIMING_BATCH examples, after one untimed
 # warm-up step on WARM_UP_BATCH examples (the first step of a fresh model copy is slow whatever its size: lazy
 # initialization, kernel selection, the optimizer's state).
-TIMED_STEPS, TIMING_BATCH, WARM_UP_BATCH = 2, 16, 2
+TIMED_STEPS, TIMING_BATCH, WARM_UP_BATCH = 3, 16, 2
 # When a step of TIMING_BATCH is this fast, the trials' own batch (RECIPE_BATCH) is timed too and preferred.
 CHEAP_STEP_SECONDS, RECIPE_BATCH = 0.25, 64
 
