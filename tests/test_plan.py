@@ -11,7 +11,7 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-from autoft import plan, results
+from autoft import features, plan, results
 from autoft import probe as probe_module
 from autoft.backends import local
 from autoft.budget import EPOCH_SAFETY, MIN_USEFUL_EPOCHS, WRAP_UP_FIXED_SECONDS, Budget, plan_budget
@@ -207,6 +207,32 @@ def test_probe_measures_only_what_a_decision_uses(tiny_setup, monkeypatch) -> No
     eval_cost = linear_only.eval_seconds_per_image  # from the probe's own feature pass: not timed again
     assert completed.epoch_seconds_full == pytest.approx(0.01 * 24 + eval_cost * 6)
     assert probe(tiny_setup, linear_probe=False, costs=False).linear_probe_accuracy is None
+
+
+def test_the_feature_cache_adopts_the_probes_sample(tiny_setup, monkeypatch) -> None:
+    """The probe's features are not computed twice: a head-only trial's cache build computes only the rows outside
+    the probe's sample, and the cache equals one built from scratch."""
+    monkeypatch.setattr(probe_module, "PROBE_TRAIN_EXAMPLES", 12)  # half of the 24 train images
+    s = tiny_setup
+
+    def new_cache() -> features.FeatureCache:
+        return features.FeatureCache(s.base_model, s.dataset, s.task, s.spec, device=s.device)
+
+    fresh = dataclasses.replace(s, feature_cache=new_cache())
+    probe(fresh, seed=0, steps=5, costs=False)
+    computed, original = [], features.pooled
+
+    def counting(model, task, split, *args, **kwargs):
+        computed.append(len(split))
+        return original(model, task, split, *args, **kwargs)
+
+    monkeypatch.setattr(features, "pooled", counting)
+    train, val = fresh.feature_cache.splits()
+    assert computed == [12]  # the train rows outside the sample; val (6 images) was sampled whole
+    scratch_train, scratch_val = new_cache().splits()
+    assert torch.allclose(train.images, scratch_train.images, atol=1e-5)
+    assert torch.allclose(val.images, scratch_val.images, atol=1e-5)
+    assert torch.equal(train.labels, scratch_train.labels) and torch.equal(val.labels, scratch_val.labels)
 
 
 def test_sample_rows_covers_every_class_within_its_bound() -> None:

@@ -228,7 +228,9 @@ def _sampled_features(setup: Setup) -> tuple[TensorSplit, TensorSplit, float | N
     (None when nothing was computed).
 
     Taken from the feature cache when something already built it (model selection's linear probe); otherwise
-    computed here on an eval-mode copy of the model (dropout off, as in the cache), for the sample only.
+    computed here on an eval-mode copy of the model (dropout off, as in the cache), for the sample only, and handed
+    to the cache (:meth:`~autoft.features.FeatureCache.adopt`): when a head-only trial builds it, only the rows
+    outside the sample are computed, so the probe's forward pass is not paid twice.
     """
     dataset, classes = setup.dataset, len(setup.dataset.classes)
     picks = [
@@ -240,11 +242,14 @@ def _sampled_features(setup: Setup) -> tuple[TensorSplit, TensorSplit, float | N
         train, val = (TensorSplit(f.images[rows], f.labels[rows]) for f, (_, rows) in zip(built, picks, strict=True))
         return train, val, None
     model = copy.deepcopy(setup.base_model).to(setup.device).eval()
+    cache = setup.feature_cache
     started, out = time.perf_counter(), []
-    for split, rows in picks:
+    for name, (split, rows) in zip(("train", "val"), picks, strict=True):
         subset = setup.task.select(split, rows)
-        pooled = features.pooled(model, setup.task, subset, setup.spec, device=setup.device).float()
-        out.append(TensorSplit(pooled, subset.labels.to(setup.device)))
+        pooled = features.pooled(model, setup.task, subset, setup.spec, device=setup.device)
+        if cache is not None and cache.base_model is setup.base_model:  # a head-only trial's cache computes the rest
+            cache.adopt(name, rows, pooled)
+        out.append(TensorSplit(pooled.float(), subset.labels.to(setup.device)))
     _sync(setup.device)
     # Per example, the first batch's start-up included: a little above an evaluation's cost, never below it.
     per_example = (time.perf_counter() - started) / max(1, sum(len(rows) for _, rows in picks))
