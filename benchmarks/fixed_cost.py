@@ -36,7 +36,7 @@ DATA = Path(os.environ.get("AUTOFT_BENCH_DATA", "demo_data/digits"))
 WRAP_UP_PARTS = ("trials_csv", "final_model", "test_score", "report")
 FIELDS = (
     "label", "repeat", "timeout", "trials_limit", "load_1min", "startup", "preparation", "plan", "search",
-    *WRAP_UP_PARTS, "wrap_up", "fixed", "total", "trials", "test_accuracy",
+    *WRAP_UP_PARTS, "wrap_up", "fixed", "total", "trials", "first_trial_epochs", "test_accuracy",
     "report_import", "report_work", "report_total",
 )  # fmt: skip
 
@@ -122,7 +122,7 @@ def measure(timeout: str, work: Path, *, trials: int | None = None) -> dict:
     report, report_total = _child("report", [str(run_dir)], work)
     wrap_up = sum(times.get(part, 0.0) for part in WRAP_UP_PARTS)
     meta = json.loads((run_dir / "best" / "config.json").read_text()) if (run_dir / "best").is_dir() else {}
-    trials = sum(1 for _ in csv.DictReader((run_dir / "trials.csv").open()))
+    rows = list(csv.DictReader((run_dir / "trials.csv").open()))  # the first trial's epochs: what the plan allowed
     row = {
         "timeout": timeout,
         "trials_limit": trials or "",
@@ -133,7 +133,8 @@ def measure(timeout: str, work: Path, *, trials: int | None = None) -> dict:
         "wrap_up": wrap_up,
         "fixed": times["preparation"] + times["plan"] + wrap_up,
         "total": total,
-        "trials": trials,
+        "trials": len(rows),
+        "first_trial_epochs": rows[0]["epochs_run"] if rows else "",
         "test_accuracy": meta.get("test_accuracy"),
         "report_import": report["import"],
         "report_work": report["work"],
