@@ -53,7 +53,7 @@ from autoft.study import (
     recover_interrupted,
     systematic_error,
 )
-from autoft.trial import EpochMetrics, Report, TrialOutcome, evaluate, run_trial
+from autoft.trial import EpochMetrics, Report, TrialOutcome, predict_logits, run_trial
 
 if TYPE_CHECKING:  # ray is optional: its backend is imported only when used
     from autoft.backends.ray import Cluster
@@ -222,8 +222,8 @@ def run_search(
         results.write_trials_csv(study, cfg.run_dir / "trials.csv")
     setup = exported_setup(setups, folder.model_dir)  # the best model's data and preprocessing, for its scores
     if received:  # the handlers are restored by now: a second signal during the wrap-up acts at once
-        partial = _finish(cfg, setup, study, folder.model_dir) if results.trained_trials(study) else None
-        write_report(cfg.run_dir, dataset=setup.dataset, device=str(setup.device))
+        partial, scored = _finish(cfg, setup, study, folder.model_dir) if results.trained_trials(study) else (None, {})
+        write_report(cfg.run_dir, dataset=setup.dataset, device=str(setup.device), **scored)
         raise SearchInterrupted(received[0], partial)
     systematic = systematic_error(study)
     if systematic or not results.trained_trials(study):
@@ -232,9 +232,9 @@ def run_search(
             raise AutoftError(f"Stopped the search: every recent trial failed with the same error: {systematic}")
         raise no_complete_trial_error(study)
     final_model = final.make_final_model(cfg, setup, folder.model_dir)  # soup or refit into best/
-    result = dataclasses.replace(_finish(cfg, setup, study, folder.model_dir), final=final_model)
-    write_report(cfg.run_dir, dataset=setup.dataset, device=str(setup.device))
-    return result
+    finished, scored = _finish(cfg, setup, study, folder.model_dir)
+    write_report(cfg.run_dir, dataset=setup.dataset, device=str(setup.device), **scored)  # reuses the test logits
+    return dataclasses.replace(finished, final=final_model)
 
 
 def _optimize(
@@ -372,15 +372,22 @@ def _cluster(cfg: SearchConfig) -> Cluster:
     )
 
 
-def _finish(cfg: SearchConfig, setup: Setup, study: optuna.Study, model_dir: Path) -> SearchResult:
-    """Score the exported model on the test split (loaded back from disk, so the number is the file's)."""
+def _finish(
+    cfg: SearchConfig, setup: Setup, study: optuna.Study, model_dir: Path
+) -> tuple[SearchResult, dict[str, Any]]:
+    """Score the exported model on the test split (loaded back from disk, so the number is the file's); also the
+    loaded model and its test logits, for the report (``write_report``'s ``tuned`` and ``logits``): the wrap-up
+    loads and evaluates the model once, not once for the score and again for the report."""
     best, front = results.best_trial(study, cfg.objectives)
-    test_score = None
+    test_score, scored = None, {}
     if setup.dataset.test is not None and model_dir.is_dir():
         tuned = export.load_model(model_dir, device=str(setup.device))
-        _, test_score = evaluate(tuned.model, setup.dataset.test, setup)
+        logits = predict_logits(tuned.model, setup.dataset.test, setup.task, setup.spec, device=setup.device)
+        _, test_score = setup.task.score(logits, setup.dataset.test)
         export.update_config(model_dir, test_accuracy=test_score)
-    return SearchResult(
+        tuned.meta["test_accuracy"] = test_score  # as the file now says: the report reads it from the model's meta
+        scored = {"tuned": tuned, "logits": {"test": logits}}
+    result = SearchResult(
         best_trial=best.number,
         best_score=best.values[0],
         best_params=results.knobs(best),
@@ -391,3 +398,4 @@ def _finish(cfg: SearchConfig, setup: Setup, study: optuna.Study, model_dir: Pat
         objectives=cfg.objectives,
         pareto=front,
     )
+    return result, scored

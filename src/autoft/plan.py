@@ -4,8 +4,9 @@ Before the first trial the controller builds a :class:`Plan` (docs/controller.md
 
 1. :func:`~autoft.probe.profile_data` -- examples, classes, imbalance, resolution (counts only; nothing is
    trained).
-2. :func:`~autoft.probe.probe` -- a linear probe on the pooled pretrained features and the measured cost of
-   one epoch (full fine-tuning, head-only training, evaluation).
+2. :func:`~autoft.probe.probe` -- only what a decision below uses: a linear probe on the pooled pretrained
+   features of a bounded sample (priors on), the measured cost of one epoch (full fine-tuning, head-only training,
+   evaluation; ``--timeout`` only).
 3. :func:`~autoft.priors.choose_priors` -- small named rules, each with a threshold and a reason, that narrow
    the search space (never widen it; never a knob the user set with ``--set``/``--fix``; never a user's own
    space file).
@@ -15,7 +16,8 @@ Before the first trial the controller builds a :class:`Plan` (docs/controller.md
 
 The plan is the one place that sets the trials' ``max_epochs`` and the pruner; the controller applies both once.
 
-A resumed search reuses the stored probe (study user attr ``plan``), so it shapes the same space.
+A resumed search reuses the stored probe (study user attr ``plan``), so it shapes the same space; what the first
+run skipped is measured when a later run needs it.
 """
 
 from __future__ import annotations
@@ -69,9 +71,8 @@ class Plan:
             f"{d.classes} classes ({d.smallest_class}-{d.largest_class} per class, imbalance {d.imbalance:.1f}x)"
             + (f", {d.image_size} px" if d.image_size else "")
             + (f"; {d.inputs}" if d.inputs else ""),
-            f"probe{' (stored, from the first run)' if self.reused else ''}: linear probe val accuracy "
-            f"{p.linear_probe_accuracy:.3f} (chance {p.chance:.3f}, fit {p.fit:.2f}); one epoch: full fine-tuning "
-            f"~{p.epoch_seconds_full:.1f}s, head only ~{p.epoch_seconds_head:.2f}s; probe took {p.seconds:.1f}s",
+            f"probe{' (stored, from the first run)' if self.reused else ''}: {_probe_text(p)}; "
+            f"probe took {p.seconds:.1f}s",
         ]
         if self.priors_off:
             lines.append(f"priors: off ({self.priors_off})")
@@ -95,6 +96,23 @@ class Plan:
                 f"about {b.expected_trials} trials; no trial starts in the last {b.epoch_seconds:.1f}s"
             )
         return "\n".join(lines)
+
+
+def _probe_text(p: Probe) -> str:
+    """What the probe measured, and what it skipped because no decision needed it."""
+    linear = (
+        f"linear probe val accuracy {p.linear_probe_accuracy:.3f} "
+        f"({f'{p.examples} sampled examples, ' if p.examples else 'no pooled features, '}"
+        f"chance {p.chance:.3f}, fit {p.fit:.2f})"
+        if p.linear_probe_accuracy is not None
+        else "linear probe skipped (priors off)"
+    )
+    costs = (
+        f"one epoch: full fine-tuning ~{p.epoch_seconds_full:.1f}s, head only <= {p.epoch_seconds_head:.2f}s"
+        if p.has_costs
+        else "epoch cost not measured (no --timeout)"
+    )
+    return f"{linear}; {costs}"
 
 
 def _edit_text(edit: Mapping[str, Any]) -> str:
@@ -144,11 +162,14 @@ def make_plan(
     """
     final_model = dict(final_model or {})
     reuse = stored(study_attrs)
-    profile, measured = reuse if reuse is not None else (profile_data(setup.dataset), probe(setup, seed=seed))
     priors: tuple[Prior, ...] = ()
     skipped: tuple[str, ...] = ()
     if not priors_off and not isinstance(space, SearchSpace):
         priors_off = "a space(trial) function is searched as written"
+    # Measure only what a decision uses: the linear probe for the priors, the epoch costs for a budget.
+    profile = reuse[0] if reuse is not None else profile_data(setup.dataset)
+    previous = reuse[1] if reuse is not None else None
+    measured = probe(setup, seed=seed, linear_probe=not priors_off, costs=timeout is not None, previous=previous)
     if not priors_off:
         priors = choose_priors(profile, measured)
         space, skipped = apply_priors(space, priors, keep=keep)
