@@ -103,8 +103,10 @@ def _pct(value: float) -> str:
     return f"{100 * value:.1f}"
 
 
-def loto_table(val: Scores, test: Scores, candidates: Sequence[str], k: int) -> tuple[str, dict[str, Any]]:
-    """The markdown table of the leave-one-task-out evaluation, and its means."""
+def loto_table(
+    val: Scores, test: Scores, seconds: Scores, candidates: Sequence[str], k: int
+) -> tuple[str, dict[str, Any]]:
+    """The markdown table of the leave-one-task-out evaluation (test accuracy in %), its means and costs."""
     loto = leave_one_task_out(val, test, candidates, k)
     hand = [h for h in HANDWRITTEN if h in candidates]
     header = ["task", "untuned", f"hand-written ({len(hand)})", *[f"learned k={i + 1}" for i in range(k)], "grid best"]
@@ -122,7 +124,14 @@ def loto_table(val: Scores, test: Scores, candidates: Sequence[str], k: int) -> 
         lines.append(f"| {task} | " + " | ".join(_pct(v) for v in values) + " |")
     means = {name: statistics.fmean(v) for name, v in columns.items()}
     lines.append("| **mean** | " + " | ".join(f"**{_pct(v)}**" for v in means.values()) + " |")
-    return "\n".join(lines), {"means": means, "loto": loto}
+    cost = {
+        "hand-written": statistics.fmean(sum(seconds[t][r] for r in hand) for t in loto),
+        f"learned k={k}": statistics.fmean(sum(seconds[t][r] for r in held["learned"]) for t, held in loto.items()),
+    }
+    lines.append("")
+    lines.append("Seconds to run the portfolio on the held-out task, mean over tasks (grid timings, shared machine): "
+                 + ", ".join(f"{name} {value:.0f} s" for name, value in cost.items()) + ".")  # fmt: skip
+    return "\n".join(lines), {"means": means, "loto": loto, "seconds": cost}
 
 
 def write_table(path: Path, portfolio: Sequence[str], *, tasks: Sequence[str], seeds: Sequence[int], csv: Path) -> None:
@@ -157,8 +166,12 @@ def main() -> None:
         print(f"left out: {task} (untuned {test[task].get('untuned')}: no headroom or not run)", file=sys.stderr)
         del val[task], test[task]
     candidates = _complete(val)
+    missing = [r for r in ("untuned", *HANDWRITTEN) if r not in candidates]
+    if missing or len(val) < 2:
+        raise SystemExit(f"The grid is not far enough: {len(val)} tasks; not on every task yet: {', '.join(missing)}.")
     print(f"{len(val)} tasks, {len(candidates)} candidates on every task, seeds {sorted({r['seed'] for r in rows})}")
-    table, summary = loto_table(val, test, candidates, args.k)
+    seconds = scores_from_rows(rows, "seconds")
+    table, summary = loto_table(val, test, seconds, candidates, args.k)
     print(table)
     for task, held in summary["loto"].items():
         print(f"  {task}: learned without it: {', '.join(held['learned'])}")

@@ -11,6 +11,7 @@ from autoft.errors import AutoftError
 from autoft.space import learned_portfolio, load_space
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import bench_data
 import learn_portfolio
 import portfolio_grid
 
@@ -114,3 +115,18 @@ def test_every_grid_candidate_is_a_recipe_of_the_default_space_knobs() -> None:
     for name, knobs in portfolio_grid.CANDIDATES.items():
         assert set(knobs) <= names, name
     assert set(portfolio_grid.HANDWRITTEN) <= set(portfolio_grid.CANDIDATES)
+
+
+def test_few_shot_variants_cut_each_split_per_class(tmp_path: Path) -> None:
+    def ten_per_class(root: Path, *, seed: int = 0) -> None:
+        for split in ("train", "val", "test"):
+            for label in ("a", "b"):
+                (root / split / label).mkdir(parents=True)
+                for i in range(10):
+                    (root / split / label / f"{i}.png").write_bytes(b"")
+
+    bench_data.few_shot(ten_per_class, 3, val=5, test=7)(tmp_path / "few")
+    counts = {
+        split: [len(list((tmp_path / "few" / split / c).iterdir())) for c in "ab"] for split in ("train", "val", "test")
+    }
+    assert counts == {"train": [3, 3], "val": [5, 5], "test": [7, 7]}
