@@ -3,7 +3,8 @@
 Greedy forward selection (as auto-sklearn 2 and Quick-Tune build their portfolios): each step adds the candidate
 that most raises the mean, over tasks, of the best chosen recipe's normalized val score, where a task's scores
 are normalized over the grid ((val - worst) / (best - worst), so every task weighs the same whatever its
-accuracy level). Ties go to the candidate listed first in the grid.
+accuracy level). Equal gains (as when the chosen recipes already are the best on every task) go to the
+candidate with the better mean normalized score on its own, then to the one listed first in the grid.
 
 Leave-one-task-out: for each task, the portfolio is learned from the other tasks only; on the held-out task the
 first k learned recipes "run" (their grid rows) and the one with the best val accuracy is kept, as a search
@@ -62,11 +63,13 @@ def greedy_portfolio(val: Scores, candidates: Sequence[str], k: int) -> list[str
     ['a', 'b']
     """
     norm = normalized(val)
+    alone = {r: statistics.fmean(norm[t][r] for t in norm) for r in candidates}
     chosen: list[str] = []
     for _ in range(min(k, len(candidates))):
 
-        def gain(recipe: str) -> float:
-            return statistics.fmean(max(norm[t][r] for r in [*chosen, recipe]) for t in norm)
+        def gain(recipe: str) -> tuple[float, float]:
+            # Once the chosen cover every task, all gains tie: the better recipe on its own is the useful next one.
+            return statistics.fmean(max(norm[t][r] for r in [*chosen, recipe]) for t in norm), alone[recipe]
 
         remaining = [c for c in candidates if c not in chosen]
         chosen.append(max(remaining, key=gain))  # max keeps the first of equals: the grid's order breaks ties

@@ -6,7 +6,7 @@ the cumulative seconds and optimizer steps, and the test accuracy of the best-va
 would keep). Each run is appended to the CSV as it finishes; running the command again skips the runs already
 there, so an interrupted grid resumes. ``benchmarks/learn_portfolio.py`` learns the portfolio from the CSV.
 
-The suite (``SUITE``): few-shot variants of the offline data sets (``bench_data.py``) at low resolution, chosen so
+The suite (``SUITE``): few-shot variants of the offline data sets (``bench_data.py``) at 24 and 16 px, chosen so
 that the untuned recipe (``autoft.BASELINE`` at the grid's epochs) leaves headroom (<= 95 % test accuracy). The
 candidates (``CANDIDATES``): the untuned recipe, the hand-written portfolio of ``search_spaces/default.yaml``
 before it was learned (``HANDWRITTEN``, epochs capped at 6 as ``--max-epochs 6`` would), and recipes spanning
@@ -58,14 +58,9 @@ class Task:
 
 
 SUITE: dict[str, Task] = {
-    "digits-few@32": Task("digits-few", 32),
-    "digits-few@16": Task("digits-few", 16),
-    "glyphs-few@32": Task("glyphs-few", 32),
-    "glyphs-few@24": Task("glyphs-few", 24),
-    "patches-few@32": Task("patches-few", 32),
-    "patches-few@24": Task("patches-few", 24),
-    "dots-few@32": Task("dots-few", 32),
-    "dots-few@24": Task("dots-few", 24),
+    f"{dataset}@{size}": Task(dataset, size)
+    for dataset in ("digits-few", "glyphs-few", "patches-few", "dots-few")
+    for size in (24, 16)
 }
 
 # The knob values a candidate starts from (then its own are laid over them): plain AdamW full fine-tuning.
@@ -103,20 +98,21 @@ HANDWRITTEN: dict[str, dict[str, Any]] = {
 _UNTUNED = replace(autoft.BASELINE, epochs=GRID_EPOCHS)
 
 # Ordered by priority: an interrupted grid has the untuned and hand-written recipes on every task first, then
-# the others, the most different from each other first (what ran is what the CSV holds).
+# the others: the cheap head-only and partial ones first, then the most different from each other (what ran is
+# what the CSV holds).
 CANDIDATES: dict[str, dict[str, Any]] = {
     "untuned": candidate(**{k: getattr(_UNTUNED, k) for k in BASE_KNOBS}),
     **HANDWRITTEN,
-    "full-adamw-3e-3-wd05": candidate(lr=3e-3, weight_decay=0.05),
-    "full-adamw-3e-3-b16-light": candidate(lr=3e-3, batch_size=16, augment="light"),
     "lp-adamw-1e-2": candidate(freeze="linear_probe", lr=1e-2, weight_decay=1e-4),
-    "full-sgd-1e-2-hlr10": candidate(optimizer="sgd", lr=1e-2, momentum=0.9, head_lr_ratio=10.0),
-    "partial3-adamw-3e-3": candidate(freeze="partial", train_blocks=3, lr=3e-3, weight_decay=0.05),
-    "full-adam-3e-3-strong": candidate(optimizer="adam", lr=3e-3, weight_decay=1e-6, augment="strong"),
-    "full-adamw-1e-3-b16-ls01": candidate(batch_size=16, label_smoothing=0.1),
-    "lpft1-adamw-1e-3-light": candidate(freeze="lp_ft", lp_epochs=1, augment="light", head_lr_ratio=3.0),
-    "full-adamw-1e-2-warmup-b64": candidate(lr=1e-2, warmup_epochs=1, batch_size=64),
     "partial1-adamw-3e-3": candidate(freeze="partial", train_blocks=1, lr=3e-3),
+    "full-adamw-3e-3-b16-light": candidate(lr=3e-3, batch_size=16, augment="light"),
+    "full-adamw-3e-3-wd05": candidate(lr=3e-3, weight_decay=0.05),
+    "partial3-adamw-3e-3": candidate(freeze="partial", train_blocks=3, lr=3e-3, weight_decay=0.05),
+    "lpft1-adamw-1e-3-light": candidate(freeze="lp_ft", lp_epochs=1, augment="light", head_lr_ratio=3.0),
+    "full-sgd-1e-2-hlr10": candidate(optimizer="sgd", lr=1e-2, momentum=0.9, head_lr_ratio=10.0),
+    "full-adamw-1e-3-b16-ls01": candidate(batch_size=16, label_smoothing=0.1),
+    "full-adam-3e-3-strong": candidate(optimizer="adam", lr=3e-3, weight_decay=1e-6, augment="strong"),
+    "full-adamw-1e-2-warmup-b64": candidate(lr=1e-2, warmup_epochs=1, batch_size=64),
     "full-adamw-3e-3-wd05-light": candidate(lr=3e-3, weight_decay=0.05, augment="light"),
     "full-adamw-3e-4-hlr10-ld08": candidate(lr=3e-4, head_lr_ratio=10.0, layer_decay=0.8),
     "full-adamw-1e-3-light-ls01": candidate(augment="light", label_smoothing=0.1),

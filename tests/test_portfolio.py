@@ -80,6 +80,11 @@ def test_greedy_selection_adds_the_recipe_that_covers_the_tasks_left_behind() ->
     assert learn_portfolio.greedy_portfolio(VAL, ["b", "a", "c"], 1) == ["a"]  # the best mean first, whatever order
 
 
+def test_once_every_task_is_covered_the_better_recipe_alone_comes_next_not_the_first_listed() -> None:
+    val = {"t1": {"a": 0.9, "x": 0.1, "b": 0.5}, "t2": {"a": 0.8, "x": 0.2, "b": 0.7}}
+    assert learn_portfolio.greedy_portfolio(val, ["a", "x", "b"], 2) == ["a", "b"]
+
+
 def test_scores_are_normalized_per_task_so_every_task_weighs_the_same() -> None:
     # t2's raw spread is tiny, but normalized its best recipe "b" counts as much as t1's "a".
     val = {"t1": {"a": 0.9, "b": 0.1}, "t2": {"a": 0.50, "b": 0.52}, "t3": {"a": 0.3, "b": 0.31}}
@@ -89,7 +94,7 @@ def test_scores_are_normalized_per_task_so_every_task_weighs_the_same() -> None:
 
 def test_leave_one_task_out_learns_without_the_task_and_reports_the_test_of_the_val_best() -> None:
     loto = learn_portfolio.leave_one_task_out(VAL, TEST, ["a", "b", "c"], 2)
-    # Without t3 nothing needs "c": a first, then the first of the tied others (b) by the candidates' order.
+    # Without t3 nothing needs "c": a first, then of the others (no gain either) the better one alone, b.
     assert loto["t3"]["learned"] == ["a", "b"]
     assert loto["t3"]["picks"] == ["a", "b"] and loto["t3"]["test"] == [0.15, 0.05]
     assert loto["t1"]["learned"] == ["a", "c"] and loto["t1"]["test"] == [0.85, 0.85]
