@@ -69,15 +69,15 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def append_row(path: Path, row: dict[str, Any]) -> None:
+def append_row(path: Path, row: dict[str, Any], *, columns: tuple[str, ...] = COLUMNS) -> None:
     """Append one run to the CSV (header first when new), flushed, so a crash loses at most the running one."""
     new = not path.is_file()
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+        writer = csv.DictWriter(handle, fieldnames=columns)
         if new:
             writer.writeheader()
-        writer.writerow({k: row[k] for k in COLUMNS})
+        writer.writerow({k: row[k] for k in columns})
 
 
 def run_method(
