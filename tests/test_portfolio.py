@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from autoft.config import SearchConfig
 from autoft.errors import AutoftError
 from autoft.space import learned_portfolio, load_space
 
@@ -22,6 +23,27 @@ def test_the_default_preset_tries_the_learned_image_portfolio() -> None:
     assert load_space("default", fixed=["augment=none"]).portfolio == tuple(
         {k: v for k, v in entry.items() if k != "augment"} for entry in learned_portfolio("image")
     )  # --fix still removes the fixed knob from every entry
+
+
+def test_a_portfolio_file_replaces_the_spaces_own_and_bad_ones_are_one_clear_error(tmp_path: Path) -> None:
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("portfolio:\n  - {freeze: full, lr: 1.0e-3, batch_size: 16}\n  - {freeze: linear_probe}\n")
+    space = load_space("default", portfolio=mine)
+    assert space.portfolio == ({"freeze": "full", "lr": 1e-3, "batch_size": 16}, {"freeze": "linear_probe"})
+    assert "portfolio from" in space.source
+    (tmp_path / "typo.yaml").write_text("portfolio:\n  - {freez: full}\n")
+    with pytest.raises(AutoftError, match=r"portfolio entry 1 sets freez"):
+        load_space("default", portfolio=tmp_path / "typo.yaml")
+    (tmp_path / "list.yaml").write_text("- {freeze: full}\n")  # no 'portfolio:' key
+    with pytest.raises(AutoftError, match=r"must hold 'portfolio:', a non-empty list of recipes"):
+        load_space("default", portfolio=tmp_path / "list.yaml")
+    with pytest.raises(AutoftError, match=r"--portfolio .*nothing.yaml: no such file"):
+        SearchConfig(model="test_resnet", data=tmp_path, portfolio=tmp_path / "nothing.yaml")
+    from autoft.cli import _parser
+    from autoft.cli.search import _config
+
+    args = _parser().parse_args(["search", "--model", "m", "--data", str(tmp_path), "--portfolio", str(mine)])
+    assert _config(args).portfolio == mine
 
 
 def test_every_learned_entry_is_a_point_of_the_default_space() -> None:

@@ -244,6 +244,7 @@ class SearchConfig:
     warm_start: bool = True  # try the space's portfolio of strong recipes first (--no-warm-start: don't)
     exploit: bool = True  # after the portfolio, its best recipe's neighbours before sampling (--no-exploit)
     warm_start_from: Path | None = None  # --warm-start RUN_DIR: seed the new study with that run's trials
+    portfolio: Path | None = None  # --portfolio FILE: these recipes first, instead of the space's own portfolio
     objectives: tuple[str, ...] = ("accuracy",)  # --objective accuracy[,params][,latency]
     backend: str = "auto"
     address: str | None = None
@@ -270,7 +271,7 @@ class SearchConfig:
             object.__setattr__(self, "cache_dir", Path(os.environ[CACHE_ENV]).expanduser())
         for name, flag in (
             ("weights", "--weights"), ("run_dir", "--run-dir"), ("warm_start_from", "--warm-start"),
-            ("cache_dir", "--cache-dir"),
+            ("cache_dir", "--cache-dir"), ("portfolio", "--portfolio"),
         ):  # fmt: skip
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, _path(flag, getattr(self, name)))
@@ -305,6 +306,10 @@ class SearchConfig:
             raise AutoftError(
                 f"space must be a preset name, a YAML file, a SearchSpace or a space(trial) function, "
                 f"but got {self.space!r}."
+            )
+        if self.portfolio is not None and not self.portfolio.is_file():
+            raise AutoftError(
+                f"--portfolio {self.portfolio}: no such file; give a YAML file with 'portfolio:' and a list of recipes."
             )
         flags = ("warm_start", "exploit", "compile", "soup", "refit", "model_selection", "priors", "export_adapter")
         for name in flags:

@@ -188,7 +188,8 @@ def run_search(
     show = progress or (lambda event: None)
     check_run_dir(cfg.run_dir)
     preset = tasks.get(cfg.task).default_space if cfg.space == "default" else cfg.space  # text: the text preset
-    space = load_space(preset, overrides=cfg.space_overrides, fixed=cfg.space_fixed).with_max_epochs(cfg.max_epochs)
+    space = load_space(preset, overrides=cfg.space_overrides, fixed=cfg.space_fixed, portfolio=cfg.portfolio)
+    space = space.with_max_epochs(cfg.max_epochs)
     stop, received = threading.Event(), []
     with _stop_on_signals(stop, received):
         setups = setup if isinstance(setup, dict) else {cfg.models[0]: setup} if setup else prepare_models(cfg)

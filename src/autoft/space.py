@@ -34,6 +34,7 @@ __all__ = [
     "preset_description",
     "preset_names",
     "preset_path",
+    "read_portfolio",
 ]
 
 
@@ -252,15 +253,23 @@ def learned_portfolio(name: str, *, source: str = "search space <code>") -> list
             + (f"; did you mean {hint[0]!r}?" if hint else ".")
             + f" Tables: {', '.join(portfolio_table_names()) or 'none'}; or write the portfolio as a list of recipes."
         )
+    return read_portfolio(path, fix="regenerate it with benchmarks/learn_portfolio.py --write")
+
+
+def read_portfolio(path: Path, *, fix: str = "write it as 'portfolio:' followed by a list of {knob: value} recipes",
+                   ) -> list[dict[str, Any]]:  # fmt: skip
+    """The recipes of a portfolio file (``portfolio:`` and a non-empty list of recipes): a learned table, or a
+    user's own (``--portfolio FILE``). Only YAML data is read; nothing in the file runs.
+
+    >>> read_portfolio(Path("my-recipes.yaml"))[0]  # doctest: +SKIP
+    {'freeze': 'full', 'lr': 0.001}
+    """
     try:
-        entries = (yaml.safe_load(path.read_text()) or {}).get("portfolio")
-    except (yaml.YAMLError, AttributeError):
+        entries = (yaml.safe_load(Path(path).read_text()) or {}).get("portfolio")
+    except (yaml.YAMLError, AttributeError, OSError):
         entries = None
     if not isinstance(entries, list) or not entries or not all(isinstance(entry, dict) for entry in entries):
-        raise AutoftError(
-            f"Learned portfolio table {path} must hold 'portfolio:', a non-empty list of recipes; "
-            "regenerate it with benchmarks/learn_portfolio.py --write."
-        )
+        raise AutoftError(f"Portfolio file {path} must hold 'portfolio:', a non-empty list of recipes; {fix}.")
     return entries
 
 
@@ -295,18 +304,23 @@ def load_space(
     *,
     overrides: Sequence[str] = (),
     fixed: Sequence[str] = (),
+    portfolio: Path | None = None,
 ) -> SearchSpace | FunctionSpace:
     """A validated space from a preset name, a YAML path, a :class:`SearchSpace` or a ``space(trial)`` function.
 
     ``overrides`` are ``PARAM.FIELD=VALUE`` edits (``"lr.high=1e-2"``, the CLI's ``--set``); ``fixed`` are
     ``PARAM=VALUE`` (``"optimizer=adamw"``, the CLI's ``--fix``): the parameter stops being searched.
+    ``portfolio`` is a file of recipes (:func:`read_portfolio`, the CLI's ``--portfolio``) tried first instead of
+    the space's own portfolio.
 
     >>> load_space("default", overrides=["lr.high=1e-2"], fixed=["optimizer=adamw"]).params[4].value
     'adamw'
     """
     if callable(spec) and not isinstance(spec, SearchSpace):
-        if overrides or fixed:
-            raise AutoftError("--set and --fix edit a YAML or SearchSpace space, not a space(trial) function.")
+        if overrides or fixed or portfolio:
+            raise AutoftError(
+                "--set, --fix and --portfolio edit a YAML or SearchSpace space, not a space(trial) function."
+            )
         return FunctionSpace(spec)
     if isinstance(spec, SearchSpace):
         document, source = spec.to_dict(), spec.source
@@ -324,6 +338,9 @@ def load_space(
         except yaml.YAMLError as exc:
             raise AutoftError(f"Search space file {path} is not valid YAML: {exc}") from None
     document = with_learned_portfolio(document, source)  # before --fix edits its entries
+    if portfolio is not None:
+        document = {**document, "portfolio": read_portfolio(portfolio)}
+        source += f" (portfolio from {portfolio})"
     if overrides or fixed:
         document = _edited(document, overrides, fixed, source)
         source += " (with " + ", ".join([*(f"--set {o}" for o in overrides), *(f"--fix {f}" for f in fixed)]) + ")"

@@ -107,6 +107,13 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         help="do not try the space's portfolio of known strong recipes before sampling",
     )
     s.add_argument(
+        "--portfolio",
+        type=Path,
+        metavar="FILE",
+        help="try these recipes first instead of the space's own portfolio (YAML: 'portfolio:' and a list of "
+        "{knob: value} recipes, e.g. learned from your own tasks with benchmarks/learn_portfolio.py)",
+    )
+    s.add_argument(
         "--no-exploit",
         dest="exploit",
         action="store_false",
@@ -217,6 +224,7 @@ def _config(args: argparse.Namespace) -> SearchConfig:
         device=args.device,
         warm_start=args.warm_start,
         exploit=args.exploit,
+        portfolio=args.portfolio,
         warm_start_from=args.warm_start_from,
         objectives=args.objective,
         backend=args.backend,
