@@ -24,7 +24,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -81,8 +81,17 @@ def val_best(val: Mapping[str, float], recipes: Sequence[str]) -> str:
     return max(recipes, key=lambda r: val[r])
 
 
-def leave_one_task_out(val: Scores, test: Scores, candidates: Sequence[str], k: int) -> dict[str, dict[str, Any]]:
-    """Per held-out task: the portfolio learned without it, and the test score of the val-best of its first 1..k.
+def dataset_of(task: str) -> str:
+    """The data set a task was built from: ``digits-few@16`` and ``digits-few@24`` share ``digits-few``."""
+    return task.split("@")[0]
+
+
+def leave_one_task_out(
+    val: Scores, test: Scores, candidates: Sequence[str], k: int, *, group: Callable[[str], str] = str
+) -> dict[str, dict[str, Any]]:
+    """Per held-out task: the portfolio learned without it (and without every task of its ``group``: with
+    :func:`dataset_of`, the same data set at another resolution is left out too), and the test score of the
+    val-best of its first 1..k.
 
     >>> val = {"t1": {"a": 0.9, "b": 0.1}, "t2": {"a": 0.8, "b": 0.2}, "t3": {"a": 0.1, "b": 0.9}}
     >>> leave_one_task_out(val, val, ["a", "b"], 1)["t3"]["test"]
@@ -90,7 +99,7 @@ def leave_one_task_out(val: Scores, test: Scores, candidates: Sequence[str], k: 
     """
     result = {}
     for held_out in val:
-        others = {t: v for t, v in val.items() if t != held_out}
+        others = {t: v for t, v in val.items() if group(t) != group(held_out)}
         learned = greedy_portfolio(others, candidates, k)
         picks = [val_best(val[held_out], learned[: i + 1]) for i in range(len(learned))]
         result[held_out] = {"learned": learned, "picks": picks, "test": [test[held_out][p] for p in picks]}
@@ -107,10 +116,10 @@ def _pct(value: float) -> str:
 
 
 def loto_table(
-    val: Scores, test: Scores, seconds: Scores, candidates: Sequence[str], k: int
+    val: Scores, test: Scores, seconds: Scores, candidates: Sequence[str], k: int, *, group: Callable[[str], str] = str
 ) -> tuple[str, dict[str, Any]]:
     """The markdown table of the leave-one-task-out evaluation (test accuracy in %), its means and costs."""
-    loto = leave_one_task_out(val, test, candidates, k)
+    loto = leave_one_task_out(val, test, candidates, k, group=group)
     hand = [h for h in HANDWRITTEN if h in candidates]
     header = ["task", "untuned", f"hand-written ({len(hand)})", *[f"learned k={i + 1}" for i in range(k)], "grid best"]
     lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
@@ -158,6 +167,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--csv", type=Path, default=Path("benchmarks/results/portfolio-grid.csv"))
     parser.add_argument("-k", type=int, default=4, help="portfolio size (default 4)")
+    parser.add_argument(
+        "--leave-out",
+        choices=("dataset", "task"),
+        default="dataset",
+        help="what the evaluation holds out: the task's whole data set (default; its other resolutions too) or the "
+        "task alone",
+    )
     parser.add_argument("--write", action="store_true", help=f"write the portfolio learned on all tasks to {TABLE}")
     args = parser.parse_args()
     rows = read_grid(args.csv)
@@ -174,7 +190,8 @@ def main() -> None:
         raise SystemExit(f"The grid is not far enough: {len(val)} tasks; not on every task yet: {', '.join(missing)}.")
     print(f"{len(val)} tasks, {len(candidates)} candidates on every task, seeds {sorted({r['seed'] for r in rows})}")
     seconds = scores_from_rows(rows, "seconds")
-    table, summary = loto_table(val, test, seconds, candidates, args.k)
+    group = dataset_of if args.leave_out == "dataset" else str
+    table, summary = loto_table(val, test, seconds, candidates, args.k, group=group)
     print(table)
     for task, held in summary["loto"].items():
         print(f"  {task}: learned without it: {', '.join(held['learned'])}")

@@ -122,6 +122,15 @@ def test_leave_one_task_out_learns_without_the_task_and_reports_the_test_of_the_
     assert loto["t1"]["learned"] == ["a", "c"] and loto["t1"]["test"] == [0.85, 0.85]
 
 
+def test_leaving_a_data_set_out_leaves_out_its_other_resolutions_too() -> None:
+    # "a" wins only on t@24; left out task by task, t@16 would learn "a" from its own data set at another size.
+    val = {"t@16": {"a": 0.9, "b": 0.1}, "t@24": {"a": 0.9, "b": 0.1}, "u@16": {"a": 0.1, "b": 0.9}}
+    by_task = learn_portfolio.leave_one_task_out(val, val, ["a", "b"], 1)
+    by_dataset = learn_portfolio.leave_one_task_out(val, val, ["a", "b"], 1, group=learn_portfolio.dataset_of)
+    assert by_task["t@16"]["learned"] in (["a"], ["b"]) and by_dataset["t@16"]["learned"] == ["b"]
+    assert learn_portfolio.dataset_of("digits-few@24") == "digits-few"
+
+
 def test_grid_rows_round_trip_through_the_csv(tmp_path: Path) -> None:
     path = tmp_path / "grid.csv"
     row = {
