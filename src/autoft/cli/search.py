@@ -85,7 +85,13 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "--cache-dir",
         type=Path,
         help="keep decoded images in this folder; later searches map them instead of decoding (default: "
-        "$AUTOFT_CACHE_DIR, else no cache)",
+        "$AUTOFT_CACHE_DIR, else .autoft-cache beside the run dir: runs/.autoft-cache)",
+    )
+    s.add_argument(
+        "--no-cache",
+        dest="cache",
+        action="store_false",
+        help="do not keep decoded images on disk (every search decodes the images again)",
     )
     s.add_argument(
         "--val-fraction",
@@ -197,6 +203,7 @@ def _config(args: argparse.Namespace) -> SearchConfig:
         text_column=args.text_column,
         label_column=args.label_column,
         encoding=args.encoding,
+        cache=args.cache,
         cache_dir=args.cache_dir,
         weights=args.weights,
         pretrained=args.pretrained,
