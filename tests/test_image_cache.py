@@ -186,3 +186,22 @@ def test_config_takes_the_cache_folder_from_the_environment(tmp_path: Path, monk
     assert SearchConfig(model="test_resnet", data=tmp_path, task="image", cache_dir=tmp_path / "x").cache_dir == (
         tmp_path / "x"
     )
+
+
+def test_the_cli_shows_a_decoding_bar_restarted_per_split() -> None:
+    import io
+
+    from rich.console import Console
+    from rich.live import Live
+
+    from autoft.cli.search import _Display
+
+    out = io.StringIO()
+    with Live("", console=Console(file=out, force_terminal=True, width=100), auto_refresh=False) as live:
+        display = _Display(live, 3)
+        for done, total in ((256, 600), (600, 600), (50, 100)):
+            display.decoding(done, total)
+        (task,) = display.bar.tasks
+        assert (task.completed, task.total) == (50, 100)
+        live.refresh()
+    assert "decoding images" in out.getvalue() and "50/100" in out.getvalue()
