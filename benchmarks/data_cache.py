@@ -24,7 +24,6 @@ rows.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import platform
@@ -34,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from decode_speed import write_jpegs
+from decode_speed import write_csv, write_jpegs
 
 from autoft.config import SearchConfig
 from autoft.controller import Progress, run_search
@@ -119,13 +118,8 @@ def main() -> None:
     }  # fmt: skip
     print(json.dumps(result))
     if args.csv is not None:
-        args.csv.parent.mkdir(parents=True, exist_ok=True)
-        with args.csv.open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=["search", "to_first_trial", "data", "images", "load_average"])
-            writer.writeheader()
-            load_text = " ".join(map(str, result["load_average"]))
-            for row in rows:
-                writer.writerow(row | {"images": args.images, "load_average": load_text})
+        load_text = " ".join(map(str, result["load_average"]))
+        write_csv(args.csv, [row | {"images": args.images, "load_average": load_text} for row in rows])
 
 
 if __name__ == "__main__":

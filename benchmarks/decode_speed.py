@@ -111,6 +111,15 @@ def measure(paths: list[Path], size: int, repeats: int) -> dict[str, list[tuple[
     return runs
 
 
+def write_csv(path: Path, rows: list[dict]) -> None:
+    """``rows`` as a CSV file, the first row's keys as the header."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def _row(side: str, rate: float, best: tuple[float, float], runs: list[tuple[float, float]]) -> dict:
     wall, cpu = best
     seconds = " ".join(f"{w:.2f}" for w, _ in runs)
@@ -149,14 +158,8 @@ def main() -> None:
     }  # fmt: skip
     print(json.dumps(result))
     if args.csv is not None:
-        args.csv.parent.mkdir(parents=True, exist_ok=True)
-        with args.csv.open("w", newline="") as handle:
-            fields = ["side", "images_per_s", "cores_used", "seconds", "cores", "load_average", "date"]
-            writer = csv.DictWriter(handle, fieldnames=fields)
-            writer.writeheader()
-            for row in rows:
-                writer.writerow(row | {"cores": cores, "load_average": " ".join(map(str, result["load_average"])),
-                                       "date": result["date"]})  # fmt: skip
+        extra = {"cores": cores, "load_average": " ".join(map(str, result["load_average"])), "date": result["date"]}
+        write_csv(args.csv, [row | extra for row in rows])
 
 
 if __name__ == "__main__":
