@@ -137,6 +137,7 @@ def write(
     check_room(directory, need_bytes(parts, image_size=image_size))
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=directory))
     try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would hide the entry from other users of the machine
         counts, skipped = {}, {}
         for split, part in parts.items():
             counts[split], skipped[split] = _write_split(tmp, split, part, decode_split, image_size)
@@ -197,6 +198,7 @@ def derived(entry: Path, tag: str, images: torch.Tensor, rows: torch.Tensor) -> 
         check_room(entry, len(rows) * row_bytes)
         handle, name = tempfile.mkstemp(prefix=f".{tag}.", suffix=".npy", dir=entry)
         os.close(handle)
+        os.chmod(name, 0o666 & ~_umask())  # readable by whoever may read the entry (mkstemp makes it 0600)
         try:
             out = np.lib.format.open_memmap(name, mode="w+", dtype=np.uint8, shape=(len(rows), *images.shape[1:]))
             source, order = images.numpy(), rows.numpy()
@@ -209,6 +211,12 @@ def derived(entry: Path, tag: str, images: torch.Tensor, rows: torch.Tensor) -> 
             Path(name).unlink(missing_ok=True)
             raise
     return torch.from_numpy(np.load(path, mmap_mode="c"))
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _size(folder: Path) -> int:

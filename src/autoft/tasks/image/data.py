@@ -269,7 +269,7 @@ def _decode_parts(
     first = "train" if "train" in parts else "all"
     if cache_dir is None:
         stored, entry = {split: _decode_part(part, image_size, interpolation) for split, part in parts.items()}, None
-        inputs = "decoded images in memory (no cache)"
+        inputs = "images decoded into memory (no cache)"
     else:
         stored, entry, inputs = _cached(parts, classes, root, cache_dir, image_size, interpolation)
     decoded: dict[str, ImageSet] = {}
@@ -324,7 +324,7 @@ def _cached(
     if stored is None:
         raise AutoftError(f"The image cache entry {cache_dir / name} was removed while loading; run again.")
     disk = sum(images.numel() for images, _, _ in stored.values()) / 2**20
-    return stored, cache_dir / name, f"decoded images {how} the cache {cache_dir / name} ({disk:.1f} MiB on disk)"
+    return stored, cache_dir / name, f"images {how} the cache {cache_dir / name} ({disk:.1f} MiB on disk)"
 
 
 def memory_bound() -> int:
