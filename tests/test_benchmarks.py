@@ -158,6 +158,7 @@ def test_gpu_check_runs_on_the_cpu(one_thread):
     assert out["device"] == "cpu" and out["model"] == "test_resnet" and out["ray"] is None
     assert out["loop"]["autoft_images_per_s"] > 0 and out["loop"]["bare_images_per_s"] > 0
     assert out["data_path"]["fed_over_consumed"] > 0 and out["memory"]["kind"] == "cpu_peak_rss"
+    assert out["data_path"]["mapped_cache"]["fed_images_per_s"] > 0  # read from the cache file
     assert json.loads(json.dumps(out)) == out
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import optuna
 from rich.live import Live
 from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from autoft import objectives, report, results, selection, space
@@ -17,6 +18,7 @@ from autoft.config import BACKENDS, PRUNERS, SAMPLERS, SearchConfig, parse_durat
 from autoft.controller import Progress as SearchProgress
 from autoft.controller import SearchResult, run_search
 from autoft.keeper import check_run_dir
+from autoft.tasks.image import decode
 
 __all__ = ["add_parser", "run", "summary"]
 
@@ -85,7 +87,13 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "--cache-dir",
         type=Path,
         help="keep decoded images in this folder; later searches map them instead of decoding (default: "
-        "$AUTOFT_CACHE_DIR, else no cache)",
+        "$AUTOFT_CACHE_DIR, else .autoft-cache beside the run dir: runs/.autoft-cache)",
+    )
+    s.add_argument(
+        "--no-cache",
+        dest="cache",
+        action="store_false",
+        help="do not keep decoded images on disk (every search decodes the images again)",
     )
     s.add_argument(
         "--val-fraction",
@@ -204,6 +212,7 @@ def _config(args: argparse.Namespace) -> SearchConfig:
         text_column=args.text_column,
         label_column=args.label_column,
         encoding=args.encoding,
+        cache=args.cache,
         cache_dir=args.cache_dir,
         weights=args.weights,
         pretrained=args.pretrained,
@@ -266,10 +275,24 @@ def _setup_logging(run_dir: Path, *, verbose: bool) -> None:
 
 
 class _Display:
-    """A live status line (trial, epoch, current and best score) above which finished trials are listed."""
+    """A live status line (trial, epoch, current and best score) above which finished trials are listed; before
+    the first trial, a bar while images are decoded."""
 
     def __init__(self, live: Live, total: int | None):
         self.live, self.total, self.strategy = live, total, ""
+        self.bar: Progress | None = None
+
+    def decoding(self, done: int, total: int) -> None:
+        """Images decoded so far of one split (``decode.reporting`` calls it): the bar, restarted per split."""
+        if self.bar is None:
+            self.bar = Progress(TextColumn("decoding images"), BarColumn(), MofNCompleteColumn(),
+                                TimeRemainingColumn(), console=self.live.console)  # fmt: skip
+            self.bar.add_task("decoding", total=total)
+        (task,) = self.bar.tasks
+        if done < task.completed or total != task.total:  # the next split
+            self.bar.reset(task.id, total=total)
+        self.bar.update(task.id, completed=done)
+        self.live.update(self.bar)
 
     def __call__(self, event: SearchProgress) -> None:
         of = f"/{self.total}" if self.total else ""
@@ -344,6 +367,8 @@ def run(args: argparse.Namespace) -> int:
         explain = (
             (lambda plan: live.console.print(plan.describe(), markup=False, highlight=False)) if args.explain else None
         )
-        result = run_search(config, progress=_Display(live, config.trials), on_plan=explain)
+        display = _Display(live, config.trials)
+        with decode.reporting(display.decoding):  # the library decodes silently; this bar is the CLI's
+            result = run_search(config, progress=display, on_plan=explain)
     summary(result)
     return 0
