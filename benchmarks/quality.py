@@ -94,11 +94,29 @@ def run_method(
         )
     run_dir = args.run_root / f"{data_dir.name}-{budget:.0f}s-seed{seed}-{method}"
     shutil.rmtree(run_dir, ignore_errors=True)  # a run interrupted earlier: start afresh, not continue it
+    portfolio = portfolio_without(data_dir.name, args.loto, args.run_root) if args.loto else None
     return autoft_search(
         data_dir, model=MODEL, run_dir=run_dir, trials=None, timeout=budget, seed=seed, max_epochs=args.max_epochs,
         weights=args.weights, image_size=args.image_size, device="cpu", priors=method != "autoft_no_priors",
-        exploit=method != "autoft_no_exploit",
+        exploit=method != "autoft_no_exploit", portfolio=portfolio,
     )  # fmt: skip
+
+
+def portfolio_without(dataset: str, grid: Path, folder: Path, *, k: int = 4) -> Path:
+    """A portfolio learned (learn_portfolio.py's greedy selection) from the grid's tasks of every other data set:
+    autoft is then judged on a data set its portfolio never saw, at any resolution (leave one data set out)."""
+    import learn_portfolio  # here, not at the top: portfolio_grid imports this module's helpers
+    from portfolio_grid import read_grid
+
+    rows = [r for r in read_grid(grid) if learn_portfolio.dataset_of(r["task"]) != dataset]
+    val = learn_portfolio.scores_from_rows(rows, "best_val")
+    if not val:
+        raise SystemExit(f"--loto {grid}: no task of another data set than {dataset} to learn from")
+    learned = learn_portfolio.greedy_portfolio(val, learn_portfolio._complete(val), k)
+    path = folder / f"portfolio-without-{dataset}.yaml"
+    seeds = sorted({r["seed"] for r in rows})
+    learn_portfolio.write_table(path, learned, tasks=list(val), seeds=seeds, csv=grid)
+    return path
 
 
 def summarize(rows: list[dict[str, Any]], methods: list[str]) -> list[dict[str, Any]]:
@@ -189,6 +207,13 @@ def main() -> None:
     parser.add_argument("--csv", type=Path, default=Path("runs/bench-quality/quality.csv"), help="per-run rows")
     parser.add_argument("--cache", type=Path, default=Path("demo_data/bench"), help="where data sets are built")
     parser.add_argument("--run-root", type=Path, default=Path("runs/bench-quality"), help="autoft's runs")
+    parser.add_argument(
+        "--loto",
+        type=Path,
+        metavar="GRID_CSV",
+        help="judge autoft leave-one-data-set-out: its portfolio learned from this grid's other data sets "
+        "(e.g. benchmarks/results/portfolio-grid.csv), not the shipped table",
+    )
     args = parser.parse_args()
     datasets = _names(args.datasets, list(BUILDERS), "--datasets")
     methods = _names(args.methods, METHODS + ABLATIONS, "--methods")

@@ -170,3 +170,13 @@ def test_gpu_check_ray_search_records_placement(tmp_path, one_thread):
     out = gpu.ray_search(data, tmp_path / "run", gpu.TINY, torch.device("cpu"))
     assert out["gpus_per_trial"] == 0.0 and len(out["placement"]) == 2
     assert all(p["node_id"] for p in out["placement"])
+
+
+def test_the_leave_one_data_set_out_portfolio_never_sees_the_data_set(tmp_path):
+    from autoft.space import load_space, read_portfolio
+
+    grid = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "portfolio-grid.csv"
+    path = quality.portfolio_without("dots-few", grid, tmp_path)
+    learned_from = next(line for line in path.read_text().splitlines() if line.startswith("# over the suite"))
+    assert "dots-few" not in learned_from and "glyphs-few@24" in learned_from
+    assert len(load_space("default", portfolio=path).portfolio) == len(read_portfolio(path)) == 4
