@@ -50,6 +50,7 @@ __all__ = [
     "bench_setup",
     "handwritten_search",
     "suggest_knobs",
+    "suggest_simple",
     "test_accuracy",
     "train_plain",
     "untuned_default",
@@ -127,10 +128,28 @@ def suggest_knobs(trial: optuna.Trial, *, max_epochs: int) -> dict[str, Any]:
     knobs["epochs"] = trial.suggest_int("epochs", min(2, max_epochs), min(12, max_epochs))
     knobs["warmup_epochs"] = trial.suggest_int("warmup_epochs", 0, 2)
     knobs["schedule"] = trial.suggest_categorical("schedule", ["cosine", "constant"])
-    knobs["batch_size"] = trial.suggest_categorical("batch_size", [32, 64, 128])
+    knobs["batch_size"] = trial.suggest_categorical("batch_size", [16, 32, 64, 128])
     knobs["label_smoothing"] = trial.suggest_float("label_smoothing", 0.0, 0.2)
     knobs["augment"] = trial.suggest_categorical("augment", ["none", "light", "strong"])
     return knobs
+
+
+def suggest_simple(trial: optuna.Trial, *, max_epochs: int) -> dict[str, Any]:
+    """The short script a person writes in an afternoon (issue 14's 60-line script, which beat autoft at 77 s):
+    freeze the body / all but the last two block groups / nothing, lr, weight decay, AdamW or SGD, 1-5 epochs,
+    batch 32, no augmentation; everything else at the recipe's defaults."""
+    freeze = trial.suggest_categorical("freeze", ["head", "last2", "none"])
+    knobs: dict[str, Any] = {"freeze": {"head": "linear_probe", "last2": "partial", "none": "full"}[freeze]}
+    if freeze == "last2":
+        knobs["train_blocks"] = 2
+    knobs["lr"] = trial.suggest_float("lr", 1e-4, 1e-2, log=True)
+    knobs["weight_decay"] = trial.suggest_float("weight_decay", 1e-5, 1e-1, log=True)
+    knobs["optimizer"] = trial.suggest_categorical("optimizer", ["adamw", "sgd"])
+    knobs["epochs"] = trial.suggest_int("epochs", 1, min(5, max_epochs))
+    return knobs | {"batch_size": 32, "augment": "none", "head_lr_ratio": 1.0}
+
+
+SCRIPTS: dict[str, Callable[..., dict[str, Any]]] = {"default_space": suggest_knobs, "simple": suggest_simple}
 
 
 @dataclass
@@ -196,13 +215,15 @@ def handwritten_search(
     setup: Setup,
     *,
     sampler: str = "tpe",
+    script: str = "default_space",
     trials: int | None,
     timeout: float | None,
     seed: int,
     max_epochs: int,
     on_trial: Callable[[int, float, float], None] | None = None,
 ) -> MethodResult:
-    """The hand-written Optuna script: ``sampler`` "tpe" (seeded TPE) or "random" (seeded random search).
+    """The hand-written Optuna script: ``sampler`` "tpe" (seeded TPE) or "random" (seeded random search);
+    ``script`` "default_space" (every knob of autoft's default space) or "simple" (:func:`suggest_simple`).
 
     ``on_trial(number, seconds, value)`` is told of each finished trial (progress display).
     """
@@ -215,7 +236,7 @@ def handwritten_search(
     deadline = clock.wall + timeout if timeout else None
 
     def objective(trial: optuna.Trial) -> float:
-        knobs = suggest_knobs(trial, max_epochs=max_epochs)
+        knobs = SCRIPTS[script](trial, max_epochs=max_epochs)
         outcome = train_plain(setup, knobs, seed=seed + trial.number, deadline=deadline)
         wall, cpu = clock.read()
         curve.append((wall, outcome.best_val))
@@ -229,7 +250,7 @@ def handwritten_search(
     study.optimize(objective, n_trials=trials, timeout=timeout)
     seconds, cpu_seconds = clock.read()
     return MethodResult(
-        method=f"handwritten_{sampler}",
+        method=f"handwritten_{sampler}" if script == "default_space" else f"handwritten_{script}",
         val_accuracy=best["val"],
         test_accuracy=test_accuracy(setup, best["state"]),
         trials=len(curve),

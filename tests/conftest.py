@@ -66,6 +66,17 @@ def make_image_folder(
     return root
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _image_cache_in_tmp(tmp_path_factory: pytest.TempPathFactory):
+    """The decoded-image cache is on by default (beside the run dir); every test's cache goes to a temporary folder
+    instead, so no test writes one into the repository (a test of the default location unsets the variable)."""
+    from autoft.config import CACHE_ENV
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(CACHE_ENV, str(tmp_path_factory.mktemp("image-cache")))
+        yield
+
+
 @pytest.fixture
 def image_folder(tmp_path: Path) -> Path:
     """A split-layout folder (train/ + val/) with 3 classes of 10 + 2 images each."""

@@ -49,7 +49,8 @@ def test_help_documents_every_option(tmp_path: Path) -> None:
     done = autoft_cli("search", "--help", cwd=tmp_path)
     assert done.returncode == 0
     for option in ("--model", "--data", "--weights", "--no-pretrained", "--trials", "--timeout", "--image-size",
-                   "--val-fraction", "--storage", "--study-name", "--seed", "--run-dir", "--max-epochs"):  # fmt: skip
+                   "--val-fraction", "--storage", "--study-name", "--seed", "--run-dir", "--max-epochs", "--cache-dir",
+                   "--no-cache"):  # fmt: skip
         assert option in done.stdout
 
 

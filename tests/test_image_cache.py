@@ -12,8 +12,10 @@ import torch
 from autoft.cli import main
 from autoft.config import SearchConfig
 from autoft.errors import AutoftError
-from autoft.tasks.image import cache, data, decode
-from conftest import make_image_folder
+from autoft.recipe import Recipe
+from autoft.tasks.image import ImageTask, cache, data, decode, models
+from autoft.trial import run_trial
+from conftest import image_setup, make_image_folder
 
 
 def _no_decoding(*args, **kwargs):
@@ -24,11 +26,11 @@ def test_second_load_maps_the_cache_instead_of_decoding(tmp_path: Path, monkeypa
     root = make_image_folder(tmp_path / "data", per_class=4)
     (root / "train" / "cat" / "broken.png").write_bytes(b"not an image")
     first = data.load_images(root, image_size=8, cache_dir=tmp_path / "cache")
-    monkeypatch.setattr(decode, "decode_all", _no_decoding)
+    monkeypatch.setattr(decode, "decode_into", _no_decoding)
     second = data.load_images(root, image_size=8, cache_dir=tmp_path / "cache")
     assert torch.equal(first.train.images, second.train.images) and torch.equal(first.val.labels, second.val.labels)
     assert first.skipped == second.skipped == 1
-    assert "decoded images in the cache" in first.inputs and "mapped from the cache" in second.inputs
+    assert "decoded into the cache" in first.inputs and "mapped from the cache" in second.inputs
     assert len(cache.entries(tmp_path / "cache")) == 1
 
 
@@ -75,10 +77,106 @@ def test_cache_list_and_clear_touch_only_entries(tmp_path: Path, capsys: pytest.
     assert [p.name for p in folder.iterdir()] == ["notes"]
 
 
-def test_cache_command_without_a_folder_exits_2(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+def test_cache_command_defaults_to_the_folder_beside_the_default_run_dirs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
     monkeypatch.delenv(cache.ENV, raising=False)
-    assert main(["cache", "list"]) == 2
-    assert "--cache-dir" in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path)
+    assert main(["cache", "list"]) == 0
+    assert "runs/.autoft-cache: no cached images" in capsys.readouterr().out
+    (tmp_path / "file").write_text("x")
+    assert main(["cache", "list", "--cache-dir", "file"]) == 2
+    assert "is a file" in capsys.readouterr().err
+
+
+def test_cache_is_on_by_default_beside_the_run_dir_and_off_with_no_cache(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delenv(cache.ENV, raising=False)
+    config = SearchConfig(model="test_resnet", data=tmp_path, task="image", run_dir=tmp_path / "runs" / "a")
+    assert config.resolved().cache_dir == tmp_path / "runs" / ".autoft-cache"
+    monkeypatch.setenv(cache.ENV, str(tmp_path / "shared"))  # --no-cache wins over the environment
+    assert SearchConfig(model="test_resnet", data=tmp_path, task="image", cache=False).resolved().cache_dir is None
+    with pytest.raises(AutoftError, match="--no-cache and --cache-dir"):
+        SearchConfig(model="test_resnet", data=tmp_path, task="image", cache=False, cache_dir=tmp_path / "c")
+
+
+def test_no_cache_and_cache_dir_on_the_command_line_exit_2(tmp_path: Path, capsys) -> None:
+    root = make_image_folder(tmp_path / "data", per_class=2)
+    args = ["search", "--model", "test_resnet", "--data", str(root), "--no-cache", "--cache-dir", str(tmp_path)]
+    assert main(args) == 2
+    assert "contradict" in capsys.readouterr().err
+
+
+def test_disk_is_checked_before_any_decoding(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = make_image_folder(tmp_path / "data", per_class=4)
+    monkeypatch.setattr(cache.shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(1, 1, 1))
+    monkeypatch.setattr(decode, "decode_into", _no_decoding)
+    with pytest.raises(AutoftError, match="--no-cache"):
+        data.load_images(root, image_size=8, cache_dir=tmp_path / "cache")
+
+
+def test_interrupted_decoding_leaves_no_folder_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = make_image_folder(tmp_path / "data", per_class=4)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(decode, "decode_into", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        data.load_images(root, image_size=8, cache_dir=tmp_path / "cache")
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_decoding_goes_straight_into_the_entry_file_in_chunks(tmp_path: Path, monkeypatch) -> None:
+    root = make_image_folder(tmp_path / "data", per_class=5, layout="flat")
+    (root / "dog" / "broken.png").write_bytes(b"")
+    monkeypatch.setattr(decode, "CHUNK", 4)  # several chunks, one with the broken file
+    reports: list[tuple[int, int]] = []
+    with decode.reporting(lambda done, total: reports.append((done, total))):
+        cached = data.load_images(root, image_size=8, cache_dir=tmp_path / "cache")
+    memory = data.load_images(root, image_size=8)
+    assert reports == [(4, 16), (8, 16), (12, 16), (16, 16)]
+    assert torch.equal(cached.train.images, memory.train.images) and torch.equal(cached.val.labels, memory.val.labels)
+    (entry,) = cache.entries(tmp_path / "cache")
+    assert entry["images"] == 15 and cached.skipped == 1  # the file holds the 15 readable images only
+    assert entry["bytes"] < 16 * 3 * 8 * 8 + 4096
+
+
+def _mapped_file(tensor: torch.Tensor) -> str:
+    """The file whose mapping holds ``tensor``'s first byte ('' for anonymous memory), from /proc/self/maps."""
+    address = tensor.data_ptr()
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        span, *rest = line.split()
+        low, high = (int(x, 16) for x in span.split("-"))
+        if low <= address < high:
+            return rest[4] if len(rest) > 4 else ""
+    return ""
+
+
+def _trial(dataset: data.Dataset) -> list[float]:
+    """Each epoch's val accuracy of one short trial of a tiny model (augmented: every batch goes through it)."""
+    torch.manual_seed(0)
+    model = models.create("test_resnet", num_classes=3, pretrained=False)
+    recipe = Recipe.from_params({"epochs": 1, "batch_size": 8, "lr": 3e-3, "augment": "light", "weight_decay": 0.0})
+    return [(e.val_loss, e.val_accuracy) for e in run_trial(image_setup(model, dataset), recipe, seed=3).history]
+
+
+def test_past_the_memory_bound_the_splits_stay_mapped_with_the_same_batches_and_score(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = make_image_folder(tmp_path / "data", per_class=12, layout="flat")
+    memory = data.load_images(root, image_size=16)
+    monkeypatch.setenv("AUTOFT_DATA_MEMORY", "0.000001")  # ~1 KB: every subset is past it
+    mapped = data.load_images(root, image_size=16, cache_dir=tmp_path / "cache")
+    for split in ("train", "val"):
+        images = getattr(mapped, split).images
+        assert _mapped_file(images).endswith(f"all.seed0.val0.2.{split}.images.npy")  # a file, not memory
+        assert torch.equal(images, getattr(memory, split).images)
+    gen = [torch.Generator().manual_seed(5) for _ in range(2)]
+    task = ImageTask()
+    first, second = (list(task.batches(ds.train, batch_size=4, shuffle=True, generator=g))
+                     for ds, g in zip((memory, mapped), gen, strict=True))  # fmt: skip
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, second, strict=True))
+    assert _trial(memory) == _trial(mapped)
 
 
 def test_config_takes_the_cache_folder_from_the_environment(tmp_path: Path, monkeypatch) -> None:
@@ -88,3 +186,22 @@ def test_config_takes_the_cache_folder_from_the_environment(tmp_path: Path, monk
     assert SearchConfig(model="test_resnet", data=tmp_path, task="image", cache_dir=tmp_path / "x").cache_dir == (
         tmp_path / "x"
     )
+
+
+def test_the_cli_shows_a_decoding_bar_restarted_per_split() -> None:
+    import io
+
+    from rich.console import Console
+    from rich.live import Live
+
+    from autoft.cli.search import _Display
+
+    out = io.StringIO()
+    with Live("", console=Console(file=out, force_terminal=True, width=100), auto_refresh=False) as live:
+        display = _Display(live, 3)
+        for done, total in ((256, 600), (600, 600), (50, 100)):
+            display.decoding(done, total)
+        (task,) = display.bar.tasks
+        assert (task.completed, task.total) == (50, 100)
+        live.refresh()
+    assert "decoding images" in out.getvalue() and "50/100" in out.getvalue()

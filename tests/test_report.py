@@ -219,6 +219,24 @@ def test_the_trials_table_and_summary_match_the_study(searched: autoft.SearchRes
     assert text.count('<tr class="') == 4  # one row per trial
 
 
+@pytest.mark.slow
+def test_a_report_given_the_test_logits_predicts_only_the_rest(searched: autoft.SearchResult, monkeypatch) -> None:
+    """The search's wrap-up loads and evaluates the exported model once: the report reuses its test logits."""
+    calls, original = [], report.predict_logits
+
+    def recording(model, split, *args, **kwargs):
+        calls.append(original(model, split, *args, **kwargs))
+        return calls[-1]
+
+    monkeypatch.setattr(report, "predict_logits", recording)
+    standalone = report.build_report(searched.run_dir).summary["evaluations"]
+    assert len(calls) == 2  # validation, test
+    tuned = autoft.load_model(searched.model_dir)
+    given = report.build_report(searched.run_dir, tuned=tuned, logits={"test": calls[1]}).summary["evaluations"]
+    assert len(calls) == 3  # validation only
+    assert given["test"].accuracy == standalone["test"].accuracy == pytest.approx(searched.test_score)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

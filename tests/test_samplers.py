@@ -11,7 +11,7 @@ from optuna.trial import TrialState
 import autoft
 from autoft.config import PRUNERS, SAMPLERS
 from autoft.space import Param, SearchSpace
-from autoft.study import create_pruner, create_sampler
+from autoft.study import _KeepsLpFt, _WithoutBudgetCuts, create_pruner, create_sampler, in_lp_ft_dip
 from conftest import make_image_folder
 
 # Two continuous knobs (so GP, CMA-ES and QMC model something after the 3 startup trials), cheap trials.
@@ -71,3 +71,56 @@ def test_tiny_search_with_each_sampler_and_pruner(data: Path, tmp_path: Path, sa
     assert len({t.params["lr"] for t in trials}) == 4  # the sampler chose each trial's rate (3 startup + 1 own)
     assert 0.0 <= result.best_score <= 1.0 and result.model_dir.is_dir()
     assert all(len(t.intermediate_values) >= 1 for t in trials)  # epoch-level reports reached the pruner
+
+
+def _finished(freeze: str, values: list[float]) -> optuna.trial.FrozenTrial:
+    return optuna.trial.create_trial(
+        value=max(values), intermediate_values=dict(enumerate(values)), user_attrs={"knobs": {"freeze": freeze}}
+    )
+
+
+def _running(study: optuna.Study, freeze: str, values: list[float]) -> optuna.trial.FrozenTrial:
+    """A trial in the study, still running, that reported ``values`` (as the backends report epochs)."""
+    trial = study.ask()
+    trial.set_user_attr("knobs", {"freeze": freeze, "lp_epochs": 1})
+    for epoch, value in enumerate(values):
+        trial.report(value, epoch)
+    return study._storage.get_trial(trial._trial_id)
+
+
+def test_the_pruner_does_not_stop_lp_ft_at_its_unfreezing_dip() -> None:
+    study = optuna.create_study(direction="maximize", pruner=create_pruner("median", max_epochs=9))
+    for _ in range(4):
+        study.add_trial(_finished("full", [0.8, 0.85, 0.9, 0.92]))
+    dip = [0.6, 0.2, 0.3]  # head-only epoch, the first joint epoch (the dip), the one after
+    lp_ft, full = _running(study, "lp_ft", dip), _running(study, "full", dip)
+    assert in_lp_ft_dip(lp_ft) and not in_lp_ft_dip(full)
+    assert not study.pruner.prune(study, lp_ft)
+    assert study.pruner.prune(study, full)  # the same curve without LP-FT's reason is cut
+    assert study.pruner.prune(study, _running(study, "lp_ft", [*dip, 0.3]))  # still down one epoch later: cut
+
+
+@pytest.mark.parametrize("name", ["median", "hyperband", "sha", "wilcoxon"])
+def test_every_pruner_asks_about_lp_ft_first_and_stays_what_optuna_expects(name: str) -> None:
+    # SHA and Hyperband keep their rungs in attrs written while trials run, so the curve case above is the median's.
+    pruner = create_pruner(name, max_epochs=9)
+    assert isinstance(pruner, _KeepsLpFt)
+    assert type(pruner).__mro__[2].__module__.startswith("optuna.pruners")  # Hyperband's isinstance checks hold
+
+
+def test_the_model_based_samplers_learn_without_trials_the_deadline_cut() -> None:
+    # A long recipe cut by --timeout scored low only because it ran short; the sampler must not learn "x near 9
+    # is bad" from it. Seen through the view, the study has only the trials that ran as their knobs say.
+    study = optuna.create_study(direction="maximize", sampler=create_sampler("tpe", seed=0, trials=20))
+    x = optuna.distributions.FloatDistribution(0.0, 10.0)
+    for value in (1.0, 2.0, 3.0):
+        study.add_trial(optuna.trial.create_trial(params={"x": value}, distributions={"x": x}, value=value))
+    cut = optuna.trial.create_trial(
+        params={"x": 9.0}, distributions={"x": x}, value=0.1, user_attrs={"stopped_by_budget": "epoch 2 of 9"}
+    )
+    study.add_trial(cut)
+    view = _WithoutBudgetCuts(study)
+    assert [t.params["x"] for t in view.get_trials()] == [1.0, 2.0, 3.0] == [t.params["x"] for t in view.trials]
+    assert len(study.trials) == 4 and view.directions == study.directions  # the study itself is untouched
+    assert isinstance(study.sampler, optuna.samplers.TPESampler)
+    study.optimize(lambda trial: trial.suggest_float("x", 0.0, 10.0), n_trials=3)  # the sampler runs on the view

@@ -112,12 +112,12 @@ def test_warm_start_from_a_finished_run(tmp_path: Path) -> None:
     tiny = {"pretrained": False, "image_size": 16, "max_epochs": 2, "priors": False}  # the portfolio as written
     autoft.search("test_resnet", data, trials=3, run_dir=tmp_path / "a", **tiny)  # the portfolio's 3 recipes
     earlier = optuna.load_study(study_name="test_resnet-data", storage=f"sqlite:///{tmp_path / 'a' / 'study.db'}")
-    fits = [t.number for t in earlier.trials if t.state == TrialState.COMPLETE and t.params["augment"] == "none"]
-    assert 0 < len(fits) < 3  # the fixed augment=none below leaves the others out
+    fits = [t.number for t in earlier.trials if t.state == TrialState.COMPLETE and t.params["freeze"] == "partial"]
+    assert 0 < len(fits) < 3  # the fixed freeze=partial below leaves the others out
 
     result = autoft.search(
         "test_resnet", data, trials=2, run_dir=tmp_path / "b", warm_start_from=tmp_path / "a",
-        space_fixed=("augment=none",), **tiny,
+        space_fixed=("freeze=partial",), **tiny,
     )  # fmt: skip
     trials = result.study.get_trials()
     seeded = [t for t in trials if "warm_start_from" in t.user_attrs]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -144,6 +145,8 @@ def lora_targets(model: nn.Module, recipe: Recipe) -> list[str]:
 
 def lora_layers(model: nn.Module) -> dict[str, LoraLayer]:
     """The LoRA-adapted modules of ``model`` by name (empty for a model without adapters, or without peft)."""
+    if "peft" not in sys.modules:  # only peft injects LoRA layers; importing it just to find none costs seconds
+        return {}
     try:
         from peft.tuners.lora import LoraLayer
     except ImportError:

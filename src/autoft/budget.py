@@ -27,10 +27,17 @@ FULL_TRIALS = 3  # the epochs per trial are set so that this many full-length tr
 # (benchmarks/quality.py, 2-minute budgets, 1 thread): 1-epoch trials reached 0.57-0.59 val on digits where one
 # 4-6 epoch fine-tune reached 0.94-0.96; 3-epoch trials lost 10 points to one 6-epoch fine-tune on glyphs.
 MIN_USEFUL_EPOCHS = 3
-# The wrap-up besides evaluation (load the best model, write trials.csv, build the report's figures and
-# fANOVA importances): measured 5.1 s for a 7-trial study on 2 CPU cores at load ~10 (1.2 s test score and
-# model load, 3.9 s report); a load of 17 roughly doubles it. Plus a slack of 3% of the budget for jitter.
-WRAP_UP_FIXED_SECONDS = 8.0
+# ... and fewer optimizer steps than this (at the largest batch the space offers): what counts is the number of
+# updates, not of passes. Measured: on digits (23 steps per epoch at batch 64) 4-6 epoch fine-tunes (92-138
+# steps) reached 0.94-0.96 where 1-epoch trials reached 0.57-0.59; on issue 14's few-shot task (600 images)
+# trials of ~30 steps reached 0.705 test accuracy and one trial of ~190 steps 0.794.
+MIN_USEFUL_STEPS = 120
+# The wrap-up besides evaluating val and test once (load the best model, write trials.csv, the report's figures,
+# fANOVA importances and page): benchmarks/fixed_cost.py on the demo at load 6.5 on 2 cores measured a 17.9 s
+# wrap-up (7.8 s test score, 10.0 s report) of which 15.1 s were the two evaluations (720 images x 21 ms), so
+# 2.8 s fixed; the old wrap-up's 5.1 s at load ~10 had three evaluations. 5 s covers a load of ~10. Plus a
+# slack of 3% of the budget for jitter.
+WRAP_UP_FIXED_SECONDS = 5.0
 SLACK = 0.03
 HYPERBAND_FROM_EPOCHS = 9  # rungs at 1, 3, 9 epochs need trials at least this long to cut anything
 
@@ -61,22 +68,25 @@ def plan_budget(
     pruner: str,
     soup_models: int = 0,
     refit: bool = False,
+    steps_per_epoch: int | None = None,
 ) -> BudgetPlan:
     """Fit the search to ``timeout`` seconds, of which ``spent`` are gone.
 
-    wrap_up = WRAP_UP_FIXED_SECONDS + 3 x eval cost of (val + test) + SLACK x timeout, plus the final model's
+    wrap_up = WRAP_UP_FIXED_SECONDS + eval cost of (val + test) + SLACK x timeout, plus the final model's
     cost: a soup of up to ``soup_models`` kept models evaluates val ``soup_models + 1`` times; ``refit`` trains
     once more for max_epochs epochs on train+val (so max_epochs is chosen with that refit reserved too);
     search = timeout - spent - wrap_up; epoch = EPOCH_SAFETY x measured full fine-tuning epoch;
-    max_epochs = clamp(search / (FULL_TRIALS x epoch), 1, --max-epochs) when that is at least MIN_USEFUL_EPOCHS,
-    else clamp(search / epoch, 1, --max-epochs): then one trial may take the whole search time;
+    max_epochs = clamp(search / (FULL_TRIALS x epoch), 1, --max-epochs) when that is at least MIN_USEFUL_EPOCHS
+    and (given ``steps_per_epoch``, the optimizer steps of an epoch at the space's largest batch) gives a trial
+    at least MIN_USEFUL_STEPS updates; else clamp(search / epoch, 1, --max-epochs): one trial may take it all;
     expected trials = search / (epoch x (max_epochs + 1.5) / 2)  (about half run to the end, half are pruned
     after 1-2 epochs). The default median pruner becomes hyperband when trials may run HYPERBAND_FROM_EPOCHS+.
 
     >>> plan_budget(600, measured, profile, spent=20, max_epochs=10, pruner="median").max_epochs  # doctest: +SKIP
     10
     """
-    evaluations = 3 * measured.eval_seconds_per_image * (profile.val + profile.test)  # test score + the report's
+    # The exported model is evaluated once on test (the score; the report reuses its logits), the report adds val.
+    evaluations = measured.eval_seconds_per_image * (profile.val + profile.test)
     if soup_models >= 2:
         evaluations += (soup_models + 1) * measured.eval_seconds_per_image * profile.val
     wrap_up = WRAP_UP_FIXED_SECONDS + evaluations + SLACK * timeout
@@ -96,7 +106,8 @@ def plan_budget(
     fits = int(search // epoch)  # epochs of full fine-tuning the search time holds in all
     # Three useful trials fit: share the time. Otherwise one trial takes it all (the portfolio's first
     # fine-tune, like the untuned recipe would): short trials of a small budget learn too little to compare.
-    epochs = fits // FULL_TRIALS if fits >= FULL_TRIALS * MIN_USEFUL_EPOCHS else fits
+    useful = max(MIN_USEFUL_EPOCHS, math.ceil(MIN_USEFUL_STEPS / steps_per_epoch) if steps_per_epoch else 0)
+    epochs = fits // FULL_TRIALS if fits >= FULL_TRIALS * useful else fits
     epochs = max(1, min(max_epochs, epochs))
     if refit:  # the refit reserved above trains as long as the longest trial: no longer trials than it covers
         epochs = min(epochs, epochs_fit)

@@ -108,6 +108,8 @@ def parse_duration(text: str | float | int | None) -> float | None:
 
 TEXT_SUFFIXES = (".csv", ".tsv", ".jsonl")
 CACHE_ENV = "AUTOFT_CACHE_DIR"  # where decoded images are kept when --cache-dir is not given
+DATA_MEMORY_ENV = "AUTOFT_DATA_MEMORY"  # GiB of decoded images a search may copy into memory (default RAM / 4)
+CACHE_FOLDER = ".autoft-cache"  # the default cache, beside the run dir (runs/.autoft-cache): its siblings share it
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 NER_SUFFIXES = (".conll", ".txt", ".iob", ".bio")
 
@@ -242,7 +244,9 @@ class SearchConfig:
     run_dir: Path | None = None
     device: str = "auto"
     warm_start: bool = True  # try the space's portfolio of strong recipes first (--no-warm-start: don't)
+    exploit: bool = True  # after the portfolio, its best recipe's neighbours before sampling (--no-exploit)
     warm_start_from: Path | None = None  # --warm-start RUN_DIR: seed the new study with that run's trials
+    portfolio: Path | None = None  # --portfolio FILE: these recipes first, instead of the space's own portfolio
     objectives: tuple[str, ...] = ("accuracy",)  # --objective accuracy[,params][,latency]
     backend: str = "auto"
     address: str | None = None
@@ -259,17 +263,18 @@ class SearchConfig:
     text_column: str | None = None  # text: the column of the sentences ("a,b": a sentence pair); default detected
     label_column: str | None = None  # text: the column of the labels; default detected (label, labels, class, ...)
     encoding: str = "utf-8"  # text: the encoding of the data files
-    cache_dir: Path | None = None  # images: keep decoded images here for later searches (default $AUTOFT_CACHE_DIR)
+    cache: bool = True  # images: keep decoded images on disk for later searches (--no-cache: decode every time)
+    cache_dir: Path | None = None  # where (default $AUTOFT_CACHE_DIR, else RUN_DIR/../.autoft-cache once resolved)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model", _model_names(self.model))
         object.__setattr__(self, "data", _path("--data", self.data))
         object.__setattr__(self, "objectives", parse_objectives(self.objectives))
-        if self.cache_dir is None and os.environ.get(CACHE_ENV, "").strip():
+        if self.cache is True and self.cache_dir is None and os.environ.get(CACHE_ENV, "").strip():
             object.__setattr__(self, "cache_dir", Path(os.environ[CACHE_ENV]).expanduser())
         for name, flag in (
             ("weights", "--weights"), ("run_dir", "--run-dir"), ("warm_start_from", "--warm-start"),
-            ("cache_dir", "--cache-dir"),
+            ("cache_dir", "--cache-dir"), ("portfolio", "--portfolio"),
         ):  # fmt: skip
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, _path(flag, getattr(self, name)))
@@ -305,7 +310,13 @@ class SearchConfig:
                 f"space must be a preset name, a YAML file, a SearchSpace or a space(trial) function, "
                 f"but got {self.space!r}."
             )
-        for name in ("warm_start", "compile", "soup", "refit", "model_selection", "priors", "export_adapter"):
+        if self.portfolio is not None and not self.portfolio.is_file():
+            raise AutoftError(
+                f"--portfolio {self.portfolio}: no such file; give a YAML file with 'portfolio:' and a list of recipes."
+            )
+        flags = ("warm_start", "exploit", "compile", "soup", "refit", "model_selection", "priors", "export_adapter",
+                 "cache")  # fmt: skip
+        for name in flags:
             if not isinstance(getattr(self, name), bool):
                 raise AutoftError(f"{name} must be True or False, but got {getattr(self, name)!r}.")
         if not _whole(self.max_epochs) or self.max_epochs < 1:
@@ -348,6 +359,8 @@ class SearchConfig:
                 "--keep-top ranks one objective; with several (--objective) every Pareto-front model is kept in "
                 "pareto/ already: drop --keep-top."
             )
+        if not self.cache and self.cache_dir is not None:
+            raise AutoftError(f"--no-cache and --cache-dir {self.cache_dir} contradict each other; give one of them.")
         if self.weights is not None and not self.pretrained:
             raise AutoftError("--weights and --no-pretrained contradict each other; give one of them.")
         if self.weights is not None and len(self.models) > 1:
@@ -357,15 +370,20 @@ class SearchConfig:
             )
 
     def resolved(self) -> SearchConfig:
-        """A copy with the defaults that depend on other fields filled in (study name, run dir, storage).
+        """A copy with the defaults that depend on other fields filled in (study name, run dir, storage, cache).
 
-        The default run dir is ``runs/`` + the study name as a safe slug: a name like ``../x`` stays inside.
+        The default run dir is ``runs/`` + the study name as a safe slug: a name like ``../x`` stays inside. The
+        default image cache lies beside the run dir (``runs/.autoft-cache``), so every search under ``runs/`` shares
+        it; ``--cache-dir`` or ``$AUTOFT_CACHE_DIR`` share one across projects, ``--no-cache`` turns it off.
         """
         study_name = self.study_name or _slug(f"{_short_model_names(self.model)}-{self.data.resolve().name}")
         run_dir = self.run_dir or Path("runs") / _slug(study_name)
         storage = self.storage or f"sqlite:///{(run_dir / 'study.db').resolve()}"
         trials = self.trials if (self.trials is not None or self.timeout is not None) else 20
-        return dataclasses.replace(self, study_name=study_name, run_dir=run_dir, storage=storage, trials=trials)
+        cache_dir = self.cache_dir or (run_dir.parent / CACHE_FOLDER if self.cache else None)
+        return dataclasses.replace(
+            self, study_name=study_name, run_dir=run_dir, storage=storage, trials=trials, cache_dir=cache_dir
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (paths as strings) for ``config.yaml`` and ``best/config.json``."""

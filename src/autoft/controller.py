@@ -3,7 +3,8 @@
 Flow: ``preparation.prepare_models`` (each model's weights, the data read once through the task, device) ->
 ``study.open_study`` (storage, sampler; resume) -> ``selection`` (several models: drop the weak ones) ->
 ``plan.make_plan`` (probe, priors, ``--timeout`` budget; docs/controller.md; it sets the trials' length and the
-pruner, once) -> a backend runs trials through a :class:`~autoft.runner.TrialRunner` while the
+pruner, once) -> a backend runs trials (retries, the portfolio, then the best recipe's neighbours from
+``exploit``, then the sampler's) through a :class:`~autoft.runner.TrialRunner` while the
 :class:`~autoft.keeper.RunFolder` keeps ``best/``, ``top/`` or ``pareto/`` -> ``final`` (soup or refit) -> test
 score -> report.
 
@@ -35,6 +36,7 @@ from autoft.backends import local
 from autoft.budget import Budget
 from autoft.config import SearchConfig
 from autoft.errors import AutoftError
+from autoft.exploit import Exploit
 from autoft.keeper import RunFolder, check_free_space, check_run_dir, exported_setup
 from autoft.objectives import ParetoPoint
 from autoft.preparation import Setup, prepare_models
@@ -51,7 +53,7 @@ from autoft.study import (
     recover_interrupted,
     systematic_error,
 )
-from autoft.trial import EpochMetrics, Report, TrialOutcome, evaluate, run_trial
+from autoft.trial import EpochMetrics, Report, TrialOutcome, predict_logits, run_trial
 
 if TYPE_CHECKING:  # ray is optional: its backend is imported only when used
     from autoft.backends.ray import Cluster
@@ -186,7 +188,8 @@ def run_search(
     show = progress or (lambda event: None)
     check_run_dir(cfg.run_dir)
     preset = tasks.get(cfg.task).default_space if cfg.space == "default" else cfg.space  # text: the text preset
-    space = load_space(preset, overrides=cfg.space_overrides, fixed=cfg.space_fixed).with_max_epochs(cfg.max_epochs)
+    space = load_space(preset, overrides=cfg.space_overrides, fixed=cfg.space_fixed, portfolio=cfg.portfolio)
+    space = space.with_max_epochs(cfg.max_epochs)
     stop, received = threading.Event(), []
     with _stop_on_signals(stop, received):
         setups = setup if isinstance(setup, dict) else {cfg.models[0]: setup} if setup else prepare_models(cfg)
@@ -220,8 +223,8 @@ def run_search(
         results.write_trials_csv(study, cfg.run_dir / "trials.csv")
     setup = exported_setup(setups, folder.model_dir)  # the best model's data and preprocessing, for its scores
     if received:  # the handlers are restored by now: a second signal during the wrap-up acts at once
-        partial = _finish(cfg, setup, study, folder.model_dir) if results.trained_trials(study) else None
-        write_report(cfg.run_dir, dataset=setup.dataset, device=str(setup.device))
+        partial, scored = _finish(cfg, setup, study, folder.model_dir) if results.trained_trials(study) else (None, {})
+        write_report(cfg.run_dir, dataset=setup.dataset, device=str(setup.device), **scored)
         raise SearchInterrupted(received[0], partial)
     systematic = systematic_error(study)
     if systematic or not results.trained_trials(study):
@@ -230,9 +233,9 @@ def run_search(
             raise AutoftError(f"Stopped the search: every recent trial failed with the same error: {systematic}")
         raise no_complete_trial_error(study)
     final_model = final.make_final_model(cfg, setup, folder.model_dir)  # soup or refit into best/
-    result = dataclasses.replace(_finish(cfg, setup, study, folder.model_dir), final=final_model)
-    write_report(cfg.run_dir, dataset=setup.dataset, device=str(setup.device))
-    return result
+    finished, scored = _finish(cfg, setup, study, folder.model_dir)
+    write_report(cfg.run_dir, dataset=setup.dataset, device=str(setup.device), **scored)  # reuses the test logits
+    return dataclasses.replace(finished, final=final_model)
 
 
 def _optimize(
@@ -255,7 +258,9 @@ def _optimize(
         show(Progress("trial_end", trial.number, score=score, best=folder.best, state=trial.state.name))
 
     window = budget.launch_window() if budget else None
-    limits = dict(queue=queue, n_trials=remaining, timeout=window, on_trial_end=on_trial_end)
+    # After the portfolio, its best recipe's neighbours (with --no-warm-start there is no portfolio to follow).
+    refill = Exploit(space, cfg.objectives) if cfg.exploit and cfg.warm_start else None
+    limits = dict(queue=queue, refill=refill, n_trials=remaining, timeout=window, on_trial_end=on_trial_end)
     should_stop = lambda s: stop.is_set() or systematic_error(s) is not None  # noqa: E731
     if _backend(cfg) == "ray":
         from autoft.backends import ray as ray_backend  # ray is optional: imported only when used
@@ -368,15 +373,22 @@ def _cluster(cfg: SearchConfig) -> Cluster:
     )
 
 
-def _finish(cfg: SearchConfig, setup: Setup, study: optuna.Study, model_dir: Path) -> SearchResult:
-    """Score the exported model on the test split (loaded back from disk, so the number is the file's)."""
+def _finish(
+    cfg: SearchConfig, setup: Setup, study: optuna.Study, model_dir: Path
+) -> tuple[SearchResult, dict[str, Any]]:
+    """Score the exported model on the test split (loaded back from disk, so the number is the file's); also the
+    loaded model and its test logits, for the report (``write_report``'s ``tuned`` and ``logits``): the wrap-up
+    loads and evaluates the model once, not once for the score and again for the report."""
     best, front = results.best_trial(study, cfg.objectives)
-    test_score = None
+    test_score, scored = None, {}
     if setup.dataset.test is not None and model_dir.is_dir():
         tuned = export.load_model(model_dir, device=str(setup.device))
-        _, test_score = evaluate(tuned.model, setup.dataset.test, setup)
+        logits = predict_logits(tuned.model, setup.dataset.test, setup.task, setup.spec, device=setup.device)
+        _, test_score = setup.task.score(logits, setup.dataset.test)
         export.update_config(model_dir, test_accuracy=test_score)
-    return SearchResult(
+        tuned.meta["test_accuracy"] = test_score  # as the file now says: the report reads it from the model's meta
+        scored = {"tuned": tuned, "logits": {"test": logits}}
+    result = SearchResult(
         best_trial=best.number,
         best_score=best.values[0],
         best_params=results.knobs(best),
@@ -387,3 +399,4 @@ def _finish(cfg: SearchConfig, setup: Setup, study: optuna.Study, model_dir: Pat
         objectives=cfg.objectives,
         pareto=front,
     )
+    return result, scored

@@ -160,6 +160,8 @@ class EpochReports:
         storage = self.shadow._storage
         if trial.number not in self.shadow_ids:
             self.shadow_ids[trial.number] = storage.create_new_trial(self.shadow._study_id)
+            knobs = trial.user_attrs.get("knobs", {})  # the pruner reads the strategy (LP-FT) from them
+            storage.set_trial_user_attr(self.shadow_ids[trial.number], "knobs", knobs)
         shadow_id = self.shadow_ids[trial.number]
         storage.set_trial_intermediate_value(shadow_id, epoch, value)
         return bool(self.study.pruner.prune(self.shadow, storage.get_trial(shadow_id)))  # some return numpy bools

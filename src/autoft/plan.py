@@ -4,8 +4,9 @@ Before the first trial the controller builds a :class:`Plan` (docs/controller.md
 
 1. :func:`~autoft.probe.profile_data` -- examples, classes, imbalance, resolution (counts only; nothing is
    trained).
-2. :func:`~autoft.probe.probe` -- a linear probe on the pooled pretrained features and the measured cost of
-   one epoch (full fine-tuning, head-only training, evaluation).
+2. :func:`~autoft.probe.probe` -- only what a decision below uses: a linear probe on the pooled pretrained
+   features of a bounded sample (priors on), the measured cost of one epoch (full fine-tuning, head-only training,
+   evaluation; ``--timeout`` only).
 3. :func:`~autoft.priors.choose_priors` -- small named rules, each with a threshold and a reason, that narrow
    the search space (never widen it; never a knob the user set with ``--set``/``--fix``; never a user's own
    space file).
@@ -15,12 +16,14 @@ Before the first trial the controller builds a :class:`Plan` (docs/controller.md
 
 The plan is the one place that sets the trials' ``max_epochs`` and the pruner; the controller applies both once.
 
-A resumed search reuses the stored probe (study user attr ``plan``), so it shapes the same space.
+A resumed search reuses the stored probe (study user attr ``plan``), so it shapes the same space; what the first
+run skipped is measured when a later run needs it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -48,6 +51,7 @@ class Plan:
     budget: BudgetPlan | None = None
     priors_off: str = ""  # why no prior applies ("--no-priors", "your own space file", ...)
     reused: bool = False  # the probe came from the study (a resumed search)
+    steps_per_epoch: Mapping[int, int] = dataclasses.field(default_factory=dict)  # batch size -> optimizer steps
 
     def record(self) -> dict[str, Any]:
         """Plain data for the study's user attr ``plan``: the measurements (a resumed search reuses them), the
@@ -67,9 +71,8 @@ class Plan:
             f"{d.classes} classes ({d.smallest_class}-{d.largest_class} per class, imbalance {d.imbalance:.1f}x)"
             + (f", {d.image_size} px" if d.image_size else "")
             + (f"; {d.inputs}" if d.inputs else ""),
-            f"probe{' (stored, from the first run)' if self.reused else ''}: linear probe val accuracy "
-            f"{p.linear_probe_accuracy:.3f} (chance {p.chance:.3f}, fit {p.fit:.2f}); one epoch: full fine-tuning "
-            f"~{p.epoch_seconds_full:.1f}s, head only ~{p.epoch_seconds_head:.2f}s; probe took {p.seconds:.1f}s",
+            f"probe{' (stored, from the first run)' if self.reused else ''}: {_probe_text(p)}; "
+            f"probe took {p.seconds:.1f}s",
         ]
         if self.priors_off:
             lines.append(f"priors: off ({self.priors_off})")
@@ -79,6 +82,9 @@ class Plan:
             edits = ", ".join(f"{k} {_edit_text(v)}" for k, v in prior.edits.items())
             lines.append(f"prior {prior.name} ({prior.because}): {edits} -- {prior.reason}")
         lines += [f"  skipped: {note}" for note in self.skipped]
+        if self.steps_per_epoch:
+            steps = ", ".join(f"{n} at batch {b}" for b, n in sorted(self.steps_per_epoch.items()))
+            lines.append(f"updates: {self.max_epochs} epoch(s) per trial at most; optimizer steps per epoch: {steps}")
         b = self.budget
         if b is None:
             lines.append("budget: none (no --timeout): --trials and --max-epochs as given")
@@ -90,6 +96,23 @@ class Plan:
                 f"about {b.expected_trials} trials; no trial starts in the last {b.epoch_seconds:.1f}s"
             )
         return "\n".join(lines)
+
+
+def _probe_text(p: Probe) -> str:
+    """What the probe measured, and what it skipped because no decision needed it."""
+    linear = (
+        f"linear probe val accuracy {p.linear_probe_accuracy:.3f} "
+        f"({f'{p.examples} sampled examples, ' if p.examples else 'no pooled features, '}"
+        f"chance {p.chance:.3f}, fit {p.fit:.2f})"
+        if p.linear_probe_accuracy is not None
+        else "linear probe skipped (priors off)"
+    )
+    costs = (
+        f"one epoch: full fine-tuning ~{p.epoch_seconds_full:.1f}s, head only <= {p.epoch_seconds_head:.2f}s"
+        if p.has_costs
+        else "epoch cost not measured (no --timeout)"
+    )
+    return f"{linear}; {costs}"
 
 
 def _edit_text(edit: Mapping[str, Any]) -> str:
@@ -139,22 +162,42 @@ def make_plan(
     """
     final_model = dict(final_model or {})
     reuse = stored(study_attrs)
-    profile, measured = reuse if reuse is not None else (profile_data(setup.dataset), probe(setup, seed=seed))
     priors: tuple[Prior, ...] = ()
     skipped: tuple[str, ...] = ()
     if not priors_off and not isinstance(space, SearchSpace):
         priors_off = "a space(trial) function is searched as written"
+    # Measure only what a decision uses: the linear probe for the priors, the epoch costs for a budget.
+    profile = reuse[0] if reuse is not None else profile_data(setup.dataset)
+    previous = reuse[1] if reuse is not None else None
+    measured = probe(setup, seed=seed, linear_probe=not priors_off, costs=timeout is not None, previous=previous)
     if not priors_off:
         priors = choose_priors(profile, measured)
         space, skipped = apply_priors(space, priors, keep=keep)
     budget, epochs = None, max_epochs
+    steps = _steps_per_epoch(space, profile.train)
     if timeout is not None:
         longest = min(max_epochs, _longest_trial(space))
         budget = plan_budget(
-            timeout, measured, profile, spent=spent(), max_epochs=longest, pruner=pruner, **final_model
-        )
+            timeout, measured, profile, spent=spent(), max_epochs=longest, pruner=pruner,
+            steps_per_epoch=min(steps.values(), default=None), **final_model,
+        )  # fmt: skip
         space, epochs, pruner = space.with_max_epochs(budget.max_epochs), budget.max_epochs, budget.pruner
     plan = Plan(
-        profile, measured, epochs, pruner, priors, skipped, budget, priors_off=priors_off, reused=reuse is not None
-    )
+        profile, measured, epochs, pruner, priors, skipped, budget, priors_off=priors_off, reused=reuse is not None,
+        steps_per_epoch=steps,
+    )  # fmt: skip
     return plan, space
+
+
+def _steps_per_epoch(space: Space, train: int) -> dict[int, int]:
+    """Optimizer steps one epoch takes at each batch size the space may choose (the plan says how many updates
+    a trial gets, not only how many epochs); empty when a space function decides the batch."""
+    params = {p.name: p for p in getattr(space, "params", ())}
+    batch = params.get("batch_size")
+    if batch is None and isinstance(space, SearchSpace):
+        sizes: tuple = (Recipe.__dataclass_fields__["batch_size"].default,)
+    elif batch is None:
+        return {}
+    else:
+        sizes = batch.choices if batch.kind == "categorical" else (batch.value,) if batch.kind == "fixed" else ()
+    return {int(b): math.ceil(train / int(b)) for b in sizes if isinstance(b, int) and b > 0}

@@ -37,13 +37,19 @@ class Prior:
 # benchmarks/quality.py did not support them (docs/controller.md, "Rules tried and removed"): "features-fit-poorly"
 # (fit < 0.5: no linear probe, lr >= 1e-4) and "few-images" (< 20 per class: epochs <= 6, weight decay >= 1e-4).
 STRONG_FIT = 0.95  # linear-probe fit from which the pretrained features already separate the classes
+# Optimizer steps an epoch should have at least: on a small training split a large batch leaves a trial a few
+# dozen updates (issue 14: 600 images at batch 64 for 3 epochs = ~30 steps lost 9 points to batch 32 for 10
+# epochs), and on a CPU or a busy GPU a smaller batch costs about the same time per example: more updates
+# for the same time. The largest batch any preset offers is 128, so the rule fires below 16 x 128 examples.
+MIN_STEPS_PER_EPOCH = 16
+LARGEST_PRESET_BATCH = 128
 
 
 def choose_priors(profile: DataProfile, measured: Probe) -> tuple[Prior, ...]:
     """The rules whose thresholds the measurements cross, in order (later rules narrow further).
 
-    ``profile`` is measured and printed for every search, but no rule uses it: the one data rule tried
-    ("few-images") did not survive the benchmark.
+    From ``profile``: the batch sizes that give an epoch at least ``MIN_STEPS_PER_EPOCH`` optimizer steps
+    ("few-steps-per-epoch"); the other data rule tried ("few-images") did not survive the benchmark.
 
     >>> [p.name for p in choose_priors(profile, dataclasses.replace(measured, linear_probe_accuracy=0.99))]
     ... # doctest: +SKIP
@@ -61,6 +67,17 @@ def choose_priors(profile: DataProfile, measured: Probe) -> tuple[Prior, ...]:
                 "rates (Li et al. 2020: similar domains want smaller lr)",
                 {"freeze": {"choices": ["linear_probe", "lp_ft", "partial", *PEFT_MODES]}, "lr": {"high": 1e-3}},
                 first=("linear_probe", "lp_ft"),
+            )
+        )
+    if profile.train < MIN_STEPS_PER_EPOCH * LARGEST_PRESET_BATCH:
+        largest = max(1, profile.train // MIN_STEPS_PER_EPOCH)
+        rules.append(
+            Prior(
+                "few-steps-per-epoch",
+                f"{profile.train} training examples / {MIN_STEPS_PER_EPOCH} steps per epoch = batch <= {largest}",
+                "a small training split needs small batches for enough optimizer updates in the same time "
+                "(the smallest offered batch stays when none is that small)",
+                {"batch_size": {"high": largest}},
             )
         )
     return tuple(rules)
@@ -100,6 +117,9 @@ def _narrowed(param: Param, edit: Mapping[str, Any]) -> Param | str:
         if not choices or choices == param.choices:
             return "nothing would be left" if not choices else "already within"
         return dataclasses.replace(param, choices=choices)
+    if param.kind == "categorical" and "high" in edit and all(_is_number(c) for c in param.choices):
+        choices = tuple(c for c in param.choices if c <= edit["high"]) or (min(param.choices),)  # the nearest stays
+        return "already within" if choices == param.choices else dataclasses.replace(param, choices=choices)
     if param.kind in ("float", "int") and ("low" in edit or "high" in edit):
         low = max(param.low, edit.get("low", param.low))
         high = min(param.high, edit.get("high", param.high))
@@ -115,6 +135,21 @@ def _portfolio_first(space: SearchSpace, freeze_modes: Sequence[str], keep: Sequ
     rank = {mode: i for i, mode in enumerate(freeze_modes)}
     ordered = sorted(space.portfolio, key=lambda entry: rank.get(entry.get("freeze"), len(rank)))
     return dataclasses.replace(space, portfolio=tuple(ordered))
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _nearest_choice(param: Param, value: Any) -> Any:
+    """A number no longer offered by a numeric choice becomes the largest offered below it (else the smallest):
+    a portfolio recipe at batch 64 runs at batch 32 once the data is too small for 64, instead of dropping out."""
+    if param.kind != "categorical" or value in param.choices or not _is_number(value):
+        return value
+    if not all(_is_number(c) for c in param.choices):
+        return value
+    below = [c for c in param.choices if c <= value]
+    return max(below) if below else min(param.choices)
 
 
 def _conditions_within(params: Sequence[Param]) -> tuple[Param, ...]:
@@ -135,12 +170,13 @@ def _conditions_within(params: Sequence[Param]) -> tuple[Param, ...]:
 
 
 def _portfolio_within(params: Sequence[Param], portfolio: Sequence[Mapping[str, Any]]) -> tuple[dict, ...]:
-    """Portfolio entries the narrowed space still allows: entries with a choice no longer offered go, numbers are
-    clipped into the new ranges, and knobs the space dropped are left out."""
+    """Portfolio entries the narrowed space still allows: entries with a choice no longer offered go (a number
+    among numeric choices moves to the nearest offered one instead), numbers are clipped into the new ranges, and
+    knobs the space dropped are left out."""
     by_name = {p.name: p for p in params}
     kept = []
     for entry in portfolio:
-        values = {k: v for k, v in entry.items() if k in by_name}
+        values = {k: _nearest_choice(by_name[k], v) for k, v in entry.items() if k in by_name}
         if any(by_name[k].kind == "categorical" and v not in by_name[k].choices for k, v in values.items()):
             continue
         for k, v in values.items():

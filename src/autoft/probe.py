@@ -1,10 +1,10 @@
 """Look before searching, part one: what the data looks like and what the pretrained features already do.
 
-:func:`profile_data` counts examples per split and class (nothing is trained). :func:`probe` fits a linear
-probe on the pooled pretrained features (the :class:`~autoft.features.FeatureCache` the head-only trials use
-anyway) and measures the cost of one epoch: full fine-tuning (a few timed forward+backward+step passes on a copy
-of the model, extrapolated to the train split), head-only training and evaluation. Everything goes through the
-setup's task, so any task is probed the same way.
+:func:`profile_data` counts examples per split and class (nothing is trained). :func:`probe` measures only what a
+decision uses: a linear probe on the pooled pretrained features of a bounded, class-covering sample (for the priors)
+and the cost of one epoch (for a ``--timeout`` budget): full fine-tuning (a few small timed forward+backward+step
+passes on a copy of the model, extrapolated per example to the train split), head-only training and evaluation.
+Everything goes through the setup's task, so any task is probed the same way.
 """
 
 from __future__ import annotations
@@ -24,7 +24,17 @@ from autoft.preparation import Setup
 from autoft.recipe import Recipe
 from autoft.tasks.base import Dataset, TensorSplit
 
-__all__ = ["DataProfile", "Probe", "probe", "profile_data"]
+__all__ = [
+    "PROBE_TRAIN_EXAMPLES",
+    "PROBE_VAL_EXAMPLES",
+    "TIMED_STEPS",
+    "TIMING_BATCH",
+    "DataProfile",
+    "Probe",
+    "probe",
+    "profile_data",
+    "sample_rows",
+]
 
 
 @dataclass(frozen=True)
@@ -86,34 +96,69 @@ def class_counts(labels: torch.Tensor, classes: int) -> torch.Tensor:
 class Probe:
     """How well the pretrained features already fit, and what an epoch costs, measured on one model.
 
-    ``linear_probe_accuracy``: val accuracy of a logistic-regression head on the frozen pooled features;
-    ``chance``: the accuracy of always guessing the most common val class; ``epoch_seconds_full``: one epoch
-    of full fine-tuning over the train split plus the val evaluation; ``epoch_seconds_head``: one head-only
-    epoch (on cached features when the cache works); ``eval_seconds_per_image``: inference cost;
-    ``seconds``: what the probe itself took (features included).
+    ``linear_probe_accuracy``: val accuracy of a logistic-regression head on the frozen pooled features of an evenly
+    spread, class-covering sample (None: not measured, no prior needs it); ``chance``: the accuracy of always
+    guessing the most common val class; ``epoch_seconds_full``: one epoch of full fine-tuning over the train split
+    plus the val evaluation; ``epoch_seconds_head``: one head-only epoch without the feature cache (a frozen forward
+    pass over train, plus the val evaluation: an upper bound); ``eval_seconds_per_image``: inference cost (the three
+    costs are None when not measured: only a ``--timeout`` budget needs them); ``seconds``: what the probe took;
+    ``examples``: the train + val examples the linear probe saw.
     """
 
-    linear_probe_accuracy: float
+    linear_probe_accuracy: float | None
     chance: float
-    epoch_seconds_full: float
-    epoch_seconds_head: float
-    eval_seconds_per_image: float
+    epoch_seconds_full: float | None
+    epoch_seconds_head: float | None
+    eval_seconds_per_image: float | None
     seconds: float
+    examples: int = 0
 
     @property
-    def fit(self) -> float:
+    def fit(self) -> float | None:
         """The probe's accuracy above chance, as a share of the room above chance (0 = chance, 1 = perfect)."""
+        if self.linear_probe_accuracy is None:
+            return None
         return (self.linear_probe_accuracy - self.chance) / max(1e-9, 1.0 - self.chance)
 
+    @property
+    def has_linear_probe(self) -> bool:
+        return self.linear_probe_accuracy is not None
 
-def probe(setup: Setup, *, seed: int = 0, steps: int = 100, timed_steps: int = 5, batch_size: int = 64) -> Probe:
-    """Linear probe on the frozen features and the measured epoch cost, for one prepared model (a ``Setup``).
+    @property
+    def has_costs(self) -> bool:
+        return self.epoch_seconds_full is not None and self.eval_seconds_per_image is not None
 
-    The probe trains a fresh linear layer on standardized pooled features for ``steps`` mini-batch steps of
-    Adam (seconds even for large data); the epoch cost is the fastest of ``timed_steps`` training steps after one
-    warm-up: a step slowed by another process (a test suite, a compile job) must not cap every trial's epochs.
-    An estimate too low costs little (the deadline stops the last trial and keeps its best epoch); one too high
-    plans short trials for the whole search.
+
+# The linear probe sees at most this many train and val examples, evenly spread over each class: its cost is
+# bounded whatever the data size. Measured on digits (benchmarks/probe_sample.py, docs/benchmarks.md): the fit on
+# 1,017 of the 1,077 train images was 0.864-0.873 against 0.873-0.879 on all of them; on 505 it fell to 0.80-0.81
+# (a linear probe learns from more examples; the prior's threshold was set on fits of whole data sets).
+PROBE_TRAIN_EXAMPLES, PROBE_VAL_EXAMPLES = 1024, 512
+# The epoch cost: the fastest of TIMED_STEPS full fine-tuning steps of TIMING_BATCH examples, after one untimed
+# warm-up step on WARM_UP_BATCH examples (the first step of a fresh model copy is slow whatever its size: lazy
+# initialization, kernel selection, the optimizer's state).
+TIMED_STEPS, TIMING_BATCH, WARM_UP_BATCH = 3, 16, 2
+# When a step of TIMING_BATCH is this fast, the trials' own batch (RECIPE_BATCH) is timed too and preferred.
+CHEAP_STEP_SECONDS, RECIPE_BATCH = 0.25, 64
+
+
+def probe(
+    setup: Setup,
+    *,
+    seed: int = 0,
+    linear_probe: bool = True,
+    costs: bool = True,
+    previous: Probe | None = None,
+    steps: int = 100,
+) -> Probe:
+    """Measure what the plan needs, for one prepared model (a ``Setup``): the linear probe (``linear_probe``: for the
+    priors) and the epoch costs (``costs``: for a ``--timeout`` budget); what ``previous`` (a resumed study's stored
+    probe) already holds is kept, not measured again.
+
+    The linear probe trains a fresh linear layer on standardized pooled features of a sample (:func:`sample_rows`,
+    at most PROBE_TRAIN_EXAMPLES / PROBE_VAL_EXAMPLES) for ``steps`` mini-batch steps of Adam; the feature cache is
+    not built here (a head-only trial builds it when it first needs it, inside that trial). The epoch cost is
+    extrapolated per example from the fastest of a few small timed steps (:func:`_train_seconds_per_image`).
 
     >>> result = probe(prepare(config))  # doctest: +SKIP
     >>> result.linear_probe_accuracy, result.epoch_seconds_full  # doctest: +SKIP
@@ -123,28 +168,31 @@ def probe(setup: Setup, *, seed: int = 0, steps: int = 100, timed_steps: int = 5
     dataset = setup.dataset
     counts = class_counts(dataset.val.labels, len(dataset.classes))
     chance = counts.max().item() / max(1, int(counts.sum()))
-    head_started = time.perf_counter()
-    if _has_pooled_features(setup.base_model):
-        train_features, val_features = _pooled_features(setup)
-        head_started = time.perf_counter()
+    kept = previous or Probe(None, chance, None, None, None, seconds=0.0)
+    if (not linear_probe or kept.has_linear_probe) and (not costs or kept.has_costs) and previous is not None:
+        return previous  # a resumed study: everything needed is stored
+    accuracy, examples, eval_per_image = kept.linear_probe_accuracy, kept.examples, kept.eval_seconds_per_image
+    if linear_probe and accuracy is None and _has_pooled_features(setup.base_model):
+        train_features, val_features, pooled_per_image = _sampled_features(setup)
         accuracy = _linear_probe(train_features, val_features, len(dataset.classes), seed=seed, steps=steps)
-    else:  # no pooled features (per-token outputs): no linear probe; at chance its fit is 0, so no prior fires
+        examples = len(train_features) + len(val_features)
+        eval_per_image = eval_per_image or pooled_per_image  # the same forward pass, less the classifier
+    elif linear_probe and accuracy is None:  # no pooled features (per-token outputs): at chance fit is 0, no prior
         accuracy = chance
-    head_seconds = time.perf_counter() - head_started
-    eval_per_image = _eval_seconds_per_image(setup, batch_size=batch_size)
-    train_per_image = _train_seconds_per_image_fitting(setup, steps=timed_steps, batch_size=batch_size)
-    val_seconds = eval_per_image * len(dataset.val)
-    cached = setup.feature_cache is not None and setup.feature_cache.splits() is not None
-    # Head-only epoch: a pass of the head over cached features (~ the probe's steps), else a frozen forward pass.
-    head_epoch = head_seconds / steps * math.ceil(len(dataset.train) / batch_size) if cached else None
+    full, head = kept.epoch_seconds_full, kept.epoch_seconds_head
+    if costs and not kept.has_costs:
+        eval_per_image = eval_per_image or _eval_seconds_per_image(setup)
+        val_seconds = eval_per_image * len(dataset.val)
+        full = _train_seconds_per_image_fitting(setup) * len(dataset.train) + val_seconds
+        head = eval_per_image * len(dataset.train) + val_seconds
     return Probe(
         linear_probe_accuracy=accuracy,
         chance=chance,
-        epoch_seconds_full=train_per_image * len(dataset.train) + val_seconds,
-        epoch_seconds_head=(head_epoch if head_epoch is not None else eval_per_image * len(dataset.train))
-        + (0.0 if cached else val_seconds),
+        epoch_seconds_full=full,
+        epoch_seconds_head=head,
         eval_seconds_per_image=eval_per_image,
-        seconds=time.perf_counter() - started,
+        seconds=kept.seconds + time.perf_counter() - started,
+        examples=examples,
     )
 
 
@@ -152,25 +200,60 @@ def _has_pooled_features(model: nn.Module) -> bool:
     return all(callable(getattr(model, name, None)) for name in ("forward_features", "forward_head"))
 
 
-# Without the feature cache the probe computes its own features: on at most this many images (bounded cost).
-FALLBACK_TRAIN_IMAGES, FALLBACK_VAL_IMAGES = 10_000, 5_000
+def sample_rows(labels: torch.Tensor, limit: int, classes: int) -> torch.Tensor:
+    """At most ``limit`` rows of a split, every class with examples among them (when ``classes <= limit``), each
+    class's share about its share of the split, its rows evenly spread over the class (a folder read in order
+    gives every part of it). All rows when the split has at most ``limit``; per-token labels: evenly spread rows.
+
+    >>> sample_rows(torch.tensor([0] * 90 + [1] * 10), 10, 2).tolist()
+    [0, 11, 22, 34, 45, 56, 67, 78, 89, 90]
+    """
+    if len(labels) <= limit:
+        return torch.arange(len(labels))
+    if labels.dim() != 1 or classes > limit:
+        return torch.linspace(0, len(labels) - 1, limit).round().long()
+    counts = class_counts(labels, classes)
+    present = int((counts > 0).sum())
+    rows = []
+    for label in counts.nonzero().flatten().tolist():
+        members = (labels == label).nonzero().flatten()
+        # One each first, then the room left shared by class size: the total never passes `limit`.
+        share = min(len(members), 1 + (limit - present) * len(members) // len(labels))
+        rows.append(members[torch.linspace(0, len(members) - 1, share).round().long()])
+    return torch.cat(rows).sort().values
 
 
-def _pooled_features(setup: Setup) -> tuple[TensorSplit, TensorSplit]:
-    """Train and val pooled features: the search's feature cache, or (when it refuses, e.g. dropout in the
-    model) the same features computed here in eval mode, where dropout is off anyway, on an evenly spread
-    subset of each split (every class, bounded cost)."""
-    splits = setup.feature_cache.splits() if setup.feature_cache is not None else None
-    if splits is not None:
-        return splits
+def _sampled_features(setup: Setup) -> tuple[TensorSplit, TensorSplit, float | None]:
+    """Pooled features of a sample of train and val (:func:`sample_rows`) and the seconds per example they took
+    (None when nothing was computed).
+
+    Taken from the feature cache when something already built it (model selection's linear probe); otherwise
+    computed here on an eval-mode copy of the model (dropout off, as in the cache), for the sample only, and handed
+    to the cache (:meth:`~autoft.features.FeatureCache.adopt`): when a head-only trial builds it, only the rows
+    outside the sample are computed, so the probe's forward pass is not paid twice.
+    """
+    dataset, classes = setup.dataset, len(setup.dataset.classes)
+    picks = [
+        (split, sample_rows(split.labels, limit, classes))
+        for split, limit in ((dataset.train, PROBE_TRAIN_EXAMPLES), (dataset.val, PROBE_VAL_EXAMPLES))
+    ]
+    built = setup.feature_cache.built() if setup.feature_cache is not None else None
+    if built is not None:
+        train, val = (TensorSplit(f.images[rows], f.labels[rows]) for f, (_, rows) in zip(built, picks, strict=True))
+        return train, val, None
     model = copy.deepcopy(setup.base_model).to(setup.device).eval()
-    out = []
-    for split, limit in ((setup.dataset.train, FALLBACK_TRAIN_IMAGES), (setup.dataset.val, FALLBACK_VAL_IMAGES)):
-        rows = torch.linspace(0, len(split) - 1, min(len(split), limit)).long()  # evenly spread: every class
+    cache = setup.feature_cache
+    started, out = time.perf_counter(), []
+    for name, (split, rows) in zip(("train", "val"), picks, strict=True):
         subset = setup.task.select(split, rows)
-        pooled = features.pooled(model, setup.task, subset, setup.spec, device=setup.device).float()
-        out.append(TensorSplit(pooled, subset.labels.to(setup.device)))
-    return out[0], out[1]
+        pooled = features.pooled(model, setup.task, subset, setup.spec, device=setup.device)
+        if cache is not None and cache.base_model is setup.base_model:  # a head-only trial's cache computes the rest
+            cache.adopt(name, rows, pooled)
+        out.append(TensorSplit(pooled.float(), subset.labels.to(setup.device)))
+    _sync(setup.device)
+    # Per example, the first batch's start-up included: a little above an evaluation's cost, never below it.
+    per_example = (time.perf_counter() - started) / max(1, sum(len(rows) for _, rows in picks))
+    return out[0], out[1], per_example
 
 
 def _linear_probe(
@@ -203,7 +286,7 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.inference_mode()
-def _eval_seconds_per_image(setup: Setup, *, batch_size: int) -> float:
+def _eval_seconds_per_image(setup: Setup, *, batch_size: int = 64) -> float:
     """Seconds per example of an eval-mode forward pass (one warm-up batch, the faster of two timed val batches)."""
     model = copy.deepcopy(setup.base_model).to(setup.device).eval()
     count = min(batch_size, len(setup.dataset.val))
@@ -212,11 +295,12 @@ def _eval_seconds_per_image(setup: Setup, *, batch_size: int) -> float:
         return _fastest(lambda: model(batch), setup.device, repeats=2) / count
 
 
-def _train_seconds_per_image_fitting(setup: Setup, *, steps: int, batch_size: int) -> float:
+def _train_seconds_per_image_fitting(setup: Setup) -> float:
     """As :func:`_train_seconds_per_image`, halving the batch while the device runs out of memory (as trials do)."""
+    batch_size = RECIPE_BATCH
     while True:
         try:
-            return _train_seconds_per_image(setup, steps=steps, batch_size=batch_size)
+            return _train_seconds_per_image(setup, batch_size=batch_size)
         except torch.OutOfMemoryError:
             if batch_size < 2:
                 raise
@@ -225,35 +309,54 @@ def _train_seconds_per_image_fitting(setup: Setup, *, steps: int, batch_size: in
                 torch.cuda.empty_cache()
 
 
-def _train_seconds_per_image(setup: Setup, *, steps: int, batch_size: int) -> float:
-    """Seconds per example of the fastest full fine-tuning step (forward, backward, AdamW step) on a model copy."""
+def _train_seconds_per_image(setup: Setup, *, batch_size: int) -> float:
+    """Seconds per example of a full fine-tuning step (forward, backward, AdamW step) on a model copy: the fastest
+    of TIMED_STEPS steps of TIMING_BATCH examples, or of ``batch_size`` (the trials' batch) when such small steps
+    are cheap (a GPU).
+
+    Why a small batch is safe: a step's cost per example falls as its batch grows (the same kernels launched once
+    for more examples), so extrapolating from a small batch overestimates a batch-64 epoch; the plan then gives
+    trials fewer epochs, never more than fit. A trial is then judged by its own pace (``Budget.next_epoch_fits``),
+    and the deadline stops the last one with its best epoch kept.
+    """
     model = copy.deepcopy(setup.base_model).to(setup.device)
     blocks.apply_freeze(model, train_blocks=None)
     blocks.set_train_mode(model, freeze_bn_stats=False)
     recipe = Recipe(batch_size=batch_size)
     optimizer = optim.create_optimizer(model, recipe)
-    inputs, labels = next(iter(setup.task.batches(setup.dataset.train, batch_size=batch_size, shuffle=False)))
-    batch = setup.task.eval_inputs(inputs, setup.spec, device=setup.device)
-    labels = labels.to(setup.device)
 
-    def step() -> None:
-        with features.autocast(setup.device):
-            loss = setup.task.loss(model(batch), labels, recipe)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+    def step_on(count: int) -> tuple[Callable[[], None], int]:
+        """One training step on the first ``count`` train examples (prepared once, outside the timing)."""
+        inputs, labels = next(iter(setup.task.batches(setup.dataset.train, batch_size=count, shuffle=False)))
+        batch, labels = setup.task.eval_inputs(inputs, setup.spec, device=setup.device), labels.to(setup.device)
 
-    return _fastest(step, setup.device, repeats=steps) / len(labels)
+        def step() -> None:
+            with features.autocast(setup.device):
+                loss = setup.task.loss(model(batch), labels, recipe)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+        return step, len(labels)
+
+    step_on(min(WARM_UP_BATCH, batch_size))[0]()  # the first step's one-off costs, on as few examples as will do
+    step, count = step_on(min(TIMING_BATCH, batch_size))
+    per_example = _fastest(step, setup.device, repeats=TIMED_STEPS, warm_up=False) / count
+    if per_example * count < CHEAP_STEP_SECONDS and batch_size > count:  # cheap: time the trials' own batch
+        step, count = step_on(batch_size)
+        per_example = _fastest(step, setup.device, repeats=TIMED_STEPS) / count
+    return per_example
 
 
-def _fastest(run: Callable[[], object], device: torch.device, *, repeats: int) -> float:
+def _fastest(run: Callable[[], object], device: torch.device, *, repeats: int, warm_up: bool = True) -> float:
     """Seconds of the fastest of ``repeats`` calls of ``run``, after one untimed warm-up call (allocations,
-    kernel selection). The fastest, not the mean: another process on the machine only ever slows a call down."""
+    kernel selection) unless ``warm_up`` is False. The fastest, not the mean: another process on the machine only
+    ever slows a call down."""
     fastest = math.inf
-    for call in range(repeats + 1):
+    for call in range(repeats + int(warm_up)):
         _sync(device)
         started = time.perf_counter()
         run()
         _sync(device)
-        fastest = min(fastest, time.perf_counter() - started) if call else fastest
+        fastest = min(fastest, time.perf_counter() - started) if call or not warm_up else fastest
     return fastest

@@ -14,12 +14,14 @@ import html
 import json
 import logging
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import optuna
 import plotly.graph_objects as go
+import torch
 import yaml
 from optuna.trial import TrialState
 
@@ -131,11 +133,20 @@ def _mistakes_html(mistakes: list[dict[str, Any]], examples: list[str]) -> _Html
     return _Html(f'<div class="mistakes">{cells}</div>')
 
 
-def _model_sections(report: StudyReport, tuned: LoadedModel, task: Task, splits: dict[str, Split]) -> None:
-    """The best model on each split: confusion matrix, per-class scores, the examples it got most surely wrong."""
+def _model_sections(
+    report: StudyReport,
+    tuned: LoadedModel,
+    task: Task,
+    splits: dict[str, Split],
+    known: Mapping[str, torch.Tensor],
+) -> None:
+    """The best model on each split: confusion matrix, per-class scores, the examples it got most surely wrong.
+    ``known`` holds logits the caller already computed with this model (the search's test score), by split."""
     spec = task.spec_from_meta(tuned.meta)
     for split, examples in splits.items():
-        logits = predict_logits(tuned.model, examples, task, spec, device=tuned.device)
+        logits = known.get(split)
+        if logits is None:
+            logits = predict_logits(tuned.model, examples, task, spec, device=tuned.device)
         probabilities, labels, rows = (t.cpu() for t in task.per_example(logits, examples))
         evaluation = export.Evaluation.from_predictions(labels, probabilities.argmax(1), tuned.classes)
         report.summary.setdefault("evaluations", {})[split] = evaluation
@@ -165,11 +176,20 @@ def _splits_of(dataset: Dataset) -> tuple[dict[str, Split], dict[str, int]]:
     return splits, dataset.summary()
 
 
-def build_report(run_dir: str | Path, *, dataset: Dataset | None = None, device: str = "cpu") -> StudyReport:
+def build_report(
+    run_dir: str | Path,
+    *,
+    dataset: Dataset | None = None,
+    device: str = "cpu",
+    tuned: LoadedModel | None = None,
+    logits: Mapping[str, torch.Tensor] | None = None,
+) -> StudyReport:
     """Gather everything the report shows from a run folder (study, best model, data), as data and figures.
 
     ``dataset``: the run's already decoded data (the search passes it); otherwise it is loaded from the path
-    in ``config.yaml``, and if that is gone the best-model sections say so.
+    in ``config.yaml``, and if that is gone the best-model sections say so. ``tuned`` and ``logits``: the
+    exported best model already loaded back and its logits by split name (the search scored it on test): the
+    report neither loads it again nor predicts those splits again.
 
     >>> build_report("runs/demo").summary["best_score"]  # doctest: +SKIP
     0.97
@@ -177,7 +197,8 @@ def build_report(run_dir: str | Path, *, dataset: Dataset | None = None, device:
     run_dir = Path(run_dir)
     config, study = load_study(run_dir)
     best_dir = run_dir / "best"
-    tuned = export.load_model(best_dir, device=device) if (best_dir / export.CONFIG).is_file() else None
+    if tuned is None and (best_dir / export.CONFIG).is_file():
+        tuned = export.load_model(best_dir, device=device)
     task = tasks.get(tuned.meta.get("task", "image")) if tuned is not None else None
     splits: dict[str, Split] = {}
     counts = None
@@ -195,7 +216,7 @@ def build_report(run_dir: str | Path, *, dataset: Dataset | None = None, device:
         if study.trials:
             report.add("Timeline", report.figure("timeline", optuna.visualization.plot_timeline(study)))
     if splits and tuned is not None:
-        _model_sections(report, tuned, task, splits)
+        _model_sections(report, tuned, task, splits, logits or {})
     else:
         report.add("Best model", model_note)
     report.add("All trials", _trials_html(figures.trials_table(study)))
@@ -324,15 +345,22 @@ def render_html(report: StudyReport) -> str:
 
 
 def write_report(
-    run_dir: str | Path, *, dataset: Dataset | None = None, device: str = "cpu", png: bool = False
+    run_dir: str | Path,
+    *,
+    dataset: Dataset | None = None,
+    device: str = "cpu",
+    png: bool = False,
+    tuned: LoadedModel | None = None,
+    logits: Mapping[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write ``RUN_DIR/report.html`` (and with ``png`` each figure as ``RUN_DIR/figures/NAME.png``).
+    """Write ``RUN_DIR/report.html`` (and with ``png`` each figure as ``RUN_DIR/figures/NAME.png``);
+    ``tuned`` and ``logits`` as in :func:`build_report`.
 
     >>> write_report("runs/demo")  # doctest: +SKIP
     PosixPath('runs/demo/report.html')
     """
     run_dir = Path(run_dir)
-    report = build_report(run_dir, dataset=dataset, device=device)
+    report = build_report(run_dir, dataset=dataset, device=device, tuned=tuned, logits=logits)
     path = run_dir / REPORT
     tmp = path.with_name(f".{REPORT}.tmp")
     tmp.write_text(render_html(report), encoding="utf-8")

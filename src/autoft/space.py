@@ -28,10 +28,13 @@ __all__ = [
     "Param",
     "SearchSpace",
     "Space",
+    "learned_portfolio",
     "load_space",
+    "portfolio_table_names",
     "preset_description",
     "preset_names",
     "preset_path",
+    "read_portfolio",
 ]
 
 
@@ -140,9 +143,12 @@ class SearchSpace:
             raise AutoftError(
                 f"{source}: unknown top-level key(s) {', '.join(map(repr, extra))}; only 'params:' and 'portfolio:'."
             )
-        portfolio = document.get("portfolio") or []
+        portfolio = with_learned_portfolio(document, source).get("portfolio") or []
         if not isinstance(portfolio, list) or not all(isinstance(entry, dict) for entry in portfolio):
-            raise AutoftError(f"{source}: 'portfolio:' must be a list of mappings from parameter names to values.")
+            raise AutoftError(
+                f"{source}: 'portfolio:' must be a list of mappings from parameter names to values, "
+                "or {learned: NAME} for a learned table."
+            )
         params = tuple(param_from_spec(str(n), s, source) for n, s in document["params"].items())
         return cls(params, source=source, portfolio=tuple(portfolio))
 
@@ -224,6 +230,65 @@ def preset_path(name_or_path: str | Path) -> Path:
     return path
 
 
+def portfolio_table_names() -> list[str]:
+    """Names of the learned portfolio tables shipped in ``search_spaces/portfolios/`` (``portfolio: {learned: NAME}``).
+
+    >>> "image" in portfolio_table_names()
+    True
+    """
+    return sorted(p.stem for p in (_presets_dir() / "portfolios").glob("*.yaml"))
+
+
+def learned_portfolio(name: str, *, source: str = "search space <code>") -> list[dict[str, Any]]:
+    """The recipes of the learned table ``search_spaces/portfolios/NAME.yaml`` (``benchmarks/learn_portfolio.py``).
+
+    >>> learned_portfolio("image")[0]["freeze"] in ("linear_probe", "partial", "full", "lp_ft")
+    True
+    """
+    path = _presets_dir() / "portfolios" / f"{name}.yaml"
+    if not path.is_file():
+        hint = closest(name, portfolio_table_names())
+        raise AutoftError(
+            f"{source}: 'portfolio: {{learned: {name}}}' names no learned portfolio table"
+            + (f"; did you mean {hint[0]!r}?" if hint else ".")
+            + f" Tables: {', '.join(portfolio_table_names()) or 'none'}; or write the portfolio as a list of recipes."
+        )
+    return read_portfolio(path, fix="regenerate it with benchmarks/learn_portfolio.py --write")
+
+
+def read_portfolio(path: Path, *, fix: str = "write it as 'portfolio:' followed by a list of {knob: value} recipes",
+                   ) -> list[dict[str, Any]]:  # fmt: skip
+    """The recipes of a portfolio file (``portfolio:`` and a non-empty list of recipes): a learned table, or a
+    user's own (``--portfolio FILE``). Only YAML data is read; nothing in the file runs.
+
+    >>> read_portfolio(Path("my-recipes.yaml"))[0]  # doctest: +SKIP
+    {'freeze': 'full', 'lr': 0.001}
+    """
+    try:
+        entries = (yaml.safe_load(Path(path).read_text()) or {}).get("portfolio")
+    except (yaml.YAMLError, AttributeError, OSError):
+        entries = None
+    if not isinstance(entries, list) or not entries or not all(isinstance(entry, dict) for entry in entries):
+        raise AutoftError(f"Portfolio file {path} must hold 'portfolio:', a non-empty list of recipes; {fix}.")
+    return entries
+
+
+def with_learned_portfolio(document: Any, source: str) -> Any:
+    """``document`` with a ``portfolio: {learned: NAME}`` reference replaced by that table's recipes.
+
+    Anything else is returned as it is (an inline list of recipes stays the user's own).
+    """
+    reference = document.get("portfolio") if isinstance(document, dict) else None
+    if not isinstance(reference, dict) or "learned" not in reference:
+        return document
+    if set(reference) != {"learned"} or not isinstance(reference["learned"], str):
+        raise AutoftError(
+            f"{source}: 'portfolio:' as a mapping must be {{learned: NAME}} alone (a table of "
+            f"search_spaces/portfolios/), but got {reference!r}."
+        )
+    return document | {"portfolio": learned_portfolio(reference["learned"], source=source)}
+
+
 def preset_description(path: Path) -> str:
     """The leading comment of a space file, as one line of text."""
     lines = []
@@ -239,18 +304,23 @@ def load_space(
     *,
     overrides: Sequence[str] = (),
     fixed: Sequence[str] = (),
+    portfolio: Path | None = None,
 ) -> SearchSpace | FunctionSpace:
     """A validated space from a preset name, a YAML path, a :class:`SearchSpace` or a ``space(trial)`` function.
 
     ``overrides`` are ``PARAM.FIELD=VALUE`` edits (``"lr.high=1e-2"``, the CLI's ``--set``); ``fixed`` are
     ``PARAM=VALUE`` (``"optimizer=adamw"``, the CLI's ``--fix``): the parameter stops being searched.
+    ``portfolio`` is a file of recipes (:func:`read_portfolio`, the CLI's ``--portfolio``) tried first instead of
+    the space's own portfolio.
 
     >>> load_space("default", overrides=["lr.high=1e-2"], fixed=["optimizer=adamw"]).params[4].value
     'adamw'
     """
     if callable(spec) and not isinstance(spec, SearchSpace):
-        if overrides or fixed:
-            raise AutoftError("--set and --fix edit a YAML or SearchSpace space, not a space(trial) function.")
+        if overrides or fixed or portfolio:
+            raise AutoftError(
+                "--set, --fix and --portfolio edit a YAML or SearchSpace space, not a space(trial) function."
+            )
         return FunctionSpace(spec)
     if isinstance(spec, SearchSpace):
         document, source = spec.to_dict(), spec.source
@@ -267,6 +337,10 @@ def load_space(
             ) from None
         except yaml.YAMLError as exc:
             raise AutoftError(f"Search space file {path} is not valid YAML: {exc}") from None
+    document = with_learned_portfolio(document, source)  # before --fix edits its entries
+    if portfolio is not None:
+        document = {**document, "portfolio": read_portfolio(portfolio)}
+        source += f" (portfolio from {portfolio})"
     if overrides or fixed:
         document = _edited(document, overrides, fixed, source)
         source += " (with " + ", ".join([*(f"--set {o}" for o in overrides), *(f"--fix {f}" for f in fixed)]) + ")"

@@ -14,16 +14,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from autoft import objectives
 from autoft.config import SearchConfig
 from autoft.errors import AutoftError
+from autoft.recipe import Recipe
 
 __all__ = [
     "Queued",
+    "Refill",
     "create_pruner",
     "create_sampler",
+    "in_lp_ft_dip",
     "no_complete_trial_error",
     "open_study",
     "portfolio_left",
@@ -65,19 +68,18 @@ def create_sampler(name: str, *, seed: int, trials: int | None) -> optuna.sample
 
     Conditional knobs (``when``) give a dynamic space: TPE handles it (``group=True``); GP, CMA-ES and QMC
     model the knobs every trial shares and sample the rest independently (their warning about it is silenced).
+    The model-based ones learn without the trials the ``--timeout`` deadline cut short (:class:`_WithoutBudgetCuts`).
 
     >>> type(create_sampler("qmc", seed=0, trials=20)).__name__
     'QMCSampler'
     """
     n_startup = max(3, min(10, (trials or 20) // 4))
     factories: dict[str, Callable[[], optuna.samplers.BaseSampler]] = {
-        "tpe": lambda: optuna.samplers.TPESampler(seed=seed, n_startup_trials=n_startup, multivariate=True, group=True),
+        "tpe": lambda: _TPESampler(seed=seed, n_startup_trials=n_startup, multivariate=True, group=True),
         # GP (scipy + torch): sample-efficient for small budgets of expensive trials.
-        "gp": lambda: optuna.samplers.GPSampler(seed=seed, n_startup_trials=n_startup, warn_independent_sampling=False),
+        "gp": lambda: _GPSampler(seed=seed, n_startup_trials=n_startup, warn_independent_sampling=False),
         # CMA-ES (the `cmaes` package): continuous knobs only; categorical ones go to the independent sampler.
-        "cmaes": lambda: optuna.samplers.CmaEsSampler(
-            seed=seed, n_startup_trials=n_startup, warn_independent_sampling=False
-        ),
+        "cmaes": lambda: _CmaEsSampler(seed=seed, n_startup_trials=n_startup, warn_independent_sampling=False),
         "random": lambda: optuna.samplers.RandomSampler(seed=seed),
         "qmc": lambda: optuna.samplers.QMCSampler(
             seed=seed, scramble=True, warn_independent_sampling=False, warn_asynchronous_seeding=False
@@ -90,23 +92,73 @@ def create_sampler(name: str, *, seed: int, trials: int | None) -> optuna.sample
         return factories[name]()
 
 
+class _WithoutBudgetCuts:
+    """The study as a sampler should learn from it: without the trials the ``--timeout`` deadline ended early.
+
+    Such a trial stays COMPLETE with its best epoch so far (its model is real and may be the best one), but its
+    score is that of a shorter trial than its knobs say: a sampler that learned from it would think its long
+    recipe weak. Everything else is the study itself.
+    """
+
+    def __init__(self, study: optuna.Study):
+        self._study = study
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._study, name)
+
+    def _get_trials(self, deepcopy: bool = True, states: Any = None, use_cache: bool = False) -> list[FrozenTrial]:
+        trials = self._study._get_trials(deepcopy=deepcopy, states=states, use_cache=use_cache)
+        return [t for t in trials if "stopped_by_budget" not in t.user_attrs]
+
+    def get_trials(self, deepcopy: bool = True, states: Any = None) -> list[FrozenTrial]:
+        return self._get_trials(deepcopy=deepcopy, states=states)
+
+    @property
+    def trials(self) -> list[FrozenTrial]:
+        return self.get_trials()
+
+
+class _LearnsWithoutBudgetCuts:
+    """Mixed into the model-based samplers (as a subclass: Optuna's own checks of the sampler's type still hold)."""
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict:
+        return super().infer_relative_search_space(_WithoutBudgetCuts(study), trial)  # type: ignore[misc]
+
+    def sample_relative(self, study: optuna.Study, trial: FrozenTrial, search_space: dict) -> dict:
+        return super().sample_relative(_WithoutBudgetCuts(study), trial, search_space)  # type: ignore[misc]
+
+    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, name: str, distribution: Any) -> Any:
+        return super().sample_independent(_WithoutBudgetCuts(study), trial, name, distribution)  # type: ignore[misc]
+
+
+class _TPESampler(_LearnsWithoutBudgetCuts, optuna.samplers.TPESampler):
+    pass
+
+
+class _GPSampler(_LearnsWithoutBudgetCuts, optuna.samplers.GPSampler):
+    pass
+
+
+class _CmaEsSampler(_LearnsWithoutBudgetCuts, optuna.samplers.CmaEsSampler):
+    pass
+
+
 def create_pruner(name: str, *, max_epochs: int) -> optuna.pruners.BasePruner:
-    """The Optuna pruner for ``--pruner``, set for one report per epoch (step = epoch index).
+    """The Optuna pruner for ``--pruner``, set for one report per epoch (step = epoch index), knowing LP-FT.
 
     Median: judge a trial only after its first epoch, once 3 trials have finished. Hyperband / SHA: rungs at
     1, 3, 9, ... epochs (reduction factor 3) up to ``max_epochs``. Wilcoxon: compares the trial's epoch curve
-    with the best trial's, from the second epoch on.
+    with the best trial's, from the second epoch on. None of them stops an LP-FT trial before it has trained
+    one epoch past its unfreezing (:func:`in_lp_ft_dip`).
 
-    >>> type(create_pruner("hyperband", max_epochs=9)).__name__
-    'HyperbandPruner'
+    >>> isinstance(create_pruner("hyperband", max_epochs=9), optuna.pruners.HyperbandPruner)
+    True
     """
     factories: dict[str, Callable[[], optuna.pruners.BasePruner]] = {
-        "median": lambda: optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1),
-        "hyperband": lambda: optuna.pruners.HyperbandPruner(
-            min_resource=1, max_resource=max(max_epochs, 1), reduction_factor=3
-        ),
-        "sha": lambda: optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3),
-        "wilcoxon": lambda: optuna.pruners.WilcoxonPruner(p_threshold=0.1, n_startup_steps=2),
+        "median": lambda: _MedianPruner(n_startup_trials=3, n_warmup_steps=1),
+        "hyperband": lambda: _HyperbandPruner(min_resource=1, max_resource=max(max_epochs, 1), reduction_factor=3),
+        "sha": lambda: _SuccessiveHalvingPruner(min_resource=1, reduction_factor=3),
+        "wilcoxon": lambda: _WilcoxonPruner(p_threshold=0.1, n_startup_steps=2),
         "none": optuna.pruners.NopPruner,
     }
     if name not in factories:
@@ -114,6 +166,50 @@ def create_pruner(name: str, *, max_epochs: int) -> optuna.pruners.BasePruner:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return factories[name]()
+
+
+# A backend's source of more queued trials once its queue is empty (the exploit phase); [] lets the sampler ask.
+Refill = Callable[[optuna.Study], Sequence["Queued"]]
+
+
+def in_lp_ft_dip(trial: FrozenTrial) -> bool:
+    """Whether an LP-FT trial's last report is from its head-only epochs, the first epoch after everything
+    unfroze, or the one after: its accuracy dips when the body starts moving (Kumar et al. 2022), and a
+    pruner comparing it with trials that trained everything from the start would stop it at that dip (the
+    issue's measurement: LP-FT pruned at its unfreezing point on every search).
+
+    >>> in_lp_ft_dip(optuna.trial.create_trial(state=TrialState.RUNNING, user_attrs={"knobs": {"freeze": "lp_ft"}},
+    ...     intermediate_values={0: 0.5, 1: 0.3}))
+    True
+    """
+    knobs = trial.user_attrs.get("knobs", trial.params)
+    if knobs.get("freeze") != "lp_ft" or trial.last_step is None:
+        return False
+    lp_epochs = knobs.get("lp_epochs", Recipe.__dataclass_fields__["lp_epochs"].default)
+    return trial.last_step <= lp_epochs + 1  # steps are epoch indices: lp_epochs is the first joint epoch
+
+
+class _KeepsLpFt:
+    """Mixed into each Optuna pruner (as a subclass, so Optuna's own isinstance checks still hold)."""
+
+    def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
+        return False if in_lp_ft_dip(trial) else super().prune(study, trial)  # type: ignore[misc]
+
+
+class _MedianPruner(_KeepsLpFt, optuna.pruners.MedianPruner):
+    pass
+
+
+class _HyperbandPruner(_KeepsLpFt, optuna.pruners.HyperbandPruner):
+    pass
+
+
+class _SuccessiveHalvingPruner(_KeepsLpFt, optuna.pruners.SuccessiveHalvingPruner):
+    pass
+
+
+class _WilcoxonPruner(_KeepsLpFt, optuna.pruners.WilcoxonPruner):
+    pass
 
 
 @dataclass(frozen=True)

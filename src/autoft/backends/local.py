@@ -18,7 +18,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from autoft.objectives import EpochReports, study_objectives, trial_values
 from autoft.space import Space
-from autoft.study import Queued
+from autoft.study import Queued, Refill
 from autoft.trial import EpochMetrics, Report, TrialOutcome
 
 __all__ = ["Execute", "TrialInterrupted", "optimize"]
@@ -82,8 +82,12 @@ def optimize(
     on_trial_end: Callable[[FrozenTrial], None],
     should_stop: Callable[[optuna.Study], bool],
     queue: Sequence[Queued] = (),
+    refill: Refill | None = None,
 ) -> None:
     """Run up to ``n_trials`` trials in this process, the ``queue`` first; none starts after ``timeout`` seconds.
+
+    When the queue is empty, ``refill(study)`` may queue more (the exploit phase, :mod:`autoft.exploit`) before
+    the sampler is asked.
 
     One trial at a time, each queued trial added to the study just before it runs: a search that stops early
     leaves no WAITING trial. As Optuna's ``study.optimize``, the first trial starts whatever the window.
@@ -109,6 +113,8 @@ def optimize(
     while not stopping and (n_trials is None or ran < n_trials):
         if ran and launch_end is not None and time.monotonic() >= launch_end:
             break
+        if not pending and refill is not None:
+            pending = list(refill(study))
         if pending:
             pending.pop(0).enqueue(study)
         study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=[callback])

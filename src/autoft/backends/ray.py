@@ -47,7 +47,7 @@ from ray.tune.stopper import Stopper
 from autoft.errors import AutoftError
 from autoft.objectives import EpochReports, study_objectives, trial_values
 from autoft.space import Space
-from autoft.study import Queued
+from autoft.study import Queued, Refill
 from autoft.trial import EpochMetrics, Report, TrialOutcome
 
 __all__ = ["Cluster", "Keep", "Worker", "optimize"]
@@ -142,8 +142,10 @@ class _Bridge:
         on_trial_end: Callable[[FrozenTrial], None],
         should_stop: Callable[[optuna.Study], bool],
         queue: Sequence[Queued] = (),
+        refill: Refill | None = None,
     ):
         self.study, self.space, self.keep, self.holder, self.queue = study, space, keep, holder, list(queue)
+        self.refill = refill
         self.n_trials, self.launch_end = n_trials, launch_end
         self.on_trial_end, self.should_stop = on_trial_end, should_stop
         self.trials: dict[str, optuna.Trial] = {}
@@ -178,7 +180,9 @@ class _Bridge:
         job = None
         self.stopping = self.stopping or self.should_stop(self.study)  # asked now: no trial starts after Ctrl-C
         if self.may_launch(first=self.started == 0):
-            if self.queue:  # a retry or a portfolio recipe: into the study only now, as it starts
+            if not self.queue and self.refill is not None:  # the exploit phase, once trials have finished
+                self.queue = list(self.refill(self.study))
+            if self.queue:  # a retry, a portfolio recipe or a neighbour: into the study only now, as it starts
                 self.queue.pop(0).enqueue(self.study)
             trial = self.study.ask()
             params = self.space.sample(trial)
@@ -351,9 +355,11 @@ def optimize(
     on_trial_end: Callable[[FrozenTrial], None],
     should_stop: Callable[[optuna.Study], bool],
     queue: Sequence[Queued] = (),
+    refill: Refill | None = None,
 ) -> None:
     """Run up to ``n_trials`` trials as Ray Tune trials on ``cluster``, the ``queue`` first (each added to the
-    study only as its trial starts); none starts after ``timeout`` seconds.
+    study only as its trial starts), then what ``refill(study)`` queues when it runs dry (the exploit phase);
+    none starts after ``timeout`` seconds.
 
     ``timeout`` is a launch window, as in the local backend: trials running when it closes run on (the worker's
     own deadline rule ends them). ``should_stop`` becoming true (Ctrl-C) ends the running trials, recorded FAIL
@@ -370,6 +376,7 @@ def optimize(
     bridge = _Bridge(
         study, space, keep, holder,
         n_trials=n_trials, launch_end=launch_end, on_trial_end=on_trial_end, should_stop=should_stop, queue=queue,
+        refill=refill,
     )  # fmt: skip
     trainable = tune.with_resources(
         tune.with_parameters(_trainable, worker=worker, holder=holder),  # put in the object store once

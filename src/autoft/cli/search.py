@@ -10,6 +10,7 @@ import optuna
 import yaml
 from rich.live import Live
 from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from autoft import objectives, report, results, selection, space, tasks
@@ -18,6 +19,7 @@ from autoft.config import BACKENDS, PRUNERS, SAMPLERS, SearchConfig, parse_durat
 from autoft.controller import Progress as SearchProgress
 from autoft.controller import SearchResult, run_search
 from autoft.keeper import check_run_dir
+from autoft.tasks.image import decode
 
 __all__ = ["add_parser", "run", "summary"]
 
@@ -86,7 +88,13 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "--cache-dir",
         type=Path,
         help="keep decoded images in this folder; later searches map them instead of decoding (default: "
-        "$AUTOFT_CACHE_DIR, else no cache)",
+        "$AUTOFT_CACHE_DIR, else .autoft-cache beside the run dir: runs/.autoft-cache)",
+    )
+    s.add_argument(
+        "--no-cache",
+        dest="cache",
+        action="store_false",
+        help="do not keep decoded images on disk (every search decodes the images again)",
     )
     s.add_argument(
         "--val-fraction",
@@ -106,6 +114,20 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         dest="warm_start",
         action="store_false",
         help="do not try the space's portfolio of known strong recipes before sampling",
+    )
+    s.add_argument(
+        "--portfolio",
+        type=Path,
+        metavar="FILE",
+        help="try these recipes first instead of the space's own portfolio (YAML: 'portfolio:' and a list of "
+        "{knob: value} recipes, e.g. learned from your own tasks with benchmarks/learn_portfolio.py)",
+    )
+    s.add_argument(
+        "--no-exploit",
+        dest="exploit",
+        action="store_false",
+        help="after the portfolio, sample at once instead of first trying the best recipe's neighbours "
+        "(learning rate x3 and /3, smaller batch, next freeze depth, augmentation, longer)",
     )
     s.add_argument(
         "--warm-start",
@@ -191,6 +213,7 @@ def _config(args: argparse.Namespace) -> SearchConfig:
         text_column=args.text_column,
         label_column=args.label_column,
         encoding=args.encoding,
+        cache=args.cache,
         cache_dir=args.cache_dir,
         weights=args.weights,
         pretrained=args.pretrained,
@@ -210,6 +233,8 @@ def _config(args: argparse.Namespace) -> SearchConfig:
         run_dir=args.run_dir,
         device=args.device,
         warm_start=args.warm_start,
+        exploit=args.exploit,
+        portfolio=args.portfolio,
         warm_start_from=args.warm_start_from,
         objectives=args.objective,
         backend=args.backend,
@@ -251,11 +276,24 @@ def _setup_logging(run_dir: Path, *, verbose: bool) -> None:
 
 
 class _Display:
-    """A live status line (trial, epoch, current and best score) above which finished trials are listed;
-    ``score_name``: what the task scores (accuracy, entity F1)."""
+    """A live status line (trial, epoch, current and best score) above which finished trials are listed; before
+    the first trial, a bar while images are decoded. ``score_name``: what the task scores (accuracy, entity F1)."""
 
     def __init__(self, live: Live, total: int | None, *, score_name: str = "accuracy"):
         self.live, self.total, self.strategy, self.score_name = live, total, "", score_name
+        self.bar: Progress | None = None
+
+    def decoding(self, done: int, total: int) -> None:
+        """Images decoded so far of one split (``decode.reporting`` calls it): the bar, restarted per split."""
+        if self.bar is None:
+            self.bar = Progress(TextColumn("decoding images"), BarColumn(), MofNCompleteColumn(),
+                                TimeRemainingColumn(), console=self.live.console)  # fmt: skip
+            self.bar.add_task("decoding", total=total)
+        (task,) = self.bar.tasks
+        if done < task.completed or total != task.total:  # the next split
+            self.bar.reset(task.id, total=total)
+        self.bar.update(task.id, completed=done)
+        self.live.update(self.bar)
 
     def __call__(self, event: SearchProgress) -> None:
         of = f"/{self.total}" if self.total else ""
@@ -339,6 +377,7 @@ def run(args: argparse.Namespace) -> int:
             (lambda plan: live.console.print(plan.describe(), markup=False, highlight=False)) if args.explain else None
         )
         display = _Display(live, config.trials, score_name=tasks.score_name(config.task))
-        result = run_search(config, progress=display, on_plan=explain)
+        with decode.reporting(display.decoding):  # the library decodes silently; this bar is the CLI's
+            result = run_search(config, progress=display, on_plan=explain)
     summary(result)
     return 0

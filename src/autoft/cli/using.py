@@ -16,11 +16,14 @@ from rich.table import Table
 
 from autoft import export, report, space
 from autoft.cli.output import console
+from autoft.config import CACHE_FOLDER
 from autoft.errors import AutoftError
 from autoft.tasks.base import LoadedModel
 from autoft.tasks.image import cache, data
 
 __all__ = ["COMMANDS", "add_parsers"]
+
+DEFAULT_CACHE = Path("runs") / CACHE_FOLDER  # beside the default run dirs (runs/STUDY_NAME)
 
 
 def add_parsers(commands: argparse._SubParsersAction) -> None:
@@ -34,7 +37,9 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     show.add_argument("--fix", dest="space_fixed", action="append", default=[], metavar="PARAM=VALUE")
     c = commands.add_parser("cache", help="list or clear the decoded-image cache (--cache-dir / $AUTOFT_CACHE_DIR)")
     c.add_argument("cache_command", choices=("list", "clear"), help="list the entries, or remove them all")
-    c.add_argument("--cache-dir", type=Path, help="the cache folder (default $AUTOFT_CACHE_DIR)")
+    c.add_argument(
+        "--cache-dir", type=Path, help=f"the cache folder (default $AUTOFT_CACHE_DIR, else {DEFAULT_CACHE}, as search)"
+    )
     r = commands.add_parser(
         "report",
         help="write RUN_DIR/report.html: the study's figures, the best model's scores and mistakes",
@@ -231,8 +236,9 @@ def _export(args: argparse.Namespace) -> int:
 
 def _cache(args: argparse.Namespace) -> int:
     folder = args.cache_dir or (Path(os.environ[cache.ENV]).expanduser() if os.environ.get(cache.ENV) else None)
-    if folder is None:
-        raise AutoftError(f"autoft cache needs the cache folder: pass --cache-dir DIR or set {cache.ENV}.")
+    folder = folder or DEFAULT_CACHE  # where a search with the default run dir keeps it
+    if folder.exists() and not folder.is_dir():
+        raise AutoftError(f"The cache folder {folder} is a file; pass --cache-dir the folder searches cache in.")
     if args.cache_command == "clear":
         console.print(f"Cleared {folder}: {cache.clear(folder) / 2**20:.1f} MiB freed.")
         return 0

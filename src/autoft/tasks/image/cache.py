@@ -11,12 +11,14 @@ processes on one machine share the page cache instead of each holding a decoded 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +29,29 @@ from autoft.config import CACHE_ENV as ENV
 from autoft.errors import AutoftError
 from autoft.tasks.image.formats import Item, Part
 
-__all__ = ["ENV", "Decoded", "Stored", "clear", "entries", "key", "load", "store"]
+__all__ = [
+    "ENV",
+    "Decoded",
+    "Stored",
+    "check_room",
+    "clear",
+    "derived",
+    "entries",
+    "key",
+    "load",
+    "need_bytes",
+    "write",
+]
 
 VERSION = 1  # bump when the layout or the decoding changes, so old entries are never read as new
 META = "meta.json"
 _ENTRY = re.compile(r"[0-9a-f]{32}")  # a key; its temporary folder is ".<key>.<random>"
+_SPARE = 64 * 2**20  # left free on the disk beyond the entry itself
+_COPY_ROWS = 256  # rows copied at once into a derived split
+_HEADERS = {  # .npy format version -> its header reader and writer (open_memmap writes 1.0, or 2.0 if it must)
+    (1, 0): (np.lib.format.read_array_header_1_0, np.lib.format.write_array_header_1_0),
+    (2, 0): (np.lib.format.read_array_header_2_0, np.lib.format.write_array_header_2_0),
+}
 
 # One split as decoding left it: images and labels of the readable rows, and the names of the skipped ones.
 Stored = tuple[torch.Tensor, torch.Tensor, list[str]]
@@ -74,42 +94,133 @@ def load(directory: Path, name: str) -> Decoded | None:
         return None  # absent (or unreadable: decoding again is always correct)
     out: Decoded = {}
     for split in meta["splits"]:
-        images = np.load(entry / f"{split}.images.npy", mmap_mode="c")  # shared pages until written (never)
+        mode = "c" if meta["splits"][split] else None  # shared pages until written (never); nothing to map if empty
+        images = np.load(entry / f"{split}.images.npy", mmap_mode=mode)
         labels = np.load(entry / f"{split}.labels.npy")
         out[split] = (torch.from_numpy(images), torch.from_numpy(labels), list(meta["skipped"][split]))
     return out
 
 
-def store(directory: Path, name: str, decoded: Decoded, *, source: Path, image_size: int, interpolation: str) -> Path:
-    """Write ``decoded`` as entry ``name``: to a temporary folder, then renamed into place. Returns the entry."""
-    need = sum(images.numel() + labels.numel() * 8 for images, labels, _ in decoded.values())
+# Decodes one split into the first rows of a uint8 (N, 3, S, S) array and returns the rows that failed.
+DecodeSplit = Callable[[Part, np.ndarray], list[int]]
+
+
+def need_bytes(parts: dict[str, Part], *, image_size: int) -> int:
+    """Disk the entry of ``parts`` at ``image_size`` needs at most (every image readable)."""
+    return sum(len(part.items) * (3 * image_size * image_size + 8) for part in parts.values())
+
+
+def check_room(directory: Path, need: int) -> None:
+    """Create ``directory`` if needed and raise one clear error when its disk has less than ``need`` bytes free."""
     try:
         directory.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(directory).free
     except OSError as exc:
-        raise AutoftError(f"Cannot use the image cache folder {directory} ({exc}); fix --cache-dir or {ENV}.") from None
-    if free < need + 64 * 2**20:
         raise AutoftError(
-            f"The image cache needs {need / 2**30:.2f} GiB in {directory} but the disk has "
-            f"{free / 2**30:.2f} GiB free; free space, or point --cache-dir (or {ENV}) at a larger disk."
+            f"Cannot use the image cache folder {directory} ({exc}); point --cache-dir (or {ENV}) at a folder you "
+            "can write, or pass --no-cache."
+        ) from None
+    if free < need + _SPARE:
+        raise AutoftError(
+            f"The image cache needs {need / 2**30:.2f} GiB in {directory} but the disk has {free / 2**30:.2f} GiB "
+            f"free; free space, point --cache-dir (or {ENV}) at a larger disk, or pass --no-cache."
         )
-    meta = {
-        "version": VERSION, "source": str(source), "image_size": image_size, "interpolation": interpolation,
-        "splits": {s: len(labels) for s, (_, labels, _) in decoded.items()},
-        "skipped": {s: names for s, (_, _, names) in decoded.items()}, "bytes": need, "created": time.time(),
-    }  # fmt: skip
+
+
+def write(
+    directory: Path, name: str, parts: dict[str, Part], decode_split: DecodeSplit, *, source: Path, image_size: int,
+    interpolation: str,
+) -> Path:  # fmt: skip
+    """Decode ``parts`` straight into entry ``name``'s files (mapped, never all in RAM): in a temporary folder,
+    then renamed into place. The disk is checked first, so a too-small one fails before any decoding.
+    """
+    check_room(directory, need_bytes(parts, image_size=image_size))
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=directory))
     try:
-        for split, (images, labels, _) in decoded.items():
-            np.save(tmp / f"{split}.images.npy", images.numpy())
-            np.save(tmp / f"{split}.labels.npy", labels.numpy())
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would hide the entry from other users of the machine
+        counts, skipped = {}, {}
+        for split, part in parts.items():
+            counts[split], skipped[split] = _write_split(tmp, split, part, decode_split, image_size)
+        meta = {
+            "version": VERSION, "source": str(source), "image_size": image_size, "interpolation": interpolation,
+            "splits": counts, "skipped": skipped, "bytes": _size(tmp), "created": time.time(),
+        }  # fmt: skip
         (tmp / META).write_text(json.dumps(meta))  # last: an entry without it is never read
         os.rename(tmp, directory / name)
-    except OSError:
+    except BaseException as exc:  # an interrupt mid-decode too: no half-written folder stays behind
         shutil.rmtree(tmp, ignore_errors=True)
-        if not (directory / name / META).is_file():  # not another process writing the same entry first
-            raise
+        if not (isinstance(exc, OSError) and (directory / name / META).is_file()):
+            raise  # (an OSError while another process renamed the same entry first is no error)
     return directory / name
+
+
+def _write_split(tmp: Path, split: str, part: Part, decode_split: DecodeSplit, image_size: int) -> tuple[int, list]:
+    """One split's images decoded into its mapped file, shrunk to the readable ones; its labels beside them."""
+    path = tmp / f"{split}.images.npy"
+    shape = (len(part.items), 3, image_size, image_size)
+    images = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
+    failed = decode_split(part, images)
+    images.flush()
+    del images  # unmapped before the file is shrunk
+    readable = np.ones(len(part.items), dtype=bool)
+    readable[failed] = False
+    if failed:
+        _shrink(path, int(readable.sum()))
+    np.save(tmp / f"{split}.labels.npy", np.asarray(part.labels, dtype=np.int64)[readable])
+    return int(readable.sum()), [part.names[i] for i in failed]
+
+
+def _shrink(path: Path, rows: int) -> None:
+    """Keep the first ``rows`` rows of a .npy file in place: a new header (numpy pads it so that the row count's
+    digits never change its length), then the file cut after the last row."""
+    with open(path, "r+b") as f:
+        read_header, write_header = _HEADERS[np.lib.format.read_magic(f)]
+        shape, fortran, dtype = read_header(f)
+        offset = f.tell()
+        header = io.BytesIO()
+        write_header(header, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": fortran,
+                              "shape": (rows, *shape[1:])})  # fmt: skip
+        if len(header.getvalue()) != offset:
+            raise OSError(f"cannot shrink {path} in place (header size changed)")
+        f.seek(0)
+        f.write(header.getvalue())
+        f.truncate(offset + rows * int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize)
+
+
+def derived(entry: Path, tag: str, images: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The ``rows`` of mapped ``images`` as a file of their own in ``entry`` (written once, then renamed), mapped.
+
+    A subset of a mapped split (the train/val split of a flat layout) that must not be copied into memory.
+    """
+    path = entry / f"{tag}.images.npy"
+    if not path.is_file():
+        row_bytes = images[0].numel() if len(images) else 0
+        check_room(entry, len(rows) * row_bytes)
+        handle, name = tempfile.mkstemp(prefix=f".{tag}.", suffix=".npy", dir=entry)
+        os.close(handle)
+        os.chmod(name, 0o666 & ~_umask())  # readable by whoever may read the entry (mkstemp makes it 0600)
+        try:
+            out = np.lib.format.open_memmap(name, mode="w+", dtype=np.uint8, shape=(len(rows), *images.shape[1:]))
+            source, order = images.numpy(), rows.numpy()
+            for start in range(0, len(order), _COPY_ROWS):  # a bounded slice at a time, never the whole subset
+                out[start : start + _COPY_ROWS] = source[order[start : start + _COPY_ROWS]]
+            out.flush()
+            del out
+            os.replace(name, path)
+        except BaseException:
+            Path(name).unlink(missing_ok=True)
+            raise
+    return torch.from_numpy(np.load(path, mmap_mode="c"))
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _size(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
 
 
 def entries(directory: Path) -> list[dict[str, Any]]:
@@ -125,8 +236,8 @@ def entries(directory: Path) -> list[dict[str, Any]]:
         except (OSError, ValueError):
             continue
         images = sum(meta["splits"].values())
-        found.append({"name": entry.name, "images": images} | {k: meta[k] for k in ("source", "image_size", "bytes")}
-                     | {"created": meta["created"]})  # fmt: skip
+        found.append({"name": entry.name, "images": images, "bytes": _size(entry)}  # derived splits included
+                     | {k: meta[k] for k in ("source", "image_size", "created")})  # fmt: skip
     return sorted(found, key=lambda e: -e["created"])
 
 
@@ -136,6 +247,6 @@ def clear(directory: Path) -> int:
     for entry in directory.iterdir() if directory.is_dir() else []:
         ours = _ENTRY.fullmatch(entry.name) or (_ENTRY.fullmatch(entry.name[1:33]) and entry.name.startswith("."))
         if entry.is_dir() and ours:  # nothing else in the folder is touched
-            freed += sum(f.stat().st_size for f in entry.iterdir() if f.is_file())
+            freed += _size(entry)
             shutil.rmtree(entry)
     return freed

@@ -3,8 +3,11 @@ transforms.py augments).
 
 Image folders are read here; manifests, Parquet and CIFAR batches by ``formats.py``, into the same decoding.
 
-A data set is small enough for fine-tuning to keep in memory as one uint8 tensor per split, so images
-are decoded and resized exactly once (in a thread pool) and every epoch after that is tensor slicing.
+Images are decoded and resized exactly once (in a thread pool), into one uint8 tensor per split, and every epoch after
+that is tensor slicing. With a cache folder (the default in a search) the tensors are files mapped from the cache
+(decoded straight into them the first time), so a set larger than the RAM is read per batch from the page cache; a
+subset of a mapped split (train/val split off one folder) is copied into memory up to :func:`memory_bound`, and past
+it written beside the entry and mapped too.
 Augmentation runs on uint8 batches on whatever device they live on; normalization comes last.
 """
 
@@ -18,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from autoft.config import IMAGE_SUFFIXES
+from autoft.config import DATA_MEMORY_ENV, IMAGE_SUFFIXES
 from autoft.errors import AutoftError, closest
 from autoft.tasks.base import Dataset, TensorSplit
 from autoft.tasks.image import cache, decode, formats
@@ -32,6 +35,7 @@ __all__ = [
     "load_image",
     "load_image_folder",
     "load_images",
+    "memory_bound",
 ]
 
 logger = logging.getLogger(__name__)
@@ -263,16 +267,11 @@ def _decode_parts(
     """Decode every split once (or map it from ``cache_dir``); drop (and count, with one warning) what cannot be
     read; split off val if needed."""
     first = "train" if "train" in parts else "all"
-    name = cache.key(parts, classes, image_size=image_size, interpolation=interpolation) if cache_dir else ""
-    stored = cache.load(cache_dir, name) if cache_dir else None
-    how = "mapped from"
-    if stored is None:
-        stored, how = {split: _decode_part(part, image_size, interpolation) for split, part in parts.items()}, "in"
-        if cache_dir:
-            cache.store(cache_dir, name, stored, source=root.resolve(), image_size=image_size,
-                        interpolation=interpolation)  # fmt: skip
-    disk = sum(images.numel() for images, _, _ in stored.values()) / 2**20
-    inputs = f"decoded images {how} the cache {cache_dir / name} ({disk:.1f} MiB on disk)" if cache_dir else ""
+    if cache_dir is None:
+        stored, entry = {split: _decode_part(part, image_size, interpolation) for split, part in parts.items()}, None
+        inputs = "images decoded into memory (no cache)"
+    else:
+        stored, entry, inputs = _cached(parts, classes, root, cache_dir, image_size, interpolation)
     decoded: dict[str, ImageSet] = {}
     skipped: list[str] = []
     for split, (images, labels, names) in stored.items():
@@ -292,11 +291,11 @@ def _decode_parts(
     if "val" in decoded:
         train, val = decoded[first], decoded["val"]
     else:
-        t_rows, v_rows = _stratified_split(
-            decoded[first].labels, n_classes=len(classes), val_fraction=val_fraction, seed=seed
+        rows = _stratified_split(decoded[first].labels, n_classes=len(classes), val_fraction=val_fraction, seed=seed)
+        tag = f"{first}.seed{seed}.val{val_fraction:g}"  # names a mapped subset's file in the entry
+        train, val = (
+            _subset(decoded[first], r, entry, f"{tag}.{side}") for r, side in zip(rows, ("train", "val"), strict=True)
         )
-        train = _select(decoded[first].images, decoded[first].labels, t_rows)
-        val = _select(decoded[first].images, decoded[first].labels, v_rows)
     return Dataset(
         classes=classes,
         train=train,
@@ -309,15 +308,61 @@ def _decode_parts(
     )
 
 
+def _cached(
+    parts: dict[str, formats.Part], classes: tuple[str, ...], root: Path, cache_dir: Path, image_size: int,
+    interpolation: str,
+) -> tuple[cache.Decoded, Path, str]:  # fmt: skip
+    """The splits mapped from the cache entry of ``parts``, decoded straight into it first if it has none; the
+    entry; and the plan's line about it."""
+    name = cache.key(parts, classes, image_size=image_size, interpolation=interpolation)
+    stored, how = cache.load(cache_dir, name), "mapped from"
+    if stored is None:
+        resample = decode.INTERPOLATIONS[interpolation]
+        cache.write(cache_dir, name, parts, lambda part, out: decode.decode_into(part.items, out, image_size, resample),
+                    source=root.resolve(), image_size=image_size, interpolation=interpolation)  # fmt: skip
+        stored, how = cache.load(cache_dir, name), "decoded into"
+    if stored is None:
+        raise AutoftError(f"The image cache entry {cache_dir / name} was removed while loading; run again.")
+    disk = sum(images.numel() for images, _, _ in stored.values()) / 2**20
+    return stored, cache_dir / name, f"images {how} the cache {cache_dir / name} ({disk:.1f} MiB on disk)"
+
+
+def memory_bound() -> int:
+    """Bytes of decoded images a split may copy into memory: ``$AUTOFT_DATA_MEMORY`` GiB, else a quarter of RAM.
+
+    Past it, subsets of mapped splits are written beside their cache entry and mapped instead (read per batch).
+    """
+    text = os.environ.get(DATA_MEMORY_ENV, "").strip()
+    if not text:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+    try:
+        gib = float(text)
+    except ValueError:
+        gib = -1.0
+    if not 0 < gib < float("inf"):
+        raise AutoftError(f"{DATA_MEMORY_ENV} must be a positive number of GiB (e.g. 4 or 0.5), but got {text!r}.")
+    return int(gib * 2**30)
+
+
+def _subset(split: ImageSet, rows: torch.Tensor, entry: Path | None, tag: str) -> ImageSet:
+    """The ``rows`` of ``split``: copied into memory, or, for a mapped split past :func:`memory_bound`, a mapped
+    file of their own in the cache ``entry``."""
+    size = len(rows) * (split.images[0].numel() if len(split) else 0)
+    if entry is None or size <= memory_bound():
+        return _select(split.images, split.labels, rows)
+    return ImageSet(cache.derived(entry, tag, split.images, rows), split.labels.index_select(0, rows))
+
+
 def _decode_part(
     part: formats.Part, image_size: int, interpolation: str
 ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """One split decoded: images and labels of the readable rows, names of the rest."""
-    images, failed = decode.decode_all(part.items, image_size, decode.INTERPOLATIONS[interpolation])
-    bad = set(failed)
-    keep = torch.tensor([i for i in range(len(part.items)) if i not in bad], dtype=torch.int64)
-    kept = _select(images, torch.tensor(part.labels, dtype=torch.int64), keep)
-    return kept.images, kept.labels, [part.names[i] for i in sorted(failed)]
+    """One split decoded into memory: images and labels of the readable rows, names of the rest."""
+    images = torch.empty((len(part.items), 3, image_size, image_size), dtype=torch.uint8)
+    failed = decode.decode_into(part.items, images, image_size, decode.INTERPOLATIONS[interpolation])
+    readable = torch.ones(len(part.items), dtype=torch.bool)
+    readable[failed] = False
+    labels = torch.tensor(part.labels, dtype=torch.int64)[readable]
+    return images[: len(labels)], labels, [part.names[i] for i in failed]
 
 
 def _check_not_emptied(
