@@ -117,8 +117,10 @@ def test_a_space_that_sets_the_model_itself_is_refused() -> None:
 
 
 def test_the_short_fine_tune_is_the_first_portfolio_recipe_that_tunes_more_than_the_head() -> None:
-    recipe = selection.short_finetune_recipe(load_space("default").with_max_epochs(10), max_epochs=10)
-    assert recipe.freeze == "full" and recipe.epochs == selection.SHORT_EPOCHS and recipe.lr == 1e-3
+    space = load_space("default").with_max_epochs(10)
+    recipe = selection.short_finetune_recipe(space, max_epochs=10)
+    first = next(e for e in space.portfolio if e["freeze"] != "linear_probe")  # the learned table's order
+    assert (recipe.freeze, recipe.lr, recipe.epochs) == (first["freeze"], first["lr"], selection.SHORT_EPOCHS)
     assert selection.short_finetune_recipe(load_space("quick"), max_epochs=1) == Recipe.from_params({"epochs": 1})
     assert selection.probe_recipe(3).freeze == "linear_probe" and selection.probe_recipe(3).epochs == 3
 

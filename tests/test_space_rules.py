@@ -94,7 +94,7 @@ def test_default_space_conditional_params_appear_only_when_their_condition_holds
         assert 1e-5 <= s["lr"] <= 3e-2
         assert 2 <= s["epochs"] <= 12
         assert isinstance(s["epochs"], int)
-        assert s["batch_size"] in (32, 64, 128)
+        assert s["batch_size"] in (16, 32, 64, 128)
         if "train_blocks" in s:
             assert 1 <= s["train_blocks"] <= 4
 
