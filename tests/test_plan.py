@@ -379,3 +379,24 @@ def test_a_trial_the_budget_stops_is_complete_noted_and_may_become_best(tmp_path
     assert len(trial.user_attrs["val_loss"]) == 1
     assert json.loads((cfg.run_dir / "best" / "config.json").read_text())["trial"] == 0
     assert "stopped by --timeout after epoch 1 of 3" in results.trial_row(trial)["note"]
+
+
+class _EveryEpochFits(Budget):
+    """A plan whose epochs always look as if they fit: only the passed deadline can stop a trial mid-epoch."""
+
+    def next_epoch_fits(self, last_epoch_seconds: float) -> bool:
+        return True
+
+
+def test_a_trial_the_deadline_stops_mid_epoch_is_complete_and_noted(tmp_path: Path) -> None:
+    """An epoch slower than planned (a busier machine) does not carry the search past its budget."""
+    data = make_image_folder(tmp_path / "data", per_class=8)
+    cfg = SearchConfig(
+        model="test_resnet", data=data, pretrained=False, image_size=16, device="cpu", run_dir=tmp_path / "run"
+    ).resolved()
+    setups = {cfg.model: prepare(cfg)}
+    runner = TrialRunner(cfg, setups, budget=_EveryEpochFits(search_end=time.time() - 1, epoch_seconds=1e-3))
+    params = {"freeze": "full", "epochs": 3, "batch_size": 4, "lr": 1e-3, "augment": "none"}
+    outcome = runner(0, params, lambda epoch, metrics: False)
+    assert not outcome.stopped_early and len(outcome.history) == 1 and outcome.best_state
+    assert outcome.notes["stopped_by_budget"] == "1 of 3 epochs (the deadline passed mid-epoch)"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -157,6 +158,17 @@ def test_report_true_on_the_last_epoch_is_not_an_early_stop(dataset: data.Datase
     outcome = _run(_model(), _recipe(epochs=2), dataset, report=lambda epoch, metrics: epoch == 1)
     assert len(outcome.history) == 2
     assert not outcome.stopped_early
+
+
+def test_a_passed_deadline_ends_the_trial_mid_epoch_once_it_has_a_best_epoch(dataset: data.Dataset) -> None:
+    """The first epoch always ends (a trial needs one model); then the passed deadline stops it before a step."""
+    setup = image_setup(_model(), dataset)
+    outcome = run_trial(setup, _recipe(epochs=3, batch_size=4), seed=0, deadline=time.time() - 1)
+    assert len(outcome.history) == 1 and outcome.best_epoch == 0 and outcome.best_state
+    assert outcome.stopped_early and not outcome.interrupted
+    assert outcome.notes["stopped_by_budget"] == "1 of 3 epochs (the deadline passed mid-epoch)"
+    untouched = run_trial(setup, _recipe(epochs=3, batch_size=4), seed=0, deadline=time.time() + 3600)
+    assert len(untouched.history) == 3 and "stopped_by_budget" not in untouched.notes
 
 
 # --- best epoch -----------------------------------------------------------------------------------

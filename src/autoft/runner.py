@@ -4,7 +4,8 @@
 rules that must hold whichever backend runs the trial:
 
 - the ``--timeout`` budget (:class:`~autoft.budget.Budget`): after an epoch, when one more would end past the
-  search's deadline the trial stops; it is COMPLETE with its best epoch (noted ``stopped_by_budget``), not
+  search's deadline the trial stops, and mid-epoch once the deadline has passed (an epoch slower than planned);
+  it is COMPLETE with its best epoch (noted ``stopped_by_budget``), not
   PRUNED, because its best epoch is a real model with a real score (a 2-minute search once lost its best model);
   the pruner is asked first, so a pruned trial stays PRUNED;
 - out of device memory, one retry at half the batch size (a second OOM fails the trial);
@@ -75,9 +76,11 @@ class TrialRunner:
             return False
 
         outcome = self._train_retrying_oom(setup, recipe, number, report_within_budget)
-        if budget_stop and outcome.stopped_early and not outcome.diverged and not outcome.interrupted:
-            outcome.stopped_early = False  # the budget, not the pruner, ended it: COMPLETE with its best epoch
+        if budget_stop:  # after an epoch; run_trial notes a mid-epoch stop by the deadline itself
             outcome.notes["stopped_by_budget"] = f"epoch {budget_stop[0]} of {recipe.epochs}"
+        cut = "stopped_by_budget" in outcome.notes
+        if cut and outcome.stopped_early and not outcome.diverged and not outcome.interrupted:
+            outcome.stopped_early = False  # the budget, not the pruner, ended it: COMPLETE with its best epoch
         if len(self.config.objectives) > 1 and not outcome.stopped_early:  # the costs of the model it trained
             example = setup.task.example_inputs(setup.dataset, setup.spec, device=setup.device)
             outcome.notes |= objectives.costs(setup.base_model, self.config.objectives, example=example)
@@ -100,7 +103,10 @@ class TrialRunner:
         return outcome
 
     def _train(self, setup: Setup, recipe: Recipe, number: int, report: Report) -> TrialOutcome:
-        return run_trial(setup, recipe, seed=self.config.seed + number, report=report, stop=self.stop)
+        deadline = self.budget.search_end if self.budget is not None else None
+        return run_trial(
+            setup, recipe, seed=self.config.seed + number, report=report, stop=self.stop, deadline=deadline
+        )
 
     def _train_unless_oom(self, setup: Setup, recipe: Recipe, number: int, report: Report) -> TrialOutcome | None:
         """Train, or None when the device ran out of memory (returning drops the failed attempt's tensors)."""

@@ -94,6 +94,7 @@ def run_trial(
     report: Report | None = None,
     stop: threading.Event | None = None,
     keep_last: bool = False,
+    deadline: float | None = None,
 ) -> TrialOutcome:
     """Fine-tune a copy of ``setup.base_model`` on ``setup.dataset`` with ``recipe``; ``report`` may stop it.
 
@@ -102,6 +103,9 @@ def run_trial(
     epochs on deterministic inputs train the classifier on cached pooled features; its prefix cache lets partial
     fine-tuning epochs run only the unfrozen blocks, on the cached activations entering them. ``keep_last`` keeps
     the last epoch's weights instead of the best epoch's (a refit on train+val has no held-out split left).
+    ``deadline`` (a ``time.time()`` reading: the search's end) ends a trial that already has a best epoch before
+    its next step once passed (noted ``stopped_by_budget``): an epoch slower than planned, because the machine got
+    busier, does not carry the search past its budget.
 
     >>> outcome = run_trial(setup, Recipe(epochs=2), seed=0)  # doctest: +SKIP
     """
@@ -151,6 +155,11 @@ def run_trial(
         for batch in train_batches:
             if stop is not None and stop.is_set():  # a flag read, no device sync
                 outcome.interrupted = outcome.stopped_early = True
+                return outcome
+            if deadline is not None and outcome.best_epoch >= 0 and time.time() > deadline:  # keeps its best epoch
+                outcome.stopped_early = True
+                cut = f"{epoch} of {recipe.epochs} epochs (the deadline passed mid-epoch)"
+                outcome.notes["stopped_by_budget"] = cut
                 return outcome
             optim.set_lr(
                 optimizer,
