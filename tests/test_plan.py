@@ -31,6 +31,7 @@ from autoft.preparation import prepare
 from autoft.priors import Prior, apply_priors, choose_priors
 from autoft.probe import (
     DataProfile,
+    ModeCost,
     Probe,
     _linear_probe,
     _train_seconds_per_image,
@@ -124,6 +125,47 @@ def test_trials_share_the_budget_only_when_each_gets_enough_optimizer_steps() ->
 def test_a_budget_that_cannot_fit_one_epoch_is_one_clear_error() -> None:
     with pytest.raises(AutoftError, match=r"--timeout 30s is too short: .* give at least --timeout \d+s\."):
         plan_budget(30, PROBE, PROFILE, spent=20, max_epochs=10, pruner="median")
+
+
+def _cost(mode: str, epoch: float, trainable: int = 10) -> ModeCost:
+    return ModeCost(mode, mode, epoch / PROFILE.train, epoch, trainable, parameters=1000, peak_bytes=None)
+
+
+# Full fine-tuning's epoch 10 s (PROBE); LoRA's 4 s, BitFit's 3 s, norm's 2.5 s as the probe would record them.
+PEFT_PROBE = dataclasses.replace(
+    PROBE, modes=(_cost("full", 10.0, 1000), _cost("lora", 4.0), _cost("bitfit", 3.0), _cost("norm", 2.5))
+)
+
+
+def test_a_parameter_efficient_space_is_planned_at_its_own_costliest_mode() -> None:
+    plan_for = lambda *modes: plan_budget(600, PEFT_PROBE, PROFILE, spent=30, max_epochs=60, pruner="median",  # noqa: E731
+                                          modes=modes)  # fmt: skip
+    peft = plan_for("lora", "lora_bias", "bitfit", "norm", "linear_probe")
+    assert peft.epoch_mode == "lora" and peft.epoch_seconds == pytest.approx(4.0 * EPOCH_SAFETY)
+    full = plan_for("linear_probe", "partial", "full", "lp_ft", "lora", "bitfit", "norm")
+    assert full.epoch_mode == "full" and full.epoch_seconds == pytest.approx(10.0 * EPOCH_SAFETY)
+    assert peft.max_epochs > full.max_epochs  # the same time holds more of the cheaper epochs
+    assert plan_for().epoch_seconds == plan_for("full").epoch_seconds == full.epoch_seconds  # unknown modes: full
+    assert plan_for("bitfit", "norm").epoch_mode == "bitfit"
+    assert plan_for("my_piece").epoch_mode == "full"  # a registered freeze piece's cost is unknown: the safe bound
+    assert plan_for("partial").epoch_mode == "full"  # not measured (full was offered): counted as full
+    assert plan_for("linear_probe").epoch_mode == "head"  # a linear probe keeps its head-only epoch
+    assert plan_for("linear_probe").epoch_seconds == pytest.approx(0.1 * EPOCH_SAFETY)
+
+
+def test_the_space_says_which_freeze_modes_the_probe_times() -> None:
+    kinds = lambda name: [(r.freeze, r.lora_rank, r.lora_targets) for r in plan._cost_recipes(load_space(name))]  # noqa: E731
+    assert kinds("peft") == [("lora_bias", 32, "attention+mlp"), ("bitfit", 8, "attention"), ("norm", 8, "attention")]
+    assert kinds("default") == []  # full is offered: partial could never cost more
+    assert [(r.freeze, r.train_blocks) for r in plan._cost_recipes(load_space("quick"))] == [("partial", 2)]
+    fixed = load_space("peft", fixed=["freeze=lora", "lora_targets=attention", "lora_rank=4"])
+    assert kinds(fixed) == [("lora", 4, "attention")]
+    assert plan._freeze_modes(load_space("peft")) == ("lora", "lora_bias", "bitfit", "norm", "linear_probe")
+
+
+def test_a_stored_probe_keeps_its_mode_costs() -> None:
+    stored = json.loads(json.dumps(dataclasses.asdict(PEFT_PROBE)))  # as the study holds it
+    assert Probe(**stored) == PEFT_PROBE and Probe(**stored).mode("lora").epoch_seconds == 4.0
 
 
 # -------------------------------------------------------------------------------------------------- priors
@@ -231,19 +273,55 @@ def test_probe_measures_only_what_a_decision_uses(tiny_setup, monkeypatch) -> No
     def never(*args, **kwargs):
         raise AssertionError("measured although no decision uses it")
 
-    monkeypatch.setattr(probe_module, "_train_seconds_per_image", never)
+    monkeypatch.setattr(probe_module, "_step_cost", never)
     monkeypatch.setattr(probe_module, "_eval_seconds_per_image", never)
     tiny_setup = dataclasses.replace(tiny_setup, feature_cache=None)  # the probe computes its sample's features
     linear_only = probe(tiny_setup, seed=0, steps=5, costs=False)
     assert linear_only.linear_probe_accuracy is not None and not linear_only.has_costs
     monkeypatch.setattr(probe_module, "_linear_probe", never)
     assert probe(tiny_setup, costs=False, previous=linear_only) is linear_only  # nothing left to measure
-    monkeypatch.setattr(probe_module, "_train_seconds_per_image", lambda setup, *, batch_size: 0.01)
+    monkeypatch.setattr(probe_module, "_step_cost", lambda setup, recipe, *, batch_size: (0.01, 1, None))
     completed = probe(tiny_setup, linear_probe=False, costs=True, previous=linear_only)
     assert completed.linear_probe_accuracy == linear_only.linear_probe_accuracy  # kept, not measured again
     eval_cost = linear_only.eval_seconds_per_image  # from the probe's own feature pass: not timed again
     assert completed.epoch_seconds_full == pytest.approx(0.01 * 24 + eval_cost * 6)
     assert probe(tiny_setup, linear_probe=False, costs=False).linear_probe_accuracy is None
+
+
+@pytest.mark.slow  # trains: a few steps of each offered mode on a real (tiny) model
+def test_the_probe_times_each_offered_mode_and_the_plan_explains_them(tiny_setup, monkeypatch) -> None:
+    space = load_space("peft")
+    made, _ = plan.make_plan(
+        tiny_setup, space, {}, seed=0, timeout=600, spent=lambda: 1.0, max_epochs=5, pruner="median",
+        priors_off="test",
+    )  # fmt: skip
+    costs = {c.mode: c for c in made.probe.modes}
+    assert set(costs) == {"full", "lora", "bitfit", "norm"}  # the offered families, and full for reference
+    total = sum(p.numel() for p in tiny_setup.base_model.parameters())
+    assert costs["full"].trainable == costs["full"].parameters == total
+    assert 0 < costs["bitfit"].trainable < costs["norm"].trainable < costs["lora"].trainable < total  # BN: 2 each
+    assert "LoRA r32" in costs["lora"].timed and "attention+mlp" in costs["lora"].timed  # its costliest recipe
+    assert all(c.seconds_per_example > 0 and c.peak_bytes is None for c in costs.values())  # CPU: no peak memory
+    assert made.probe.epoch_seconds_full == costs["full"].epoch_seconds
+    expected = max(max(c.epoch_seconds for m, c in costs.items() if m != "full"), made.probe.epoch_seconds_head)
+    assert made.budget.epoch_seconds == pytest.approx(EPOCH_SAFETY * expected)  # full is not offered
+    text = made.describe()
+    for mode in ("full", "lora", "bitfit", "norm"):
+        assert f"  {mode}: " in text
+    assert "x full)" in text and "% of " in text and "(peak memory: CUDA only)" in text
+    assert f"({made.budget.epoch_mode}" in text or "head only" in text
+    # A resumed study reuses every stored mode cost; a space offering one more family times only that one.
+    timed = []
+    monkeypatch.setattr(probe_module, "_step_cost", lambda setup, recipe, *, batch_size: timed.append(recipe.freeze))
+    attrs = json.loads(json.dumps({"plan": made.record()}))
+    again, _ = plan.make_plan(tiny_setup, space, attrs, seed=0, timeout=600, spent=lambda: 1.0, max_epochs=5,
+                              pruner="median", priors_off="test")  # fmt: skip
+    assert again.reused and again.probe == made.probe and timed == []
+    monkeypatch.setattr(probe_module, "_step_cost", lambda setup, recipe, *, batch_size: (timed.append(recipe.freeze)
+                        or (0.01, 1, None)))  # fmt: skip
+    wider, _ = plan.make_plan(tiny_setup, load_space("quick"), attrs, seed=0, timeout=600, spent=lambda: 1.0,
+                              max_epochs=5, pruner="median", priors_off="test")  # fmt: skip
+    assert timed == ["partial"] and {c.mode for c in wider.probe.modes} == {*costs, "partial"}
 
 
 def test_the_feature_cache_adopts_the_probes_sample(tiny_setup, monkeypatch) -> None:

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from autoft.errors import AutoftError
-from autoft.probe import DataProfile, Probe
+from autoft.probe import DataProfile, Probe, cost_family
 
 __all__ = ["EPOCH_SAFETY", "Budget", "BudgetPlan", "plan_budget"]
 
@@ -56,6 +57,7 @@ class BudgetPlan:
     max_epochs: int
     pruner: str
     expected_trials: int
+    epoch_mode: str = "full"  # the freeze mode family whose epoch the plan counts: the costliest the space offers
 
 
 def plan_budget(
@@ -69,13 +71,15 @@ def plan_budget(
     soup_models: int = 0,
     refit: bool = False,
     steps_per_epoch: int | None = None,
+    modes: Collection[str] = (),
 ) -> BudgetPlan:
     """Fit the search to ``timeout`` seconds, of which ``spent`` are gone.
 
     wrap_up = WRAP_UP_FIXED_SECONDS + eval cost of (val + test) + SLACK x timeout, plus the final model's
     cost: a soup of up to ``soup_models`` kept models evaluates val ``soup_models + 1`` times; ``refit`` trains
     once more for max_epochs epochs on train+val (so max_epochs is chosen with that refit reserved too);
-    search = timeout - spent - wrap_up; epoch = EPOCH_SAFETY x measured full fine-tuning epoch;
+    search = timeout - spent - wrap_up; epoch = EPOCH_SAFETY x the measured epoch of the costliest freeze mode among
+    ``modes`` (the space's freeze choices; none given: full fine-tuning), never below a head-only epoch;
     max_epochs = clamp(search / (FULL_TRIALS x epoch), 1, --max-epochs) when that is at least MIN_USEFUL_EPOCHS
     and (given ``steps_per_epoch``, the optimizer steps of an epoch at the space's largest batch) gives a trial
     at least MIN_USEFUL_STEPS updates; else clamp(search / epoch, 1, --max-epochs): one trial may take it all;
@@ -90,7 +94,8 @@ def plan_budget(
     if soup_models >= 2:
         evaluations += (soup_models + 1) * measured.eval_seconds_per_image * profile.val
     wrap_up = WRAP_UP_FIXED_SECONDS + evaluations + SLACK * timeout
-    epoch = EPOCH_SAFETY * max(measured.epoch_seconds_full, measured.epoch_seconds_head, 1e-3)
+    epoch_mode, epoch = _costliest(measured, modes)
+    epoch = EPOCH_SAFETY * max(epoch, 1e-3)
     if refit:  # the refit's epochs cost (train + val) / train of a search epoch; reserve them for the longest trial
         refit_epoch = epoch * (profile.train + profile.val) / max(profile.train, 1)
         room = timeout - spent - wrap_up
@@ -121,7 +126,21 @@ def plan_budget(
         max_epochs=epochs,
         pruner=chosen,
         expected_trials=max(1, int(search // (epoch * (epochs + 1.5) / 2))),
+        epoch_mode=epoch_mode,
     )
+
+
+def _costliest(measured: Probe, modes: Collection[str]) -> tuple[str, float]:
+    """The freeze mode family with the most expensive measured epoch among ``modes`` and that epoch's seconds; a
+    head-only epoch is the floor (a linear probe's own cost; the others' steps include its forward pass)."""
+    costs = {}
+    for mode in (*(modes or ("full",)), "linear_probe"):
+        family = cost_family(mode)
+        if family not in ("full", "head") and measured.mode(family) is None:
+            family = "full"  # not measured (never costlier than full, or unknown): counted as full fine-tuning
+        costs[family] = measured.epoch_seconds(mode) or 0.0
+    family = max(costs, key=costs.__getitem__)
+    return family, costs[family]
 
 
 @dataclass(frozen=True)

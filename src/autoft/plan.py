@@ -5,14 +5,16 @@ Before the first trial the controller builds a :class:`Plan` (docs/controller.md
 1. :func:`~autoft.probe.profile_data` -- examples, classes, imbalance, resolution (counts only; nothing is
    trained).
 2. :func:`~autoft.probe.probe` -- only what a decision below uses: a linear probe on the pooled pretrained
-   features of a bounded sample (priors on), the measured cost of one epoch (full fine-tuning, head-only training,
-   evaluation; ``--timeout`` only).
+   features of a bounded sample (priors on), the measured cost of one epoch (full fine-tuning, each other freeze
+   mode family the space offers -- partial, LoRA, BitFit, norm --, head-only training, evaluation; ``--timeout``
+   only).
 3. :func:`~autoft.priors.choose_priors` -- small named rules, each with a threshold and a reason, that narrow
    the search space (never widen it; never a knob the user set with ``--set``/``--fix``; never a user's own
    space file).
 4. :func:`~autoft.budget.plan_budget` -- with ``--timeout``: reserve the wrap-up (test score, report) and what
    the preparation and probe already spent, then fit the epochs per trial, the pruner and the expected trial
-   count to what is left.
+   count to what is left, counting each epoch at the cost of the most expensive freeze mode the space offers
+   (a space of parameter-efficient modes only is planned at their own, lower, cost).
 
 The plan is the one place that sets the trials' ``max_epochs`` and the pruner; the controller applies both once.
 
@@ -31,7 +33,7 @@ from typing import Any
 from autoft.budget import EPOCH_SAFETY, BudgetPlan, plan_budget
 from autoft.preparation import Setup
 from autoft.priors import Prior, apply_priors, choose_priors
-from autoft.probe import DataProfile, Probe, probe, profile_data
+from autoft.probe import DataProfile, Probe, cost_family, probe, profile_data
 from autoft.recipe import Recipe
 from autoft.space import SearchSpace, Space
 
@@ -73,6 +75,7 @@ class Plan:
             + (f"; {d.inputs}" if d.inputs else ""),
             f"probe{' (stored, from the first run)' if self.reused else ''}: {_probe_text(p)}; "
             f"probe took {p.seconds:.1f}s",
+            *_modes_text(p),
         ]
         if self.priors_off:
             lines.append(f"priors: off ({self.priors_off})")
@@ -92,7 +95,8 @@ class Plan:
             lines.append(
                 f"budget: {b.timeout:.0f}s = {b.spent:.1f}s spent (preparation, probe) + {b.search:.1f}s search + "
                 f"{b.wrap_up:.1f}s wrap-up (test score, report); epoch ~{b.epoch_seconds:.1f}s "
-                f"(x{EPOCH_SAFETY} margin) -> up to {b.max_epochs} epoch(s) per trial, pruner {b.pruner}, "
+                f"({_epoch_words(b.epoch_mode)}, x{EPOCH_SAFETY} margin) -> up to {b.max_epochs} epoch(s) per trial, "
+                f"pruner {b.pruner}, "
                 f"about {b.expected_trials} trials; no trial starts in the last {b.epoch_seconds:.1f}s"
             )
         return "\n".join(lines)
@@ -113,6 +117,31 @@ def _probe_text(p: Probe) -> str:
         else "epoch cost not measured (no --timeout)"
     )
     return f"{linear}; {costs}"
+
+
+def _modes_text(p: Probe) -> list[str]:
+    """One line per timed freeze mode family: what trains, the step time and peak memory against full fine-tuning."""
+    full = p.mode("full")
+    if full is None or len(p.modes) < 2:
+        return []
+    cuda = full.peak_bytes is not None
+    lines = [f"freeze mode costs, a few timed steps each on a model copy{'' if cuda else ' (peak memory: CUDA only)'}:"]
+    for c in sorted(p.modes, key=lambda c: c.mode != "full"):
+        share = 100 * c.trainable / max(1, c.parameters)
+        peak = c.peak_bytes or 0
+        lines.append(
+            f"  {c.mode}: {c.timed}: {c.trainable:,} trainable parameters ({share:.3g}% of {c.parameters:,}), "
+            f"step {1e3 * c.seconds_per_example:.2f} ms per example "
+            f"({c.seconds_per_example / max(1e-12, full.seconds_per_example):.2f}x full)"
+            + (f", peak memory {peak / 2**30:.2f} GiB ({peak / max(1, full.peak_bytes or 1):.2f}x full)" * cuda)
+        )
+    return lines
+
+
+def _epoch_words(family: str) -> str:
+    if family == "full":
+        return "full fine-tuning"
+    return "head only" if family == "head" else f"{family}, the costliest freeze mode offered"
 
 
 def _edit_text(edit: Mapping[str, Any]) -> str:
@@ -169,7 +198,10 @@ def make_plan(
     # Measure only what a decision uses: the linear probe for the priors, the epoch costs for a budget.
     profile = reuse[0] if reuse is not None else profile_data(setup.dataset)
     previous = reuse[1] if reuse is not None else None
-    measured = probe(setup, seed=seed, linear_probe=not priors_off, costs=timeout is not None, previous=previous)
+    measured = probe(
+        setup, seed=seed, linear_probe=not priors_off, costs=timeout is not None, previous=previous,
+        modes=_cost_recipes(space),
+    )  # fmt: skip
     if not priors_off:
         priors = choose_priors(profile, measured)
         space, skipped = apply_priors(space, priors, keep=keep)
@@ -179,7 +211,7 @@ def make_plan(
         longest = min(max_epochs, _longest_trial(space))
         budget = plan_budget(
             timeout, measured, profile, spent=spent(), max_epochs=longest, pruner=pruner,
-            steps_per_epoch=min(steps.values(), default=None), **final_model,
+            steps_per_epoch=min(steps.values(), default=None), modes=_freeze_modes(space), **final_model,
         )  # fmt: skip
         space, epochs, pruner = space.with_max_epochs(budget.max_epochs), budget.max_epochs, budget.pruner
     plan = Plan(
@@ -201,3 +233,43 @@ def _steps_per_epoch(space: Space, train: int) -> dict[int, int]:
     else:
         sizes = batch.choices if batch.kind == "categorical" else (batch.value,) if batch.kind == "fixed" else ()
     return {int(b): math.ceil(train / int(b)) for b in sizes if isinstance(b, int) and b > 0}
+
+
+def _freeze_modes(space: Space) -> tuple[str, ...]:
+    """The freeze modes the space offers; () for a space function (unknown: the budget counts full fine-tuning)."""
+    if not isinstance(space, SearchSpace):
+        return ()
+    return tuple(map(str, space.offered("freeze"))) or (Recipe().freeze,)
+
+
+def _cost_recipes(space: Space) -> tuple[Recipe, ...]:
+    """One recipe per freeze mode family the space offers whose steps cost other than full fine-tuning's: the
+    family's most expensive there (partial: the most block groups; LoRA: the largest rank, attention+mlp when
+    offered, biases too when lora_bias is). The probe times each once. Partial is left out when full fine-tuning
+    is offered: the same forward pass and a part of its backward can never cost more, so timing it changes no
+    plan (the parameter-efficient modes are timed anyway: LoRA adds work, and --explain shows what each costs).
+
+    >>> [r.freeze for r in _cost_recipes(load_space("full"))]  # doctest: +SKIP
+    ['lora_bias', 'bitfit', 'norm']
+    """
+    if not isinstance(space, SearchSpace):
+        return ()
+    modes = _freeze_modes(space)
+    families = {cost_family(mode) for mode in modes}
+
+    def largest(name: str) -> int:
+        return int(max(space.offered(name), default=Recipe.__dataclass_fields__[name].default))
+
+    partial = "partial" in families and "full" not in families
+    recipes = [Recipe(freeze="partial", train_blocks=largest("train_blocks"))] if partial else []
+    if "lora" in families:
+        targets = space.offered("lora_targets") or (Recipe().lora_targets,)
+        recipes.append(
+            Recipe(
+                freeze="lora_bias" if "lora_bias" in modes else "lora",
+                lora_rank=largest("lora_rank"),
+                lora_targets="attention+mlp" if "attention+mlp" in targets else str(targets[0]),
+                lora_modules=str(next(iter(space.offered("lora_modules")), "")),
+            )
+        )
+    return (*recipes, *(Recipe(freeze=family) for family in ("bitfit", "norm") if family in families))

@@ -3,25 +3,28 @@
 :func:`profile_data` counts examples per split and class (nothing is trained). :func:`probe` measures only what a
 decision uses: a linear probe on the pooled pretrained features of a bounded, class-covering sample (for the priors)
 and the cost of one epoch (for a ``--timeout`` budget): full fine-tuning (a few small timed forward+backward+step
-passes on a copy of the model, extrapolated per example to the train split), head-only training and evaluation.
+passes on a copy of the model, extrapolated per example to the train split), each other freeze mode family the
+space offers (partial, LoRA, BitFit, norm: the same timed steps, through the same freezing a trial applies, with
+their trainable parameters and, on CUDA, peak memory: :class:`ModeCost`), head-only training and evaluation.
 Everything goes through the setup's task, so any task is probed the same way.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from autoft import blocks, features, optim
+from autoft import adapters, blocks, features, optim
 from autoft.preparation import Setup
-from autoft.recipe import Recipe
+from autoft.recipe import LORA_MODES, Recipe
 from autoft.tasks.base import Dataset, TensorSplit
 
 __all__ = [
@@ -30,7 +33,9 @@ __all__ = [
     "TIMED_STEPS",
     "TIMING_BATCH",
     "DataProfile",
+    "ModeCost",
     "Probe",
+    "cost_family",
     "probe",
     "profile_data",
     "sample_rows",
@@ -93,6 +98,39 @@ def class_counts(labels: torch.Tensor, classes: int) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
+class ModeCost:
+    """What training with one freeze mode family costs, measured on a model copy (:func:`probe`).
+
+    ``mode``: the family (:func:`cost_family`); ``timed``: the recipe timed for it, the family's most expensive
+    in the space (e.g. LoRA at the largest rank on attention+mlp); ``seconds_per_example`` of a training step;
+    ``epoch_seconds``: that over the train split plus the val evaluation; ``trainable`` of ``parameters`` (the
+    base model's, adapters not counted); ``peak_bytes``: the device memory the step needed beyond what the process
+    already held (``torch.cuda.max_memory_allocated``; None off CUDA).
+    """
+
+    mode: str
+    timed: str
+    seconds_per_example: float
+    epoch_seconds: float
+    trainable: int
+    parameters: int
+    peak_bytes: int | None = None
+
+
+def cost_family(freeze: str) -> str:
+    """Which measured cost a freeze mode's epochs have: modes whose steps cost the same share one timing.
+
+    >>> [cost_family(m) for m in ("lp_ft", "lora_bias", "linear_probe", "my_piece")]
+    ['full', 'lora', 'head', 'full']
+    """
+    if freeze in LORA_MODES:
+        return "lora"
+    if freeze in ("partial", "bitfit", "norm"):
+        return freeze
+    return "head" if freeze == "linear_probe" else "full"  # lp_ft fine-tunes fully; custom pieces: the safe bound
+
+
+@dataclass(frozen=True)
 class Probe:
     """How well the pretrained features already fit, and what an epoch costs, measured on one model.
 
@@ -102,7 +140,8 @@ class Probe:
     plus the val evaluation; ``epoch_seconds_head``: one head-only epoch without the feature cache (a frozen forward
     pass over train, plus the val evaluation: an upper bound); ``eval_seconds_per_image``: inference cost (the three
     costs are None when not measured: only a ``--timeout`` budget needs them); ``seconds``: what the probe took;
-    ``examples``: the train + val examples the linear probe saw.
+    ``examples``: the train + val examples the linear probe saw; ``modes``: the step cost of full fine-tuning and
+    of each other freeze mode family the space offers (:class:`ModeCost`; ``--timeout`` only).
     """
 
     linear_probe_accuracy: float | None
@@ -112,6 +151,23 @@ class Probe:
     eval_seconds_per_image: float | None
     seconds: float
     examples: int = 0
+    modes: tuple[ModeCost, ...] = ()
+
+    def __post_init__(self) -> None:  # a stored probe (the study's JSON) holds its mode costs as plain mappings
+        costs = tuple(c if isinstance(c, ModeCost) else ModeCost(**c) for c in self.modes)
+        object.__setattr__(self, "modes", costs)
+
+    def mode(self, family: str) -> ModeCost | None:
+        """The measured cost of a freeze mode family (:func:`cost_family`), None when not measured."""
+        return next((c for c in self.modes if c.mode == family), None)
+
+    def epoch_seconds(self, freeze: str) -> float | None:
+        """One epoch of a trial with freeze mode ``freeze``; an unmeasured family counts as full fine-tuning."""
+        family = cost_family(freeze)
+        if family == "head":
+            return self.epoch_seconds_head
+        measured = self.mode(family)
+        return measured.epoch_seconds if measured is not None else self.epoch_seconds_full
 
     @property
     def fit(self) -> float | None:
@@ -150,6 +206,7 @@ def probe(
     costs: bool = True,
     previous: Probe | None = None,
     steps: int = 100,
+    modes: Sequence[Recipe] = (),
 ) -> Probe:
     """Measure what the plan needs, for one prepared model (a ``Setup``): the linear probe (``linear_probe``: for the
     priors) and the epoch costs (``costs``: for a ``--timeout`` budget); what ``previous`` (a resumed study's stored
@@ -158,7 +215,9 @@ def probe(
     The linear probe trains a fresh linear layer on standardized pooled features of a sample (:func:`sample_rows`,
     at most PROBE_TRAIN_EXAMPLES / PROBE_VAL_EXAMPLES) for ``steps`` mini-batch steps of Adam; the feature cache is
     not built here (a head-only trial builds it when it first needs it, inside that trial). The epoch cost is
-    extrapolated per example from the fastest of a few small timed steps (:func:`_train_seconds_per_image`).
+    extrapolated per example from the fastest of a few small timed steps (:func:`_step_cost`): of full fine-tuning,
+    and of one recipe per other freeze mode family among ``modes`` (the space's most expensive of each family; one
+    timing per family, :func:`cost_family`).
 
     >>> result = probe(prepare(config))  # doctest: +SKIP
     >>> result.linear_probe_accuracy, result.epoch_seconds_full  # doctest: +SKIP
@@ -169,7 +228,9 @@ def probe(
     counts = class_counts(dataset.val.labels, len(dataset.classes))
     chance = counts.max().item() / max(1, int(counts.sum()))
     kept = previous or Probe(None, chance, None, None, None, seconds=0.0)
-    if (not linear_probe or kept.has_linear_probe) and (not costs or kept.has_costs) and previous is not None:
+    wanted = {cost_family(r.freeze): r for r in (Recipe(), *modes) if cost_family(r.freeze) != "head"}
+    missing = [r for family, r in wanted.items() if kept.mode(family) is None] if costs else []
+    if (not linear_probe or kept.has_linear_probe) and not missing and previous is not None:
         return previous  # a resumed study: everything needed is stored
     accuracy, examples, eval_per_image = kept.linear_probe_accuracy, kept.examples, kept.eval_seconds_per_image
     if linear_probe and accuracy is None and _has_pooled_features(setup.base_model):
@@ -179,11 +240,12 @@ def probe(
         eval_per_image = eval_per_image or pooled_per_image  # the same forward pass, less the classifier
     elif linear_probe and accuracy is None:  # no pooled features (per-token outputs): at chance fit is 0, no prior
         accuracy = chance
-    full, head = kept.epoch_seconds_full, kept.epoch_seconds_head
-    if costs and not kept.has_costs:
+    full, head, mode_costs = kept.epoch_seconds_full, kept.epoch_seconds_head, kept.modes
+    if missing:
         eval_per_image = eval_per_image or _eval_seconds_per_image(setup)
         val_seconds = eval_per_image * len(dataset.val)
-        full = _train_seconds_per_image_fitting(setup) * len(dataset.train) + val_seconds
+        mode_costs += tuple(_mode_cost(setup, recipe, val_seconds=val_seconds) for recipe in missing)
+        full = next(c.epoch_seconds for c in mode_costs if c.mode == "full")
         head = eval_per_image * len(dataset.train) + val_seconds
     return Probe(
         linear_probe_accuracy=accuracy,
@@ -193,6 +255,7 @@ def probe(
         eval_seconds_per_image=eval_per_image,
         seconds=kept.seconds + time.perf_counter() - started,
         examples=examples,
+        modes=mode_costs,
     )
 
 
@@ -295,34 +358,58 @@ def _eval_seconds_per_image(setup: Setup, *, batch_size: int = 64) -> float:
         return _fastest(lambda: model(batch), setup.device, repeats=2) / count
 
 
-def _train_seconds_per_image_fitting(setup: Setup) -> float:
-    """As :func:`_train_seconds_per_image`, halving the batch while the device runs out of memory (as trials do)."""
+def _mode_cost(setup: Setup, recipe: Recipe, *, val_seconds: float) -> ModeCost:
+    """The cost of training with ``recipe``'s freeze mode: :func:`_step_cost`, halving the batch while the device
+    runs out of memory (as trials do), extrapolated to an epoch."""
     batch_size = RECIPE_BATCH
     while True:
         try:
-            return _train_seconds_per_image(setup, batch_size=batch_size)
+            per_example, trainable, peak = _step_cost(setup, recipe, batch_size=batch_size)
+            break
         except torch.OutOfMemoryError:
             if batch_size < 2:
                 raise
             batch_size //= 2
             if setup.device.type == "cuda":
                 torch.cuda.empty_cache()
+    return ModeCost(
+        mode=cost_family(recipe.freeze),
+        timed=recipe.describe().split(",")[0],  # what trains: "full fine-tuning", "LoRA r32 on attention+mlp", ...
+        seconds_per_example=per_example,
+        epoch_seconds=per_example * len(setup.dataset.train) + val_seconds,
+        trainable=trainable,
+        parameters=blocks.count_parameters(setup.base_model),
+        peak_bytes=peak,
+    )
 
 
 def _train_seconds_per_image(setup: Setup, *, batch_size: int) -> float:
-    """Seconds per example of a full fine-tuning step (forward, backward, AdamW step) on a model copy: the fastest
-    of TIMED_STEPS steps of TIMING_BATCH examples, or of ``batch_size`` (the trials' batch) when such small steps
-    are cheap (a GPU).
+    """Seconds per example of a full fine-tuning step (:func:`_step_cost` of the default recipe)."""
+    return _step_cost(setup, Recipe(), batch_size=batch_size)[0]
+
+
+def _step_cost(setup: Setup, recipe: Recipe, *, batch_size: int) -> tuple[float, int, int | None]:
+    """Seconds per example of a training step (forward, backward, AdamW step) with ``recipe``'s freezing (block
+    counts, or the mode's policy: LoRA injected, BitFit, norm) on a model copy: the fastest of TIMED_STEPS steps
+    of TIMING_BATCH examples, or of ``batch_size`` (the trials' batch) when such small steps are cheap (a GPU).
+    Also the trainable parameters and, on CUDA, the peak device memory the copy and its steps added (else None).
 
     Why a small batch is safe: a step's cost per example falls as its batch grows (the same kernels launched once
     for more examples), so extrapolating from a small batch overestimates a batch-64 epoch; the plan then gives
     trials fewer epochs, never more than fit. A trial is then judged by its own pace (``Budget.next_epoch_fits``),
     and the deadline stops the last one with its best epoch kept.
     """
+    cuda = setup.device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(setup.device)
+    held = torch.cuda.memory_allocated(setup.device) if cuda else 0
     model = copy.deepcopy(setup.base_model).to(setup.device)
-    blocks.apply_freeze(model, train_blocks=None)
-    blocks.set_train_mode(model, freeze_bn_stats=False)
-    recipe = Recipe(batch_size=batch_size)
+    blocks.apply_freeze(model, train_blocks=recipe.train_blocks_at(recipe.epochs))  # lp_ft: its fine-tuning phase
+    policy = adapters.policy(recipe)
+    if policy is not None:  # as a trial does: BitFit, norm, LoRA (injected into the copy) choose what trains
+        policy(model, recipe)
+    blocks.set_train_mode(model, freeze_bn_stats=recipe.freeze_bn_stats)
+    recipe = dataclasses.replace(recipe, batch_size=batch_size)
     optimizer = optim.create_optimizer(model, recipe)
 
     def step_on(count: int) -> tuple[Callable[[], None], int]:
@@ -345,7 +432,8 @@ def _train_seconds_per_image(setup: Setup, *, batch_size: int) -> float:
     if per_example * count < CHEAP_STEP_SECONDS and batch_size > count:  # cheap: time the trials' own batch
         step, count = step_on(batch_size)
         per_example = _fastest(step, setup.device, repeats=TIMED_STEPS) / count
-    return per_example
+    peak = torch.cuda.max_memory_allocated(setup.device) - held if cuda else None
+    return per_example, blocks.count_parameters(model, trainable_only=True), peak
 
 
 def _fastest(run: Callable[[], object], device: torch.device, *, repeats: int, warm_up: bool = True) -> float:

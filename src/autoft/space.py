@@ -81,6 +81,20 @@ class SearchSpace:
     def names(self) -> list[str]:
         return [p.name for p in self.params]
 
+    def offered(self, name: str) -> tuple[Any, ...]:
+        """The values parameter ``name`` may take: a categorical's choices, a fixed value, or a range's two ends;
+        empty when the space does not have it.
+
+        >>> SearchSpace([Param("freeze", "categorical", choices=["full", "lora"])]).offered("freeze")
+        ('full', 'lora')
+        """
+        param = next((p for p in self.params if p.name == name), None)
+        if param is None:
+            return ()
+        if param.kind == "categorical":
+            return param.choices
+        return (param.value,) if param.kind == "fixed" else (param.low, param.high)
+
     def sample(self, trial: TrialLike) -> dict[str, Any]:
         """Suggest every parameter that applies, in order."""
         chosen: dict[str, Any] = {}
