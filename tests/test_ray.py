@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import signal
 import socket
@@ -47,12 +46,15 @@ def data(tmp_path: Path) -> Path:
     return make_image_folder(tmp_path / "data", per_class=8, size=(16, 16), with_test=True, noise=90)
 
 
-@pytest.fixture
-def local_ray(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # as ENV: no token written to this user's ~/.ray
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    yield
-    ray.shutdown()
+@pytest.fixture(scope="module")
+def local_ray() -> Iterator[None]:
+    """One in-process cluster for the module: starting one costs ~12 s on 2 cores, and its workers import torch
+    and autoft again. The tests that need Ray stopped (starting and stopping it) are in test_ray_lifecycle.py."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RAY_AUTH_MODE", "disabled")  # as ENV: no token written to this user's ~/.ray
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+        yield
+        ray.shutdown()
 
 
 def shape(study: optuna.Study) -> list[tuple]:
@@ -256,45 +258,6 @@ SLOW_SPACE = """params:
 """
 
 
-def test_ctrl_c_records_the_running_trials_interrupted_and_the_same_command_resumes(data: Path, tmp_path: Path) -> None:
-    (tmp_path / "space.yaml").write_text(SLOW_SPACE)
-    run = tmp_path / "run"
-    command = [sys.executable, "-m", "autoft", "search", "--model", "test_resnet", "--no-pretrained", "--data",
-               str(data), "--space", str(tmp_path / "space.yaml"), "--trials", "2", "--image-size", "16", "--pruner",
-               "none", "--max-epochs", "40", "--run-dir", str(run), "--backend", "ray"]  # fmt: skip
-    # As a new user runs it: Ray's token-authentication default is on (its token goes to this HOME), so Ray
-    # prints its start-up warning; without -v it belongs in search.log, not on the terminal.
-    env = {k: v for k, v in ENV.items() if k != "RAY_AUTH_MODE"} | {"HOME": str(tmp_path), "COLUMNS": "200"}
-    # A session of its own: the SIGINT goes to the driver's whole process group, as Ctrl-C in a terminal does.
-    driver = subprocess.Popen(command, cwd=tmp_path, env=env, start_new_session=True, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)  # fmt: skip
-    try:
-        wait_for(run / "study.db", lambda trials: any(t.intermediate_values for t in trials), poll=0.2, limit=120)
-        os.killpg(driver.pid, signal.SIGINT)
-        out, err = driver.communicate(timeout=120)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(driver.pid, signal.SIGKILL)
-    assert driver.returncode == 130, err
-    assert "interrupted by SIGINT" in err and "Traceback" not in err
-    assert "Tuner.restore" not in out + err, "autoft resumes from its study, never with Ray's Tuner.restore"
-    assert "Token authentication" not in err and "Token authentication" in (run / "search.log").read_text()
-    study = optuna.load_study(study_name="test_resnet-data", storage=f"sqlite:///{run / 'study.db'}")
-    interrupted = [t for t in study.trials if t.user_attrs.get("interrupted")]
-    assert interrupted and all(t.state == TrialState.FAIL for t in interrupted)
-    assert all(t.state.is_finished() and "error" not in t.user_attrs for t in study.trials)  # none left RUNNING/WAITING
-    assert (run / "report.html").is_file() and "interrupted" in (run / "trials.csv").read_text()
-
-    again = subprocess.run([*command, "-v"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0, again.stderr
-    assert "Token authentication" in " ".join(again.stderr.split()), "with -v Ray's warnings reach the terminal"
-    study = optuna.load_study(study_name="test_resnet-data", storage=f"sqlite:///{run / 'study.db'}")
-    retried = {t.user_attrs.get("retry_of"): t for t in study.trials}
-    for trial in interrupted:  # each interrupted trial's parameters ran again, to the end
-        assert retried[trial.number].params == trial.params and retried[trial.number].state.is_finished()
-    assert results.finished_count(study) == 2 and not study.get_trials(states=(TrialState.RUNNING, TrialState.WAITING))
-
-
 def test_a_trial_its_worker_stopped_for_the_budget_is_complete_with_its_note(local_ray: None, tmp_path: Path) -> None:
     def budget_stopped_worker(number: int, params: dict, report: Report) -> TrialOutcome:  # local: shipped by value
         """Two epochs, then ended by the time budget, as the search's worker returns such a trial."""
@@ -327,36 +290,3 @@ def test_a_timed_search_on_ray_records_only_trials_that_ran(local_ray: None, dat
     trials = result.study.trials
     assert trials and all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
     assert all(t.intermediate_values for t in trials) and all(t.datetime_start <= window_end for t in trials[1:])
-
-
-def test_starting_ray_keeps_the_searchs_signal_handlers_and_hands_its_log_records_on(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-
-    def stop_after_the_step(signum: int, frame: object) -> None:  # stands for the controller's handler
-        pass
-
-    try:
-        for s in handlers:
-            signal.signal(s, stop_after_the_step)
-        ray_backend._connect(None)  # ray.init installs SIGTERM handlers that exit at once
-        assert signal.getsignal(signal.SIGINT) is stop_after_the_step
-        assert signal.getsignal(signal.SIGTERM) is stop_after_the_step
-        ray_logger = logging.getLogger("ray")  # Ray's records go where the CLI sends them (search.log; -v: terminal)
-        assert ray_logger.propagate and not ray_logger.handlers
-    finally:
-        ray.shutdown()
-        for s, handler in handlers.items():
-            signal.signal(s, handler)
-
-
-def test_a_search_that_started_ray_stops_it_at_its_end(data: Path, tmp_path: Path, monkeypatch) -> None:
-    """Ray started for one search (no cluster given) leaves with it: no workers or object store left behind to
-    hold memory or collide with the next cluster on this machine."""
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    assert not ray.is_initialized()
-    result = autoft.search("test_resnet", data, trials=1, run_dir=tmp_path / "run", backend="ray", **TINY)
-    assert result.study.trials[0].state == TrialState.COMPLETE
-    assert not ray.is_initialized()
