@@ -30,6 +30,7 @@ def block_groups(model: nn.Module) -> list[list[str]]:
     by their top-level children.
 
     Example:
+        >>> from autoft.tasks.image.models import create
         >>> groups = block_groups(create("test_resnet", num_classes=2, pretrained=False))
         >>> groups[0][0], groups[-1][0]
         ('conv1.0.weight', 'layer4.0.conv1.weight')
@@ -52,6 +53,7 @@ def head_parameter_names(model: nn.Module) -> set[str]:
     """Names of the classifier's parameters (``model.get_classifier()``), as in ``named_parameters``.
 
     Example:
+        >>> from autoft.tasks.image.models import create
         >>> sorted(head_parameter_names(create("test_resnet", num_classes=2, pretrained=False)))
         ['fc.bias', 'fc.weight']
     """
@@ -68,6 +70,7 @@ def apply_freeze(model: nn.Module, *, train_blocks: int | None) -> None:
     each, a different share of each (resnet50 has 5 groups, efficientnet_b0 8, convnext_tiny 6).
 
     Example:
+        >>> from autoft.tasks.image.models import create
         >>> model = create("test_resnet", num_classes=2, pretrained=False)
         >>> apply_freeze(model, train_blocks=0)
         >>> count_parameters(model, trainable_only=True)
@@ -94,6 +97,7 @@ def set_train_mode(model: nn.Module, *, freeze_bn_stats: bool) -> None:
     normalization layer with running statistics goes to eval as well.
 
     Example:
+        >>> from autoft.tasks.image.models import create
         >>> model = create("test_resnet", num_classes=2, pretrained=False)
         >>> apply_freeze(model, train_blocks=0)
         >>> set_train_mode(model, freeze_bn_stats=False)

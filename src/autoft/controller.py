@@ -180,7 +180,7 @@ def run_search(
     :class:`SearchInterrupted`. ``on_plan`` receives the plan (probe, priors, budget) before the first trial.
 
     >>> result = run_search(SearchConfig(model="test_resnet", data=Path("data"), trials=4))  # doctest: +SKIP
-    >>> result.model_dir
+    >>> result.model_dir  # doctest: +SKIP
     PosixPath('runs/test_resnet-data/best')
     """
     started, started_wall = time.monotonic(), time.time()  # --timeout covers the whole call

@@ -181,6 +181,7 @@ class PrefixCache:
 def split_model(model: nn.Module, start: int) -> Split | str:
     """Cut ``model`` before block group ``start``; the reason as a string when it cannot be cut exactly.
 
+    >>> from autoft.tasks.image import models
     >>> split = split_model(models.create("test_resnet", num_classes=2, pretrained=False), 3)
     >>> [name for name, _ in split.suffix.named_children()]
     ['layer3', 'layer4', 'global_pool', 'fc']

@@ -42,6 +42,7 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
 
     Example:
         >>> import tempfile, safetensors.torch
+        >>> from autoft.tasks.image.models import create
         >>> source = create("test_resnet", num_classes=5, pretrained=False)
         >>> path = Path(tempfile.mkdtemp()) / "w.safetensors"
         >>> safetensors.torch.save_file(source.state_dict(), path)
