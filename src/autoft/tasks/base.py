@@ -49,6 +49,7 @@ __all__ = [
     "TensorSplit",
     "batches",
     "cross_entropy_score",
+    "take_rows",
 ]
 
 
@@ -101,6 +102,7 @@ class Dataset:
     skipped: int
     image_size: int = 0  # the working resolution of an image task (0 for other tasks)
     inputs: str = ""  # how examples became inputs, for the plan (text: the max_length chosen from the data)
+    cache_entry: Path | None = None  # the decoded-data cache entry the splits came from (None: not cached)
 
     def summary(self) -> dict[str, Any]:
         """Counts for logs and reports.
@@ -186,7 +188,20 @@ def batches(
     order = torch.randperm(n, generator=generator)
     for start in range(0, stop, batch_size):
         rows = order[start : start + batch_size].to(split.labels.device)
-        yield split.images.index_select(0, rows), split.labels.index_select(0, rows)
+        yield take_rows(split.images, rows), split.labels.index_select(0, rows)
+
+
+def take_rows(tensor: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``tensor[rows]`` as a new contiguous tensor. A uint8 CPU tensor (decoded images, in memory or mapped) is
+    gathered by numpy: torch's ``index_select`` on uint8 rows measured 20-100x slower (e.g. 126 ms against 6 ms
+    for 64 images at 224 px; 3.7 s against 0.03 s for a 320-image split out of a mapped cache file).
+
+    >>> take_rows(torch.arange(6, dtype=torch.uint8).view(3, 2), torch.tensor([2, 0])).tolist()
+    [[4, 5], [0, 1]]
+    """
+    if tensor.device.type == "cpu" and tensor.dtype == torch.uint8:
+        return torch.from_numpy(tensor.numpy()[rows.cpu().numpy()])
+    return tensor.index_select(0, rows).contiguous()
 
 
 def cross_entropy_score(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
@@ -255,7 +270,7 @@ class Task(ABC):
 
     def select(self, split: Split, rows: torch.Tensor) -> Split:
         """The examples ``rows`` of ``split``, in that order; :class:`TensorSplit` by default."""
-        return TensorSplit(split.images[rows], split.labels[rows])
+        return TensorSplit(take_rows(split.images, rows), split.labels[rows])
 
     def merged(self, first: Split, second: Split) -> Split:
         """The two splits as one (the refit trains on train + val); :class:`TensorSplit` by default."""

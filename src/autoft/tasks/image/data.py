@@ -23,7 +23,7 @@ import torch
 
 from autoft.config import DATA_MEMORY_ENV, IMAGE_SUFFIXES
 from autoft.errors import AutoftError, closest
-from autoft.tasks.base import Dataset, TensorSplit
+from autoft.tasks.base import Dataset, TensorSplit, take_rows
 from autoft.tasks.image import cache, decode, formats
 from autoft.tasks.image.decode import load_image
 
@@ -119,7 +119,7 @@ def _stratified_split(
 
 
 def _select(images: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor) -> ImageSet:
-    return ImageSet(images.index_select(0, rows).contiguous(), labels.index_select(0, rows))
+    return ImageSet(take_rows(images, rows), labels.index_select(0, rows))
 
 
 # ----------------------------------------------------------------------------- loading
@@ -305,6 +305,7 @@ def _decode_parts(
         image_size=image_size,
         skipped=len(skipped),
         inputs=inputs,  # the plan's data line shows it
+        cache_entry=entry,  # the probe's measurements are kept beside it (autoft.probe_cache)
     )
 
 
