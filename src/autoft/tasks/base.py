@@ -23,10 +23,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Hashable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -43,12 +46,14 @@ __all__ = [
     "Deployable",
     "InputSpec",
     "LoadedModel",
+    "MappedSplit",
     "ModelInputs",
     "Split",
     "Task",
     "TensorSplit",
     "batches",
     "cross_entropy_score",
+    "pickled_by_path",
     "take_rows",
 ]
 
@@ -84,6 +89,40 @@ class TensorSplit:
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
+
+
+_BY_PATH: ContextVar[bool] = ContextVar("autoft_mapped_by_path", default=False)
+
+
+@dataclass(frozen=True)
+class MappedSplit(TensorSplit):
+    """A :class:`TensorSplit` whose inputs are a ``.npy`` file mapped copy-on-write (the decoded-data cache).
+
+    Pickled like any split (its contents), except inside :func:`pickled_by_path`: there as the file's path, and
+    unpickled by mapping that file again, so processes on one machine (a local Ray's workers) share its pages in
+    the page cache instead of each holding a copy.
+    """
+
+    path: Path | None = None
+
+    def __reduce__(self) -> tuple:
+        if _BY_PATH.get() and self.path is not None:
+            return _map_split, (str(self.path), self.labels)
+        return TensorSplit, (self.images, self.labels)
+
+
+def _map_split(path: str, labels: torch.Tensor) -> MappedSplit:
+    return MappedSplit(torch.from_numpy(np.load(path, mmap_mode="c")), labels, Path(path))
+
+
+@contextmanager
+def pickled_by_path(enabled: bool = True) -> Iterator[None]:
+    """Within it, :class:`MappedSplit` pickles as its file's path: only for readers on this machine."""
+    token = _BY_PATH.set(enabled)
+    try:
+        yield
+    finally:
+        _BY_PATH.reset(token)
 
 
 @dataclass(frozen=True)
