@@ -10,7 +10,7 @@ times, not accuracy). Each search is stopped the moment its first trial starts; 
 Searches, in order, on one cache folder:
 
 1. ``first``: a new cache: decodes every image (straight into the cache file);
-2. ``second``: a new run dir, same cache: maps the images, then probes and plans again;
+2. ``second``: a new run dir, same cache: maps the images, reuses the probe kept beside the entry, plans;
 3. ``resumed``: the first search's command again (same run dir): maps the images, reuses the stored plan;
 4. ``no_cache``: ``--no-cache`` (decodes into memory), for reference.
 

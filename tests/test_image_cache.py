@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from autoft.cli import main
 from autoft.config import SearchConfig
 from autoft.errors import AutoftError
 from autoft.recipe import Recipe
+from autoft.tasks.base import MappedSplit, pickled_by_path
 from autoft.tasks.image import ImageTask, cache, data, decode, models
 from autoft.trial import run_trial
 from conftest import image_setup, make_image_folder
@@ -205,3 +207,29 @@ def test_the_cli_shows_a_decoding_bar_restarted_per_split() -> None:
         assert (task.completed, task.total) == (50, 100)
         live.refresh()
     assert "decoding images" in out.getvalue() and "50/100" in out.getvalue()
+
+
+def test_the_bound_holds_for_train_and_val_together(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = make_image_folder(tmp_path / "data", per_class=12, layout="flat")  # 36 images of 768 bytes at 16 px
+    monkeypatch.setenv("AUTOFT_DATA_MEMORY", str(25_000 / 2**30))  # train (29 images) fits alone, not with val
+    loaded = data.load_images(root, image_size=16, cache_dir=tmp_path / "cache")
+    assert len(loaded.train) * 768 < 25_000 < (len(loaded.train) + len(loaded.val)) * 768
+    assert all(_mapped_file(split.images).endswith(".images.npy") for split in (loaded.train, loaded.val))
+    monkeypatch.setenv("AUTOFT_DATA_MEMORY", str(30_000 / 2**30))  # both fit: copied into memory
+    loaded = data.load_images(root, image_size=16, cache_dir=tmp_path / "cache")
+    assert not any(_mapped_file(split.images).endswith(".npy") for split in (loaded.train, loaded.val))
+
+
+def test_a_mapped_split_pickles_as_its_path_only_when_asked(tmp_path: Path) -> None:
+    root = make_image_folder(tmp_path / "data", per_class=12)  # train/ and val/: both splits mapped from the entry
+    train = data.load_images(root, image_size=16, cache_dir=tmp_path / "cache").train
+    assert isinstance(train, MappedSplit)
+    with pickled_by_path():
+        small = pickle.dumps(train)
+    whole = pickle.dumps(train)
+    assert len(small) < train.images.numel() < len(whole)  # a path (and the labels), not the images
+    again, copied = pickle.loads(small), pickle.loads(whole)
+    assert _mapped_file(again.images).endswith("train.images.npy")
+    assert not _mapped_file(copied.images).endswith(".npy")  # its own copy in memory
+    for split in (again, copied):
+        assert torch.equal(split.images, train.images) and torch.equal(split.labels, train.labels)

@@ -31,7 +31,7 @@ import optuna
 import torch
 from optuna.trial import FrozenTrial
 
-from autoft import export, final, plan, results, selection, tasks, warmstart
+from autoft import export, final, plan, probe_cache, results, selection, tasks, warmstart
 from autoft.backends import local
 from autoft.budget import Budget
 from autoft.config import SearchConfig
@@ -340,6 +340,7 @@ def _plan(
         priors_off=priors_off,
         keep=keep,
         final_model={"soup_models": cfg.keep_top if cfg.soup else 0, "refit": cfg.refit},  # their share of --timeout
+        kept=probe_cache.slot(setup, seed=cfg.seed),  # None with --no-cache (no cache entry)
     )
     study.set_user_attr("plan", search_plan.record())  # the latest run's plan; the probe stays the first run's
     for line in search_plan.describe().splitlines():

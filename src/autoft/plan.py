@@ -19,13 +19,15 @@ Before the first trial the controller builds a :class:`Plan` (docs/controller.md
 The plan is the one place that sets the trials' ``max_epochs`` and the pruner; the controller applies both once.
 
 A resumed search reuses the stored probe (study user attr ``plan``), so it shapes the same space; what the first
-run skipped is measured when a later run needs it.
+run skipped is measured when a later run needs it. A new search on data mapped from the decoded-data cache reuses
+the probe kept beside the cache entry (:mod:`autoft.probe_cache`) when its data, model, seed and device match.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +36,7 @@ from autoft.budget import EPOCH_SAFETY, BudgetPlan, plan_budget
 from autoft.preparation import Setup
 from autoft.priors import Prior, apply_priors, choose_priors
 from autoft.probe import DataProfile, Probe, cost_family, probe, profile_data
+from autoft.probe_cache import Slot
 from autoft.recipe import Recipe
 from autoft.space import SearchSpace, Space
 
@@ -53,6 +56,7 @@ class Plan:
     budget: BudgetPlan | None = None
     priors_off: str = ""  # why no prior applies ("--no-priors", "your own space file", ...)
     reused: bool = False  # the probe came from the study (a resumed search)
+    cached_from: str = ""  # when the probe kept in the data cache was measured ('' : not from there)
     steps_per_epoch: Mapping[int, int] = dataclasses.field(default_factory=dict)  # batch size -> optimizer steps
 
     def record(self) -> dict[str, Any]:
@@ -73,8 +77,7 @@ class Plan:
             f"{d.classes} classes ({d.smallest_class}-{d.largest_class} per class, imbalance {d.imbalance:.1f}x)"
             + (f", {d.image_size} px" if d.image_size else "")
             + (f"; {d.inputs}" if d.inputs else ""),
-            f"probe{' (stored, from the first run)' if self.reused else ''}: {_probe_text(p)}; "
-            f"probe took {p.seconds:.1f}s",
+            f"probe{_probe_source(self)}: {_probe_text(p)}; probe took {p.seconds:.1f}s",
             *_modes_text(p),
         ]
         if self.priors_off:
@@ -100,6 +103,12 @@ class Plan:
                 f"about {b.expected_trials} trials; no trial starts in the last {b.epoch_seconds:.1f}s"
             )
         return "\n".join(lines)
+
+
+def _probe_source(plan: Plan) -> str:
+    if plan.reused:
+        return " (stored, from the first run)"
+    return f" (cached, from {plan.cached_from})" if plan.cached_from else ""
 
 
 def _probe_text(p: Probe) -> str:
@@ -182,12 +191,14 @@ def make_plan(
     priors_off: str = "",
     keep: Sequence[str] = (),
     final_model: Mapping[str, Any] | None = None,
+    kept: Slot | None = None,
 ) -> tuple[Plan, Space]:
     """Measure (or reuse the stored measurements), choose priors, plan the budget; return the plan and the space.
 
     ``final_model`` holds :func:`plan_budget`'s ``soup_models`` / ``refit``: the final model's share of the wrap-up.
     ``spent()`` gives the seconds the command has run so far (read after the probe, so the probe counts).
-    ``priors_off`` says why priors are off ('' applies them); ``keep`` names the knobs the user set.
+    ``priors_off`` says why priors are off ('' applies them); ``keep`` names the knobs the user set. ``kept``: where
+    a new study's probe is looked up and kept (:mod:`autoft.probe_cache`; None: nowhere).
     """
     final_model = dict(final_model or {})
     reuse = stored(study_attrs)
@@ -198,10 +209,15 @@ def make_plan(
     # Measure only what a decision uses: the linear probe for the priors, the epoch costs for a budget.
     profile = reuse[0] if reuse is not None else profile_data(setup.dataset)
     previous = reuse[1] if reuse is not None else None
+    cached = kept.load() if kept is not None and reuse is None else None
+    previous = cached[0] if cached is not None else previous
     measured = probe(
         setup, seed=seed, linear_probe=not priors_off, costs=timeout is not None, previous=previous,
         modes=_cost_recipes(space),
     )  # fmt: skip
+    if kept is not None and reuse is None and (cached is None or measured is not cached[0]):
+        kept.save(measured)  # measured now (all of it, or what the kept one lacked)
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(cached[1])) if cached is not None else ""
     if not priors_off:
         priors = choose_priors(profile, measured)
         space, skipped = apply_priors(space, priors, keep=keep)
@@ -216,7 +232,7 @@ def make_plan(
         space, epochs, pruner = space.with_max_epochs(budget.max_epochs), budget.max_epochs, budget.pruner
     plan = Plan(
         profile, measured, epochs, pruner, priors, skipped, budget, priors_off=priors_off, reused=reuse is not None,
-        steps_per_epoch=steps,
+        steps_per_epoch=steps, cached_from=when,
     )  # fmt: skip
     return plan, space
 

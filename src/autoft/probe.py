@@ -194,6 +194,8 @@ PROBE_TRAIN_EXAMPLES, PROBE_VAL_EXAMPLES = 1024, 512
 # warm-up step on WARM_UP_BATCH examples (the first step of a fresh model copy is slow whatever its size: lazy
 # initialization, kernel selection, the optimizer's state).
 TIMED_STEPS, TIMING_BATCH, WARM_UP_BATCH = 3, 16, 2
+# The sample is copied out of its split this many examples at a time (features.pooled's batch size).
+SAMPLE_CHUNK = 256
 # When a step of TIMING_BATCH is this fast, the trials' own batch (RECIPE_BATCH) is timed too and preferred.
 CHEAP_STEP_SECONDS, RECIPE_BATCH = 0.25, 64
 
@@ -308,11 +310,15 @@ def _sampled_features(setup: Setup) -> tuple[TensorSplit, TensorSplit, float | N
     cache = setup.feature_cache
     started, out = time.perf_counter(), []
     for name, (split, rows) in zip(("train", "val"), picks, strict=True):
-        subset = setup.task.select(split, rows)
-        pooled = features.pooled(model, setup.task, subset, setup.spec, device=setup.device)
+        # A chunk of the sample at a time: a mapped split past the memory bound is never copied whole (1,536
+        # images at 224 px are 231 MB), and the batches are the same as over the whole sample.
+        pooled = torch.cat([
+            features.pooled(model, setup.task, setup.task.select(split, chunk), setup.spec, device=setup.device)
+            for chunk in rows.split(SAMPLE_CHUNK)
+        ])  # fmt: skip
         if cache is not None and cache.base_model is setup.base_model:  # a head-only trial's cache computes the rest
             cache.adopt(name, rows, pooled)
-        out.append(TensorSplit(pooled.float(), subset.labels.to(setup.device)))
+        out.append(TensorSplit(pooled.float(), split.labels[rows].to(setup.device)))
     _sync(setup.device)
     # Per example, the first batch's start-up included: a little above an evaluation's cost, never below it.
     per_example = (time.perf_counter() - started) / max(1, sum(len(rows) for _, rows in picks))

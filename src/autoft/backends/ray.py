@@ -22,7 +22,9 @@ Ray's log records (start-up warnings included) go through Python logging like au
 them to ``search.log`` and shows them on the terminal only with ``-v``.
 
 The model and the decoded data go into Ray's object store once (``tune.with_parameters``); the
-trainable function captures nothing large. This is the only module that imports ray.
+trainable function captures nothing large. On a local Ray, data mapped from the decoded-data cache goes as the
+file's path (``base.pickled_by_path``): every worker maps the same file, one copy per machine.
+This is the only module that imports ray.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from autoft.errors import AutoftError
 from autoft.objectives import EpochReports, study_objectives, trial_values
 from autoft.space import Space
 from autoft.study import Queued, Refill
+from autoft.tasks import base
 from autoft.trial import EpochMetrics, Report, TrialOutcome
 
 __all__ = ["Cluster", "Keep", "Worker", "optimize"]
@@ -378,10 +381,11 @@ def optimize(
         n_trials=n_trials, launch_end=launch_end, on_trial_end=on_trial_end, should_stop=should_stop, queue=queue,
         refill=refill,
     )  # fmt: skip
-    trainable = tune.with_resources(
-        tune.with_parameters(_trainable, worker=worker, holder=holder),  # put in the object store once
-        _resources(cluster),
-    )
+    # Put in the object store once; on this machine (a local Ray) mapped data goes as its cache file's path, so the
+    # workers map the one copy in the page cache instead of each unpickling its own (a cluster's nodes get bytes).
+    with base.pickled_by_path(cluster.address is None):
+        parameters = tune.with_parameters(_trainable, worker=worker, holder=holder)
+    trainable = tune.with_resources(parameters, _resources(cluster))
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(

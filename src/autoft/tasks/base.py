@@ -23,10 +23,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Hashable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -43,12 +46,15 @@ __all__ = [
     "Deployable",
     "InputSpec",
     "LoadedModel",
+    "MappedSplit",
     "ModelInputs",
     "Split",
     "Task",
     "TensorSplit",
     "batches",
     "cross_entropy_score",
+    "pickled_by_path",
+    "take_rows",
 ]
 
 
@@ -85,6 +91,40 @@ class TensorSplit:
         return int(self.labels.shape[0])
 
 
+_BY_PATH: ContextVar[bool] = ContextVar("autoft_mapped_by_path", default=False)
+
+
+@dataclass(frozen=True)
+class MappedSplit(TensorSplit):
+    """A :class:`TensorSplit` whose inputs are a ``.npy`` file mapped copy-on-write (the decoded-data cache).
+
+    Pickled like any split (its contents), except inside :func:`pickled_by_path`: there as the file's path, and
+    unpickled by mapping that file again, so processes on one machine (a local Ray's workers) share its pages in
+    the page cache instead of each holding a copy.
+    """
+
+    path: Path | None = None
+
+    def __reduce__(self) -> tuple:
+        if _BY_PATH.get() and self.path is not None:
+            return _map_split, (str(self.path), self.labels)
+        return TensorSplit, (self.images, self.labels)
+
+
+def _map_split(path: str, labels: torch.Tensor) -> MappedSplit:
+    return MappedSplit(torch.from_numpy(np.load(path, mmap_mode="c")), labels, Path(path))
+
+
+@contextmanager
+def pickled_by_path(enabled: bool = True) -> Iterator[None]:
+    """Within it, :class:`MappedSplit` pickles as its file's path: only for readers on this machine."""
+    token = _BY_PATH.set(enabled)
+    try:
+        yield
+    finally:
+        _BY_PATH.reset(token)
+
+
 @dataclass(frozen=True)
 class Dataset:
     """A task's data: class names (label ``i`` is ``classes[i]``) and its splits, read once per search.
@@ -101,6 +141,7 @@ class Dataset:
     skipped: int
     image_size: int = 0  # the working resolution of an image task (0 for other tasks)
     inputs: str = ""  # how examples became inputs, for the plan (text: the max_length chosen from the data)
+    cache_entry: Path | None = None  # the decoded-data cache entry the splits came from (None: not cached)
 
     def summary(self) -> dict[str, Any]:
         """Counts for logs and reports.
@@ -186,7 +227,20 @@ def batches(
     order = torch.randperm(n, generator=generator)
     for start in range(0, stop, batch_size):
         rows = order[start : start + batch_size].to(split.labels.device)
-        yield split.images.index_select(0, rows), split.labels.index_select(0, rows)
+        yield take_rows(split.images, rows), split.labels.index_select(0, rows)
+
+
+def take_rows(tensor: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``tensor[rows]`` as a new contiguous tensor. A uint8 CPU tensor (decoded images, in memory or mapped) is
+    gathered by numpy: torch's ``index_select`` on uint8 rows measured 20-100x slower (e.g. 126 ms against 6 ms
+    for 64 images at 224 px; 3.7 s against 0.03 s for a 320-image split out of a mapped cache file).
+
+    >>> take_rows(torch.arange(6, dtype=torch.uint8).view(3, 2), torch.tensor([2, 0])).tolist()
+    [[4, 5], [0, 1]]
+    """
+    if tensor.device.type == "cpu" and tensor.dtype == torch.uint8:
+        return torch.from_numpy(tensor.numpy()[rows.cpu().numpy()])
+    return tensor.index_select(0, rows).contiguous()
 
 
 def cross_entropy_score(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
@@ -255,7 +309,7 @@ class Task(ABC):
 
     def select(self, split: Split, rows: torch.Tensor) -> Split:
         """The examples ``rows`` of ``split``, in that order; :class:`TensorSplit` by default."""
-        return TensorSplit(split.images[rows], split.labels[rows])
+        return TensorSplit(take_rows(split.images, rows), split.labels[rows])
 
     def merged(self, first: Split, second: Split) -> Split:
         """The two splits as one (the refit trains on train + val); :class:`TensorSplit` by default."""

@@ -6,8 +6,9 @@ Image folders are read here; manifests, Parquet and CIFAR batches by ``formats.p
 Images are decoded and resized exactly once (in a thread pool), into one uint8 tensor per split, and every epoch after
 that is tensor slicing. With a cache folder (the default in a search) the tensors are files mapped from the cache
 (decoded straight into them the first time), so a set larger than the RAM is read per batch from the page cache; a
-subset of a mapped split (train/val split off one folder) is copied into memory up to :func:`memory_bound`, and past
-it written beside the entry and mapped too.
+subset of a mapped split (train/val split off one folder) is copied into memory when the whole split is within
+:func:`memory_bound` (train and val together: the bound holds for both), and past it written beside the entry and
+mapped too. Mapped splits are :class:`~autoft.tasks.base.MappedSplit`: a local Ray worker maps the same file.
 Augmentation runs on uint8 batches on whatever device they live on; normalization comes last.
 """
 
@@ -23,7 +24,7 @@ import torch
 
 from autoft.config import DATA_MEMORY_ENV, IMAGE_SUFFIXES
 from autoft.errors import AutoftError, closest
-from autoft.tasks.base import Dataset, TensorSplit
+from autoft.tasks.base import Dataset, MappedSplit, TensorSplit, take_rows
 from autoft.tasks.image import cache, decode, formats
 from autoft.tasks.image.decode import load_image
 
@@ -119,7 +120,7 @@ def _stratified_split(
 
 
 def _select(images: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor) -> ImageSet:
-    return ImageSet(images.index_select(0, rows).contiguous(), labels.index_select(0, rows))
+    return ImageSet(take_rows(images, rows), labels.index_select(0, rows))
 
 
 # ----------------------------------------------------------------------------- loading
@@ -275,7 +276,8 @@ def _decode_parts(
     decoded: dict[str, ImageSet] = {}
     skipped: list[str] = []
     for split, (images, labels, names) in stored.items():
-        decoded[split] = ImageSet(images, labels)
+        path = entry / f"{split}.images.npy" if entry is not None and len(images) else None
+        decoded[split] = MappedSplit(images, labels, path) if path is not None else ImageSet(images, labels)
         skipped += names
         need = 2 if split == first and "val" not in parts else 1  # splitting needs one train + one val
         place = parts[split].place
@@ -293,8 +295,11 @@ def _decode_parts(
     else:
         rows = _stratified_split(decoded[first].labels, n_classes=len(classes), val_fraction=val_fraction, seed=seed)
         tag = f"{first}.seed{seed}.val{val_fraction:g}"  # names a mapped subset's file in the entry
+        whole = decoded[first]
+        mapped = entry is not None and len(whole) * whole.images[0].numel() > memory_bound()  # train + val together
         train, val = (
-            _subset(decoded[first], r, entry, f"{tag}.{side}") for r, side in zip(rows, ("train", "val"), strict=True)
+            _subset(whole, r, entry if mapped else None, f"{tag}.{side}")
+            for r, side in zip(rows, ("train", "val"), strict=True)
         )
     return Dataset(
         classes=classes,
@@ -305,6 +310,7 @@ def _decode_parts(
         image_size=image_size,
         skipped=len(skipped),
         inputs=inputs,  # the plan's data line shows it
+        cache_entry=entry,  # the probe's measurements are kept beside it (autoft.probe_cache)
     )
 
 
@@ -345,12 +351,12 @@ def memory_bound() -> int:
 
 
 def _subset(split: ImageSet, rows: torch.Tensor, entry: Path | None, tag: str) -> ImageSet:
-    """The ``rows`` of ``split``: copied into memory, or, for a mapped split past :func:`memory_bound`, a mapped
-    file of their own in the cache ``entry``."""
-    size = len(rows) * (split.images[0].numel() if len(split) else 0)
-    if entry is None or size <= memory_bound():
+    """The ``rows`` of ``split``: copied into memory, or with a cache ``entry`` (a mapped split past
+    :func:`memory_bound`) a mapped file of their own in it."""
+    if entry is None:
         return _select(split.images, split.labels, rows)
-    return ImageSet(cache.derived(entry, tag, split.images, rows), split.labels.index_select(0, rows))
+    images = cache.derived(entry, tag, split.images, rows)
+    return MappedSplit(images, split.labels.index_select(0, rows), entry / f"{tag}.images.npy")
 
 
 def _decode_part(
