@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -137,12 +138,24 @@ def two_nodes() -> Iterator[str]:
         node.wait()
 
 
+def _has_a_study(db: Path) -> bool:
+    """Whether the driver has created ``db``'s schema and a study in it, read without writing (a CI run once had the
+    test's ``load_study`` create the schema at the same moment as the driver: UNIQUE constraint failed)."""
+    if not db.is_file():
+        return False
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1)) as connection:
+            return bool(connection.execute("SELECT COUNT(*) FROM studies").fetchone()[0])
+    except sqlite3.Error:  # no tables yet, or locked by the writer
+        return False
+
+
 def wait_for(db: Path, condition: Callable[[list[FrozenTrial]], bool], *, poll: float, limit: float = 240) -> None:
     """Read the study in ``db`` (as another process writes it) until ``condition`` holds for its trials."""
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
         time.sleep(poll)
-        if not db.is_file():  # the driver creates it; reading before then would race its schema creation
+        if not _has_a_study(db):  # Optuna's storage creates a missing schema: opening it earlier races the driver's
             continue
         try:
             trials = optuna.load_study(study_name="test_resnet-data", storage=f"sqlite:///{db}").trials
