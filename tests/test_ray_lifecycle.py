@@ -1,6 +1,6 @@
 """Ray's lifetime around a search: started for one search and stopped at its end, without taking the search's
-signal handlers or log records; Ctrl-C on a driver that started its own. Apart from test_ray.py, whose module-wide
-clusters would already be running."""
+signal handlers or log records; Ctrl-C on a driver that started its own. Apart from test_ray.py, whose
+two-node cluster (module-wide) would already be running."""
 
 from __future__ import annotations
 
