@@ -363,3 +363,17 @@ def test_normalize_values() -> None:
 def test_normalize_rejects_bad_stats() -> None:
     with pytest.raises(AutoftError, match=r"three values each"):
         normalize(_random_batch(), mean=(0.5, 0.5), std=(0.5, 0.5, 0.5))
+
+
+def test_decode_into_packs_readable_images_in_order_past_failures() -> None:
+    from autoft.tasks.image import decode
+
+    rng = np.random.default_rng(3)
+    pictures = [rng.integers(0, 256, (12, 12, 3), dtype=np.uint8) for _ in range(600)]  # > decode.CHUNK: two windows
+    broken = {0, 5, 6, 299, 300, 599}
+    items = [b"broken" if i in broken else _png_bytes(Image.fromarray(p)) for i, p in enumerate(pictures)]
+    out = np.full((len(items), 3, 12, 12), 7, dtype=np.uint8)
+    failed = decode.decode_into(items, out, 12, Image.Resampling.BICUBIC)
+    assert failed == sorted(broken)
+    kept = [p.transpose(2, 0, 1) for i, p in enumerate(pictures) if i not in broken]
+    assert np.array_equal(out[: len(kept)], np.stack(kept))  # in order, no gaps, each image its own row

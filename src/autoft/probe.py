@@ -196,8 +196,9 @@ PROBE_TRAIN_EXAMPLES, PROBE_VAL_EXAMPLES = 1024, 512
 TIMED_STEPS, TIMING_BATCH, WARM_UP_BATCH = 3, 16, 2
 # The sample is copied out of its split this many examples at a time (features.pooled's batch size).
 SAMPLE_CHUNK = 256
-# When a step of TIMING_BATCH is this fast, the trials' own batch (RECIPE_BATCH) is timed too and preferred.
-CHEAP_STEP_SECONDS, RECIPE_BATCH = 0.25, 64
+# When a step of TIMING_BATCH is this fast, the trials' own batch (RECIPE_BATCH) is timed too and preferred: the
+# faster of RECIPE_STEPS steps (a batch-64 step is most of the probe at low resolution: 0.7 s at 24 px on 2 cores).
+CHEAP_STEP_SECONDS, RECIPE_BATCH, RECIPE_STEPS = 0.25, 64, 2
 
 
 def probe(
@@ -436,8 +437,8 @@ def _step_cost(setup: Setup, recipe: Recipe, *, batch_size: int) -> tuple[float,
     step, count = step_on(min(TIMING_BATCH, batch_size))
     per_example = _fastest(step, setup.device, repeats=TIMED_STEPS, warm_up=False) / count
     if per_example * count < CHEAP_STEP_SECONDS and batch_size > count:  # cheap: time the trials' own batch
-        step, count = step_on(batch_size)
-        per_example = _fastest(step, setup.device, repeats=TIMED_STEPS) / count
+        step, count = step_on(batch_size)  # the copy is warm by now: the faster of two steps, no third
+        per_example = _fastest(step, setup.device, repeats=RECIPE_STEPS, warm_up=False) / count
     peak = torch.cuda.max_memory_allocated(setup.device) - held if cuda else None
     return per_example, blocks.count_parameters(model, trainable_only=True), peak
 

@@ -104,8 +104,8 @@ def key(setup: Setup, *, seed: int) -> str:
     parts = [
         VERSION, str(dataset.cache_entry.name if dataset.cache_entry else ""), len(dataset.train), len(dataset.val),
         type(setup.base_model).__name__, repr(setup.spec), seed, probe.PROBE_TRAIN_EXAMPLES, probe.PROBE_VAL_EXAMPLES,
-        probe.TIMED_STEPS, probe.TIMING_BATCH, probe.RECIPE_BATCH, str(device), torch.get_num_threads(),
-        torch.cuda.get_device_name(device) if device.type == "cuda" else "", torch.__version__,
+        probe.TIMED_STEPS, probe.TIMING_BATCH, probe.RECIPE_BATCH, probe.RECIPE_STEPS, str(device),
+        torch.get_num_threads(), torch.cuda.get_device_name(device) if device.type == "cuda" else "", torch.__version__,
     ]  # fmt: skip
     digest.update(json.dumps(parts).encode())
     for split in (dataset.train, dataset.val):

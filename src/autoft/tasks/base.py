@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from autoft.errors import AutoftError
+from autoft.tasks import pages
 
 if TYPE_CHECKING:  # the config is the ground floor; a task only reads it
     from autoft.config import SearchConfig
@@ -112,7 +113,7 @@ class MappedSplit(TensorSplit):
 
 
 def _map_split(path: str, labels: torch.Tensor) -> MappedSplit:
-    return MappedSplit(torch.from_numpy(np.load(path, mmap_mode="c")), labels, Path(path))
+    return MappedSplit(pages.mapped(path), labels, Path(path))
 
 
 @contextmanager
@@ -223,6 +224,7 @@ def batches(
     if not shuffle:
         for start in range(0, stop, batch_size):
             yield split.images[start : start + batch_size], split.labels[start : start + batch_size]
+            pages.touched(split.images, split.images[start : start + batch_size].nbytes)  # read by now
         return
     order = torch.randperm(n, generator=generator)
     for start in range(0, stop, batch_size):
@@ -239,7 +241,17 @@ def take_rows(tensor: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     [[4, 5], [0, 1]]
     """
     if tensor.device.type == "cpu" and tensor.dtype == torch.uint8:
-        return torch.from_numpy(tensor.numpy()[rows.cpu().numpy()])
+        source, order = tensor.numpy(), rows.cpu().numpy()
+        step = max(1, pages.WINDOW // max(pages.GRAIN, source[0].nbytes)) if len(source) else 1
+        if len(order) <= step or not pages.is_mapped(tensor):
+            out = source[order]  # one gather: numpy's fancy indexing beats np.take(out=) and chunks (0.36 s vs 0.9)
+            pages.touched(tensor, out.nbytes, pieces=len(order))
+            return torch.from_numpy(out)
+        out = np.empty((len(order), *source.shape[1:]), dtype=source.dtype)
+        for start in range(0, len(order), step):  # a whole split out of a mapped file: its pages never pile up
+            out[start : start + step] = source[order[start : start + step]]
+            pages.touched(tensor, out[start : start + step].nbytes, pieces=len(out[start : start + step]))
+        return torch.from_numpy(out)
     return tensor.index_select(0, rows).contiguous()
 
 

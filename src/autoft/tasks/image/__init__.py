@@ -75,6 +75,9 @@ class ImageTask(base.Task):
     ) -> Iterator[base.Batch]:
         return base.batches(split, batch_size=batch_size, shuffle=shuffle, generator=generator)
 
+    def merged(self, first: data.ImageSet, second: data.ImageSet) -> data.ImageSet:
+        return data.merged(first, second)  # past the memory bound a mapped file, not both splits in memory
+
     def train_inputs(
         self,
         batch: base.Batch,

@@ -18,7 +18,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ import torch
 
 from autoft.config import CACHE_ENV as ENV
 from autoft.errors import AutoftError
+from autoft.tasks import pages
 from autoft.tasks.image.formats import Item, Part
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "clear",
     "derived",
     "entries",
+    "joined",
     "key",
     "load",
     "need_bytes",
@@ -47,7 +49,7 @@ VERSION = 1  # bump when the layout or the decoding changes, so old entries are 
 META = "meta.json"
 _ENTRY = re.compile(r"[0-9a-f]{32}")  # a key; its temporary folder is ".<key>.<random>"
 _SPARE = 64 * 2**20  # left free on the disk beyond the entry itself
-_COPY_ROWS = 256  # rows copied at once into a derived split
+_COPY_ROWS = 64  # rows copied at once into a derived split (random rows: each may map pages.GRAIN)
 _HEADERS = {  # .npy format version -> its header reader and writer (open_memmap writes 1.0, or 2.0 if it must)
     (1, 0): (np.lib.format.read_array_header_1_0, np.lib.format.write_array_header_1_0),
     (2, 0): (np.lib.format.read_array_header_2_0, np.lib.format.write_array_header_2_0),
@@ -94,10 +96,11 @@ def load(directory: Path, name: str) -> Decoded | None:
         return None  # absent (or unreadable: decoding again is always correct)
     out: Decoded = {}
     for split in meta["splits"]:
-        mode = "c" if meta["splits"][split] else None  # shared pages until written (never); nothing to map if empty
-        images = np.load(entry / f"{split}.images.npy", mmap_mode=mode)
+        # shared pages until written (never); nothing to map if empty
+        path = entry / f"{split}.images.npy"
+        images = pages.mapped(path) if meta["splits"][split] else torch.from_numpy(np.load(path))
         labels = np.load(entry / f"{split}.labels.npy")
-        out[split] = (torch.from_numpy(images), torch.from_numpy(labels), list(meta["skipped"][split]))
+        out[split] = (images, torch.from_numpy(labels), list(meta["skipped"][split]))
     return out
 
 
@@ -192,25 +195,50 @@ def derived(entry: Path, tag: str, images: torch.Tensor, rows: torch.Tensor) -> 
 
     A subset of a mapped split (the train/val split of a flat layout) that must not be copied into memory.
     """
+    order = rows.numpy()
+    chunks = ((images, order[start : start + _COPY_ROWS]) for start in range(0, len(order), _COPY_ROWS))
+    return _written(entry, tag, (len(order), *images.shape[1:]), chunks)
+
+
+def joined(entry: Path, tag: str, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """``first``'s rows, then ``second``'s, as a file of their own in ``entry`` (written once), mapped.
+
+    Two mapped splits joined without holding both in memory (the refit trains on train + val).
+    """
+    chunks = (
+        (part, np.arange(start, min(start + _COPY_ROWS, len(part))))
+        for part in (first, second)
+        for start in range(0, len(part), _COPY_ROWS)
+    )
+    return _written(entry, tag, (len(first) + len(second), *first.shape[1:]), chunks)
+
+
+def _written(
+    entry: Path, tag: str, shape: tuple[int, ...], chunks: Iterable[tuple[torch.Tensor, np.ndarray]]
+) -> torch.Tensor:
+    """The file ``<tag>.images.npy`` in ``entry``, mapped; written first if absent, from ``chunks`` (a source and
+    the rows of it to append next: a bounded slice at a time, never a whole split) to a temporary name, renamed."""
     path = entry / f"{tag}.images.npy"
     if not path.is_file():
-        row_bytes = images[0].numel() if len(images) else 0
-        check_room(entry, len(rows) * row_bytes)
+        check_room(entry, int(np.prod(shape, dtype=np.int64)))
         handle, name = tempfile.mkstemp(prefix=f".{tag}.", suffix=".npy", dir=entry)
         os.close(handle)
         os.chmod(name, 0o666 & ~_umask())  # readable by whoever may read the entry (mkstemp makes it 0600)
         try:
-            out = np.lib.format.open_memmap(name, mode="w+", dtype=np.uint8, shape=(len(rows), *images.shape[1:]))
-            source, order = images.numpy(), rows.numpy()
-            for start in range(0, len(order), _COPY_ROWS):  # a bounded slice at a time, never the whole subset
-                out[start : start + _COPY_ROWS] = source[order[start : start + _COPY_ROWS]]
+            out = np.lib.format.open_memmap(name, mode="w+", dtype=np.uint8, shape=shape)
+            at = 0
+            for source, rows in chunks:
+                out[at : at + len(rows)] = source.numpy()[rows]
+                pages.touched(source, out[at : at + len(rows)].nbytes, pieces=len(rows))  # neither file's pages
+                pages.touched(out, out[at : at + len(rows)].nbytes)  # pile up here (written in order)
+                at += len(rows)
             out.flush()
             del out
             os.replace(name, path)
         except BaseException:
             Path(name).unlink(missing_ok=True)
             raise
-    return torch.from_numpy(np.load(path, mmap_mode="c"))
+    return pages.mapped(path)
 
 
 def _umask() -> int:

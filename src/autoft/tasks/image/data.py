@@ -37,6 +37,7 @@ __all__ = [
     "load_image_folder",
     "load_images",
     "memory_bound",
+    "merged",
 ]
 
 logger = logging.getLogger(__name__)
@@ -357,6 +358,23 @@ def _subset(split: ImageSet, rows: torch.Tensor, entry: Path | None, tag: str) -
         return _select(split.images, split.labels, rows)
     images = cache.derived(entry, tag, split.images, rows)
     return MappedSplit(images, split.labels.index_select(0, rows), entry / f"{tag}.images.npy")
+
+
+def merged(first: ImageSet, second: ImageSet) -> ImageSet:
+    """The two splits as one (the refit trains on train + val): in memory within :func:`memory_bound`; past it, two
+    splits mapped from one cache entry are joined into a file beside them and mapped, as :func:`_subset` does.
+
+    >>> len(merged(train, val)) == len(train) + len(val)  # doctest: +SKIP
+    True
+    """
+    labels = torch.cat([first.labels, second.labels])
+    paths = [s.path if isinstance(s, MappedSplit) else None for s in (first, second)]
+    size = len(labels) * (first.images[0].numel() if len(first) else 0)
+    if None in paths or paths[0].parent != paths[1].parent or size <= memory_bound():
+        return ImageSet(torch.cat([first.images, second.images]), labels)
+    entry, names = paths[0].parent, [p.name.removesuffix(".images.npy") for p in paths]
+    tag = f"joined.{names[0]}+{names[1]}"
+    return MappedSplit(cache.joined(entry, tag, first.images, second.images), labels, entry / f"{tag}.images.npy")
 
 
 def _decode_part(

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from autoft.errors import AutoftError
+from autoft.tasks import pages
 from autoft.tasks.image import formats
 
 __all__ = ["CHUNK", "DECODE_ERRORS", "INTERPOLATIONS", "decode_into", "load_image", "reporting"]
@@ -133,6 +134,7 @@ def decode_into(
             failed.append(i)
         else:
             target[i - len(failed)] = array.transpose(2, 0, 1)
+            pages.touched(target, array.nbytes)  # into a mapped cache file: written pages do not pile up here
         if report is not None and ((i + 1) % CHUNK == 0 or i + 1 == len(items)):
             report(i + 1, len(items))
 
