@@ -24,12 +24,14 @@ one JSON line; ``--csv`` writes the rows. ``--distinct N`` hard-links the set to
 
     .venv/bin/python benchmarks/data_memory.py [--images 10000] [--bound 0.2] [--image-size 224]
         [--csv benchmarks/results/data-memory.csv] [--distinct 400] [--searches small,first,second] [--no-ray]
+        [--profile-dir DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import cProfile
 import json
 import os
 import resource
@@ -155,8 +157,16 @@ def child(args: argparse.Namespace) -> None:
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
     began = time.monotonic()
+    profiler = cProfile.Profile() if args.profile else None
     with contextlib.suppress(SearchInterrupted):  # the stop asked for; the search wrapped up
-        run_search(config, progress=on_progress)
+        if profiler is not None:
+            profiler.enable()
+        try:
+            run_search(config, progress=on_progress)
+        finally:
+            if profiler is not None:
+                profiler.disable()
+                profiler.dump_stats(args.profile)
     done.set()
     thread.join()
     result = {f"peak_{k}_mib": round(v / MIB, 1) for k, v in peaks.items()}
@@ -169,6 +179,8 @@ def run_child(name: str, data: Path, work: Path, args: argparse.Namespace, *, ra
     command = [sys.executable, __file__, "--child", "--data", str(data), "--cache", str(work / "cache"),
                "--run-dir", str(work / "runs" / name), "--model", args.model, "--image-size", str(args.image_size),
                "--train-seconds", str(args.train_seconds)] + (["--ray"] if ray else [])  # fmt: skip
+    if args.profile_dir is not None:  # one cProfile file per search, e.g. to see where `second` spends its start
+        command += ["--profile", str(args.profile_dir / f"{name}.prof")]
     env = os.environ | ({"AUTOFT_DATA_MEMORY": str(args.bound)} if args.bound else {})
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
@@ -190,7 +202,9 @@ def main() -> None:
     parser.add_argument("--no-ray", dest="with_ray", action="store_false")
     parser.add_argument("--distinct", type=int, default=0, help="hard-link the set to this many distinct JPEGs")
     parser.add_argument("--searches", default="small,first,second", help="which of small, first, second to run")
+    parser.add_argument("--profile-dir", type=Path, help="write each search's cProfile to <dir>/<search>.prof")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--profile", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--ray", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--cache", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--run-dir", type=Path, help=argparse.SUPPRESS)

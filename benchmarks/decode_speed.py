@@ -8,7 +8,8 @@ each side's fastest run counts:
 - ``plain_pil``: the loop a person writes: ``Image.open(p).convert("RGB")``, resize, crop, ``np.asarray``; one core.
 - ``single_core``: autoft's own per-image decode (``decode._decode``) in a plain loop: the single-core rate.
 - ``autoft``: ``decode.decode_into`` (its thread pool) into memory, as a search decodes; and ``autoft_mapped``:
-  into a file mapped with ``np.lib.format.open_memmap``, as a search with the cache decodes.
+  into the cache entry's ``.npy`` file (``cache.RowFile``: rows written with pwrite), as a search with the cache
+  decodes.
 
 Target: autoft >= 0.8 x (cores x single-core rate). On a shared machine the wall-clock rates depend on what other
 jobs leave; each row also says how many cores its side really used (CPU seconds / wall seconds), and
@@ -34,7 +35,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from autoft.tasks.image import decode
+from autoft.tasks.image import cache, decode
 
 BICUBIC = Image.Resampling.BICUBIC
 
@@ -88,11 +89,11 @@ def autoft_memory(paths: list[Path], size: int) -> None:
 
 def autoft_mapped(paths: list[Path], size: int) -> None:
     with tempfile.TemporaryDirectory(prefix="autoft-decode-speed-") as folder:
-        out = np.lib.format.open_memmap(Path(folder, "x.npy"), mode="w+", dtype=np.uint8,
-                                        shape=(len(paths), 3, size, size))  # fmt: skip
-        decode.decode_into(list(paths), out, size, BICUBIC)
-        out.flush()
-        del out
+        out = cache.RowFile(Path(folder, "x.npy"), (len(paths), 3, size, size))  # the cache entry's file
+        try:
+            decode.decode_into(list(paths), out, size, BICUBIC)
+        finally:
+            out.close()
 
 
 SIDES: dict[str, Callable[[list[Path], int], None]] = {

@@ -33,6 +33,7 @@ from autoft.tasks.image.formats import Item, Part
 __all__ = [
     "ENV",
     "Decoded",
+    "RowFile",
     "Stored",
     "check_room",
     "clear",
@@ -104,8 +105,34 @@ def load(directory: Path, name: str) -> Decoded | None:
     return out
 
 
-# Decodes one split into the first rows of a uint8 (N, 3, S, S) array and returns the rows that failed.
-DecodeSplit = Callable[[Part, np.ndarray], list[int]]
+# Decodes one split into the first rows of ``out`` (``out[row] = image``, uint8 (3, S, S)) and returns the rows
+# that failed.
+DecodeSplit = Callable[[Part, "RowFile"], list[int]]
+
+
+class RowFile:
+    """The rows of a new uint8 ``.npy`` file of ``shape``, each written with ``out[row] = image`` by ``pwrite``.
+
+    Not through a mapping: writing a new file's pages through one faults each 4 KiB page in one at a time (0.24-0.32
+    ms per 224 px image measured here, against 0.14-0.17 ms with pwrite), and none of the file's pages are ever
+    resident in this process.
+    """
+
+    def __init__(self, path: Path, shape: tuple[int, ...]) -> None:
+        header = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)  # the header; the size
+        self.offset, self.row_bytes = header.offset, int(np.prod(shape[1:], dtype=np.int64))
+        del header
+        self._fd = os.open(path, os.O_WRONLY)
+
+    def __setitem__(self, row: int, image: np.ndarray) -> None:
+        data = memoryview(np.ascontiguousarray(image, dtype=np.uint8)).cast("B")
+        at = self.offset + row * self.row_bytes
+        while data:  # a regular file takes all of it at once; the loop is for the exception
+            written = os.pwrite(self._fd, data, at)
+            data, at = data[written:], at + written
+
+    def close(self) -> None:
+        os.close(self._fd)
 
 
 def need_bytes(parts: dict[str, Part], *, image_size: int) -> int:
@@ -158,13 +185,13 @@ def write(
 
 
 def _write_split(tmp: Path, split: str, part: Part, decode_split: DecodeSplit, image_size: int) -> tuple[int, list]:
-    """One split's images decoded into its mapped file, shrunk to the readable ones; its labels beside them."""
+    """One split's images decoded into its file, shrunk to the readable ones; its labels beside them."""
     path = tmp / f"{split}.images.npy"
-    shape = (len(part.items), 3, image_size, image_size)
-    images = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
-    failed = decode_split(part, images)
-    images.flush()
-    del images  # unmapped before the file is shrunk
+    images = RowFile(path, (len(part.items), 3, image_size, image_size))
+    try:
+        failed = decode_split(part, images)
+    finally:
+        images.close()
     readable = np.ones(len(part.items), dtype=bool)
     readable[failed] = False
     if failed:

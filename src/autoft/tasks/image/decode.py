@@ -12,13 +12,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
 from PIL import Image
 
 from autoft.errors import AutoftError
-from autoft.tasks import pages
 from autoft.tasks.image import formats
 
 __all__ = ["CHUNK", "DECODE_ERRORS", "INTERPOLATIONS", "decode_into", "load_image", "reporting"]
@@ -109,11 +109,18 @@ def reporting(callback: Callable[[int, int], None]) -> Iterator[None]:
         _progress.reset(token)
 
 
+class Rows(Protocol):
+    """Where decoded images go, row by row: ``out[row] = image`` (uint8 ``(3, S, S)``); an array does."""
+
+    def __setitem__(self, row: int, image: np.ndarray, /) -> None: ...
+
+
 def decode_into(
-    items: list[formats.Item], out: np.ndarray | torch.Tensor, size: int, resample: Image.Resampling
+    items: list[formats.Item], out: Rows | torch.Tensor, size: int, resample: Image.Resampling
 ) -> list[int]:
     """Decode ``items`` in a thread pool into the first rows of ``out`` (uint8 ``(N, 3, S, S)``: an array, a
-    tensor or a file mapped with ``np.lib.format.open_memmap``); returns the rows of the items that failed.
+    tensor, a mapped file or the cache's :class:`~autoft.tasks.image.cache.RowFile`); returns the rows of the items
+    that failed.
 
     Readable images are packed in order: ``out[:N - len(failed)]`` holds them. At most ``CHUNK`` decoded images
     wait in memory besides ``out``, so a mapped ``out`` may be larger than the RAM.
@@ -134,7 +141,6 @@ def decode_into(
             failed.append(i)
         else:
             target[i - len(failed)] = array.transpose(2, 0, 1)
-            pages.touched(target, array.nbytes)  # into a mapped cache file: written pages do not pile up here
         if report is not None and ((i + 1) % CHUNK == 0 or i + 1 == len(items)):
             report(i + 1, len(items))
 
