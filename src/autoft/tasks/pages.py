@@ -74,7 +74,7 @@ def touched(data: torch.Tensor | np.ndarray, nbytes: int, *, pieces: int = 1) ->
     in memory, on a GPU, features).
     """
     pages = _mapping(data)
-    if pages is None or _ADVICE is None:
+    if pages is None or _ADVICE is None or len(pages) <= WINDOW:  # a file within a window may stay resident whole
         return
     with _lock:
         seen = _since.get(pages, 0) + max(nbytes, pieces * GRAIN)
