@@ -108,3 +108,34 @@ def test_a_whole_split_gathered_out_of_a_mapped_file_is_read_a_window_at_a_time(
     rows = torch.randperm(len(values))
     assert torch.equal(take_rows(images, rows), torch.from_numpy(values)[rows])  # e.g. a subset copied to memory
     assert len(seen) >= 8 and max(seen) <= 8 * MiB  # resident just before each release: a window, not the file
+
+
+def test_shuffled_batches_of_a_mapped_split_are_gathered_ahead_in_a_background_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    from autoft.tasks import base
+
+    path, values = _mapped_file(tmp_path, rows=40, row_bytes=64)
+    mapped = MappedSplit(pages.mapped(path), torch.arange(40), path)
+    memory = TensorSplit(torch.from_numpy(values.copy()), torch.arange(40))
+    gathered_in = []
+    take = base.take_rows
+
+    def recorded(*args: torch.Tensor) -> torch.Tensor:
+        gathered_in.append(threading.current_thread().name)
+        return take(*args)
+
+    monkeypatch.setattr(base, "take_rows", recorded)
+    first, second = (
+        list(batches(split, batch_size=6, shuffle=True, generator=torch.Generator().manual_seed(2)))
+        for split in (mapped, memory)
+    )
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, second, strict=True))
+    assert len(first) == 7 and all(name.startswith("autoft-prefetch") for name in gathered_in[:7])
+    assert not any(name.startswith("autoft-prefetch") for name in gathered_in[7:])  # memory: gathered in place
+    stream = batches(mapped, batch_size=6, shuffle=True, generator=torch.Generator())
+    next(stream)
+    stream.close()  # a trial stopped mid-epoch: the prefetch thread ends with it
+    assert not any(t.name.startswith("autoft-prefetch") for t in threading.enumerate())

@@ -22,7 +22,9 @@ docs/architecture.md walks through it.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import Hashable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -200,6 +202,9 @@ class LoadedModel:
         )
 
 
+PREFETCH = 2  # shuffled batches of a mapped split gathered ahead of the one training
+
+
 def batches(
     split: TensorSplit,
     *,
@@ -210,8 +215,9 @@ def batches(
 ) -> Iterator[Batch]:
     """Yield ``(inputs, labels)`` batches covering a :class:`TensorSplit` once (one epoch).
 
-    With ``shuffle`` the order comes from ``generator`` (same generator state, same order); without
-    it, batches are views in stored order.
+    With ``shuffle`` the order comes from ``generator`` (same generator state, same order), and the batches of a
+    split mapped from a file are gathered ``PREFETCH`` ahead in a background thread; without it, batches are views
+    in stored order.
 
     >>> s = TensorSplit(torch.zeros(5, 3, 8, 8, dtype=torch.uint8), torch.arange(5))
     >>> [len(y) for _, y in batches(s, batch_size=2, shuffle=False)]
@@ -227,9 +233,25 @@ def batches(
             pages.touched(split.images, split.images[start : start + batch_size].nbytes)  # read by now
         return
     order = torch.randperm(n, generator=generator)
-    for start in range(0, stop, batch_size):
+
+    def gather(start: int) -> Batch:
         rows = order[start : start + batch_size].to(split.labels.device)
-        yield take_rows(split.images, rows), split.labels.index_select(0, rows)
+        return take_rows(split.images, rows), split.labels.index_select(0, rows)
+
+    starts = range(0, stop, batch_size)
+    if not pages.is_mapped(split.images):
+        yield from map(gather, starts)
+        return
+    # A mapped file (past the memory bound) may have to come from the disk: the next PREFETCH batches are gathered
+    # in a background thread while this one trains (numpy copies without the GIL, so reading overlaps computing).
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="autoft-prefetch") as pool:
+        ahead = deque(pool.submit(gather, start) for start in starts[:PREFETCH])
+        for start in starts[PREFETCH:]:
+            batch = ahead.popleft().result()
+            ahead.append(pool.submit(gather, start))
+            yield batch
+        while ahead:
+            yield ahead.popleft().result()
 
 
 def take_rows(tensor: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
