@@ -161,8 +161,8 @@ def write(
     directory: Path, name: str, parts: dict[str, Part], decode_split: DecodeSplit, *, source: Path, image_size: int,
     interpolation: str,
 ) -> Path:  # fmt: skip
-    """Decode ``parts`` straight into entry ``name``'s files (mapped, never all in RAM): in a temporary folder,
-    then renamed into place. The disk is checked first, so a too-small one fails before any decoding.
+    """Decode ``parts`` straight into entry ``name``'s files (:class:`RowFile`, never all in RAM): in a temporary
+    folder, then renamed into place. The disk is checked first, so a too-small one fails before any decoding.
     """
     check_room(directory, need_bytes(parts, image_size=image_size))
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=directory))
