@@ -137,27 +137,27 @@ def two_nodes() -> Iterator[str]:
         node.wait()
 
 
-def _has_a_study(db: Path) -> bool:
-    """Whether the driver has created ``db``'s schema and a study in it, read without writing (a CI run once had the
-    test's ``load_study`` create the schema at the same moment as the driver: UNIQUE constraint failed)."""
+def _count(db: Path, query: str) -> int:
+    """A ``SELECT COUNT(*)`` over the study database ``db``, read without writing; 0 while there is no file, no
+    tables yet, or the writer holds the lock (a CI run once had the test's ``load_study`` create the schema at the
+    same moment as the driver: UNIQUE constraint failed)."""
     if not db.is_file():
-        return False
+        return 0
     try:
         with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1)) as connection:
-            return bool(connection.execute("SELECT COUNT(*) FROM studies").fetchone()[0])
-    except sqlite3.Error:  # no tables yet, or locked by the writer
-        return False
+            return int(connection.execute(query).fetchone()[0])
+    except sqlite3.Error:
+        return 0
+
+
+def _has_a_study(db: Path) -> bool:
+    """Whether the driver has created ``db``'s schema and a study in it."""
+    return _count(db, "SELECT COUNT(*) FROM studies") > 0
 
 
 def _running_trials(db: Path) -> int:
-    """How many trials ``db``'s study holds as RUNNING, read without writing (0 while it has none or no schema)."""
-    if not _has_a_study(db):
-        return 0
-    try:
-        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1)) as connection:
-            return int(connection.execute("SELECT COUNT(*) FROM trials WHERE state = 'RUNNING'").fetchone()[0])
-    except sqlite3.Error:
-        return 0
+    """How many trials ``db``'s study holds as RUNNING (0 while it has none or no schema)."""
+    return _count(db, "SELECT COUNT(*) FROM trials WHERE state = 'RUNNING'")
 
 
 def wait_for(db: Path, condition: Callable[[list[FrozenTrial]], bool], *, poll: float, limit: float = 240) -> None:

@@ -229,8 +229,9 @@ def batches(
     stop = n - n % batch_size if drop_last else n
     if not shuffle:
         for start in range(0, stop, batch_size):
-            yield split.images[start : start + batch_size], split.labels[start : start + batch_size]
-            pages.touched(split.images, split.images[start : start + batch_size].nbytes)  # read by now
+            view = split.images[start : start + batch_size]
+            yield view, split.labels[start : start + batch_size]
+            pages.touched(split.images, view.nbytes)  # read by now
         return
     order = torch.randperm(n, generator=generator)
 
@@ -271,8 +272,9 @@ def take_rows(tensor: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
             return torch.from_numpy(out)
         out = np.empty((len(order), *source.shape[1:]), dtype=source.dtype)
         for start in range(0, len(order), step):  # a whole split out of a mapped file: its pages never pile up
-            out[start : start + step] = source[order[start : start + step]]
-            pages.touched(tensor, out[start : start + step].nbytes, pieces=len(out[start : start + step]))
+            chunk = order[start : start + step]
+            out[start : start + len(chunk)] = source[chunk]
+            pages.touched(tensor, len(chunk) * source[0].nbytes, pieces=len(chunk))
         return torch.from_numpy(out)
     return tensor.index_select(0, rows).contiguous()
 

@@ -10,8 +10,9 @@ Readers and writers of a mapped file therefore report what they touched (:func:`
 has seen ``WINDOW`` bytes since its last release, its pages are dropped from this process with
 ``madvise(MADV_DONTNEED)``. They stay in the page cache (written pages too: a shared mapping's dirty pages go to
 the page cache, not away), so the next read maps them again with a minor fault, or from disk if the kernel needed
-the memory. Only mappings made here are ever released (:func:`mapped`, or an ``np.memmap``): releasing anonymous
-memory would zero it. Copy-on-write mappings (``mode="c"``) are never written by autoft, so nothing is lost there.
+the memory. Only mappings made by :func:`mapped` are ever released: releasing anonymous memory would zero it. They
+are copy-on-write mappings (``mode="c"``) that autoft never writes, so nothing is lost. (The cache's files are
+written with ``pwrite``, ``cache.RowFile``, never through a mapping.)
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["GRAIN", "WINDOW", "is_mapped", "mapped", "release", "touched"]
+__all__ = ["GRAIN", "WINDOW", "is_mapped", "mapped", "touched"]
 
 WINDOW = 128 * 2**20  # bytes a mapping may touch between two releases: about this much of it stays resident
 # What one read fault may map: a page cache of large folios is mapped a whole 2 MiB folio at a time (x86-64's PMD),
@@ -52,21 +53,19 @@ def mapped(path: str | Path) -> torch.Tensor:
     return tensor
 
 
-def _mapping(data: torch.Tensor | np.ndarray) -> mmap.mmap | None:
-    """The mapping made here that ``data`` (or the tensor or array it views) lies in, or None."""
-    if isinstance(data, np.memmap):
-        return data._mmap
+def _mapping(data: torch.Tensor) -> mmap.mmap | None:
+    """The mapping made by :func:`mapped` that the tensor ``data`` (or a view of it) lies in, or None."""
     if isinstance(data, torch.Tensor) and data.device.type == "cpu":
         return _by_address.get(data.untyped_storage().data_ptr())
     return None
 
 
-def is_mapped(data: torch.Tensor | np.ndarray) -> bool:
+def is_mapped(data: torch.Tensor) -> bool:
     """Whether ``data`` lies in a mapping made here (one :func:`touched` releases)."""
     return _mapping(data) is not None
 
 
-def touched(data: torch.Tensor | np.ndarray, nbytes: int, *, pieces: int = 1) -> None:
+def touched(data: torch.Tensor, nbytes: int, *, pieces: int = 1) -> None:
     """Note that ``nbytes`` of ``data``'s mapping were read or written, in ``pieces`` separate places (rows gathered
     in random order); release its pages every ``WINDOW`` bytes the process may have mapped meanwhile.
 
@@ -80,13 +79,6 @@ def touched(data: torch.Tensor | np.ndarray, nbytes: int, *, pieces: int = 1) ->
         seen = _since.get(pages, 0) + max(nbytes, pieces * GRAIN)
         _since[pages] = 0 if seen >= WINDOW else seen
     if seen >= WINDOW:
-        _drop(pages)
-
-
-def release(data: torch.Tensor | np.ndarray) -> None:
-    """Drop every resident page of ``data``'s mapping from this process now (a no-op if it is not mapped here)."""
-    pages = _mapping(data)
-    if pages is not None and _ADVICE is not None:
         _drop(pages)
 
 

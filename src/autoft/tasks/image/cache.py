@@ -97,8 +97,7 @@ def load(directory: Path, name: str) -> Decoded | None:
         return None  # absent (or unreadable: decoding again is always correct)
     out: Decoded = {}
     for split in meta["splits"]:
-        # shared pages until written (never); nothing to map if empty
-        path = entry / f"{split}.images.npy"
+        path = entry / f"{split}.images.npy"  # mapped (shared pages, never written); an empty split: nothing to map
         images = pages.mapped(path) if meta["splits"][split] else torch.from_numpy(np.load(path))
         labels = np.load(entry / f"{split}.labels.npy")
         out[split] = (images, torch.from_numpy(labels), list(meta["skipped"][split]))
@@ -125,8 +124,12 @@ class RowFile:
         self._fd = os.open(path, os.O_WRONLY)
 
     def __setitem__(self, row: int, image: np.ndarray) -> None:
-        data = memoryview(np.ascontiguousarray(image, dtype=np.uint8)).cast("B")
-        at = self.offset + row * self.row_bytes
+        self.write(row, image)
+
+    def write(self, first: int, rows: np.ndarray) -> None:
+        """``rows`` (one row, or several in order) written from row ``first`` on."""
+        data = memoryview(np.ascontiguousarray(rows, dtype=np.uint8)).cast("B")
+        at = self.offset + first * self.row_bytes
         while data:  # a regular file takes all of it at once; the loop is for the exception
             written = os.pwrite(self._fd, data, at)
             data, at = data[written:], at + written
@@ -252,15 +255,15 @@ def _written(
         os.close(handle)
         os.chmod(name, 0o666 & ~_umask())  # readable by whoever may read the entry (mkstemp makes it 0600)
         try:
-            out = np.lib.format.open_memmap(name, mode="w+", dtype=np.uint8, shape=shape)
-            at = 0
-            for source, rows in chunks:
-                out[at : at + len(rows)] = source.numpy()[rows]
-                pages.touched(source, out[at : at + len(rows)].nbytes, pieces=len(rows))  # neither file's pages
-                pages.touched(out, out[at : at + len(rows)].nbytes)  # pile up here (written in order)
-                at += len(rows)
-            out.flush()
-            del out
+            out, at = RowFile(Path(name), shape), 0
+            try:
+                for source, rows in chunks:
+                    block = source.numpy()[rows]
+                    out.write(at, block)
+                    pages.touched(source, block.nbytes, pieces=len(rows))  # the source's pages do not pile up here
+                    at += len(rows)
+            finally:
+                out.close()
             os.replace(name, path)
         except BaseException:
             Path(name).unlink(missing_ok=True)
