@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from pathlib import Path
 
+import optuna
 import pytest
 import torch
 from optuna.trial import TrialState
@@ -39,6 +41,7 @@ from autoft.probe import (
     profile_data,
     sample_rows,
 )
+from autoft.recipe import Recipe
 from autoft.runner import TrialRunner
 from autoft.space import load_space
 from autoft.study import open_study
@@ -122,9 +125,26 @@ def test_trials_share_the_budget_only_when_each_gets_enough_optimizer_steps() ->
     assert 5 * (fits // 3) < MIN_USEFUL_STEPS and plan(5).max_epochs == fits
 
 
-def test_a_budget_that_cannot_fit_one_epoch_is_one_clear_error() -> None:
+def test_a_budget_short_of_a_few_passes_trains_in_rounds_of_fewer_examples() -> None:
+    # 30 s, 20 spent, wrap-up 6.5 s (5 + 600 evaluations x 1 ms + 3%): 3.5 s of search against an 11.5 s pass
+    # (10 s x EPOCH_SAFETY). Three validated rounds of N examples share it: (3.5 / 3 - 0.345 s val) / 12.4 ms.
+    budget = plan_budget(30, PROBE, PROFILE, spent=20, max_epochs=10, pruner="median", smallest_round=64)
+    validation, per_example = EPOCH_SAFETY * 0.001 * PROFILE.val, (10.0 * EPOCH_SAFETY - 0.345) / PROFILE.train
+    assert budget.max_epochs == 3 and budget.expected_trials == 1
+    assert budget.epoch_examples == int((budget.search / 3 - validation) // per_example) == 66
+    assert budget.epoch_seconds == pytest.approx(validation + 66 * per_example)
+    assert 3 * budget.epoch_seconds <= budget.search  # the rounds fit the search time
+    # A round may not hold less than the largest batch: then fewer, longer rounds.
+    fewer = plan_budget(30, PROBE, PROFILE, spent=20, max_epochs=10, pruner="median", smallest_round=100)
+    assert fewer.max_epochs == 2 and fewer.epoch_examples >= 100
+    # Two passes fit (not MIN_USEFUL_EPOCHS): still rounds, each shorter than a pass; three passes: whole passes.
+    assert 0 < plan_budget(40, PROBE, PROFILE, spent=5, max_epochs=10, pruner="median").epoch_examples < 900
+    assert plan_budget(60, PROBE, PROFILE, spent=5, max_epochs=10, pruner="median").epoch_examples == 0
+
+
+def test_a_budget_that_cannot_fit_one_round_is_one_clear_error() -> None:
     with pytest.raises(AutoftError, match=r"--timeout 30s is too short: .* give at least --timeout \d+s\."):
-        plan_budget(30, PROBE, PROFILE, spent=20, max_epochs=10, pruner="median")
+        plan_budget(30, PROBE, PROFILE, spent=24, max_epochs=10, pruner="median", smallest_round=64)
 
 
 def _cost(mode: str, epoch: float, trainable: int = 10) -> ModeCost:
@@ -247,6 +267,11 @@ def test_a_30_second_budget_fits_the_demo_on_a_quiet_machine() -> None:
     budget = plan_budget(30, measured, demo, spent=6.5, max_epochs=6, pruner="median")
     assert budget.max_epochs >= 1 and budget.search >= budget.epoch_seconds  # one fine-tuning epoch fits
     assert budget.wrap_up < 10
+    # The quiet machine's probe measured 7 s, but one epoch took 21 s in a slower hour (issue 14's refusal): the
+    # search then trains in rounds of fewer examples rather than refusing the budget.
+    slow = dataclasses.replace(measured, epoch_seconds_full=21.0)
+    rounds = plan_budget(30, slow, demo, spent=7, max_epochs=6, pruner="median", smallest_round=64)
+    assert rounds.max_epochs == 3 and 64 <= rounds.epoch_examples < demo.train
 
 
 @pytest.fixture(scope="module")
@@ -381,6 +406,22 @@ def test_probe_epoch_cost_ignores_a_step_slowed_by_another_process(tiny_setup, m
     stalled = _train_seconds_per_image(tiny_setup, batch_size=8)
     assert len(calls) == 1 + probe_module.TIMED_STEPS
     assert stalled < baseline + 0.5 / 8 / 4  # a mean over the 3 steps would be >= baseline + 0.5 s / 8 images / 3
+
+
+def test_a_plan_in_rounds_gives_every_trial_epochs_of_fewer_examples(tiny_setup, monkeypatch) -> None:
+    # The tiny model trains in milliseconds: the probe is made to report a 40 s pass over its 24 images.
+    monkeypatch.setattr(plan, "probe", lambda *a, **k: dataclasses.replace(PROBE, epoch_seconds_full=40.0))
+    space = load_space("default", fixed=("batch_size=4",))
+    made, shaped = plan.make_plan(
+        tiny_setup, space, {}, seed=0, timeout=60, spent=lambda: 10.0, max_epochs=6, pruner="median"
+    )  # fmt: skip
+    examples = made.budget.epoch_examples
+    assert 4 <= examples < 24 and made.max_epochs == 3  # 3 rounds of fewer examples than a pass
+    chosen = shaped.sample(optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask())
+    assert chosen["epoch_examples"] == examples and chosen["epochs"] <= 3
+    assert Recipe.from_params(chosen).describe().count(f"epochs of {examples} examples") == 1
+    assert f"3 epoch(s) of {examples} examples (a pass does not fit)" in made.describe()
+    assert f"{math.ceil(examples / 4)} at batch 4" in made.describe()
 
 
 def test_profile_counts_classes_and_imbalance(tiny_setup) -> None:

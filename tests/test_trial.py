@@ -137,6 +137,30 @@ def test_same_seed_same_history_and_weights(dataset: data.Dataset, augment: str)
     assert without_time(other) != without_time(first)
 
 
+@pytest.mark.parametrize("augment", ["none", "light"])
+def test_epochs_of_n_examples_take_their_steps_from_successive_passes(
+    dataset: data.Dataset, augment: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    steps: list[float] = []  # the learning rate of every set_lr call
+    real = trial.optim.set_lr
+    monkeypatch.setattr(trial.optim, "set_lr", lambda opt, lr: (steps.append(lr), real(opt, lr)))
+    # 24 train images at batch 8: a pass is 3 steps. Epochs of 12 examples are 2 steps each: 4 epochs take 8
+    # steps, the third pass cut after its second batch; the schedule runs over those 8 steps.
+    rounds = _run(_model(), _recipe(epochs=4, epoch_examples=12, augment=augment), dataset, seed=5)
+    steps = steps[1:]  # the first is the optimizer's creation; then one per step
+    assert len(rounds.history) == 4 and len(steps) == 8
+    last = 3e-3 * trial.optim.lr_factor(7, total_steps=8, warmup_steps=0, schedule="cosine")
+    assert steps[0] == pytest.approx(3e-3) and steps[-1] == pytest.approx(last)  # cosine over 8 steps, not 12
+    assert all(math.isfinite(m.train_loss) for m in rounds.history)
+    # An epoch of exactly a pass's examples is the plain epoch: the same batches, augmentation draws and weights.
+    plain = _run(_model(), _recipe(epochs=2, augment=augment), dataset, seed=5)
+    whole = _run(_model(), _recipe(epochs=2, epoch_examples=24, augment=augment), dataset, seed=5)
+    assert [dataclasses.replace(m, seconds=0.0) for m in plain.history] == [
+        dataclasses.replace(m, seconds=0.0) for m in whole.history
+    ]
+    assert _same_state(plain.best_state, whole.best_state)
+
+
 # --- report / stopping ----------------------------------------------------------------------------
 
 

@@ -88,10 +88,13 @@ class Plan:
             edits = ", ".join(f"{k} {_edit_text(v)}" for k, v in prior.edits.items())
             lines.append(f"prior {prior.name} ({prior.because}): {edits} -- {prior.reason}")
         lines += [f"  skipped: {note}" for note in self.skipped]
-        if self.steps_per_epoch:
-            steps = ", ".join(f"{n} at batch {b}" for b, n in sorted(self.steps_per_epoch.items()))
-            lines.append(f"updates: {self.max_epochs} epoch(s) per trial at most; optimizer steps per epoch: {steps}")
         b = self.budget
+        if self.steps_per_epoch:
+            steps = ", ".join(f"{n} at batch {size}" for size, n in sorted(self.steps_per_epoch.items()))
+            rounds = f" of {b.epoch_examples} examples (a pass does not fit)" if b and b.epoch_examples else ""
+            lines.append(
+                f"updates: {self.max_epochs} epoch(s){rounds} per trial at most; optimizer steps per epoch: {steps}"
+            )
         if b is None:
             lines.append("budget: none (no --timeout): --trials and --max-epochs as given")
         else:
@@ -227,9 +230,13 @@ def make_plan(
         longest = min(max_epochs, _longest_trial(space))
         budget = plan_budget(
             timeout, measured, profile, spent=spent(), max_epochs=longest, pruner=pruner,
-            steps_per_epoch=min(steps.values(), default=None), modes=_freeze_modes(space), **final_model,
+            steps_per_epoch=min(steps.values(), default=None), modes=_freeze_modes(space),
+            smallest_round=max(steps, default=1), **final_model,
         )  # fmt: skip
-        space, epochs, pruner = space.with_max_epochs(budget.max_epochs), budget.max_epochs, budget.pruner
+        epochs, pruner = budget.max_epochs, budget.pruner
+        space = space.with_max_epochs(epochs, epoch_examples=budget.epoch_examples)
+        if budget.epoch_examples:
+            steps = {b: math.ceil(budget.epoch_examples / b) for b in steps}
     plan = Plan(
         profile, measured, epochs, pruner, priors, skipped, budget, priors_off=priors_off, reused=reuse is not None,
         steps_per_epoch=steps, cached_from=when,

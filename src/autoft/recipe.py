@@ -62,6 +62,10 @@ class Recipe:
     layer_decay: float = 1.0
     weight_decay: float = 0.05
     epochs: int = 10
+    # 0: an epoch is one pass over the train split. N > 0: an epoch is N examples (a round of ceil(N / batch)
+    # optimizer steps, drawn from successive shuffled passes), each followed by validation as a pass is. The budget
+    # sets it when a pass does not fit a useful trial (issue 14: a 30 s budget, MiniLM on 2,000 tweets in 3 min).
+    epoch_examples: int = 0
     warmup_epochs: int = 0
     schedule: str = "cosine"
     batch_size: int = 64
@@ -90,6 +94,12 @@ class Recipe:
         for name, value, ok, rule in (
             ("train_blocks", self.train_blocks, self.train_blocks >= 0, ">= 0"),
             ("lp_epochs", self.lp_epochs, self.lp_epochs >= 0, ">= 0"),
+            (
+                "epoch_examples",
+                self.epoch_examples,
+                isinstance(self.epoch_examples, int) and self.epoch_examples >= 0,
+                "an int >= 0 (0: an epoch is a pass over train)",
+            ),
             ("warmup_epochs", self.warmup_epochs, self.warmup_epochs >= 0, ">= 0"),
             ("head_lr_ratio", self.head_lr_ratio, self.head_lr_ratio > 0, "> 0"),
             ("layer_decay", self.layer_decay, self.layer_decay > 0, "> 0"),
@@ -171,7 +181,8 @@ class Recipe:
             parts.append(f"head lr x{self.head_lr_ratio:.3g}")
             if self.layer_decay < 1.0:
                 parts.append(f"layer decay {self.layer_decay:.2f}")
-        parts += [f"{self.epochs} epochs", self.schedule]
+        parts.append(f"{self.epochs} epochs" + (f" of {self.epoch_examples} examples" * bool(self.epoch_examples)))
+        parts.append(self.schedule)
         if self.label_smoothing > 0:
             parts.append(f"label smoothing {self.label_smoothing:.2f}")
         parts.append(f"augment {self.augment}")

@@ -39,10 +39,11 @@ __all__ = [
 
 
 class Space(Protocol):
-    """What a search needs of a space: values for one trial, and a cap on the epochs."""
+    """What a search needs of a space: values for one trial, and the budget's fidelity (a cap on the epochs and,
+    when a pass over train does not fit, the examples of an epoch)."""
 
     def sample(self, trial: TrialLike) -> dict[str, Any]: ...
-    def with_max_epochs(self, max_epochs: int) -> Space: ...
+    def with_max_epochs(self, max_epochs: int, *, epoch_examples: int = 0) -> Space: ...
 
 
 @dataclass(frozen=True)
@@ -103,8 +104,12 @@ class SearchSpace:
                 chosen[param.name] = param.suggest(trial)
         return chosen
 
-    def with_max_epochs(self, max_epochs: int) -> SearchSpace:
-        """The same space with the ``epochs`` range capped at ``max_epochs`` (the budget's fidelity)."""
+    def with_max_epochs(self, max_epochs: int, *, epoch_examples: int = 0) -> SearchSpace:
+        """The same space with the ``epochs`` range capped at ``max_epochs`` (the budget's fidelity) and, given
+        ``epoch_examples``, every trial's epoch that many examples (the budget's rounds)."""
+        if epoch_examples:
+            fixed = Param("epoch_examples", "fixed", value=int(epoch_examples))
+            return self.with_param(fixed).with_max_epochs(max_epochs)
         if "epochs" not in self.names():  # the recipe's default must respect the cap too
             default = Recipe.__dataclass_fields__["epochs"].default
             return self.with_param(Param("epochs", "fixed", value=min(default, max_epochs)))
@@ -181,6 +186,7 @@ class FunctionSpace:
 
     fn: Callable[[TrialLike], Mapping[str, Any]]
     max_epochs: int | None = None
+    epoch_examples: int = 0
 
     def sample(self, trial: TrialLike) -> dict[str, Any]:
         chosen = self.fn(trial)
@@ -190,10 +196,12 @@ class FunctionSpace:
         if self.max_epochs is not None:
             default = Recipe.__dataclass_fields__["epochs"].default
             chosen["epochs"] = min(int(chosen.get("epochs", default)), self.max_epochs)
+        if self.epoch_examples:
+            chosen["epoch_examples"] = self.epoch_examples
         return chosen
 
-    def with_max_epochs(self, max_epochs: int) -> FunctionSpace:
-        return dataclasses.replace(self, max_epochs=max_epochs)
+    def with_max_epochs(self, max_epochs: int, *, epoch_examples: int = 0) -> FunctionSpace:
+        return dataclasses.replace(self, max_epochs=max_epochs, epoch_examples=epoch_examples)
 
 
 def _fn_name(fn: Callable[..., Any]) -> str:

@@ -9,11 +9,13 @@ the epochs before it are real measurements). Read it top to bottom in one pass.
 from __future__ import annotations
 
 import copy
+import functools
+import itertools
 import logging
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -98,6 +100,8 @@ def run_trial(
 ) -> TrialOutcome:
     """Fine-tune a copy of ``setup.base_model`` on ``setup.dataset`` with ``recipe``; ``report`` may stop it.
 
+    An epoch is a pass over train, or with ``recipe.epoch_examples`` N a round of the next N examples of
+    successive shuffled passes (the budget's choice when a pass does not fit); either is followed by validation.
     ``report(epoch, metrics)`` after each epoch answers "stop now?" (pruning; None never stops). ``stop``, once
     set, ends the trial before its next step (``outcome.interrupted``). The setup's feature cache lets head-only
     epochs on deterministic inputs train the classifier on cached pooled features; its prefix cache lets partial
@@ -120,12 +124,13 @@ def run_trial(
         feature_cache = None  # features of another model: not ours to use
     if prefix_cache is not None and prefix_cache.base_model is not setup.base_model:
         prefix_cache = None
-    steps_per_epoch = math.ceil(len(dataset.train) / recipe.batch_size)
+    steps_per_epoch = math.ceil((recipe.epoch_examples or len(dataset.train)) / recipe.batch_size)
     total_steps, warmup_steps = recipe.epochs * steps_per_epoch, recipe.warmup_epochs * steps_per_epoch
     outcome = TrialOutcome(best_score=-math.inf, best_epoch=-1)
-    trainable, optimizer, step = object(), None, 0
+    trainable, optimizer, step, stream = object(), None, 0, None
     for epoch in range(recipe.epochs):
         if recipe.train_blocks_at(epoch) != trainable:  # LP-FT unfreezes here; a fresh optimizer follows
+            stream = None  # epochs of N examples: the inputs change (cached or not), so does the stream of passes
             trainable = recipe.train_blocks_at(epoch)
             blocks.apply_freeze(model, train_blocks=trainable)
             policy = adapters.policy(recipe)
@@ -146,12 +151,16 @@ def run_trial(
             forward = torch.compile(net) if setup.compile else net
         started = time.perf_counter()
         blocks.set_train_mode(model, freeze_bn_stats=recipe.freeze_bn_stats)
-        train_loss_sum = torch.zeros((), device=device)
-        train_batches = (
-            base.batches(cached[0], batch_size=recipe.batch_size, shuffle=True, generator=generator)
-            if cached
-            else task.batches(dataset.train, batch_size=recipe.batch_size, shuffle=True, generator=generator)
-        )
+        train_loss_sum, seen = torch.zeros((), device=device), 0
+        one_pass = functools.partial(
+            base.batches if cached else task.batches, cached[0] if cached else dataset.train,
+            batch_size=recipe.batch_size, shuffle=True, generator=generator,
+        )  # fmt: skip
+        if recipe.epoch_examples:  # an epoch of N examples: the next steps of successive shuffled passes
+            stream = stream or _passes(one_pass)
+            train_batches = itertools.islice(stream, steps_per_epoch)
+        else:
+            train_batches = one_pass()
         for batch in train_batches:
             if stop is not None and stop.is_set():  # a flag read, no device sync
                 outcome.interrupted = outcome.stopped_early = True
@@ -178,8 +187,8 @@ def run_trial(
             loss.backward()
             optimizer.step()
             train_loss_sum += loss.detach() * len(batch[1])  # stays on the device: no per-step host sync
-            step += 1
-        train_loss = train_loss_sum.item() / len(dataset.train)  # one host sync per epoch
+            step, seen = step + 1, seen + len(batch[1])
+        train_loss = train_loss_sum.item() / max(1, seen)  # one host sync per epoch
         if not math.isfinite(train_loss):  # diverged: more epochs cannot recover it
             outcome.diverged = (
                 f"training loss became {train_loss} in epoch {epoch + 1} (learning rate {recipe.lr:.2e} too high?)"
@@ -203,6 +212,17 @@ def run_trial(
             outcome.stopped_early = epoch < recipe.epochs - 1
             break
     return outcome
+
+
+def _passes(one_pass: Callable[[], Iterator[base.Batch]]) -> Iterator[base.Batch]:
+    """Batches of successive passes (each shuffled anew by ``one_pass``), without end; none for an empty split."""
+    while True:
+        empty = True
+        for batch in one_pass():
+            empty = False
+            yield batch
+        if empty:
+            return
 
 
 def evaluate(model: nn.Module, split: Split, setup: Setup, *, batch_size: int = 256) -> tuple[float, float]:
