@@ -130,7 +130,9 @@ def test_a_budget_short_of_a_few_passes_trains_in_rounds_of_fewer_examples() -> 
     # (10 s x EPOCH_SAFETY). Three validated rounds of N examples share it: (3.5 / 3 - 0.345 s val) / 12.4 ms.
     budget = plan_budget(30, PROBE, PROFILE, spent=20, max_epochs=10, pruner="median", smallest_round=64)
     validation, per_example = EPOCH_SAFETY * 0.001 * PROFILE.val, (10.0 * EPOCH_SAFETY - 0.345) / PROFILE.train
-    assert budget.max_epochs == 3 and budget.expected_trials == 1
+    assert budget.max_epochs == 3 and budget.expected_trials == 1 and budget.head_passes  # 3 x 0.115 s fit
+    slow_head = dataclasses.replace(PROBE, epoch_seconds_head=2.0)
+    assert not plan_budget(30, slow_head, PROFILE, spent=20, max_epochs=10, pruner="median").head_passes
     assert budget.epoch_examples == int((budget.search / 3 - validation) // per_example) == 66
     assert budget.epoch_seconds == pytest.approx(validation + 66 * per_example)
     assert 3 * budget.epoch_seconds <= budget.search  # the rounds fit the search time
@@ -417,9 +419,14 @@ def test_a_plan_in_rounds_gives_every_trial_epochs_of_fewer_examples(tiny_setup,
     )  # fmt: skip
     examples = made.budget.epoch_examples
     assert 4 <= examples < 24 and made.max_epochs == 3  # 3 rounds of fewer examples than a pass
-    chosen = shaped.sample(optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask())
-    assert chosen["epoch_examples"] == examples and chosen["epochs"] <= 3
-    assert Recipe.from_params(chosen).describe().count(f"epochs of {examples} examples") == 1
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    trials = [shaped.sample(study.ask()) for _ in range(12)]
+    assert {t["freeze"] for t in trials} == {"linear_probe", "partial", "full", "lp_ft"}
+    for chosen in trials:  # a linear probe's passes (0.1 s, PROBE's head-only epoch) fit: it keeps them whole
+        assert chosen.get("epoch_examples", 0) == (0 if chosen["freeze"] == "linear_probe" else examples)
+        assert chosen["epochs"] <= 3
+    full = next(t for t in trials if t["freeze"] == "full")
+    assert Recipe.from_params(full).describe().count(f"epochs of {examples} examples") == 1
     assert f"3 epoch(s) of {examples} examples (a pass does not fit)" in made.describe()
     assert f"{math.ceil(examples / 4)} at batch 4" in made.describe()
 

@@ -173,3 +173,17 @@ def test_max_epochs_caps_spaces_that_do_not_search_epochs() -> None:
     space = SearchSpace([Param("lr", "fixed", value=0.1)]).with_max_epochs(3)
     assert space.sample(None) == {"lr": 0.1, "epochs": 3}
     assert load_space(lambda trial: {"lr": 0.1}).with_max_epochs(2).sample(None)["epochs"] == 2
+
+
+def test_rounds_set_every_trials_epoch_examples_but_the_whole_pass_modes() -> None:
+    space = SearchSpace([Param("freeze", "fixed", value="full")]).with_max_epochs(3, epoch_examples=40)
+    assert space.sample(None) == {"freeze": "full", "epoch_examples": 40, "epochs": 3}
+    probe = SearchSpace([Param("freeze", "fixed", value="linear_probe")])
+    assert "epoch_examples" not in probe.with_max_epochs(3, epoch_examples=40, whole_passes=("linear_probe",)).sample(
+        None
+    )
+    function = load_space(lambda trial: {"freeze": "linear_probe"})
+    assert function.with_max_epochs(2, epoch_examples=40).sample(None)["epoch_examples"] == 40
+    whole = function.with_max_epochs(2, epoch_examples=40, whole_passes=("linear_probe",))
+    assert "epoch_examples" not in whole.sample(None)
+    assert load_space(lambda trial: {}).with_max_epochs(2, epoch_examples=40).sample(None)["epoch_examples"] == 40

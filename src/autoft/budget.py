@@ -63,6 +63,7 @@ class BudgetPlan:
     expected_trials: int
     epoch_mode: str = "full"  # the freeze mode family whose epoch the plan counts: the costliest the space offers
     epoch_examples: int = 0  # 0: an epoch is a pass over train; N: a round of N examples (a pass does not fit)
+    head_passes: bool = False  # with rounds: head-only trials keep whole passes (ROUNDS of them fit the search)
 
 
 def plan_budget(
@@ -158,10 +159,11 @@ def _in_rounds(
         examples = int((search / rounds - validation) // max(per_example, 1e-9))
         if examples >= min(smallest_round, profile.train):
             round_seconds = validation + per_example * min(examples, profile.train)
+            head_pass = EPOCH_SAFETY * (measured.epoch_seconds_head or math.inf)  # no feature cache: a bound
             return BudgetPlan(
                 timeout=timeout, spent=spent, wrap_up=wrap_up, search=search, epoch_seconds=round_seconds,
                 max_epochs=rounds, pruner=pruner, expected_trials=1, epoch_mode=epoch_mode,
-                epoch_examples=examples if examples < profile.train else 0,
+                epoch_examples=examples if examples < profile.train else 0, head_passes=ROUNDS * head_pass <= search,
             )  # fmt: skip
     need = math.ceil(spent + wrap_up + ROUNDS * (validation + per_example * min(smallest_round, profile.train)))
     raise AutoftError(

@@ -234,7 +234,9 @@ def make_plan(
             smallest_round=max(steps, default=1), **final_model,
         )  # fmt: skip
         epochs, pruner = budget.max_epochs, budget.pruner
-        space = space.with_max_epochs(epochs, epoch_examples=budget.epoch_examples)
+        # A linear probe's passes cost little (a frozen forward, or none on cached features): kept whole when they fit.
+        whole = ("linear_probe",) if budget.head_passes else ()
+        space = space.with_max_epochs(epochs, epoch_examples=budget.epoch_examples, whole_passes=whole)
         if budget.epoch_examples:
             steps = {b: math.ceil(budget.epoch_examples / b) for b in steps}
     plan = Plan(

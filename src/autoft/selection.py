@@ -232,8 +232,8 @@ class ModelChoice:
             raise AutoftError("The space function sets 'model'; give the candidate models with --model a,b instead.")
         return {"model": model, **chosen}
 
-    def with_max_epochs(self, max_epochs: int, *, epoch_examples: int = 0) -> ModelChoice:
-        return dataclasses.replace(self, space=self.space.with_max_epochs(max_epochs, epoch_examples=epoch_examples))
+    def with_max_epochs(self, max_epochs: int, **rounds: Any) -> ModelChoice:
+        return dataclasses.replace(self, space=self.space.with_max_epochs(max_epochs, **rounds))
 
     @property
     def portfolio(self) -> tuple[dict[str, Any], ...]:

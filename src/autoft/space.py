@@ -43,7 +43,9 @@ class Space(Protocol):
     when a pass over train does not fit, the examples of an epoch)."""
 
     def sample(self, trial: TrialLike) -> dict[str, Any]: ...
-    def with_max_epochs(self, max_epochs: int, *, epoch_examples: int = 0) -> Space: ...
+    def with_max_epochs(
+        self, max_epochs: int, *, epoch_examples: int = 0, whole_passes: tuple[str, ...] = ()
+    ) -> Space: ...
 
 
 @dataclass(frozen=True)
@@ -104,11 +106,16 @@ class SearchSpace:
                 chosen[param.name] = param.suggest(trial)
         return chosen
 
-    def with_max_epochs(self, max_epochs: int, *, epoch_examples: int = 0) -> SearchSpace:
+    def with_max_epochs(
+        self, max_epochs: int, *, epoch_examples: int = 0, whole_passes: tuple[str, ...] = ()
+    ) -> SearchSpace:
         """The same space with the ``epochs`` range capped at ``max_epochs`` (the budget's fidelity) and, given
-        ``epoch_examples``, every trial's epoch that many examples (the budget's rounds)."""
+        ``epoch_examples``, every trial's epoch that many examples (the budget's rounds), but for the freeze modes
+        ``whole_passes`` (a linear probe whose passes fit anyway)."""
         if epoch_examples:
-            fixed = Param("epoch_examples", "fixed", value=int(epoch_examples))
+            offered = self.offered("freeze")
+            when = {"freeze": tuple(m for m in offered if m not in whole_passes)} if whole_passes and offered else {}
+            fixed = Param("epoch_examples", "fixed", value=int(epoch_examples), when=when)
             return self.with_param(fixed).with_max_epochs(max_epochs)
         if "epochs" not in self.names():  # the recipe's default must respect the cap too
             default = Recipe.__dataclass_fields__["epochs"].default
@@ -187,6 +194,7 @@ class FunctionSpace:
     fn: Callable[[TrialLike], Mapping[str, Any]]
     max_epochs: int | None = None
     epoch_examples: int = 0
+    whole_passes: tuple[str, ...] = ()
 
     def sample(self, trial: TrialLike) -> dict[str, Any]:
         chosen = self.fn(trial)
@@ -196,12 +204,15 @@ class FunctionSpace:
         if self.max_epochs is not None:
             default = Recipe.__dataclass_fields__["epochs"].default
             chosen["epochs"] = min(int(chosen.get("epochs", default)), self.max_epochs)
-        if self.epoch_examples:
+        if self.epoch_examples and chosen.get("freeze", Recipe().freeze) not in self.whole_passes:
             chosen["epoch_examples"] = self.epoch_examples
         return chosen
 
-    def with_max_epochs(self, max_epochs: int, *, epoch_examples: int = 0) -> FunctionSpace:
-        return dataclasses.replace(self, max_epochs=max_epochs, epoch_examples=epoch_examples)
+    def with_max_epochs(
+        self, max_epochs: int, *, epoch_examples: int = 0, whole_passes: tuple[str, ...] = ()
+    ) -> FunctionSpace:
+        rounds = {"epoch_examples": epoch_examples, "whole_passes": whole_passes}
+        return dataclasses.replace(self, max_epochs=max_epochs, **rounds)
 
 
 def _fn_name(fn: Callable[..., Any]) -> str:
