@@ -129,6 +129,17 @@ def test_a_stochastic_prefix_is_not_cached_and_says_why(
     assert "in the frozen prefix, pos_drop is dropout with p=0.1" in caplog.text
 
 
+def test_dropout_inside_frozen_blocks_does_not_stop_the_cache(dataset: data.Dataset) -> None:
+    model = _model("test_vit")
+    for name, module in model.named_modules():
+        if name.startswith("blocks.") and isinstance(module, nn.Dropout):
+            module.p = 0.1  # off in the frozen blocks (eval mode); drawn alike by both paths in the trainable ones
+    cache = _cache(model, dataset)
+    cached = _run(model, _partial(), dataset, cache)
+    assert cache.bytes_in("memory") > 0
+    _assert_same_outcome(cached, _run(model, _partial(), dataset, None), weight_atol=1e-3)
+
+
 def test_a_model_fx_cannot_split_falls_back() -> None:
     class Branchy(nn.Module):  # no group_matcher: grouped by top-level children; two tensors cross every cut
         def __init__(self) -> None:

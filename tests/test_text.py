@@ -1,5 +1,6 @@
 """Tests for the text tasks (autoft.tasks.text): the model protocol over a tiny random BERT, tokenizing once,
-dynamic padding, NER label alignment and scoring, and head-only trials on cached features equal the uncached."""
+dynamic padding, NER label alignment and scoring, and head-only trials on cached features equal the uncached
+(partial trials on the prefix cache: tests/test_text_prefix.py)."""
 
 from __future__ import annotations
 
@@ -133,11 +134,12 @@ def test_cached_trial_equals_the_uncached_trial(text_setup: Setup, freeze: str) 
     _assert_same_outcome(cached, plain)
 
 
-def test_ner_models_run_uncached(ner_setup: Setup) -> None:
-    assert ner_setup.feature_cache.splits() is None
+def test_ner_partial_trials_use_the_prefix_cache_but_not_the_feature_cache(ner_setup: Setup) -> None:
+    assert ner_setup.feature_cache.splits() is None  # per-token features: no pooled features to cache
     outcome = run_trial(ner_setup, Recipe.from_params({"freeze": "partial", "train_blocks": 1, "epochs": 1,
                                                         "batch_size": 8, "augment": "none"}), seed=0)  # fmt: skip
     assert len(outcome.history) == 1 and 0.0 <= outcome.best_score <= 1.0
+    assert ner_setup.prefix_cache.bytes_in("memory") > 0  # tests/test_text_prefix.py: equal to the uncached trial
 
 
 def test_text_tasks_are_registered_and_search_the_text_preset() -> None:

@@ -33,7 +33,7 @@ from torch import nn
 
 from autoft.tasks.base import Dataset, InputSpec, Task, TensorSplit
 
-__all__ = ["FeatureCache", "autocast", "cached_logits", "model_inputs", "pool", "pooled", "unsteady"]
+__all__ = ["FeatureCache", "autocast", "cached_logits", "in_eval_mode", "model_inputs", "pool", "pooled", "unsteady"]
 
 log = logging.getLogger(__name__)
 
@@ -202,14 +202,19 @@ def _why_not_cacheable(model: nn.Module) -> str:
 
 
 def _frozen_in_head_only(model: nn.Module) -> tuple[str, ...]:
-    """Name prefixes (``"encoder."``) of the modules a head-only trial puts in eval mode: those with parameters,
-    none of them the head's (``blocks.set_train_mode``). Dropout inside them is off, so it cannot make features
-    vary (a transformer encoder's dropout; timm's drop-path inside frozen blocks)."""
-    head = {id(p) for p in model.get_classifier().parameters()}
+    """Name prefixes (``"encoder."``) of the modules a head-only trial puts in eval mode. Dropout inside them is
+    off, so it cannot make features vary (a transformer encoder's dropout; timm's drop-path inside frozen blocks)."""
+    return in_eval_mode(model, trainable={id(p) for p in model.get_classifier().parameters()})
+
+
+def in_eval_mode(model: nn.Module, *, trainable: set[int]) -> tuple[str, ...]:
+    """Name prefixes (``"encoder."``) of the modules ``blocks.set_train_mode`` puts in eval mode, with everything in
+    them, when the parameters ``trainable`` (ids) train and the others are frozen: those with parameters, all
+    frozen."""
     return tuple(
         f"{name}."
         for name, module in model.named_modules()
-        if name and (params := list(module.parameters())) and not any(id(p) in head for p in params)
+        if name and (params := list(module.parameters())) and not any(id(p) in trainable for p in params)
     )
 
 

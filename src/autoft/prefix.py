@@ -2,22 +2,28 @@
 
 A partial fine-tune (``train_blocks=k``) freezes block groups ``0 .. g-1`` (``g = groups - k``; see
 ``blocks.block_groups``). Frozen modules run in eval mode (``models.set_train_mode``), so on deterministic
-inputs (augment "none", no mixup or cutmix) the tensor entering group ``g`` is a fixed function of the image.
+inputs (augment "none", no mixup or cutmix) the tensor entering group ``g`` is a fixed function of the example.
 It is computed once, on first use, for train and val, and shared by every trial of the search that trains the
 same last ``k`` groups; those trials then run only the suffix (groups ``g..``, head) each epoch.
 
-The model is split with ``torch.fx``: it is traced with every module that lies inside one block group (or the
-classifier) kept whole, so the graph is the model's top-level code (``forward_features`` / ``forward_head``:
-resnet's stem and ``layer1..4``, efficientnet's ``conv_stem``/``bn1`` and ``blocks[i]``, vit's ``patch_embed``,
-position embedding and ``blocks[i]``). The cut goes before the first node that touches group ``g`` and is only
-taken when exactly one tensor crosses it. The suffix is a ``GraphModule`` sharing the trial's own modules, so the
-optimizer, the train/eval modes and ``state_dict`` are the model's. Anything else falls back to the uncached
-path (logged at debug level with the reason): a model fx cannot trace, top-level code that differs between train
-and eval mode, several tensors crossing the cut, a stochastic or self-updating layer in the prefix (dropout,
-drop-path, normalization with running statistics but no parameters), or prefix + suffix not reproducing the
-model's own output on a probe.
+A model that splits itself (``split_blocks(start) -> (prefix, suffix)``, two modules sharing its own; the text
+encoders do, see ``tasks/text/models.py``) is cut that way. Any other is split with ``torch.fx``: it is traced with
+every module that lies inside one block group (or the classifier) kept whole, so the graph is the model's top-level
+code (``forward_features`` / ``forward_head``: resnet's stem and ``layer1..4``, efficientnet's ``conv_stem``/``bn1``
+and ``blocks[i]``, vit's ``patch_embed``, position embedding and ``blocks[i]``). The cut goes before the first node
+that touches group ``g`` and is only taken when exactly one tensor crosses it. The suffix is a ``GraphModule``
+sharing the trial's own modules, so the optimizer, the train/eval modes and ``state_dict`` are the model's. Anything
+else falls back to the uncached path (logged at debug level with the reason): a model fx cannot trace, top-level
+code that differs between train and eval mode, several tensors crossing the cut, a stochastic or self-updating layer
+in the prefix that a partial trial leaves in train mode (dropout, drop-path, normalization with running statistics
+but no parameters, outside any module whose parameters are all frozen: those run in eval mode with everything in
+them), or prefix + suffix not reproducing the model's own output on a probe (either kind of split).
 
-Memory bounds (per search, all groups together; each entry is (train + val images) x the activation's size x
+Sequences (text) come in batches padded to their longest example; the task's ``padded_width`` of a split says how
+wide its entry is (``max_length``): each batch's activations are written left-aligned and the rest zeroed (masked
+out: the activations carry the attention mask, see ``tasks/text/models.py``).
+
+Memory bounds (per search, all groups together; each entry is (train + val examples) x the activation's size x
 4 bytes, fp32 so cached and uncached results agree within float tolerance):
 
 - up to ``max_memory_bytes`` (default 1 GiB) entries are kept in memory, on the trial's device;
@@ -27,7 +33,8 @@ Memory bounds (per search, all groups together; each entry is (train + val image
 - past both, that entry is not cached and its trials take the uncached path.
 
 E.g. efficientnet_lite0 on 1,437 digits at 48 px, last 2 of 8 groups trainable: 1,437 x 112 x 3 x 3 x 4 bytes
-= 5.5 MiB; at 224 px with 100,000 images it would be 1.7 GiB (on disk).
+= 5.5 MiB; at 224 px with 100,000 images it would be 1.7 GiB (on disk). MiniLM (hidden 384) on 10,000 sentences
+at max_length 64: 10,000 x 64 x 385 x 4 bytes = 0.9 GiB per cut.
 """
 
 from __future__ import annotations
@@ -46,7 +53,7 @@ from torch import fx, nn
 
 from autoft import blocks, features
 from autoft.features import autocast, model_inputs
-from autoft.tasks.base import Dataset, InputSpec, Task, TensorSplit
+from autoft.tasks.base import Dataset, InputSpec, ModelInputs, Task, TensorSplit
 
 __all__ = ["PrefixCache", "Split", "split_model"]
 
@@ -62,8 +69,8 @@ class Split:
     """A model cut before block group ``start``: ``prefix(x)`` -> activations, ``suffix(activations)`` -> logits."""
 
     start: int
-    prefix: fx.GraphModule
-    suffix: fx.GraphModule
+    prefix: nn.Module  # an fx.GraphModule, or the model's own (split_blocks)
+    suffix: nn.Module
 
 
 @dataclass
@@ -132,8 +139,9 @@ class PrefixCache:
         if isinstance(split, str):
             log.debug("prefix cache off for group %d: %s", start, split)
             return split
-        shape = self._forward(split.prefix, probe[:1]).shape[1:]
-        need = (len(train) + len(val)) * math.prod(shape) * 4
+        example = self._forward(split.prefix, probe)[0]
+        shaped = [(s, self._shape(example, s)) for s in (train, val)]
+        need = sum(len(s) * math.prod(shape) for s, shape in shaped) * 4
         if self.bytes_in("memory") + need <= self.max_memory_bytes:
             where, allocate = "memory", self._in_memory
         elif self.spill_dir is not None and self.bytes_in("disk") + need <= self.max_disk_bytes:
@@ -142,16 +150,21 @@ class PrefixCache:
             why = f"activations would take {need / 2**20:.0f} MiB, past the cache's memory and disk bounds"
             log.debug("prefix cache off for group %d: %s", start, why)
             return why
-        entry = _Entry(*(self._fill(split.prefix, s, allocate(len(s), shape)) for s in (train, val)), where)
+        entry = _Entry(*(self._fill(split.prefix, s, allocate(len(s), shape)) for s, shape in shaped), where)
         log.info(
             "prefix cache: group %d, %d x %s activations, %.1f MiB in %s",
             start,
             len(train) + len(val),
-            tuple(shape),
+            tuple(shaped[0][1]),
             entry.nbytes / 2**20,
             entry.where,
         )
         return entry
+
+    def _shape(self, example: torch.Tensor, split: object) -> torch.Size:
+        """One example's entry shape: as computed, or a sequence as wide as the split is padded."""
+        width = self.task.padded_width(split)
+        return example.shape if width is None else torch.Size((width, *example.shape[1:]))
 
     def _in_memory(self, n: int, shape: torch.Size) -> torch.Tensor:
         return torch.empty((n, *shape), device=self.device)
@@ -168,7 +181,9 @@ class PrefixCache:
         start = 0
         for inputs in model_inputs(self.task, split, self.spec, device=self.device, batch_size=self.batch_size):
             activations = self._forward(prefix, inputs)
-            out[start : start + len(activations)] = activations.to(out.device)
+            rows, width = out[start : start + len(activations)], activations.shape[1]
+            rows[:, :width] = activations.to(out.device)
+            rows[:, width:] = 0  # a sequence batch narrower than the split: zeros after it (masked out); else empty
             start += len(activations)
         return TensorSplit(out, split.labels.to(self.device) if out.device == self.device else split.labels)
 
@@ -191,6 +206,19 @@ def split_model(model: nn.Module, start: int) -> Split | str:
         return f"group {start} is not inside the model's {len(groups)} block groups"
     group_of = {name: i for i, names in enumerate(groups) for name in names}
     group_of |= dict.fromkeys(blocks.head_parameter_names(model), HEAD)
+    if callable(getattr(model, "split_blocks", None)):
+        split = model.split_blocks(start)
+        split = split if isinstance(split, str) else Split(start, *split)
+    else:
+        split = _fx_split(model, start, group_of)
+    if isinstance(split, str):
+        return split
+    trainable = {id(p) for name, p in model.named_parameters() if group_of[name] >= start}
+    return _unsteady_module(model, split.prefix, trainable) or split
+
+
+def _fx_split(model: nn.Module, start: int, group_of: dict[str, int]) -> Split | str:
+    """The cut of the model's top-level code as ``torch.fx`` traces it (see the module doc)."""
     module_groups = {
         name: {group_of[f"{name}.{p}" if name else p] for p, _ in module.named_parameters() if p}
         for name, module in model.named_modules()
@@ -251,9 +279,6 @@ def _cut(
     crossing = [n for n in before if n not in repeated and any(u in after for u in n.users)]
     if len(crossing) != 1 or crossing[0].op == "placeholder":
         return f"{len(crossing)} values cross the cut before block group {start} (one computed tensor is needed)"
-    unsteady = _unsteady_module(model, [n.target for n in before if n.op == "call_module"])
-    if unsteady:
-        return unsteady
     prefix_graph, env = fx.Graph(), {}
     for node in before:
         env[node] = prefix_graph.node_copy(node, lambda n: env[n])
@@ -271,17 +296,24 @@ def _cut(
     return Split(start, prefix_module, fx.GraphModule(model, suffix_graph))
 
 
-def _unsteady_module(model: nn.Module, prefix_modules: list[str]) -> str:
-    """Why a prefix module would not give the same output every epoch ('' if none)."""
-    for top in prefix_modules:
-        for name, module in model.get_submodule(top).named_modules(prefix=top):
-            if why := features.unsteady(name, module):
-                return f"in the frozen prefix, {why}"
+def _unsteady_module(model: nn.Module, prefix: nn.Module, trainable: set[int]) -> str:
+    """Why a module of ``model`` that ``prefix`` runs would not give the same output every epoch ('' if none).
+
+    A partial trial trains the parameters ``trainable`` (ids); a module whose parameters are all frozen runs in eval
+    mode with everything in it (``blocks.set_train_mode``), so dropout there is off (a transformer's embeddings and
+    frozen layers): only the rest are checked.
+    """
+    names = {id(module): name for name, module in model.named_modules()}
+    in_eval = features.in_eval_mode(model, trainable=trainable)  # str.startswith(()) is False
+    for module in prefix.modules():  # the model's modules it holds (an fx.GraphModule adds containers of its own)
+        name = names.get(id(module))
+        if name is not None and not f"{name}.".startswith(in_eval) and (why := features.unsteady(name, module)):
+            return f"in the frozen prefix, {why}"
     return ""
 
 
 @torch.no_grad()
-def _mismatch(model: nn.Module, split: Split, probe: torch.Tensor) -> str:
+def _mismatch(model: nn.Module, split: Split, probe: ModelInputs) -> str:
     """'' when suffix(prefix(x)) equals the model's own forward on ``probe`` (eval mode, fp32)."""
     try:
         direct, via_split = model(probe), split.suffix(split.prefix(probe))

@@ -13,6 +13,9 @@ The model protocol (timm's, so timm models follow it as they are; a task wraps o
   freezing and layer-wise learning-rate decay; without it the top-level children are the groups;
 - ``forward_features(x)`` and ``forward_head(features, pre_logits=True)``: the pooled features the head
   sees, for the feature cache (a model without them simply runs uncached);
+- ``split_blocks(start) -> (prefix, suffix)`` (optional): the model cut before block group ``start``, two modules
+  sharing its own, ``prefix(x)`` -> one tensor, ``suffix(that tensor)`` -> the logits ``forward`` gives, for the
+  prefix cache (without it the model is split with ``torch.fx`` where it can be);
 - ``forward(x) -> logits``: ``(N, classes)``.
 
 Adding a task: a module or package with a :class:`Task` subclass, registered with :func:`autoft.tasks.register`;
@@ -342,6 +345,12 @@ class Task(ABC):
     def deterministic(self, recipe: Recipe) -> bool:
         """Whether ``recipe`` feeds the model the same inputs for an example every epoch (caches may be used)."""
         return True
+
+    def padded_width(self, split: Split) -> int | None:
+        """The sequence length ``split``'s examples are padded to, for tasks whose batches are cut to their longest
+        example (text: ``max_length``): cached activations of a sequence are stored that wide. None: every batch
+        holds the examples whole (images)."""
+        return None
 
     def select(self, split: Split, rows: torch.Tensor) -> Split:
         """The examples ``rows`` of ``split``, in that order; :class:`TensorSplit` by default."""

@@ -137,6 +137,9 @@ class TextTask(base.Task):
     def eval_inputs(self, inputs: dict[str, torch.Tensor], spec: TextSpec, *, device: torch.device) -> dict:
         return {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
 
+    def padded_width(self, split: tokens.TextSplit) -> int:
+        return split.max_length
+
     def select(self, split: tokens.TextSplit, rows: torch.Tensor) -> tokens.TextSplit:
         return split.select(rows)
 

@@ -9,9 +9,18 @@ attention mask, which suits every encoder (sentence-transformers checkpoints are
 
 The sentence classifier has ``forward_features`` (pooled features) and ``forward_head``, so head-only trials run on
 the feature cache. The token classifier has neither: its per-token features have one length per batch, so it
-runs uncached. The prefix cache is refused for both (``torch.fx`` cannot trace the transformers code, and two
-tensors -- hidden states and attention mask -- would cross any cut between layers), which the prefix cache notes
-at debug level and then runs every partial trial uncached.
+runs uncached.
+
+Both split themselves for the prefix cache (``split_blocks``; ``torch.fx`` cannot trace the transformers code):
+the prefix runs the embeddings and the frozen layers, the suffix the trainable layers and the head, each calling
+the encoder's own modules and its attention-mask helper. Two things cross the cut, the hidden states and the
+attention mask, so they travel as one tensor ``(B, T, 1 + hidden)`` with the mask in channel 0. In training the
+suffix cuts a batch to its longest example, as :func:`~autoft.tasks.text.tokens.batches` cuts training batches
+(dynamic padding: the same cost, and the same shapes, so the trainable layers' dropout draws what the uncached
+trial draws); token logits are padded back to the width they came in (positions past every example are not
+scored). The split reproduces encoders whose forward is embeddings, then the layer stack, each layer taking
+``(hidden, mask)``: BERT, RoBERTa, ELECTRA without an embedding projection, MiniLM, DistilBERT; any other fails
+the prefix cache's equality check and its partial trials run uncached.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from autoft.errors import AutoftError
@@ -129,6 +139,8 @@ def _layer_stack(encoder: nn.Module) -> str:
 class _Encoder(nn.Module):
     """An encoder with a new linear head, following the model protocol."""
 
+    pooled = False  # whether the head sees the mean-pooled hidden states (a sentence) or every token's
+
     def __init__(self, encoder: nn.Module, num_classes: int = 1, *, source: str = "") -> None:
         super().__init__()
         if isinstance(getattr(encoder, "pooler", None), nn.Module):
@@ -142,6 +154,22 @@ class _Encoder(nn.Module):
     def hidden_states(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.encoder(**inputs).last_hidden_state
 
+    def split_blocks(self, start: int) -> tuple[nn.Module, nn.Module] | str:
+        """``(prefix, suffix)`` cut before block group ``start`` (layer ``start - 1``), sharing this model's modules:
+        ``prefix(inputs)`` -> ``(B, T, 1 + hidden)`` (the attention mask, then the hidden states entering the
+        layer), ``suffix(activations)`` -> the logits ``forward`` gives (a reason instead when it cannot split)."""
+        layers = self._layer_list()
+        if not isinstance(getattr(self.encoder, "embeddings", None), nn.Module):
+            return f"{type(self.encoder).__name__} has no embeddings module"
+        if not 0 < start <= len(layers):
+            return f"group {start} is not an encoder layer"
+        config = self.encoder.config
+        prefix = _Prefix(self.encoder.embeddings, layers[: start - 1], config)
+        return prefix, _Suffix(layers[start - 1 :], self.head, config, pooled=self.pooled)
+
+    def _layer_list(self) -> nn.ModuleList:
+        return self.encoder.get_submodule(self._layers[len("encoder.") : -1])
+
     def get_classifier(self) -> nn.Module:
         return self.head
 
@@ -151,7 +179,7 @@ class _Encoder(nn.Module):
     def group_matcher(self, coarse: bool = True) -> Any:
         """Ordinal of a parameter's block group: 0 for the embeddings (and anything outside the layer stack),
         ``i + 1`` for layer ``i``; the head is excluded by :func:`autoft.blocks.block_groups`."""
-        layers, count = self._layers, len(self.encoder.get_submodule(self._layers[len("encoder.") : -1]))
+        layers, count = self._layers, len(self._layer_list())
 
         def ordinal(name: str) -> int:
             if name.startswith(layers):
@@ -164,10 +192,10 @@ class _Encoder(nn.Module):
 class SentenceClassifier(_Encoder):
     """Sentence (or sentence-pair) classification: mean-pooled last hidden states -> linear head, ``(N, C)``."""
 
+    pooled = True
+
     def forward_features(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        hidden = self.hidden_states(inputs)
-        mask = inputs["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+        return _mean_pooled(self.hidden_states(inputs), inputs["attention_mask"])
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return x if pre_logits else self.head(x)
@@ -181,6 +209,63 @@ class TokenClassifier(_Encoder):
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.head(self.hidden_states(inputs))
+
+
+def _mean_pooled(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The mean of ``hidden`` ``(B, T, D)`` over the positions ``mask`` ``(B, T)`` marks."""
+    weights = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+
+
+def _layer_mask(config: Any, hidden: torch.Tensor, mask: torch.Tensor) -> Any:
+    """What the encoder's layers take as attention mask, made from the ``(B, T)`` mask as the encoder makes it."""
+    try:
+        from transformers.masking_utils import create_bidirectional_mask
+    except ImportError:  # transformers 4: the additive (B, 1, 1, T) mask of get_extended_attention_mask
+        return (1.0 - mask[:, None, None, :].to(hidden.dtype)) * torch.finfo(hidden.dtype).min
+    return create_bidirectional_mask(config=config, inputs_embeds=hidden, attention_mask=mask)
+
+
+def _run_layers(layers: nn.ModuleList, hidden: torch.Tensor, mask: torch.Tensor, config: Any) -> torch.Tensor:
+    """``hidden`` through ``layers`` as the encoder runs its layer stack (a layer may return a tuple)."""
+    if len(layers):
+        attention = _layer_mask(config, hidden, mask)
+        for layer in layers:
+            out = layer(hidden, attention)
+            hidden = out[0] if isinstance(out, tuple) else out
+    return hidden
+
+
+class _Prefix(nn.Module):
+    """The frozen block groups: the embeddings, then the first layers; one tensor out, the mask in channel 0."""
+
+    def __init__(self, embeddings: nn.Module, layers: nn.ModuleList, config: Any) -> None:
+        super().__init__()
+        self.embeddings, self.layers, self.config = embeddings, layers, config
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        mask = inputs["attention_mask"]
+        hidden = self.embeddings(**{k: v for k, v in inputs.items() if k != "attention_mask"})
+        hidden = _run_layers(self.layers, hidden, mask, self.config)
+        return torch.cat([mask.unsqueeze(-1).to(hidden.dtype), hidden], dim=-1)
+
+
+class _Suffix(nn.Module):
+    """The trainable layers and the head, on the prefix's ``(B, T, 1 + hidden)`` activations."""
+
+    def __init__(self, layers: nn.ModuleList, head: nn.Module, config: Any, *, pooled: bool) -> None:
+        super().__init__()
+        self.layers, self.head, self.config, self.pooled = layers, head, config, pooled
+
+    def forward(self, activations: torch.Tensor) -> torch.Tensor:
+        width = activations.shape[1]
+        if self.head.training:  # the model's mode, as the trial sets it (this wrapper is not one of its modules)
+            activations = activations[:, : max(1, int(activations[..., 0].sum(1).max()))]  # the longest example's
+        mask = activations[..., 0].long()
+        hidden = _run_layers(self.layers, activations[..., 1:], mask, self.config)
+        if self.pooled:
+            return self.head(_mean_pooled(hidden, mask))
+        return F.pad(self.head(hidden), (0, 0, 0, width - hidden.shape[1]))
 
 
 def _wrapper(token_level: bool) -> type[_Encoder]:
