@@ -107,6 +107,22 @@ def test_one_entry_per_group_serves_every_trial(dataset: data.Dataset) -> None:
     assert train.images.shape[0] == len(dataset.train) and torch.equal(val.labels, dataset.val.labels)
 
 
+def test_a_short_trial_in_rounds_builds_no_cache_it_would_not_repay(dataset: data.Dataset) -> None:
+    # The build is a forward pass over 24 train + 12 val images; 1 round of 8 (and its validation) covers 20.
+    model = _model("test_efficientnet")
+    cache = _cache(model, dataset)
+    short = _run(model, _partial(epochs=1, epoch_examples=8), dataset, cache)
+    assert cache.bytes_in("memory") == 0 and not cache.built(train_blocks=2) and len(short.history) == 1
+    _run(model, _partial(epochs=2, epoch_examples=8), dataset, cache)  # 2 x (8 + 12) = 40 >= 36: it pays
+    assert cache.built(train_blocks=2) and cache.bytes_in("memory") > 0
+    # Equal results either way (the uncached and cached paths agree, as above).
+    _assert_same_outcome(
+        _run(model, _partial(epochs=2, epoch_examples=8), dataset, None),
+        _run(model, _partial(epochs=2, epoch_examples=8), dataset, cache),
+        weight_atol=1e-3,
+    )
+
+
 @pytest.mark.parametrize(
     "fields",
     [{"augment": "light"}, {"mixup": 0.2}, {"freeze": "full"}, {"freeze": "linear_probe"}, {"train_blocks": 9}],

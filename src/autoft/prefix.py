@@ -109,6 +109,10 @@ class PrefixCache:
         """Bytes the entries kept in ``"memory"`` or on ``"disk"`` hold."""
         return sum(e.nbytes for e in self._entries.values() if isinstance(e, _Entry) and e.where == where)
 
+    def built(self, *, train_blocks: int) -> bool:
+        """Whether the entry for the last ``train_blocks`` groups was already built (or refused); never builds."""
+        return self._start(train_blocks) in self._entries
+
     def for_trial(self, model: nn.Module, *, train_blocks: int) -> tuple[nn.Module, TensorSplit, TensorSplit] | None:
         """``(suffix of model, train, val activations)`` when the last ``train_blocks`` groups' input is cached.
 

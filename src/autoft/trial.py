@@ -141,10 +141,13 @@ def run_trial(
             # Same inputs every epoch and a frozen backbone prefix; a policy may train inside any block: no caches.
             steady = policy is None and task.deterministic(recipe)
             # Head only: the classifier trains on pooled features computed once per search.
-            cached = feature_cache.splits() if feature_cache is not None and steady and trainable == 0 else None
+            head_only = feature_cache is not None and steady and trainable == 0
+            head_only = head_only and _cache_pays(recipe, dataset, built=feature_cache.built() is not None)
+            cached = feature_cache.splits() if head_only else None
             net = model.get_classifier() if cached else model
             # A frozen prefix: only the trainable blocks run, on activations cached per search.
             partial = bool(trainable) and steady and prefix_cache is not None
+            partial = partial and _cache_pays(recipe, dataset, built=prefix_cache.built(train_blocks=trainable))
             suffix = prefix_cache.for_trial(model, train_blocks=trainable) if partial else None
             if suffix is not None:
                 net, cached = suffix[0], suffix[1:]
@@ -212,6 +215,16 @@ def run_trial(
             outcome.stopped_early = epoch < recipe.epochs - 1
             break
     return outcome
+
+
+def _cache_pays(recipe: Recipe, dataset: base.Dataset, *, built: bool) -> bool:
+    """Whether to use a cache of frozen computation, whose build is one frozen forward pass over train + val:
+    always once built, or when the epochs are passes (each repeats that forward pass); with epochs of N examples
+    (a short budget's rounds) only when the trial's epochs and validations cover as many examples. E.g. the
+    demo's 30 s search: 3 rounds of 86 images would have paid a prefix pass over all 1,437 first."""
+    if built or not recipe.epoch_examples:
+        return True
+    return recipe.epochs * (recipe.epoch_examples + len(dataset.val)) >= len(dataset.train) + len(dataset.val)
 
 
 def _passes(one_pass: Callable[[], Iterator[base.Batch]]) -> Iterator[base.Batch]:
