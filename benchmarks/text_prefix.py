@@ -8,12 +8,15 @@ and the frozen layers, once per search), then the cached trial. An epoch's secon
 (training and the val pass; the build is not in them). One run each side, so on a shared machine read the ratio as
 rough. Prints one line of JSON.
 
-    .venv/bin/python benchmarks/text_prefix.py [--per-class 128] [--train-blocks 1,2]
+    .venv/bin/python benchmarks/text_prefix.py [--per-class 128] [--train-blocks 1,2] [--repeats 1] [--csv F]
+
+``--repeats`` alternates the sides again (a new cache each time); ``--csv`` writes one row per repeat and cut.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
 import json
 import os
@@ -48,6 +51,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--per-class", type=int, default=128, help="train tweets of each sentiment")
     parser.add_argument("--train-blocks", default="1,2")
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--csv", type=Path)
     args = parser.parse_args()
     per_class = {"train": args.per_class, "val": max(1, args.per_class // 4)}
     s = prepare(SearchConfig(model=str(MODEL), data=write_tweets(ROOT / "tweets-prefix", per_class=per_class)))
@@ -59,14 +64,15 @@ def main() -> None:
         "max_length": s.dataset.train.max_length,
         "batch_size": 32,
     }
-    for k in map(int, args.train_blocks.split(",")):
+    rows = []
+    for repeat, k in ((r, int(k)) for r in range(args.repeats) for k in args.train_blocks.split(",")):
         uncached, uncached_accuracy = epoch(s, k, None)
         cache = PrefixCache(s.base_model, s.dataset, s.task, s.spec, device=s.device)
         started = time.perf_counter()
         cache.activations(train_blocks=k)
         build = time.perf_counter() - started
         cached, cached_accuracy = epoch(s, k, cache)
-        result[f"last_{k}_layers"] = {
+        result[f"last_{k}_layers" + (f"_repeat_{repeat}" if repeat else "")] = row = {
             "uncached_epoch_s": round(uncached, 2),
             "cache_build_s": round(build, 2),
             "cached_epoch_s": round(cached, 2),
@@ -75,7 +81,16 @@ def main() -> None:
             "cache_mib": round(cache.bytes_in("memory") / 2**20, 1),
             "val_accuracy": {"uncached": uncached_accuracy, "cached": cached_accuracy},
         }
+        rows.append({"repeat": repeat, "train_blocks": k, "load_1min": round(os.getloadavg()[0], 2)} | row)
     print(json.dumps(result | {"load_average_1m": round(os.getloadavg()[0], 2), "machine": machine(s.device)}))
+    if args.csv:
+        for row in rows:
+            accuracy = row.pop("val_accuracy")
+            row |= {"val_accuracy_uncached": accuracy["uncached"], "val_accuracy_cached": accuracy["cached"]}
+        with args.csv.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
 
 
 if __name__ == "__main__":
