@@ -83,6 +83,16 @@ def test_budget_reserves_spent_and_wrap_up_and_fits_three_full_trials() -> None:
     assert budget.pruner == "hyperband"  # trials of 9+ epochs: rungs at 1, 3, 9 cut bad ones early
     applied = Budget.from_plan(budget, started=time.time() - 30)  # the plan was made 30 s into the command
     assert applied.launch_window() == pytest.approx(budget.search - epoch, abs=1)  # one epoch must still fit
+    validation = EPOCH_SAFETY * 0.001 * PROFILE.val  # one val evaluation with the margin
+    assert budget.validation_seconds == pytest.approx(validation) == applied.validation_seconds
+    assert applied.trial_deadline == pytest.approx(applied.search_end - validation)
+
+
+def test_a_part_of_an_epoch_fits_where_a_whole_one_does_not() -> None:
+    budget = Budget(search_end=time.time() + 10, epoch_seconds=20.0, validation_seconds=2.0)
+    assert not budget.next_epoch_fits(last_epoch_seconds=5)
+    assert budget.last_part_fits(last_epoch_seconds=5)  # a quarter of 20 s and 2 s of validation end in time
+    assert not budget.last_part_fits(last_epoch_seconds=40)  # the trial's own epochs are slower: 10 + 2 > 10
 
 
 def test_a_tight_budget_shortens_trials_and_keeps_the_users_pruner() -> None:
@@ -512,6 +522,22 @@ class _EveryEpochFits(Budget):
 
     def next_epoch_fits(self, last_epoch_seconds: float) -> bool:
         return True
+
+
+def test_a_trial_whose_next_epoch_does_not_fit_trains_on_while_a_part_of_one_does(tmp_path: Path) -> None:
+    """No whole epoch fits (12 s planned, 6 s left), but a quarter of one does: the trial goes on until that no
+    longer holds (3 s before the end), instead of stopping after its first epoch with the search time unused."""
+    data = make_image_folder(tmp_path / "data", per_class=8)
+    cfg = SearchConfig(
+        model="test_resnet", data=data, pretrained=False, image_size=16, device="cpu", run_dir=tmp_path / "run"
+    ).resolved()
+    setups = {cfg.model: prepare(cfg)}
+    budget = Budget(search_end=time.time() + 6, epoch_seconds=12.0)
+    params = {"freeze": "full", "epochs": 500, "batch_size": 4, "lr": 1e-3, "augment": "none"}
+    outcome = TrialRunner(cfg, setups, budget=budget)(0, params, lambda epoch, metrics: False)
+    assert 2 <= len(outcome.history) < 500 and not outcome.stopped_early
+    assert outcome.notes["stopped_by_budget"] == f"epoch {len(outcome.history)} of 500"
+    assert time.time() <= budget.search_end + 1.0
 
 
 def test_a_trial_the_deadline_stops_mid_epoch_is_complete_and_noted(tmp_path: Path) -> None:

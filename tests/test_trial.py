@@ -195,6 +195,18 @@ def test_a_passed_deadline_ends_the_trial_mid_epoch_once_it_has_a_best_epoch(dat
     assert len(untouched.history) == 3 and "stopped_by_budget" not in untouched.notes
 
 
+def test_an_epoch_the_deadline_cuts_after_some_steps_is_validated_and_ends_the_trial(
+    dataset: data.Dataset, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """24 images at batch 4: 6 steps an epoch. The clock passes the deadline at the third step of epoch 2 (the
+    first epoch never reads it): the 2 steps trained are validated as epoch 2, and the trial ends there."""
+    readings = iter([0.0, 0.0])  # the deadline checks of epoch 2's first two steps; then past it
+    monkeypatch.setattr(trial.time, "time", lambda: next(readings, 100.0))
+    outcome = run_trial(image_setup(_model(), dataset), _recipe(epochs=3, batch_size=4), seed=0, deadline=50.0)
+    assert len(outcome.history) == 2 and outcome.stopped_early
+    assert outcome.notes["stopped_by_budget"] == "2 of 3 epochs, the last cut at the deadline after 8 examples"
+
+
 # --- best epoch -----------------------------------------------------------------------------------
 
 

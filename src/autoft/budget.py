@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from autoft.errors import AutoftError
 from autoft.probe import DataProfile, Probe, cost_family
 
-__all__ = ["EPOCH_SAFETY", "Budget", "BudgetPlan", "plan_budget"]
+__all__ = ["EPOCH_SAFETY", "LAST_PART", "Budget", "BudgetPlan", "plan_budget"]
 
 
 # One epoch of a sampled recipe may cost more than the probe's (stronger augmentation, smaller batches,
@@ -45,6 +45,10 @@ HYPERBAND_FROM_EPOCHS = 9  # rungs at 1, 3, 9 epochs need trials at least this l
 # in 3 minutes), a trial's epoch becomes a round of N examples (``Recipe.epoch_examples``), sized so that the first
 # trial gets this many rounds, each validated: it keeps its best round, and the budget can stop it between them.
 ROUNDS = 3
+# After an epoch, when one more does not fit before the search's end but this share of one (and a validation)
+# does, the trial trains on until the deadline and validates that last, shorter epoch instead of stopping: at 3
+# minutes on 1,450 NER sentences a trial stopped after 1 epoch of ~60 s left 42 s of the search unused.
+LAST_PART = 0.25
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,7 @@ class BudgetPlan:
     epoch_mode: str = "full"  # the freeze mode family whose epoch the plan counts: the costliest the space offers
     epoch_examples: int = 0  # 0: an epoch is a pass over train; N: a round of N examples (a pass does not fit)
     head_passes: bool = False  # with rounds: head-only trials keep whole passes (ROUNDS of them fit the search)
+    validation_seconds: float = 0.0  # one val evaluation, with the margin: a cut epoch's training ends this early
 
 
 def plan_budget(
@@ -105,6 +110,7 @@ def plan_budget(
     wrap_up = WRAP_UP_FIXED_SECONDS + evaluations + SLACK * timeout
     epoch_mode, epoch = _costliest(measured, modes)
     epoch = EPOCH_SAFETY * max(epoch, 1e-3)
+    validation = min(epoch, EPOCH_SAFETY * (measured.eval_seconds_per_image or 0.0) * profile.val)
     if refit:  # the refit's epochs cost (train + val) / train of a search epoch; reserve them for the longest trial
         refit_epoch = epoch * (profile.train + profile.val) / max(profile.train, 1)
         room = timeout - spent - wrap_up
@@ -113,8 +119,8 @@ def plan_budget(
     search = timeout - spent - wrap_up
     fits = int(search // epoch) if search > 0 else 0  # epochs of full fine-tuning the search time holds in all
     if fits < MIN_USEFUL_EPOCHS:  # not even one trial of a few passes: rounds of fewer examples, or a refusal
-        return _in_rounds(timeout, spent, wrap_up, search, epoch, epoch_mode, measured, profile, smallest_round,
-                          max_epochs=max_epochs, pruner=pruner)  # fmt: skip
+        return _in_rounds(timeout, spent, wrap_up, search, epoch, validation, epoch_mode, measured, profile,
+                          smallest_round, max_epochs=max_epochs, pruner=pruner)  # fmt: skip
     # Three useful trials fit: share the time. Otherwise one trial takes it all (the portfolio's first
     # fine-tune, like the untuned recipe would): short trials of a small budget learn too little to compare.
     useful = max(MIN_USEFUL_EPOCHS, math.ceil(MIN_USEFUL_STEPS / steps_per_epoch) if steps_per_epoch else 0)
@@ -133,6 +139,7 @@ def plan_budget(
         pruner=chosen,
         expected_trials=max(1, int(search // (epoch * (epochs + 1.5) / 2))),
         epoch_mode=epoch_mode,
+        validation_seconds=validation,
     )
 
 
@@ -142,6 +149,7 @@ def _in_rounds(
     wrap_up: float,
     search: float,
     epoch: float,
+    validation: float,
     epoch_mode: str,
     measured: Probe,
     profile: DataProfile,
@@ -152,8 +160,7 @@ def _in_rounds(
 ) -> BudgetPlan:
     """The plan when the search time holds fewer than MIN_USEFUL_EPOCHS passes over train: ROUNDS rounds of N
     examples (each validated) fill it, or fewer rounds when a round would hold less than ``smallest_round``
-    examples; none fits: one sentence saying what would. ``epoch`` is a pass plus validation, with its margin."""
-    validation = min(epoch, EPOCH_SAFETY * (measured.eval_seconds_per_image or 0.0) * profile.val)
+    examples; none fits: one sentence saying what would. ``epoch`` is a pass plus ``validation``, with the margin."""
     per_example = (epoch - validation) / max(profile.train, 1)  # one training example, with the margin
     for rounds in range(min(ROUNDS, max_epochs), 0, -1):
         examples = int((search / rounds - validation) // max(per_example, 1e-9))
@@ -164,6 +171,7 @@ def _in_rounds(
                 timeout=timeout, spent=spent, wrap_up=wrap_up, search=search, epoch_seconds=round_seconds,
                 max_epochs=rounds, pruner=pruner, expected_trials=1, epoch_mode=epoch_mode,
                 epoch_examples=examples if examples < profile.train else 0, head_passes=ROUNDS * head_pass <= search,
+                validation_seconds=validation,
             )  # fmt: skip
     need = math.ceil(spent + wrap_up + ROUNDS * (validation + per_example * min(smallest_round, profile.train)))
     raise AutoftError(
@@ -198,11 +206,18 @@ class Budget:
 
     search_end: float  # every trial has ended by then; the wrap-up (test score, report) has the rest
     epoch_seconds: float  # one full fine-tuning epoch as the plan counts it (with its margin)
+    validation_seconds: float = 0.0  # one val evaluation as the plan counts it
 
     @classmethod
     def from_plan(cls, plan: BudgetPlan, *, started: float) -> Budget:
         """The budget of a plan made by a command that started at wall-clock time ``started``."""
-        return cls(search_end=started + plan.spent + plan.search, epoch_seconds=plan.epoch_seconds)
+        end = started + plan.spent + plan.search
+        return cls(search_end=end, epoch_seconds=plan.epoch_seconds, validation_seconds=plan.validation_seconds)
+
+    @property
+    def trial_deadline(self) -> float:
+        """When a trial's training must end (mid-epoch if need be) so that validating it ends by ``search_end``."""
+        return self.search_end - self.validation_seconds
 
     def launch_window(self) -> float:
         """Seconds from now in which a new trial may start: one epoch must still fit after it (at least 1 ms)."""
@@ -212,3 +227,9 @@ class Budget:
         """Whether one more epoch, as long as the plan's or as the trial's own last one if that was slower, ends
         before the search must: a trial for which it does not is stopped by the budget, and keeps its best epoch."""
         return time.time() + max(self.epoch_seconds, last_epoch_seconds) <= self.search_end
+
+    def last_part_fits(self, last_epoch_seconds: float) -> bool:
+        """Whether a LAST_PART share of one more epoch (as long as in :meth:`next_epoch_fits`) and its validation
+        still end before the search must: the trial then trains on until :attr:`trial_deadline` and validates."""
+        longest = max(self.epoch_seconds, last_epoch_seconds)
+        return time.time() + LAST_PART * longest + self.validation_seconds <= self.search_end

@@ -4,7 +4,8 @@
 rules that must hold whichever backend runs the trial:
 
 - the ``--timeout`` budget (:class:`~autoft.budget.Budget`): after an epoch, when one more would end past the
-  search's deadline the trial stops, and mid-epoch once the deadline has passed (an epoch slower than planned);
+  search's deadline the trial stops, unless a part of one still fits: then it trains until the trial deadline
+  and validates that shorter epoch (as it does with an epoch slower than planned that the deadline cuts);
   it is COMPLETE with its best epoch (noted ``stopped_by_budget``), not
   PRUNED, because its best epoch is a real model with a real score (a 2-minute search once lost its best model);
   the pruner is asked first, so a pruned trial stays PRUNED;
@@ -71,13 +72,15 @@ class TrialRunner:
             if report(epoch, metrics):  # the pruner's verdict comes first: a pruned trial stays PRUNED
                 return True
             if self.budget is not None and not self.budget.next_epoch_fits(metrics.seconds):
+                if epoch + 1 < recipe.epochs and self.budget.last_part_fits(metrics.seconds):
+                    return False  # a last, shorter epoch: run_trial cuts it at the trial deadline and validates it
                 budget_stop.append(epoch + 1)
                 return True
             return False
 
         outcome = self._train_retrying_oom(setup, recipe, number, report_within_budget)
         if budget_stop:  # after an epoch; run_trial notes a mid-epoch stop by the deadline itself
-            outcome.notes["stopped_by_budget"] = f"epoch {budget_stop[0]} of {recipe.epochs}"
+            outcome.notes.setdefault("stopped_by_budget", f"epoch {budget_stop[0]} of {recipe.epochs}")
         cut = "stopped_by_budget" in outcome.notes
         if cut and outcome.stopped_early and not outcome.diverged and not outcome.interrupted:
             outcome.stopped_early = False  # the budget, not the pruner, ended it: COMPLETE with its best epoch
@@ -103,7 +106,7 @@ class TrialRunner:
         return outcome
 
     def _train(self, setup: Setup, recipe: Recipe, number: int, report: Report) -> TrialOutcome:
-        deadline = self.budget.search_end if self.budget is not None else None
+        deadline = self.budget.trial_deadline if self.budget is not None else None
         return run_trial(
             setup, recipe, seed=self.config.seed + number, report=report, stop=self.stop, deadline=deadline
         )

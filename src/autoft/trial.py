@@ -107,9 +107,10 @@ def run_trial(
     epochs on deterministic inputs train the classifier on cached pooled features; its prefix cache lets partial
     fine-tuning epochs run only the unfrozen blocks, on the cached activations entering them. ``keep_last`` keeps
     the last epoch's weights instead of the best epoch's (a refit on train+val has no held-out split left).
-    ``deadline`` (a ``time.time()`` reading: the search's end) ends a trial that already has a best epoch before
-    its next step once passed (noted ``stopped_by_budget``): an epoch slower than planned, because the machine got
-    busier, does not carry the search past its budget.
+    ``deadline`` (a ``time.time()`` reading: when training must end) cuts the epoch of a trial that already has a
+    best epoch before its next step once passed, validates the part trained, and ends the trial (noted
+    ``stopped_by_budget``): an epoch slower than planned, because the machine got busier, does not carry the search
+    past its budget, and a last epoch the runner lets start when only a part of one fits uses the time left.
 
     >>> outcome = run_trial(setup, Recipe(epochs=2), seed=0)  # doctest: +SKIP
     """
@@ -164,15 +165,14 @@ def run_trial(
             train_batches = itertools.islice(stream, steps_per_epoch)
         else:
             train_batches = one_pass()
+        cut_short = False  # the deadline passed mid-epoch: the part trained so far is validated, then the trial ends
         for batch in train_batches:
             if stop is not None and stop.is_set():  # a flag read, no device sync
                 outcome.interrupted = outcome.stopped_early = True
                 return outcome
             if deadline is not None and outcome.best_epoch >= 0 and time.time() > deadline:  # keeps its best epoch
-                outcome.stopped_early = True
-                cut = f"{epoch} of {recipe.epochs} epochs (the deadline passed mid-epoch)"
-                outcome.notes["stopped_by_budget"] = cut
-                return outcome
+                cut_short = outcome.stopped_early = True
+                break
             optim.set_lr(
                 optimizer,
                 recipe.lr
@@ -191,6 +191,14 @@ def run_trial(
             optimizer.step()
             train_loss_sum += loss.detach() * len(batch[1])  # stays on the device: no per-step host sync
             step, seen = step + 1, seen + len(batch[1])
+        if cut_short:
+            outcome.notes["stopped_by_budget"] = (
+                f"{epoch + 1} of {recipe.epochs} epochs, the last cut at the deadline after {seen} examples"
+                if seen
+                else f"{epoch} of {recipe.epochs} epochs (the deadline passed mid-epoch)"
+            )
+            if not seen:  # nothing trained since the last validation
+                return outcome
         train_loss = train_loss_sum.item() / max(1, seen)  # one host sync per epoch
         if not math.isfinite(train_loss):  # diverged: more epochs cannot recover it
             outcome.diverged = (
@@ -211,8 +219,8 @@ def run_trial(
             if recipe.freeze in PEFT_MODES:
                 outcome.adapter_state = adapters.adapter_state(model)
         log.debug("epoch %d: %s", epoch, metrics)
-        if report is not None and report(epoch, metrics):
-            outcome.stopped_early = epoch < recipe.epochs - 1
+        if (report is not None and report(epoch, metrics)) or cut_short:
+            outcome.stopped_early = outcome.stopped_early or epoch < recipe.epochs - 1
             break
     return outcome
 
