@@ -33,7 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from decode_speed import write_csv, write_jpegs
+from _common import write_csv
+from decode_speed import write_jpegs
 
 from autoft.config import SearchConfig
 from autoft.controller import Progress, run_search

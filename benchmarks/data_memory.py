@@ -44,8 +44,9 @@ import threading
 import time
 from pathlib import Path
 
+from _common import write_csv
 from data_cache import write_folder
-from decode_speed import write_csv, write_jpegs
+from decode_speed import write_jpegs
 
 MIB = 2**20
 

@@ -23,7 +23,6 @@ second (what one core decodes when it is ours). Prints one JSON line; ``--csv`` 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import platform
@@ -33,6 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from _common import write_csv
 from PIL import Image, ImageDraw, ImageFilter
 
 from autoft.tasks.image import cache, decode
@@ -110,15 +110,6 @@ def measure(paths: list[Path], size: int, repeats: int) -> dict[str, list[tuple[
             side(paths, size)
             runs[name].append((time.perf_counter() - wall, time.process_time() - cpu))
     return runs
-
-
-def write_csv(path: Path, rows: list[dict]) -> None:
-    """``rows`` as a CSV file, the first row's keys as the header."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def _row(side: str, rate: float, best: tuple[float, float], runs: list[tuple[float, float]]) -> dict:

@@ -16,7 +16,6 @@ Target: trial throughput from the mapped file >= 0.9x the in-memory path. Prints
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import json
 import os
@@ -25,7 +24,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import demo_config, machine
+from _common import demo_config, machine, write_csv
 from gpu import autoft_loop, fed_rate, mapped_data
 
 from autoft.preparation import prepare
@@ -64,10 +63,7 @@ def main() -> None:
     }
     print(json.dumps(result))
     if args.csv:
-        with args.csv.open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+        write_csv(args.csv, rows)
 
 
 if __name__ == "__main__":

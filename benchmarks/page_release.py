@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from decode_speed import write_csv
+from _common import write_csv
 
 from autoft.tasks import pages
 from autoft.tasks.base import MappedSplit, batches

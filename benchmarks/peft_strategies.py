@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import json
 import os
 import resource
@@ -274,12 +273,9 @@ def main() -> None:
     if "accuracy" in args.parts and args.seconds > 0:
         rows += accuracy(args)
     if args.csv is not None:
-        args.csv.parent.mkdir(parents=True, exist_ok=True)
-        fields = list(dict.fromkeys(k for row in rows for k in row))
-        with args.csv.open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(rows)
+        from _common import write_csv
+
+        write_csv(args.csv, rows)
 
 
 if __name__ == "__main__":

