@@ -38,8 +38,8 @@ def _with_cache(setup: Setup, **options) -> tuple[Setup, PrefixCache]:
 
 
 def _run(setup: Setup, train_blocks: int) -> TrialOutcome:
-    recipe = Recipe.from_params({"freeze": "partial", "train_blocks": train_blocks, "epochs": 2, "batch_size": 8,
-                                 "lr": 1e-3, "augment": "none"})  # fmt: skip
+    freeze = {"freeze": "partial", "train_blocks": train_blocks} if train_blocks else {"freeze": "linear_probe"}
+    recipe = Recipe.from_params({**freeze, "epochs": 2, "batch_size": 8, "lr": 1e-3, "augment": "none"})
     return run_trial(setup, recipe, seed=3)
 
 
@@ -53,7 +53,8 @@ def test_every_cut_reproduces_the_models_forward(setups: dict[str, Setup], kind:
     model = setup.base_model.eval()
     inputs, _ = next(iter(setup.task.batches(setup.dataset.val, batch_size=4, shuffle=False)))
     assert (inputs["attention_mask"] == 0).any()  # padded examples among them
-    for start in range(1, len(blocks.block_groups(model))):
+    groups = blocks.block_groups(model)
+    for start in range(1, len(groups) + 1):  # the last cut is before the head: every layer frozen
         split = prefix.split_model(model, start)
         assert isinstance(split, prefix.Split), split
         with torch.no_grad():
@@ -62,11 +63,12 @@ def test_every_cut_reproduces_the_models_forward(setups: dict[str, Setup], kind:
         assert activations.shape == (*inputs["input_ids"].shape, 1 + model.num_features)  # the mask, then hidden
         assert torch.equal(activations[..., 0], inputs["attention_mask"].float())
         suffix_params = {id(p) for p in split.suffix.parameters()}
-        assert id(model.get_parameter(blocks.block_groups(model)[start][0])) in suffix_params
+        first_trained = groups[start][0] if start < len(groups) else "head.weight"
+        assert id(model.get_parameter(first_trained)) in suffix_params
         assert not suffix_params & {id(p) for p in split.prefix.parameters()}
 
 
-@pytest.mark.parametrize("train_blocks", [1, 2])
+@pytest.mark.parametrize("train_blocks", [0, 1, 2])  # 0: a linear probe, the head alone on the last layer's output
 @pytest.mark.parametrize("kind", KINDS)
 def test_cached_partial_fine_tune_equals_the_uncached_one(
     setups: dict[str, Setup], kind: str, train_blocks: int

@@ -206,7 +206,7 @@ def split_model(model: nn.Module, start: int) -> Split | str:
     ['layer3', 'layer4', 'global_pool', 'fc']
     """
     groups = blocks.block_groups(model)
-    if not 0 < start < len(groups):
+    if not 0 < start <= len(groups):  # start == len(groups): before the head (a linear probe's trainable part)
         return f"group {start} is not inside the model's {len(groups)} block groups"
     group_of = {name: i for i, names in enumerate(groups) for name in names}
     group_of |= dict.fromkeys(blocks.head_parameter_names(model), HEAD)

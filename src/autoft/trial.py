@@ -105,7 +105,8 @@ def run_trial(
     ``report(epoch, metrics)`` after each epoch answers "stop now?" (pruning; None never stops). ``stop``, once
     set, ends the trial before its next step (``outcome.interrupted``). The setup's feature cache lets head-only
     epochs on deterministic inputs train the classifier on cached pooled features; its prefix cache lets partial
-    fine-tuning epochs run only the unfrozen blocks, on the cached activations entering them. ``keep_last`` keeps
+    fine-tuning epochs run only the unfrozen blocks, on the cached activations entering them (and head-only epochs
+    the head alone, when there are no pooled features to cache: NER's per-token head). ``keep_last`` keeps
     the last epoch's weights instead of the best epoch's (a refit on train+val has no held-out split left).
     ``deadline`` (a ``time.time()`` reading: when training must end) cuts the epoch of a trial that already has a
     best epoch before its next step once passed, validates the part trained, and ends the trial (noted
@@ -146,8 +147,9 @@ def run_trial(
             head_only = head_only and _cache_pays(recipe, dataset, built=feature_cache.built() is not None)
             cached = feature_cache.splits() if head_only else None
             net = model.get_classifier() if cached else model
-            # A frozen prefix: only the trainable blocks run, on activations cached per search.
-            partial = bool(trainable) and steady and prefix_cache is not None
+            # A frozen prefix: only the trainable blocks run, on activations cached per search. Head only without
+            # pooled features (NER's per-token head) or when the feature cache refused: the prefix is every block.
+            partial = (bool(trainable) or (trainable == 0 and not cached)) and steady and prefix_cache is not None
             partial = partial and _cache_pays(recipe, dataset, built=prefix_cache.built(train_blocks=trainable))
             suffix = prefix_cache.for_trial(model, train_blocks=trainable) if partial else None
             if suffix is not None:

@@ -155,14 +155,15 @@ class _Encoder(nn.Module):
         return self.encoder(**inputs).last_hidden_state
 
     def split_blocks(self, start: int) -> tuple[nn.Module, nn.Module] | str:
-        """``(prefix, suffix)`` cut before block group ``start`` (layer ``start - 1``), sharing this model's modules:
+        """``(prefix, suffix)`` cut before block group ``start`` (layer ``start - 1``; past the last layer, before the
+        head), sharing this model's modules:
         ``prefix(inputs)`` -> ``(B, T, 1 + hidden)`` (the attention mask, then the hidden states entering the
         layer), ``suffix(activations)`` -> the logits ``forward`` gives (a reason instead when it cannot split)."""
         layers = self._layer_list()
         if not isinstance(getattr(self.encoder, "embeddings", None), nn.Module):
             return f"{type(self.encoder).__name__} has no embeddings module"
-        if not 0 < start <= len(layers):
-            return f"group {start} is not an encoder layer"
+        if not 0 < start <= len(layers) + 1:  # len + 1: every layer frozen, the head alone trains (a linear probe)
+            return f"group {start} is not an encoder layer or the head"
         config = self.encoder.config
         prefix = _Prefix(self.encoder.embeddings, layers[: start - 1], config)
         return prefix, _Suffix(layers[start - 1 :], self.head, config, pooled=self.pooled)
