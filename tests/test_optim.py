@@ -183,3 +183,35 @@ def test_optimizer_step_moves_only_trainable_parameters() -> None:
     moved = {n for n, p in model.named_parameters() if not torch.equal(before[n], p)}
     assert blocks.head_parameter_names(model) <= moved
     assert moved <= trainable
+
+
+@pytest.mark.parametrize("opt", ["sgd", "adam", "adamw"])
+def test_the_fused_update_is_the_default_one(opt: str) -> None:
+    """The CPU has fused kernels for these three (a loop over parameters otherwise); they update alike."""
+    recipe = Recipe(optimizer=opt, lr=0.05, head_lr_ratio=2.0, layer_decay=0.5, weight_decay=0.01)
+    models_ = [_model() for _ in range(2)]
+    models_[1].load_state_dict(models_[0].state_dict())
+    fused = optim.create_optimizer(models_[0], recipe)
+    assert fused.defaults["fused"] is True
+    looped = optim.create_optimizer_v2(optim.param_groups(models_[1], recipe), opt=opt, lr=0.05, weight_decay=0.01)
+    optim.set_lr(looped, recipe.lr)
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    for model, optimizer in zip(models_, (fused, looped), strict=True):  # one step: later ones amplify rounding
+        model(images).square().mean().backward()  # (Adam's normalized steps on near-zero gradients)
+        optimizer.step()
+    for (name, a), b in zip(models_[0].named_parameters(), models_[1].parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_without_a_fused_kernel_the_default_optimizer_is_made(monkeypatch: pytest.MonkeyPatch) -> None:
+    made = []
+
+    def create(groups, *, fused: bool = False, **options):
+        made.append(fused)
+        if fused:
+            raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of supported devices")
+        return torch.optim.AdamW(groups, lr=options["lr"])
+
+    monkeypatch.setattr(optim, "create_optimizer_v2", create)
+    assert isinstance(optim.create_optimizer(_model(), Recipe(optimizer="adamw")), torch.optim.AdamW)
+    assert made == [True, False]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -12,6 +13,14 @@ from autoft import blocks, pieces
 from autoft.recipe import Recipe
 
 __all__ = ["create_optimizer", "lr_factor", "param_groups", "set_lr"]
+
+log = logging.getLogger(__name__)
+
+# torch's fused kernels update every parameter of a step in one pass; its default on the CPU is a loop over the
+# parameters. Measured on 2 CPU cores (torch 2.14): one AdamW step over MiniLM-L6's 22.7 M parameters took 179 ms
+# looped and 28 ms fused (a batch-8 training step was ~470 ms in all; Hugging Face's Trainer uses fused AdamW by
+# default), over efficientnet_lite0's 86 ms and 23 ms; SGD with momentum on MiniLM 37 ms and 20 ms.
+FUSED = ("adam", "adamw", "sgd")
 
 
 def param_groups(model: nn.Module, recipe: Recipe) -> list[dict]:
@@ -47,13 +56,15 @@ def create_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
         set_lr(optimizer, recipe.lr)
         return optimizer
     extra = {"momentum": recipe.momentum} if recipe.optimizer == "sgd" else {}
-    optimizer = create_optimizer_v2(
-        param_groups(model, recipe),
-        opt=recipe.optimizer,
-        lr=recipe.lr,
-        weight_decay=recipe.weight_decay,
-        **extra,
-    )
+    groups = param_groups(model, recipe)
+    options = dict(opt=recipe.optimizer, lr=recipe.lr, weight_decay=recipe.weight_decay, **extra)
+    optimizer = None
+    if recipe.optimizer in FUSED:
+        try:  # unsupported where a parameter's device has no fused kernel: the default then
+            optimizer = create_optimizer_v2(groups, fused=True, **options)
+        except (RuntimeError, ValueError, TypeError) as err:
+            log.debug("fused %s not available (%s); the default implementation", recipe.optimizer, err)
+    optimizer = optimizer or create_optimizer_v2(groups, **options)
     set_lr(optimizer, recipe.lr)
     return optimizer
 
