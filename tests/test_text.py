@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from autoft import blocks, optim, tasks
+from autoft import blocks, features, optim, tasks
 from autoft.config import SearchConfig
 from autoft.preparation import Setup, prepare
 from autoft.recipe import Recipe
 from autoft.tasks.text import entities, tokens
-from autoft.trial import run_trial
+from autoft.trial import predict_logits, run_trial
 from test_features import _assert_same_outcome
 from textdata import sentences, tagged, write_conll, write_csv, write_tiny_bert
 
@@ -73,6 +73,23 @@ def test_outputs_are_per_sentence_for_text_and_per_token_for_ner(text_setup: Set
         inputs, labels = next(iter(setup.task.batches(setup.dataset.val, batch_size=4, shuffle=False)))
         logits = setup.base_model.eval()(inputs)
         assert logits.shape == (*labels.shape, classes)
+
+
+@pytest.mark.parametrize("kind", ["text", "ner"])
+def test_evaluation_runs_by_length_and_gives_the_logits_in_the_splits_order(
+    text_setup: Setup, ner_setup: Setup, kind: str
+) -> None:
+    setup = text_setup if kind == "text" else ner_setup
+    model, val = setup.base_model.eval(), setup.dataset.val
+    ordered = list(features.model_inputs(setup.task, val, setup.spec, device=setup.device, batch_size=4))
+    widths = [inputs["input_ids"].shape[1] for _, inputs in ordered]
+    assert widths == sorted(widths) and widths[0] < val.max_length  # short examples together: narrow batches
+    assert sorted(torch.cat([rows for rows, _ in ordered]).tolist()) == list(range(len(val)))
+    logits = predict_logits(model, val, setup.task, setup.spec, device=setup.device, batch_size=4)
+    with torch.no_grad():  # one example at a time, in stored order, as wide as it is
+        alone = [model(tokens.model_inputs(val, slice(i, i + 1)))[0] for i in range(len(val))]
+    for row, expected in zip(logits, alone, strict=True):  # NER: its tokens' logits; past them, unscored padding
+        torch.testing.assert_close(row[: len(expected)], expected, rtol=1e-4, atol=1e-5)
 
 
 def test_tokenized_once_with_max_length_from_the_data_and_dynamic_padding(text_setup: Setup) -> None:

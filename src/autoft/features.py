@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -33,7 +33,17 @@ from torch import nn
 
 from autoft.tasks.base import Dataset, InputSpec, Task, TensorSplit
 
-__all__ = ["FeatureCache", "autocast", "cached_logits", "in_eval_mode", "model_inputs", "pool", "pooled", "unsteady"]
+__all__ = [
+    "FeatureCache",
+    "autocast",
+    "cached_logits",
+    "in_eval_mode",
+    "in_split_order",
+    "model_inputs",
+    "pool",
+    "pooled",
+    "unsteady",
+]
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +52,32 @@ DEFAULT_MAX_BYTES = 2 * 2**30
 
 def model_inputs(
     task: Task, split: object, spec: InputSpec, *, device: torch.device, batch_size: int
-) -> Iterator[object]:
-    """The model inputs of every example of ``split`` in order, ``batch_size`` at a time (no randomness)."""
-    for inputs, _ in task.batches(split, batch_size=batch_size, shuffle=False):
-        yield task.eval_inputs(inputs, spec, device=device)
+) -> Iterator[tuple[torch.Tensor, object]]:
+    """``(rows, inputs)`` covering every example of ``split`` once, ``batch_size`` at a time, in the task's
+    evaluation order (:meth:`~autoft.tasks.base.Task.eval_order`; text: by length, so a batch is cut to a width its
+    examples nearly share); ``rows`` are the examples' positions in ``split``. No randomness."""
+    order = task.eval_order(split)
+    source = split if order is None else task.select(split, order)
+    start = 0
+    for inputs, labels in task.batches(source, batch_size=batch_size, shuffle=False):
+        end = start + len(labels)
+        rows = torch.arange(start, end) if order is None else order[start:end]
+        yield rows, task.eval_inputs(inputs, spec, device=device)
+        start = end
+
+
+def in_split_order(outputs: Iterable[tuple[torch.Tensor, torch.Tensor]], count: int) -> torch.Tensor:
+    """The ``(rows, output)`` batches of :func:`model_inputs` as one tensor of ``count`` rows in the split's order;
+    an output narrower than the widest (token logits of a batch cut to its longest example) is zero-padded after
+    its width (positions past every example of its batch, which no score reads)."""
+    placed = list(outputs)
+    if not placed:
+        return torch.zeros(0)
+    widest = [max(output.shape[d] for _, output in placed) for d in range(1, placed[0][1].ndim)]
+    out = placed[0][1].new_zeros((count, *widest))
+    for rows, output in placed:
+        out[(rows.to(out.device), *(slice(0, size) for size in output.shape[1:]))] = output
+    return out
 
 
 @dataclass
@@ -158,7 +190,7 @@ def pooled(
 ) -> torch.Tensor:
     """The pooled features of every example of ``split``, in order (``model`` in the mode the caller set)."""
     inputs = model_inputs(task, split, spec, device=device, batch_size=batch_size)
-    return torch.cat([pool(model, batch, device=device) for batch in inputs])
+    return in_split_order(((rows, pool(model, batch, device=device)) for rows, batch in inputs), len(split))
 
 
 @torch.no_grad()

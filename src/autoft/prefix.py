@@ -182,13 +182,11 @@ class PrefixCache:
         return mapped.view(n, *shape)
 
     def _fill(self, prefix: nn.Module, split: object, out: torch.Tensor) -> TensorSplit:
-        start = 0
-        for inputs in model_inputs(self.task, split, self.spec, device=self.device, batch_size=self.batch_size):
-            activations = self._forward(prefix, inputs)
-            rows, width = out[start : start + len(activations)], activations.shape[1]
-            rows[:, :width] = activations.to(out.device)
-            rows[:, width:] = 0  # a sequence batch narrower than the split: zeros after it (masked out); else empty
-            start += len(activations)
+        for rows, inputs in model_inputs(self.task, split, self.spec, device=self.device, batch_size=self.batch_size):
+            activations, rows = self._forward(prefix, inputs), rows.to(out.device)
+            width = activations.shape[1]
+            out[rows, :width] = activations.to(out.device)
+            out[rows, width:] = 0  # a sequence batch narrower than the split: zeros after it (masked out); else empty
         return TensorSplit(out, split.labels.to(self.device) if out.device == self.device else split.labels)
 
     @torch.no_grad()  # not inference_mode: the suffix's backward saves these activations as its input

@@ -265,8 +265,8 @@ def predict_logits(
     was_training = model.training
     model.eval()
     outputs = []
-    for inputs, _ in task.batches(split, batch_size=batch_size, shuffle=False):
+    for rows, inputs in features.model_inputs(task, split, spec, device=device, batch_size=batch_size):
         with _autocast(device):
-            outputs.append(model(task.eval_inputs(inputs, spec, device=device)).float())
+            outputs.append((rows, model(inputs).float()))
     model.train(was_training)
-    return torch.cat(outputs)
+    return features.in_split_order(outputs, len(split))

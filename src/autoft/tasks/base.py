@@ -352,6 +352,12 @@ class Task(ABC):
         holds the examples whole (images)."""
         return None
 
+    def eval_order(self, split: Split) -> torch.Tensor | None:
+        """An order of ``split``'s examples that makes inference cheaper, for tasks whose batches are cut to their
+        longest example (text: by length, so a batch of short examples is not padded to a long one's width); the
+        outputs are put back in the split's order. None: as stored (images)."""
+        return None
+
     def select(self, split: Split, rows: torch.Tensor) -> Split:
         """The examples ``rows`` of ``split``, in that order; :class:`TensorSplit` by default."""
         return TensorSplit(take_rows(split.images, rows), split.labels[rows])

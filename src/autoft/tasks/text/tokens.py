@@ -7,8 +7,9 @@ train split's token counts (at least 8), capped by the model's positions; the 2%
 to its longest example (dynamic padding: a batch of tweets costs a tweet's length, not the longest tweet's).
 
 NER: words are tokenized with ``is_split_into_words`` and labelled by ``word_ids()``: a word's first sub-token
-carries its tag, the others (and special tokens) ``-100``, which the loss and the score skip. Evaluation
-batches of NER keep the split's full width, so their ``(B, T, tags)`` logits stack into one tensor.
+carries its tag, the others (and special tokens) ``-100``, which the loss and the score skip. Evaluation takes
+the examples by length (``TextTask.eval_order``); NER's ``(B, T, tags)`` logits of batches of different widths
+are put back in order, zero-padded to the widest (``features.in_split_order``); scores cut the labels to it.
 """
 
 from __future__ import annotations
@@ -239,13 +240,12 @@ def batches(
     """``(inputs, labels)`` batches covering ``split`` once; ``inputs`` holds ``input_ids``, ``attention_mask``
     (and ``token_type_ids`` for pairs), trimmed to the batch's longest example. The shuffled order is
     ``torch.randperm(N, generator=generator)``, as :func:`autoft.tasks.base.batches` draws it, so head-only trials
-    on cached features see the same batches. NER evaluation batches keep the full width (see the module doc)."""
+    on cached features see the same batches."""
     n = len(split)
     order = torch.randperm(n, generator=generator) if shuffle else None
     for start in range(0, n, batch_size):
         rows = order[start : start + batch_size] if order is not None else slice(start, start + batch_size)
-        width = split.max_length if split.token_level and not shuffle else None
-        inputs = model_inputs(split, rows, width=width)
+        inputs = model_inputs(split, rows)
         labels = split.labels[rows, : inputs["input_ids"].shape[1]] if split.token_level else split.labels[rows]
         yield inputs, labels
 

@@ -113,11 +113,11 @@ class TunedText(LoadedModel):
     @torch.inference_mode()
     def logits(self, split: tokens.TextSplit, *, batch_size: int = 64) -> torch.Tensor:
         """Raw scores, float32 on the CPU: ``(N, classes)``, or ``(N, T, tags)`` for NER."""
-        out = [
-            self.model(self.task.eval_inputs(inputs, self.spec, device=self.device)).float().cpu()
-            for inputs, _ in self.task.batches(split, batch_size=batch_size, shuffle=False)
-        ]
-        return torch.cat(out) if out else torch.zeros(0, len(self.classes))
+        if not len(split):
+            return torch.zeros(0, len(self.classes))
+        from autoft.trial import predict_logits  # by length, as a search evaluates (the import is heavy)
+
+        return predict_logits(self.model, split, self.task, self.spec, device=self.device, batch_size=batch_size).cpu()
 
     def predict_proba(self, sentences: Sequence[Any]) -> torch.Tensor:
         """Class probabilities ``(N, classes)`` (sentence classification)."""
