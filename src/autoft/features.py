@@ -124,7 +124,7 @@ class FeatureCache:
             if not self._refused:
                 self._build()
             if self._refused:
-                log.info("feature cache off: %s; head-only trials run the whole model", self._refused)
+                log.info("feature cache off: %s; head-only trials: the prefix cache or the whole model", self._refused)
             self._known.clear()  # used or refused: not kept beside the cache
         return self._splits
 
