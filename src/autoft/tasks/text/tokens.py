@@ -250,11 +250,11 @@ def batches(
         yield inputs, labels
 
 
-def model_inputs(split: TextSplit, rows: torch.Tensor | slice, *, width: int | None = None) -> dict[str, torch.Tensor]:
+def model_inputs(split: TextSplit, rows: torch.Tensor | slice) -> dict[str, torch.Tensor]:
     """The model inputs of the examples ``rows``: ``input_ids``, ``attention_mask`` (and ``token_type_ids`` for
-    pairs), ``width`` tokens wide (None: the longest of these examples)."""
+    pairs), as wide as the longest of these examples."""
     lengths = split.lengths[rows]
-    width = width or max(1, int(lengths.max()))
+    width = max(1, int(lengths.max()))
     inputs = {
         "input_ids": split.input_ids[rows, :width],
         "attention_mask": (torch.arange(width) < lengths[:, None]).long(),
