@@ -498,13 +498,14 @@ def test_explain_prints_the_plan_and_no_priors_turns_them_off(tmp_path: Path, ca
 
 @pytest.mark.slow
 def test_a_trial_the_budget_stops_is_complete_noted_and_may_become_best(tmp_path: Path) -> None:
-    """The pruner's PRUNED is for trials judged bad; one the clock stopped keeps its best epoch as a real model."""
+    """The pruner's PRUNED is for trials judged bad; one the clock stopped keeps its best epoch as a real model.
+    (A linear probe: the search's last fine-tune would fit its steps to the time left instead, test_stretch.)"""
     data = make_image_folder(tmp_path / "data", per_class=8, with_test=True)
     cfg = SearchConfig(
         model="test_resnet", data=data, pretrained=False, image_size=16, device="cpu", run_dir=tmp_path / "run"
     ).resolved()
     cfg.run_dir.mkdir()
-    space = load_space("default", fixed=("freeze=full", "epochs=3"))
+    space = load_space("default", fixed=("freeze=linear_probe", "epochs=3"))
     study = open_study(cfg)
     setups = {cfg.model: prepare(cfg)}
     spent = Budget(search_end=time.time(), epoch_seconds=1.0)  # already spent: the trial ends after its first epoch
@@ -526,14 +527,15 @@ class _EveryEpochFits(Budget):
 
 def test_a_trial_whose_next_epoch_does_not_fit_trains_on_while_a_part_of_one_does(tmp_path: Path) -> None:
     """No whole epoch fits (12 s planned, 6 s left), but a quarter of one does: the trial goes on until that no
-    longer holds (3 s before the end), instead of stopping after its first epoch with the search time unused."""
+    longer holds (3 s before the end), instead of stopping after its first epoch with the search time unused. (A
+    head-only trial: the search's last fine-tune fits its steps to the time left instead, test_stretch.)"""
     data = make_image_folder(tmp_path / "data", per_class=8)
     cfg = SearchConfig(
         model="test_resnet", data=data, pretrained=False, image_size=16, device="cpu", run_dir=tmp_path / "run"
     ).resolved()
     setups = {cfg.model: prepare(cfg)}
     budget = Budget(search_end=time.time() + 6, epoch_seconds=12.0)
-    params = {"freeze": "full", "epochs": 500, "batch_size": 4, "lr": 1e-3, "augment": "none"}
+    params = {"freeze": "linear_probe", "epochs": 500, "batch_size": 4, "lr": 1e-3, "augment": "none"}
     outcome = TrialRunner(cfg, setups, budget=budget)(0, params, lambda epoch, metrics: False)
     assert 2 <= len(outcome.history) < 500 and not outcome.stopped_early
     assert outcome.notes["stopped_by_budget"] == f"epoch {len(outcome.history)} of 500"

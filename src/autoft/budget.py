@@ -223,6 +223,11 @@ class Budget:
         """Seconds from now in which a new trial may start: one epoch must still fit after it (at least 1 ms)."""
         return max(1e-3, self.search_end - self.epoch_seconds - time.time())
 
+    def is_last(self, epochs: int) -> bool:
+        """Whether a trial of ``epochs`` epochs (as long as the plan counts them) starting now is the search's last:
+        after it, no other could start (:meth:`launch_window` wants one epoch left)."""
+        return time.time() + (epochs + 1) * self.epoch_seconds > self.search_end
+
     def next_epoch_fits(self, last_epoch_seconds: float) -> bool:
         """Whether one more epoch, as long as the plan's or as the trial's own last one if that was slower, ends
         before the search must: a trial for which it does not is stopped by the budget, and keeps its best epoch."""

@@ -49,6 +49,9 @@ def _note(attrs: dict[str, Any]) -> str:
         notes.append(f"seeded by --warm-start from {attrs['warm_start_from']} (not trained here)")
     if "oom_retry_batch_size" in attrs:
         notes.append(f"out of memory: ran at batch size {attrs['oom_retry_batch_size']}")
+    if "fitted_steps" in attrs:
+        notes.append(f"the search's last trial: {attrs['fitted_steps']} steps fitted to the time left "
+                     f"(its knobs: {attrs['planned_steps']})")  # fmt: skip
     if "stopped_by_budget" in attrs:
         notes.append(f"stopped by --timeout after {attrs['stopped_by_budget']}; scored by its best epoch so far")
     return "; ".join(notes)

@@ -8,7 +8,9 @@ rules that must hold whichever backend runs the trial:
   and validates that shorter epoch (as it does with an epoch slower than planned that the deadline cuts);
   it is COMPLETE with its best epoch (noted ``stopped_by_budget``), not
   PRUNED, because its best epoch is a real model with a real score (a 2-minute search once lost its best model);
-  the pruner is asked first, so a pruned trial stays PRUNED;
+  the pruner is asked first, so a pruned trial stays PRUNED; the search's last trial (no other could start after
+  it) that trains more than the head has its steps fitted to end at the trial deadline instead
+  (:mod:`autoft.stretch`), so the time the plan's margins kept is used;
 - out of device memory, one retry at half the batch size (a second OOM fails the trial);
 - with several objectives, the costs of the model it trained.
 
@@ -67,10 +69,14 @@ class TrialRunner:
         setup = dataclasses.replace(setup_for(self.setups, params), device=resolve_device(self.config.device))
         recipe = Recipe.from_params(params)
         budget_stop: list[int] = []
+        fills = self.budget is not None and recipe.train_blocks_at(recipe.epochs - 1) != 0
+        fills = fills and self.budget.is_last(recipe.epochs)
 
         def report_within_budget(epoch: int, metrics: EpochMetrics) -> bool:
             if report(epoch, metrics):  # the pruner's verdict comes first: a pruned trial stays PRUNED
                 return True
+            if fills:  # its steps are fitted to the deadline, which cuts it should the machine slow down
+                return False
             if self.budget is not None and not self.budget.next_epoch_fits(metrics.seconds):
                 if epoch + 1 < recipe.epochs and self.budget.last_part_fits(metrics.seconds):
                     return False  # a last, shorter epoch: run_trial cuts it at the trial deadline and validates it
@@ -78,7 +84,7 @@ class TrialRunner:
                 return True
             return False
 
-        outcome = self._train_retrying_oom(setup, recipe, number, report_within_budget)
+        outcome = self._train_retrying_oom(setup, recipe, number, report_within_budget, fills=fills)
         if budget_stop:  # after an epoch; run_trial notes a mid-epoch stop by the deadline itself
             outcome.notes.setdefault("stopped_by_budget", f"epoch {budget_stop[0]} of {recipe.epochs}")
         cut = "stopped_by_budget" in outcome.notes
@@ -89,8 +95,10 @@ class TrialRunner:
             outcome.notes |= objectives.costs(setup.base_model, self.config.objectives, example=example)
         return outcome
 
-    def _train_retrying_oom(self, setup: Setup, recipe: Recipe, number: int, report: Report) -> TrialOutcome:
-        outcome = self._train_unless_oom(setup, recipe, number, report)
+    def _train_retrying_oom(
+        self, setup: Setup, recipe: Recipe, number: int, report: Report, *, fills: bool
+    ) -> TrialOutcome:
+        outcome = self._train_unless_oom(setup, recipe, number, report, fills=fills)
         if outcome is not None:
             return outcome
         if recipe.batch_size < 2:
@@ -99,22 +107,26 @@ class TrialRunner:
         log.warning("trial %d ran out of device memory: retrying at batch size %d", number, recipe.batch_size)
         _free_device_memory(setup.device)
         try:
-            outcome = self._train(setup, recipe, number, report)
+            outcome = self._train(setup, recipe, number, report, fills=fills)
         except torch.OutOfMemoryError as exc:
             raise torch.OutOfMemoryError(f"also at half the batch size ({recipe.batch_size}): {exc}") from None
         outcome.notes["oom_retry_batch_size"] = recipe.batch_size
         return outcome
 
-    def _train(self, setup: Setup, recipe: Recipe, number: int, report: Report) -> TrialOutcome:
-        deadline = self.budget.trial_deadline if self.budget is not None else None
+    def _train(self, setup: Setup, recipe: Recipe, number: int, report: Report, *, fills: bool) -> TrialOutcome:
+        budget = self.budget
+        deadline = budget.trial_deadline if budget is not None else None
         return run_trial(
-            setup, recipe, seed=self.config.seed + number, report=report, stop=self.stop, deadline=deadline
-        )
+            setup, recipe, seed=self.config.seed + number, report=report, stop=self.stop, deadline=deadline,
+            fill_until=deadline if fills else None, validation_seconds=budget.validation_seconds if budget else 0.0,
+        )  # fmt: skip
 
-    def _train_unless_oom(self, setup: Setup, recipe: Recipe, number: int, report: Report) -> TrialOutcome | None:
+    def _train_unless_oom(
+        self, setup: Setup, recipe: Recipe, number: int, report: Report, *, fills: bool
+    ) -> TrialOutcome | None:
         """Train, or None when the device ran out of memory (returning drops the failed attempt's tensors)."""
         try:
-            return self._train(setup, recipe, number, report)
+            return self._train(setup, recipe, number, report, fills=fills)
         except torch.OutOfMemoryError:
             log.debug("trial %d: out of memory at batch size %d", number, recipe.batch_size, exc_info=True)
             return None

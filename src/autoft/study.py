@@ -97,7 +97,8 @@ class _WithoutBudgetCuts:
 
     Such a trial stays COMPLETE with its best epoch so far (its model is real and may be the best one), but its
     score is that of a shorter trial than its knobs say: a sampler that learned from it would think its long
-    recipe weak. Everything else is the study itself.
+    recipe weak. The search's last trial, its steps fitted to the time left (:mod:`autoft.stretch`), is left out
+    for the same reason. Everything else is the study itself.
     """
 
     def __init__(self, study: optuna.Study):
@@ -108,7 +109,7 @@ class _WithoutBudgetCuts:
 
     def _get_trials(self, deepcopy: bool = True, states: Any = None, use_cache: bool = False) -> list[FrozenTrial]:
         trials = self._study._get_trials(deepcopy=deepcopy, states=states, use_cache=use_cache)
-        return [t for t in trials if "stopped_by_budget" not in t.user_attrs]
+        return [t for t in trials if not {"stopped_by_budget", "fitted_steps"} & t.user_attrs.keys()]
 
     def get_trials(self, deepcopy: bool = True, states: Any = None) -> list[FrozenTrial]:
         return self._get_trials(deepcopy=deepcopy, states=states)

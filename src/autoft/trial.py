@@ -24,6 +24,7 @@ from torch import nn
 
 from autoft import adapters, blocks, features, optim
 from autoft.recipe import PEFT_MODES, Recipe
+from autoft.stretch import StepFit
 from autoft.tasks import base
 from autoft.tasks.base import InputSpec, Split, Task
 
@@ -97,6 +98,8 @@ def run_trial(
     stop: threading.Event | None = None,
     keep_last: bool = False,
     deadline: float | None = None,
+    fill_until: float | None = None,
+    validation_seconds: float = 0.0,
 ) -> TrialOutcome:
     """Fine-tune a copy of ``setup.base_model`` on ``setup.dataset`` with ``recipe``; ``report`` may stop it.
 
@@ -112,6 +115,8 @@ def run_trial(
     best epoch before its next step once passed, validates the part trained, and ends the trial (noted
     ``stopped_by_budget``): an epoch slower than planned, because the machine got busier, does not carry the search
     past its budget, and a last epoch the runner lets start when only a part of one fits uses the time left.
+    ``fill_until`` (a ``time.time()`` reading; the search's last trial) fits the trial's steps to end training then,
+    from its measured pace and ``validation_seconds`` per validation (:class:`~autoft.stretch.StepFit`).
 
     >>> outcome = run_trial(setup, Recipe(epochs=2), seed=0)  # doctest: +SKIP
     """
@@ -128,6 +133,9 @@ def run_trial(
         prefix_cache = None
     steps_per_epoch = math.ceil((recipe.epoch_examples or len(dataset.train)) / recipe.batch_size)
     total_steps, warmup_steps = recipe.epochs * steps_per_epoch, recipe.warmup_epochs * steps_per_epoch
+    fit = None
+    if fill_until is not None:
+        fit = StepFit(recipe.epochs, total_steps, recipe.warmup_epochs, until=fill_until, validation=validation_seconds)
     outcome = TrialOutcome(best_score=-math.inf, best_epoch=-1)
     trainable, optimizer, step, stream = object(), None, 0, None
     for epoch in range(recipe.epochs):
@@ -155,6 +163,8 @@ def run_trial(
             if suffix is not None:
                 net, cached = suffix[0], suffix[1:]
             forward = torch.compile(net) if setup.compile else net
+            if fit is not None:
+                fit.retime()
         started = time.perf_counter()
         blocks.set_train_mode(model, freeze_bn_stats=recipe.freeze_bn_stats)
         train_loss_sum, seen = torch.zeros((), device=device), 0
@@ -162,12 +172,14 @@ def run_trial(
             base.batches if cached else task.batches, cached[0] if cached else dataset.train,
             batch_size=recipe.batch_size, shuffle=True, generator=generator,
         )  # fmt: skip
-        if recipe.epoch_examples:  # an epoch of N examples: the next steps of successive shuffled passes
+        if recipe.epoch_examples or fit:  # an epoch of N examples: the next steps of successive shuffled passes
             stream = stream or _passes(one_pass)
-            train_batches = itertools.islice(stream, steps_per_epoch)
+            train_batches = stream if fit else itertools.islice(stream, steps_per_epoch)  # a fit ends epochs itself
         else:
             train_batches = one_pass()
         cut_short = False  # the deadline passed mid-epoch: the part trained so far is validated, then the trial ends
+        if fit is not None:
+            fit.start_epoch()
         for batch in train_batches:
             if stop is not None and stop.is_set():  # a flag read, no device sync
                 outcome.interrupted = outcome.stopped_early = True
@@ -175,6 +187,8 @@ def run_trial(
             if deadline is not None and outcome.best_epoch >= 0 and time.time() > deadline:  # keeps its best epoch
                 cut_short = outcome.stopped_early = True
                 break
+            if fit is not None:
+                total_steps, warmup_steps = fit.total, fit.warmup_steps
             optim.set_lr(
                 optimizer,
                 recipe.lr
@@ -193,6 +207,10 @@ def run_trial(
             optimizer.step()
             train_loss_sum += loss.detach() * len(batch[1])  # stays on the device: no per-step host sync
             step, seen = step + 1, seen + len(batch[1])
+            if fit is not None:
+                fit.after_step(step, epoch)
+                if step >= fit.epoch_end(epoch):
+                    break
         if cut_short:
             outcome.notes["stopped_by_budget"] = (
                 f"{epoch + 1} of {recipe.epochs} epochs, the last cut at the deadline after {seen} examples"
@@ -208,6 +226,7 @@ def run_trial(
             )
             outcome.stopped_early = True
             break
+        validating = time.perf_counter()
         if cached:  # the head or the suffix on cached inputs; the whole model in eval mode, as evaluate() does
             logits = features.cached_logits(model, net, cached[1], device=device)
             val_loss, val_accuracy = task.score(logits, dataset.val)
@@ -221,6 +240,10 @@ def run_trial(
             if recipe.freeze in PEFT_MODES:
                 outcome.adapter_state = adapters.adapter_state(model)
         log.debug("epoch %d: %s", epoch, metrics)
+        if fit is not None:
+            fit.after_epoch(step, epoch, validation_seconds=time.perf_counter() - validating)
+            if fit.fitted:
+                outcome.notes |= {"fitted_steps": fit.total, "planned_steps": fit.planned}
         if (report is not None and report(epoch, metrics)) or cut_short:
             outcome.stopped_early = outcome.stopped_early or epoch < recipe.epochs - 1
             break
