@@ -27,9 +27,11 @@ class StepFit:
     """A trial's step count, fitted to end training by ``until`` (a ``time.time()`` reading).
 
     ``epochs`` share ``total`` steps (``planned`` until the first fit); ``validation`` is one validation's seconds,
-    the plan's estimate until the trial measures its own. The trial loop calls :meth:`start_epoch` before an
-    epoch's steps, :meth:`after_step` after each and :meth:`after_epoch` once the epoch is validated; the pace is
-    the time between steps (validations excluded; the trial's first step, which pays one-off costs, too).
+    the plan's estimate until the trial measures its own. The trial loop calls :meth:`retime` when what trains
+    changes (inactive while only the head trains: LP-FT's probe epochs keep their planned steps), :meth:`start_epoch`
+    before an epoch's steps, :meth:`after_step` after each and :meth:`after_epoch` once the epoch is validated. The
+    pace is the time between steps (validations excluded; the first step after a retime, which pays one-off costs,
+    too). A fit shares the steps left evenly among the epochs left, from the start of the epoch it is made in.
 
     >>> fit = StepFit(epochs=2, planned=100, warmup_epochs=0, until=time.time() + 60, validation=5.0)
     >>> fit.epoch_end(0), fit.epoch_end(1)
@@ -43,6 +45,9 @@ class StepFit:
     validation: float
     total: int = field(init=False)
     fitted: bool = field(default=False, init=False)
+    active: bool = field(default=True, init=False)
+    _from: tuple[int, int] = field(default=(0, 0), init=False, repr=False)  # (epoch, step) the last fit shares from
+    _epoch_step: int = field(default=0, init=False, repr=False)  # the step count when the current epoch began
     _seconds: float = field(default=0.0, init=False, repr=False)  # the steps timed took this long
     _steps: int = field(default=-1, init=False, repr=False)  # steps timed (-1: the first is still to come)
     _mark: float = field(default=0.0, init=False, repr=False)  # when the step being timed began
@@ -56,34 +61,37 @@ class StepFit:
 
     def epoch_end(self, epoch: int) -> int:
         """The step count at which ``epoch`` (from 0) ends."""
-        return math.ceil(self.total * (epoch + 1) / self.epochs)
+        first, step = self._from
+        return step + math.ceil((self.total - step) * (epoch - first + 1) / (self.epochs - first))
 
-    def start_epoch(self) -> None:
-        self._mark = time.perf_counter()
+    def retime(self, *, active: bool) -> None:
+        """Times afresh (LP-FT's fine-tuning steps cost more than its probe's); inactive: no timing, no fit."""
+        self._seconds, self._steps, self.fitted, self.active = 0.0, -1, False, active
 
-    def retime(self) -> None:
-        """Times afresh, and fits again after FIRST_FIT_STEPS: LP-FT's fine-tuning steps cost more than its probe's."""
-        self._seconds, self._steps, self.fitted = 0.0, -1, False
+    def start_epoch(self, step: int) -> None:
+        self._epoch_step, self._mark = step, time.perf_counter()
 
     def after_step(self, step: int, epoch: int) -> None:
         """Times the step just done (``step`` done in all); fits the trial once FIRST_FIT_STEPS are timed."""
+        if not self.active:
+            return
         now = time.perf_counter()
         if self._steps >= 0:
             self._seconds += now - self._mark
         self._steps, self._mark = self._steps + 1, now
         if self._steps == FIRST_FIT_STEPS and not self.fitted:
-            self._fit(step, epoch)
+            self._fit(step, epoch, epoch_step=self._epoch_step)
 
     def after_epoch(self, step: int, epoch: int, *, validation_seconds: float) -> None:
         """Refits the epochs after ``epoch`` on the pace so far and the validation it measured."""
         self.validation = validation_seconds
-        if epoch + 1 < self.epochs and self._steps > 0:
-            self._fit(step, epoch + 1)
+        if self.active and epoch + 1 < self.epochs and self._steps > 0:
+            self._fit(step, epoch + 1, epoch_step=step)
 
-    def _fit(self, step: int, epoch: int) -> None:
-        """``total`` such that training on from ``step`` (in ``epoch``) at the measured pace, with one validation
-        per epoch left, ends by ``until``; every epoch left keeps at least one step."""
+    def _fit(self, step: int, epoch: int, *, epoch_step: int) -> None:
+        """``total`` such that training on from ``step`` (in ``epoch``, begun at ``epoch_step``) at the measured pace,
+        with one validation per epoch left, ends by ``until``; every epoch left keeps at least one step."""
         pace = self._seconds / max(1, self._steps)
         left = self.until - time.time() - (self.epochs - epoch) * self.validation
         self.total = max(step + (self.epochs - epoch), step + int(left / max(pace, 1e-6)))
-        self.fitted = True
+        self._from, self.fitted = (epoch, epoch_step), True

@@ -163,8 +163,8 @@ def run_trial(
             if suffix is not None:
                 net, cached = suffix[0], suffix[1:]
             forward = torch.compile(net) if setup.compile else net
-            if fit is not None:
-                fit.retime()
+            if fit is not None:  # fitted while more than the head trains (LP-FT's probe keeps its planned steps)
+                fit.retime(active=trainable != 0)
         started = time.perf_counter()
         blocks.set_train_mode(model, freeze_bn_stats=recipe.freeze_bn_stats)
         train_loss_sum, seen = torch.zeros((), device=device), 0
@@ -179,7 +179,7 @@ def run_trial(
             train_batches = one_pass()
         cut_short = False  # the deadline passed mid-epoch: the part trained so far is validated, then the trial ends
         if fit is not None:
-            fit.start_epoch()
+            fit.start_epoch(step)
         for batch in train_batches:
             if stop is not None and stop.is_set():  # a flag read, no device sync
                 outcome.interrupted = outcome.stopped_early = True
