@@ -92,6 +92,27 @@ def test_evaluation_runs_by_length_and_gives_the_logits_in_the_splits_order(
         torch.testing.assert_close(row[: len(expected)], expected, rtol=1e-4, atol=1e-5)
 
 
+def test_the_probe_times_evaluation_on_a_batch_of_middle_length(text_setup: Setup, monkeypatch) -> None:
+    """Evaluation batches sentences by length, so its cost is timed on the middle batch of that order, not on the
+    first val rows padded to their longest."""
+    from autoft import probe
+
+    monkeypatch.setattr(probe, "_fastest", lambda run, device, repeats: 1.0)
+    eval_inputs = text_setup.task.eval_inputs
+    seen: list[torch.Tensor] = []
+    monkeypatch.setattr(
+        type(text_setup.task), "eval_inputs", lambda self, inputs, spec, device: seen.append(inputs["input_ids"])
+        or eval_inputs(inputs, spec, device=device),
+    )  # fmt: skip
+    probe._eval_seconds_per_image(text_setup, batch_size=4)
+    val = text_setup.dataset.val
+    order = text_setup.task.eval_order(val)
+    middle = order[(len(order) - 4) // 2 :][:4]
+    width = int(val.lengths[middle].max())  # dynamic padding: as wide as its longest
+    assert not torch.equal(middle, torch.arange(4))  # the test data's first rows are not the middle ones
+    assert torch.equal(seen[0], val.input_ids[middle][:, :width])
+
+
 def test_tokenized_once_with_max_length_from_the_data_and_dynamic_padding(text_setup: Setup) -> None:
     train = text_setup.dataset.train
     assert train.max_length == tokens.choose_max_length(train.lengths.tolist(), limit=64)
