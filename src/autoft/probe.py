@@ -364,14 +364,13 @@ def _eval_seconds_per_image(setup: Setup, *, batch_size: int = 64) -> float:
     to their longest, made a MiniLM val pass look ~1.4x its real cost, and the budget reserved that for every
     validation and the wrap-up."""
     model = copy.deepcopy(setup.base_model).to(setup.device).eval()
-    task, val = setup.task, setup.dataset.val
-    count = min(batch_size, len(val))
-    order = task.eval_order(val)
+    task, dataset = setup.task, setup.dataset
+    count = min(batch_size, len(dataset.val))
+    order = task.eval_order(dataset.val)
     if order is not None:
         middle = max(0, (len(order) - count) // 2)
-        val = task.select(val, order[middle : middle + count])
-    inputs, _ = next(iter(task.batches(val, batch_size=count, shuffle=False)))
-    batch = task.eval_inputs(inputs, setup.spec, device=setup.device)
+        dataset = dataclasses.replace(dataset, val=task.select(dataset.val, order[middle : middle + count]))
+    batch = task.example_inputs(dataset, setup.spec, device=setup.device, count=count)
     with features.autocast(setup.device):
         return _fastest(lambda: model(batch), setup.device, repeats=2) / count
 
