@@ -73,12 +73,26 @@ def test_interrupted_trial_is_failed_and_retried(data: Path, tmp_path: Path) -> 
     config.run_dir.mkdir(parents=True)
     study = open_study(config)
     crashed = study.ask({"lr": optuna.distributions.FloatDistribution(1e-5, 3e-2, log=True)})
+    crashed.set_user_attr("knobs", {"lr": crashed.params["lr"]})  # all its parameters drawn: it was training
     assert crashed.params["lr"] > 0  # left RUNNING, as a killed driver leaves it
     result = run_search(config)
     states = [t.state for t in result.study.trials]
     assert states[0] == TrialState.FAIL and result.study.trials[0].user_attrs["interrupted"] is True
     assert result.study.trials[1].params["lr"] == pytest.approx(crashed.params["lr"])  # its parameters retried
     assert results.finished_count(result.study) == 2 and len(result.study.trials) == 3
+
+
+def test_a_trial_killed_while_its_parameters_were_drawn_is_not_retried(data: Path, tmp_path: Path) -> None:
+    config = SearchConfig(model="test_resnet", data=data, trials=1, run_dir=tmp_path / "run", **TINY).resolved()
+    config.run_dir.mkdir(parents=True)
+    study = open_study(config)
+    # Optuna writes a trial's parameters one by one: a kill between two leaves some, and no knobs.
+    half_drawn = study.ask({"lr": optuna.distributions.FloatDistribution(0.5, 0.6, log=True)})
+    result = run_search(config)
+    first, second = result.study.trials
+    assert first.state == TrialState.FAIL and first.user_attrs["unstarted"] and first.number == half_drawn.number
+    assert "retry_of" not in second.user_attrs and not 0.5 <= second.params["lr"] <= 0.6  # drawn anew, whole
+    assert "nothing ran; not retried" in results.trial_row(first)["note"]
 
 
 def test_same_error_in_first_trials_stops_the_search_with_that_error(data: Path, tmp_path: Path) -> None:

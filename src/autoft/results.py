@@ -43,7 +43,9 @@ def _note(attrs: dict[str, Any]) -> str:
     notes = []
     if "diverged" in attrs:
         notes.append(f"diverged: {attrs['diverged']}")
-    if attrs.get("interrupted"):
+    if attrs.get("unstarted"):
+        notes.append("interrupted while its parameters were drawn (nothing ran; not retried)")
+    elif attrs.get("interrupted"):
         notes.append("interrupted (its parameters run again on resume)")
     if "warm_start_from" in attrs:
         notes.append(f"seeded by --warm-start from {attrs['warm_start_from']} (not trained here)")

@@ -230,14 +230,24 @@ class Queued:
 
 def recover_interrupted(study: optuna.Study) -> list[Queued]:
     """Interrupted trials are retried: those a crash (kill -9) left RUNNING are first recorded FAIL and
-    marked ``interrupted``, like those a signal stopped; each one not yet retried (``retry_of``) is returned."""
+    marked ``interrupted``, like those a signal stopped; each one not yet retried (``retry_of``) is returned.
+
+    Only a trial that got all its parameters (user attr ``knobs``, set once they are drawn) ran, so only such a
+    trial is retried. One killed while Optuna wrote its parameters one by one holds some of them: retrying that
+    part would draw the rest anew, a different trial. It is recorded ``interrupted`` and ``unstarted``; a portfolio
+    recipe it was is still untried (:func:`portfolio_left` compares whole recipes) and runs again that way.
+    """
     storage = study._storage
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         storage.set_trial_user_attr(trial._trial_id, "interrupted", True)
+        if "knobs" not in trial.user_attrs:
+            storage.set_trial_user_attr(trial._trial_id, "unstarted", True)
         storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
     trials = study.get_trials(deepcopy=False)
     retried = {t.user_attrs.get("retry_of") for t in trials}
-    pending = [t for t in trials if t.user_attrs.get("interrupted") and t.number not in retried]
+    pending = [
+        t for t in trials if t.user_attrs.get("interrupted") and "knobs" in t.user_attrs and t.number not in retried
+    ]
     if pending:
         log.warning("resuming: %d interrupted trial(s) recorded FAIL and run again first", len(pending))
     return [Queued(dict(t.params), {"retry_of": t.number}) for t in pending]
