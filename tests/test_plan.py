@@ -441,6 +441,32 @@ def test_a_plan_in_rounds_gives_every_trial_epochs_of_fewer_examples(tiny_setup,
     assert f"{math.ceil(examples / 4)} at batch 4" in made.describe()
 
 
+def test_a_one_trial_budget_leaves_out_a_costly_head_only_trial_and_says_so(tiny_setup, monkeypatch) -> None:
+    space = load_space("text")  # its portfolio's first recipe is a linear probe, then fine-tunes
+    assert space.portfolio[0]["freeze"] == "linear_probe"
+
+    def planned(head_seconds: float, *, timeout: float = 60, accuracy: float = 0.6) -> tuple[plan.Plan, object]:
+        measured = dataclasses.replace(PROBE, epoch_seconds_full=10.0, epoch_seconds_head=head_seconds,
+                                       linear_probe_accuracy=accuracy)  # fmt: skip
+        monkeypatch.setattr(plan, "probe", lambda *a, **k: measured)
+        return plan.make_plan(tiny_setup, space, {}, seed=0, timeout=timeout, spent=lambda: 5.0, max_epochs=6,
+                              pruner="median")  # fmt: skip
+
+    made, shaped = planned(5.0)  # one trial fits ~40 s of search; a linear probe trial would take 5 s of it
+    assert made.budget.expected_trials == 1
+    assert [e["freeze"] for e in shaped.portfolio] == [e["freeze"] for e in space.portfolio[1:]]
+    assert "portfolio: linear_probe left out: one trial fits" in made.describe()
+    for kept, reason in (
+        (planned(0.5), "a head-only trial that costs ~1 % of the search is cheap insurance"),
+        (planned(5.0, timeout=600), "several trials fit: the linear probe is one of them"),
+        (planned(5.0, accuracy=1.0), "features-fit-well: the linear probe is a contender, first in the portfolio"),
+    ):
+        assert kept[1].portfolio[0]["freeze"] == "linear_probe" and not kept[0].left_out, reason
+    made, shaped = plan.make_plan(tiny_setup, space, {}, seed=0, timeout=60, spent=lambda: 5.0, max_epochs=6,
+                                  pruner="median", priors_off="your own space is authoritative")  # fmt: skip
+    assert shaped.portfolio[0]["freeze"] == "linear_probe"  # a user's own space keeps its portfolio as written
+
+
 def test_profile_counts_classes_and_imbalance(tiny_setup) -> None:
     profile = profile_data(tiny_setup.dataset)
     assert (profile.train, profile.val, profile.test, profile.classes) == (24, 6, 6, 3)
