@@ -143,3 +143,20 @@ def test_the_autoft_arm_scores_ner_as_autoft_evaluates(tmp_path: Path) -> None:
     got = text_baselines.autoft_scores(tuned, folder, task="ner")
     assert got == {"test_entity_f1": round(tuned.evaluate(folder / "test.txt").score, 4)}
     assert got["test_entity_f1"] > 0  # it learned something, so the equality compares real predictions
+
+
+def test_the_trainer_arms_stop_training_in_time_for_their_test_prediction(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Same wall time as autoft: training stops once the steps reserved for the test prediction, at the pace
+    measured so far, would pass the budget (1 s steps, 5 reserved, a 10 s budget: stop after step 5)."""
+    from types import SimpleNamespace
+
+    clock = [100.0]
+    monkeypatch.setattr(text_baselines.time, "perf_counter", lambda: clock[0])
+    deadline = text_baselines._deadline_callback([110.0], [5.0])
+    state, control = SimpleNamespace(global_step=0), SimpleNamespace(should_training_stop=False)
+    deadline.on_train_begin(None, state, control)
+    while not control.should_training_stop:
+        clock[0] += 1.0
+        state.global_step += 1
+        deadline.on_step_end(None, state, control)
+    assert state.global_step == 5 and deadline.step_seconds == 1.0
