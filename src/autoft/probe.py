@@ -244,8 +244,8 @@ def probe(
     elif linear_probe and accuracy is None:  # no pooled features (per-token outputs): at chance fit is 0, no prior
         accuracy = chance
     full, head, mode_costs = kept.epoch_seconds_full, kept.epoch_seconds_head, kept.modes
-    if missing:
-        eval_per_image = eval_per_image or _eval_seconds_per_image(setup)
+    if missing:  # the budget's evaluations, timed as they run: batches of 64 (the pooled pass above: 256, start-up in)
+        eval_per_image = kept.eval_seconds_per_image or _eval_seconds_per_image(setup)
         val_seconds = eval_per_image * len(dataset.val)
         mode_costs += tuple(_mode_cost(setup, recipe, val_seconds=val_seconds) for recipe in missing)
         full = next(c.epoch_seconds for c in mode_costs if c.mode == "full")
