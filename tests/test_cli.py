@@ -34,6 +34,7 @@ def test_search_end_to_end_then_load_and_predict(tmp_path: Path) -> None:
     assert "Best trials" in done.stderr and "test accuracy" in done.stderr
     run = tmp_path / "runs" / "test_resnet-data"
     assert (run / "study.db").is_file() and (run / "trials.csv").read_text().count("\n") == 4
+    assert "wrote the report" in (run / "search.log").read_text()  # the log's last lines, through the quick exit
     meta = json.loads((run / "best" / "config.json").read_text())
     tuned = autoft.load_model(run / "best")
     files = sorted((data / "test").glob("*/*.png"))
@@ -43,6 +44,27 @@ def test_search_end_to_end_then_load_and_predict(tmp_path: Path) -> None:
     again = autoft_cli(*args, "--trials", "4", "--max-epochs", "2", "--image-size", "16", cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     assert (run / "trials.csv").read_text().count("\n") == 5  # continued the study: one more trial
+
+
+def test_the_command_exits_at_once_yet_runs_exit_handlers_flushes_and_waits_for_threads(tmp_path: Path) -> None:
+    # _exit_at_once skips the interpreter's teardown (seconds after a search); nothing that teardown did for us
+    # may be lost: the exit code, buffered output, atexit handlers (logging, Ray, temporary folders), live threads.
+    script = """
+import atexit, sys, threading, time
+from pathlib import Path
+from autoft.cli import _exit_at_once
+atexit.register(lambda: print("handler ran", flush=True))
+print("buffered", end="")
+if sys.argv[1] == "thread":
+    threading.Thread(target=lambda: (time.sleep(0.5), Path(sys.argv[2]).write_text("done"))).start()
+_exit_at_once(3)
+"""
+    quick = subprocess.run([sys.executable, "-c", script, "-"], capture_output=True, text=True, timeout=60)
+    assert quick.returncode == 3 and quick.stdout == "bufferedhandler ran\n", quick.stderr
+    marker = tmp_path / "written"
+    waited = subprocess.run([sys.executable, "-c", script, "thread", str(marker)], capture_output=True, text=True,
+                            timeout=60)  # fmt: skip
+    assert waited.returncode == 3 and marker.read_text() == "done"  # a non-daemon thread finished its work
 
 
 def test_help_documents_every_option(tmp_path: Path) -> None:

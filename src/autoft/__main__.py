@@ -1,7 +1,5 @@
 """``python -m autoft`` runs the command line."""
 
-import sys
+from autoft.cli import run
 
-from autoft.cli import main
-
-sys.exit(main())
+run()
