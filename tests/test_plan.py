@@ -387,6 +387,35 @@ def test_the_feature_cache_adopts_the_probes_sample(tiny_setup, monkeypatch) -> 
     assert torch.equal(train.labels, scratch_train.labels) and torch.equal(val.labels, scratch_val.labels)
 
 
+def test_a_small_first_sample_decides_when_its_fit_settles_the_priors(tiny_setup, monkeypatch) -> None:
+    """The linear probe's first part (12 of the 24 train images) decides alone when ``settled`` says so; otherwise
+    the rest of the sample is added, its first part not computed again; the cache adopts what was computed."""
+    monkeypatch.setattr(probe_module, "FIRST_TRAIN_EXAMPLES", 12)
+    computed, original = [], features.pooled
+
+    def counting(model, task, split, *args, **kwargs):
+        computed.append(len(split))
+        return original(model, task, split, *args, **kwargs)
+
+    monkeypatch.setattr(features, "pooled", counting)
+
+    def measured(settled: bool) -> tuple[Probe, features.FeatureCache]:
+        s = tiny_setup
+        cache = features.FeatureCache(s.base_model, s.dataset, s.task, s.spec, device=s.device)
+        computed.clear()
+        result = probe(dataclasses.replace(s, feature_cache=cache), seed=0, steps=5, costs=False,
+                       settled=lambda fit: settled)  # fmt: skip
+        return result, cache
+
+    early, cache = measured(True)
+    assert early.examples == 12 + 6 and computed == [12, 6]  # val's 6 images are within its first part
+    computed.clear()
+    train, _ = cache.splits()
+    assert computed == [12] and len(train.labels) == 24  # the cache computes the 12 train rows the probe did not
+    whole, _ = measured(False)
+    assert whole.examples == 24 + 6 and computed == [12, 6, 12]  # then the other 12 train rows, once
+
+
 def test_sample_rows_covers_every_class_within_its_bound() -> None:
     labels = torch.tensor([0] * 900 + [1] * 90 + [2] * 9 + [3] * 1)
     rows = sample_rows(labels, 100, 4)

@@ -27,13 +27,13 @@ def data(tmp_path: Path) -> Path:
 def probes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Counts the real linear probe's runs (the function runs; the wrapper only counts)."""
     calls: list[int] = []
-    real = probe._sampled_features
+    real = probe._staged_linear_probe
 
     def counted(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(probe, "_sampled_features", counted)
+    monkeypatch.setattr(probe, "_staged_linear_probe", counted)
     return calls
 
 

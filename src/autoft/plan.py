@@ -34,7 +34,7 @@ from typing import Any
 
 from autoft.budget import EPOCH_SAFETY, BudgetPlan, plan_budget
 from autoft.preparation import Setup
-from autoft.priors import Prior, apply_priors, choose_priors
+from autoft.priors import Prior, apply_priors, choose_priors, fit_settles_priors
 from autoft.probe import DataProfile, Probe, cost_family, probe, profile_data
 from autoft.probe_cache import Slot
 from autoft.recipe import Recipe
@@ -219,7 +219,7 @@ def make_plan(
     previous = cached[0] if cached is not None else previous
     measured = probe(
         setup, seed=seed, linear_probe=not priors_off, costs=timeout is not None, previous=previous,
-        modes=_cost_recipes(space),
+        modes=_cost_recipes(space), settled=fit_settles_priors,
     )  # fmt: skip
     if kept is not None and reuse is None and (cached is None or measured is not cached[0]):
         kept.save(measured)  # measured now (all of it, or what the kept one lacked)

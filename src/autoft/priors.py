@@ -15,7 +15,7 @@ from autoft.probe import DataProfile, Probe
 from autoft.recipe import PEFT_MODES
 from autoft.space import Param, SearchSpace
 
-__all__ = ["STRONG_FIT", "Prior", "apply_priors", "choose_priors"]
+__all__ = ["STRONG_FIT", "Prior", "apply_priors", "choose_priors", "fit_settles_priors"]
 
 
 @dataclass(frozen=True)
@@ -37,12 +37,25 @@ class Prior:
 # benchmarks/quality.py did not support them (docs/controller.md, "Rules tried and removed"): "features-fit-poorly"
 # (fit < 0.5: no linear probe, lr >= 1e-4) and "few-images" (< 20 per class: epochs <= 6, weight decay >= 1e-4).
 STRONG_FIT = 0.95  # linear-probe fit from which the pretrained features already separate the classes
+# A fit this far below STRONG_FIT on the probe's first, small sample (probe.FIRST_TRAIN_EXAMPLES) settles the
+# fit rule: a small sample's fit is biased low (docs/benchmarks.md: 0.76-0.79 on 249 digits against 0.87-0.88 on
+# all 1,077), but not by 0.25, so the whole sample could not reach the threshold either.
+SMALL_SAMPLE_MARGIN = 0.25
 # Optimizer steps an epoch should have at least: on a small training split a large batch leaves a trial a few
 # dozen updates (issue 14: 600 images at batch 64 for 3 epochs = ~30 steps lost 9 points to batch 32 for 10
 # epochs), and on a CPU or a busy GPU a smaller batch costs about the same time per example: more updates
 # for the same time. The largest batch any preset offers is 128, so the rule fires below 16 x 128 examples.
 MIN_STEPS_PER_EPOCH = 16
 LARGEST_PRESET_BATCH = 128
+
+
+def fit_settles_priors(fit: float) -> bool:
+    """Whether a fit measured on the probe's first, small sample already decides every rule that reads the fit.
+
+    >>> fit_settles_priors(0.47), fit_settles_priors(0.85)
+    (True, False)
+    """
+    return fit < STRONG_FIT - SMALL_SAMPLE_MARGIN
 
 
 def choose_priors(profile: DataProfile, measured: Probe) -> tuple[Prior, ...]:

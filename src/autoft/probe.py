@@ -190,6 +190,11 @@ class Probe:
 # 1,017 of the 1,077 train images was 0.864-0.873 against 0.873-0.879 on all of them; on 505 it fell to 0.80-0.81
 # (a linear probe learns from more examples; the prior's threshold was set on fits of whole data sets).
 PROBE_TRAIN_EXAMPLES, PROBE_VAL_EXAMPLES = 1024, 512
+# A first sample of at most this many train and val examples (a part of the whole sample) decides alone when its
+# fit already settles the prior (the caller's ``settled``: far below the threshold, whatever the bias of a small
+# sample): the rest is computed only near the threshold. On 2,001 tweets with MiniLM-L6 the whole sample's pooled
+# pass took ~15 s of a 180 s budget for a fit of 0.47, where the prior needs 0.95.
+FIRST_TRAIN_EXAMPLES, FIRST_VAL_EXAMPLES = 256, 128
 # The epoch cost: the fastest of TIMED_STEPS full fine-tuning steps of TIMING_BATCH examples, after one untimed
 # warm-up step on WARM_UP_BATCH examples (the first step of a fresh model copy is slow whatever its size: lazy
 # initialization, kernel selection, the optimizer's state).
@@ -210,13 +215,16 @@ def probe(
     previous: Probe | None = None,
     steps: int = 100,
     modes: Sequence[Recipe] = (),
+    settled: Callable[[float], bool] | None = None,
 ) -> Probe:
     """Measure what the plan needs, for one prepared model (a ``Setup``): the linear probe (``linear_probe``: for the
     priors) and the epoch costs (``costs``: for a ``--timeout`` budget); what ``previous`` (a resumed study's stored
     probe) already holds is kept, not measured again.
 
     The linear probe trains a fresh linear layer on standardized pooled features of a sample (:func:`sample_rows`,
-    at most PROBE_TRAIN_EXAMPLES / PROBE_VAL_EXAMPLES) for ``steps`` mini-batch steps of Adam; the feature cache is
+    at most PROBE_TRAIN_EXAMPLES / PROBE_VAL_EXAMPLES) for ``steps`` mini-batch steps of Adam; when ``settled(fit)``
+    holds for the fit on the first FIRST_TRAIN_EXAMPLES / FIRST_VAL_EXAMPLES of it, that fit is kept and the rest
+    is not computed. The feature cache is
     not built here (a head-only trial builds it when it first needs it, inside that trial). The epoch cost is
     extrapolated per example from the fastest of a few small timed steps (:func:`_step_cost`): of full fine-tuning,
     and of one recipe per other freeze mode family among ``modes`` (the space's most expensive of each family; one
@@ -237,9 +245,9 @@ def probe(
         return previous  # a resumed study: everything needed is stored
     accuracy, examples, eval_per_image = kept.linear_probe_accuracy, kept.examples, kept.eval_seconds_per_image
     if linear_probe and accuracy is None and _has_pooled_features(setup.base_model):
-        train_features, val_features, pooled_per_image = _sampled_features(setup)
-        accuracy = _linear_probe(train_features, val_features, len(dataset.classes), seed=seed, steps=steps)
-        examples = len(train_features) + len(val_features)
+        accuracy, examples, pooled_per_image = _staged_linear_probe(
+            setup, chance=chance, seed=seed, steps=steps, settled=settled
+        )
         eval_per_image = eval_per_image or pooled_per_image  # the same forward pass, less the classifier
     elif linear_probe and accuracy is None:  # no pooled features (per-token outputs): at chance fit is 0, no prior
         accuracy = chance
@@ -289,41 +297,68 @@ def sample_rows(labels: torch.Tensor, limit: int, classes: int) -> torch.Tensor:
     return torch.cat(rows).sort().values
 
 
-def _sampled_features(setup: Setup) -> tuple[TensorSplit, TensorSplit, float | None]:
-    """Pooled features of a sample of train and val (:func:`sample_rows`) and the seconds per example they took
-    (None when nothing was computed).
+def _staged_linear_probe(
+    setup: Setup, *, chance: float, seed: int, steps: int, settled: Callable[[float], bool] | None
+) -> tuple[float, int, float | None]:
+    """The linear probe's val accuracy, the examples it saw and the seconds per example of its pooled pass (None
+    when nothing was computed): on the first part of the sample (:func:`sample_rows` of the whole sample), kept
+    when ``settled`` holds for its fit; else on the whole sample, the first part's features reused.
 
-    Taken from the feature cache when something already built it (model selection's linear probe); otherwise
-    computed here on an eval-mode copy of the model (dropout off, as in the cache), for the sample only, and handed
-    to the cache (:meth:`~autoft.features.FeatureCache.adopt`): when a head-only trial builds it, only the rows
+    The features come from the feature cache when something already built it (model selection's linear probe);
+    otherwise they are computed here on an eval-mode copy of the model (dropout off, as in the cache) and handed to
+    the cache (:meth:`~autoft.features.FeatureCache.adopt`): when a head-only trial builds it, only the rows
     outside the sample are computed, so the probe's forward pass is not paid twice.
     """
     dataset, classes = setup.dataset, len(setup.dataset.classes)
-    picks = [
-        (split, sample_rows(split.labels, limit, classes))
-        for split, limit in ((dataset.train, PROBE_TRAIN_EXAMPLES), (dataset.val, PROBE_VAL_EXAMPLES))
-    ]
-    built = setup.feature_cache.built() if setup.feature_cache is not None else None
-    if built is not None:
-        train, val = (TensorSplit(f.images[rows], f.labels[rows]) for f, (_, rows) in zip(built, picks, strict=True))
-        return train, val, None
+    splits = {"train": dataset.train, "val": dataset.val}
+    limits = {"train": (PROBE_TRAIN_EXAMPLES, FIRST_TRAIN_EXAMPLES), "val": (PROBE_VAL_EXAMPLES, FIRST_VAL_EXAMPLES)}
+    whole = {name: sample_rows(split.labels, limits[name][0], classes) for name, split in splits.items()}
+    first = {
+        name: rows[sample_rows(splits[name].labels[rows], limits[name][1], classes)] for name, rows in whole.items()
+    }
+    rest = {name: rows[~torch.isin(rows, first[name])] for name, rows in whole.items()}
+    cached = setup.feature_cache.built() if setup.feature_cache is not None else None
+    if cached is not None:  # already built: read, not computed (and nothing to adopt)
+        built = dict(zip(splits, cached, strict=True))
+        sample = {name: TensorSplit(built[name].images[rows], built[name].labels[rows]) for name, rows in whole.items()}
+        accuracy = _linear_probe(sample["train"], sample["val"], classes, seed=seed, steps=steps)
+        return accuracy, sum(map(len, whole.values())), None
     model = copy.deepcopy(setup.base_model).to(setup.device).eval()
-    cache = setup.feature_cache
-    started, out = time.perf_counter(), []
-    for name, (split, rows) in zip(("train", "val"), picks, strict=True):
-        # A chunk of the sample at a time: a mapped split past the memory bound is never copied whole (1,536
-        # images at 224 px are 231 MB), and the batches are the same as over the whole sample.
-        pooled = torch.cat([
-            features.pooled(model, setup.task, setup.task.select(split, chunk), setup.spec, device=setup.device)
-            for chunk in rows.split(SAMPLE_CHUNK)
-        ])  # fmt: skip
-        if cache is not None and cache.base_model is setup.base_model:  # a head-only trial's cache computes the rest
-            cache.adopt(name, rows, pooled)
-        out.append(TensorSplit(pooled.float(), split.labels[rows].to(setup.device)))
+    started = time.perf_counter()
+    rows = dict(first)
+    pooled = {name: _pooled_rows(setup, model, splits[name], first[name]) for name in splits}
+    accuracy = _linear_probe(*_labelled(setup, splits, rows, pooled), classes, seed=seed, steps=steps)
+    fit = (accuracy - chance) / max(1e-9, 1.0 - chance)
+    if not (settled is not None and settled(fit)) and any(len(r) for r in rest.values()):
+        for name, more in ((name, more) for name, more in rest.items() if len(more)):
+            pooled[name] = torch.cat([pooled[name], _pooled_rows(setup, model, splits[name], more)])
+            rows[name] = torch.cat([rows[name], more])
+        accuracy = _linear_probe(*_labelled(setup, splits, rows, pooled), classes, seed=seed, steps=steps)
     _sync(setup.device)
-    # Per example, the first batch's start-up included: a little above an evaluation's cost, never below it.
-    per_example = (time.perf_counter() - started) / max(1, sum(len(rows) for _, rows in picks))
-    return out[0], out[1], per_example
+    seen = sum(map(len, rows.values()))
+    per_example = (time.perf_counter() - started) / max(1, seen)  # the first batch's start-up in: a little above
+    cache = setup.feature_cache
+    if cache is not None and cache.base_model is setup.base_model:  # a head-only trial's cache computes the rest
+        for name in splits:
+            cache.adopt(name, rows[name], pooled[name])
+    return accuracy, seen, per_example
+
+
+def _pooled_rows(setup: Setup, model: nn.Module, split: object, rows: torch.Tensor) -> torch.Tensor:
+    """Pooled features of ``rows`` of ``split``, a chunk at a time: a mapped split past the memory bound is never
+    copied whole (1,536 images at 224 px are 231 MB), and the batches are the same as over the whole sample."""
+    return torch.cat([
+        features.pooled(model, setup.task, setup.task.select(split, chunk), setup.spec, device=setup.device)
+        for chunk in rows.split(SAMPLE_CHUNK)
+    ])  # fmt: skip
+
+
+def _labelled(
+    setup: Setup, splits: dict, rows: dict[str, torch.Tensor], pooled: dict[str, torch.Tensor]
+) -> tuple[TensorSplit, TensorSplit]:
+    """The linear probe's train and val: float features with their rows' labels."""
+    train, val = (TensorSplit(pooled[n].float(), splits[n].labels[rows[n]].to(setup.device)) for n in ("train", "val"))
+    return train, val
 
 
 def _linear_probe(

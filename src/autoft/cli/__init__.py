@@ -57,10 +57,11 @@ def run() -> None:
 def _exit_at_once(code: int) -> None:
     """Exit with ``code`` skipping the interpreter's teardown of the objects still alive.
 
-    After a search that teardown freed torch's and the tokenizer's memory object by object, in C (no Python frame
-    under faulthandler): 2.5 s after a one-minute MiniLM search and ~9 s between the report and the exit of a three-minute one (2 cores), time
-    that ``--timeout`` cannot count and the user waits for. Python's exit handlers still run first (logging's
-    flush, Ray's shutdown, temporary folders); with a non-daemon thread still running, the normal exit waits.
+    After a search that teardown freed torch's and the tokenizer's memory object by object, in C (no Python
+    frame under faulthandler): 2.5 s after a one-minute MiniLM search and ~9 s between the report and the exit
+    of a three-minute one (2 cores), time that ``--timeout`` cannot count and the user waits for. Python's exit
+    handlers still run first (logging's flush, Ray's shutdown, temporary folders); with a non-daemon thread
+    still running, the normal exit waits.
     """
     if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
         sys.exit(code)
