@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -65,6 +67,16 @@ _exit_at_once(3)
     waited = subprocess.run([sys.executable, "-c", script, "thread", str(marker)], capture_output=True, text=True,
                             timeout=60)  # fmt: skip
     assert waited.returncode == 3 and marker.read_text() == "done"  # a non-daemon thread finished its work
+
+
+def test_the_commands_timeout_counts_from_when_autoft_began_to_load(tmp_path: Path, capsys) -> None:
+    # The console script passes autoft's import time (9-10 s on 2 cores): here 28 s already spent of a 30 s budget.
+    data = make_image_folder(tmp_path / "data", per_class=4, size=(16, 16))
+    args = ["search", "--model", "test_resnet", "--no-pretrained", "--data", str(data), "--image-size", "16",
+            "--timeout", "30s", "--run-dir", str(tmp_path / "run")]  # fmt: skip
+    assert main(args, started_at=time.time() - 28) == 2
+    said = re.search(r"--timeout 30s is too short: preparing and probing took (\d+)s", capsys.readouterr().err)
+    assert said and int(said.group(1)) >= 28
 
 
 def test_help_documents_every_option(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from autoft import _started  # noqa: F401  (first: the clock of the command's --timeout starts here)
 from autoft.config import SearchConfig, parse_duration
 from autoft.controller import Progress, SearchInterrupted, SearchResult, run_search
 from autoft.errors import AutoftError

@@ -170,8 +170,12 @@ def run_search(
     progress: Callable[[Progress], None] | None = None,
     setup: Setup | dict[str, Setup] | None = None,
     on_plan: Callable[[plan.Plan], None] | None = None,
+    started_at: float | None = None,
 ) -> SearchResult:
     """Run (or continue) a search and export the best fine-tuned model.
+
+    ``--timeout`` covers the call, or counts from ``started_at`` (``time.time()``; the ``autoft`` command passes
+    when autoft began to load, so its imports count too).
 
     ``setup`` reuses a model and data already prepared (``prepare(config)``, or ``prepare_models(config)`` for
     several models). With several models, model selection first drops the weak ones (``selection.py``) and
@@ -183,7 +187,8 @@ def run_search(
     >>> result.model_dir  # doctest: +SKIP
     PosixPath('runs/test_resnet-data/best')
     """
-    started, started_wall = time.monotonic(), time.time()  # --timeout covers the whole call
+    started_wall = time.time() if started_at is None else min(started_at, time.time())  # --timeout covers it all
+    started = time.monotonic() - (time.time() - started_wall)
     cfg = config.resolved()
     show = progress or (lambda event: None)
     check_run_dir(cfg.run_dir)

@@ -378,6 +378,6 @@ def run(args: argparse.Namespace) -> int:
         )
         display = _Display(live, config.trials, score_name=tasks.score_name(config.task))
         with decode.reporting(display.decoding):  # the library decodes silently; this bar is the CLI's
-            result = run_search(config, progress=display, on_plan=explain)
+            result = run_search(config, progress=display, on_plan=explain, started_at=args.started_at)
     summary(result)
     return 0
