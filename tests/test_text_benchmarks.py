@@ -160,3 +160,16 @@ def test_the_trainer_arms_stop_training_in_time_for_their_test_prediction(monkey
         state.global_step += 1
         deadline.on_step_end(None, state, control)
     assert state.global_step == 5 and deadline.step_seconds == 1.0
+
+
+def test_each_arm_runs_in_its_own_process_and_a_refusal_is_a_row(tmp_path: Path) -> None:
+    """The harness's child process: the arm's row (a refused budget is a result, not a crash) with its wall time."""
+    import argparse
+
+    from textdata import sentences, write_csv
+
+    for split, count in (("train", 30), ("val", 12), ("test", 12)):
+        write_csv(tmp_path / f"{split}.csv", sentences(count, seed=len(split)))
+    args = argparse.Namespace(budget="3s", search_share=0.6)
+    row = text_baselines.run_in_child("autoft", tmp_path, task="text", seed=0, args=args)
+    assert row["trials"] == 0 and "--timeout 3s is too short" in row["note"] and row["wall_s"] < 60
