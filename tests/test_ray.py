@@ -124,9 +124,9 @@ def two_nodes() -> Iterator[str]:
     head = ray_node("--head", f"--port={port}", "--num-cpus=1",
                     '--resources={"node_a": 1}', "--include-dashboard=false", f"--temp-dir={temp}")  # fmt: skip
     address = f"127.0.0.1:{port}"
-    time.sleep(8)
+    wait_for_node(address, "node_a", head)
     second = ray_node(f"--address={address}", "--num-cpus=1", '--resources={"node_b": 1}')
-    time.sleep(8)
+    wait_for_node(address, "node_b", second)
     yield address
     for node in (second, head):  # each node's process group: `ray start` and every process it started
         os.killpg(node.pid, signal.SIGTERM)
@@ -135,6 +135,20 @@ def two_nodes() -> Iterator[str]:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(node.pid, signal.SIGKILL)
         node.wait()
+
+
+def wait_for_node(address: str, resource: str, node: subprocess.Popen, limit: float = 120) -> None:
+    """Until ``ray status`` shows the node's own ``resource`` in the cluster at ``address``. A fixed sleep was not
+    enough: an idle head took 11.6 s to show its resource here, and a CI run on a busy machine once found no GCS."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline and node.poll() is None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            status = subprocess.run([str(Path(sys.executable).parent / "ray"), "status", f"--address={address}"],
+                                    env=ENV, capture_output=True, text=True, timeout=60)  # fmt: skip
+            if status.returncode == 0 and resource in status.stdout:
+                return
+        time.sleep(1)
+    pytest.fail(f"the Ray node with {resource} did not join the cluster at {address} (exit {node.poll()})")
 
 
 def _count(db: Path, query: str) -> int:
