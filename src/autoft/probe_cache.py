@@ -35,7 +35,8 @@ __all__ = ["Slot", "slot"]
 
 log = logging.getLogger(__name__)
 
-VERSION = 1  # bump when the probe measures differently, so old measurements are not reused
+VERSION = 2  # bump when the probe measures differently, so old measurements are not reused (2: evaluation timed
+# on evaluation batches, the linear probe's first sample)
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,7 @@ def key(setup: Setup, *, seed: int) -> str:
     parts = [
         VERSION, str(dataset.cache_entry.name if dataset.cache_entry else ""), len(dataset.train), len(dataset.val),
         type(setup.base_model).__name__, repr(setup.spec), seed, probe.PROBE_TRAIN_EXAMPLES, probe.PROBE_VAL_EXAMPLES,
+        probe.FIRST_TRAIN_EXAMPLES, probe.FIRST_VAL_EXAMPLES,
         probe.TIMED_STEPS, probe.TIMING_BATCH, probe.RECIPE_BATCH, probe.RECIPE_STEPS, str(device),
         torch.get_num_threads(), torch.cuda.get_device_name(device) if device.type == "cuda" else "", torch.__version__,
     ]  # fmt: skip
