@@ -164,8 +164,9 @@ def test_gpu_check_runs_on_the_cpu(one_thread):
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_gpu_check_ray_search_records_placement(tmp_path, one_thread):
+def test_gpu_check_ray_search_records_placement(tmp_path, one_thread, monkeypatch):
     pytest.importorskip("ray")
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")  # a stale address: without --address the search starts its own
     data = gpu.write_images(tmp_path / "data", count=16, size=32)
     out = gpu.ray_search(data, tmp_path / "run", gpu.TINY, torch.device("cpu"))
     assert out["gpus_per_trial"] == 0.0 and len(out["placement"]) == 2

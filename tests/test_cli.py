@@ -69,6 +69,14 @@ _exit_at_once(3)
     assert waited.returncode == 3 and marker.read_text() == "done"  # a non-daemon thread finished its work
 
 
+def test_the_command_starts_without_scikit_learn() -> None:
+    # Every command pays its imports: scikit-learn (1.4 s on 2 cores, for the report's fANOVA importances only)
+    # is loaded when importances are computed, not when autoft starts.
+    script = "import sys, autoft.cli; print('sklearn' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "False", done.stderr
+
+
 def test_the_commands_timeout_counts_from_when_autoft_began_to_load(tmp_path: Path, capsys) -> None:
     # The console script passes autoft's import time (9-10 s on 2 cores): here 28 s already spent of a 30 s budget.
     data = make_image_folder(tmp_path / "data", per_class=4, size=(16, 16))

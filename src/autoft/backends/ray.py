@@ -326,7 +326,9 @@ def _connect(address: str | None) -> bool:
         options["include_dashboard"] = False
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        ray.init(address=address, **options)
+        # "local", not None: with None Ray joins whatever RAY_ADDRESS or /tmp/ray/ray_current_cluster names (a
+        # `ray start` of last week, dead or alive) and the search hangs or lands on it; no --address means here.
+        ray.init(address=address or "local", **options)
     except ConnectionError as exc:
         raise AutoftError(
             f"Cannot reach the Ray cluster at --address {address!r} ({exc}); start it with `ray start --head` "
