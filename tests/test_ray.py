@@ -190,10 +190,10 @@ def wait_for(db: Path, condition: Callable[[list[FrozenTrial]], bool], *, poll: 
     pytest.fail(f"the study in {db} never reached the state the test waits for")
 
 
-def search_command(data: Path, address: str, trials: int) -> list[str]:
+def search_command(data: Path, address: str, trials: int, *extra: str) -> list[str]:
     return [sys.executable, "-m", "autoft", "search", "--model", "test_resnet", "--no-pretrained", "--data",
             str(data), "--image-size", "16", "--max-epochs", "3", "--trials", str(trials), "--seed", "5",
-            "--address", address, "--cpus-per-trial", "1"]  # fmt: skip
+            "--address", address, "--cpus-per-trial", "1", *extra]  # fmt: skip
 
 
 def test_search_with_address_runs_trials_on_both_nodes(two_nodes: str, data: Path, tmp_path: Path) -> None:
@@ -208,7 +208,11 @@ def test_search_with_address_runs_trials_on_both_nodes(two_nodes: str, data: Pat
 
 
 def test_driver_killed_mid_search_then_resumed(two_nodes: str, data: Path, tmp_path: Path) -> None:
-    command = search_command(data, two_nodes, 5)
+    # Trials of 100 epochs (about 7 s here): with the default space's 3 a fast CI machine ran a trial inside one
+    # poll of the study, so "one ended, one running" was never seen and the test waited out its 240 s.
+    (tmp_path / "space.yaml").write_text(SLOW_SPACE.replace("epochs: 40", "epochs: 100"))
+    command = search_command(data, two_nodes, 4, "--space", str(tmp_path / "space.yaml"), "--max-epochs", "100",
+                             "--pruner", "none")  # fmt: skip
     storage = f"sqlite:///{tmp_path}/runs/test_resnet-data/study.db"
     driver = subprocess.Popen(command, cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
@@ -218,7 +222,7 @@ def test_driver_killed_mid_search_then_resumed(two_nodes: str, data: Path, tmp_p
         running = any(t.state == TrialState.RUNNING and "knobs" in t.user_attrs for t in trials)
         return states.count(TrialState.COMPLETE) + states.count(TrialState.PRUNED) >= 1 and running
 
-    wait_for(tmp_path / "runs" / "test_resnet-data" / "study.db", one_ended_one_running, poll=1.0)
+    wait_for(tmp_path / "runs" / "test_resnet-data" / "study.db", one_ended_one_running, poll=0.2)
     driver.send_signal(signal.SIGKILL)
     driver.wait()
     before = optuna.load_study(study_name="test_resnet-data", storage=storage).trials
@@ -232,7 +236,7 @@ def test_driver_killed_mid_search_then_resumed(two_nodes: str, data: Path, tmp_p
     assert {n: study.trials[n].params for n in finished} == finished  # kept, not re-run
     for number in interrupted:
         assert study.trials[number].state == TrialState.FAIL and study.trials[number].user_attrs["interrupted"]
-    assert results.finished_count(study) == 5 and not study.get_trials(states=(TrialState.RUNNING,))
+    assert results.finished_count(study) == 4 and not study.get_trials(states=(TrialState.RUNNING,))
     retried = [t.params for t in study.trials[len(before) :]]
     lost = {n: study.trials[n].params for n in interrupted if study.trials[n].params not in retried}
     assert not lost, f"interrupted parameters not run again: {lost}; the runs after the resume: {retried}"
