@@ -13,7 +13,7 @@ import autoft
 from autoft import results
 from autoft.config import SearchConfig
 from autoft.controller import run_search
-from autoft.study import open_study, systematic_error
+from autoft.study import open_study, portfolio_left, systematic_error
 from conftest import make_image_folder
 
 pytestmark = pytest.mark.slow
@@ -135,6 +135,20 @@ def test_a_budget_smaller_than_the_portfolio_leaves_no_trial_waiting(data: Path,
     result = autoft.search("test_resnet", data, trials=2, run_dir=tmp_path / "run", **options)
     assert [t.state for t in result.study.trials] == [TrialState.COMPLETE] * 2
     assert "WAITING" not in (tmp_path / "run" / "trials.csv").read_text()
+
+
+def test_a_recipe_held_back_for_one_run_stays_in_the_studys_portfolio_and_a_resume_runs_it() -> None:
+    """A one-trial budget holds the linear probe back (plan._one_fine_tune); the same study resumed with a larger
+    budget (no recipe held back) still queues it, and the recipes already run are not queued again."""
+    portfolio = autoft.load_space("text").portfolio
+    study = optuna.create_study()
+    first = portfolio_left(study, portfolio, held_back=portfolio[:1])
+    assert [q.params for q in first] == [dict(r) for r in portfolio[1:]]
+    ran = first[0].params  # the one fine-tune runs
+    fixed = {k: optuna.distributions.CategoricalDistribution([v]) for k, v in ran.items()}
+    study.add_trial(optuna.trial.create_trial(params=ran, distributions=fixed, value=0.5))
+    resumed = portfolio_left(study, portfolio)
+    assert [q.params for q in resumed] == [dict(portfolio[0]), *map(dict, portfolio[2:])]
 
 
 def test_keep_top_keeps_the_best_models_and_deletes_the_rest(data: Path, tmp_path: Path) -> None:

@@ -218,7 +218,8 @@ def run_search(
             warmstart.seed_study(study, space, cfg.warm_start_from)
         remaining = None if cfg.trials is None else max(0, cfg.trials - results.finished_count(study))
         # Interrupted trials run again first; a new, unseeded study then tries the space's strong recipes.
-        portfolio = portfolio_left(study, getattr(space, "portfolio", ())) if cfg.warm_start else []
+        recipes = getattr(space, "portfolio", ())
+        portfolio = portfolio_left(study, recipes, held_back=search_plan.held_back) if cfg.warm_start else []
         queue = (retries + portfolio)[:remaining]
         final.restore_single(cfg.run_dir / "best", cfg.run_dir / "top")  # new trials meet a real trial
         folder = RunFolder(cfg, setups, study)

@@ -59,6 +59,9 @@ class Plan:
     cached_from: str = ""  # when the probe kept in the data cache was measured ('' : not from there)
     steps_per_epoch: Mapping[int, int] = dataclasses.field(default_factory=dict)  # batch size -> optimizer steps
     left_out: str = ""  # the portfolio's head-only recipes left out of a one-trial budget, and why ('' : none)
+    # ... those recipes: this run does not queue them, the study still records them (a resumed search with a
+    # larger budget runs them)
+    held_back: tuple[Mapping[str, Any], ...] = ()
 
     def record(self) -> dict[str, Any]:
         """Plain data for the study's user attr ``plan``: the measurements (a resumed search reuses them), the
@@ -242,12 +245,10 @@ def make_plan(
         space = space.with_max_epochs(epochs, epoch_examples=budget.epoch_examples, whole_passes=whole)
         if budget.epoch_examples:
             steps = {b: math.ceil(budget.epoch_examples / b) for b in steps}
-    left_out = ""
-    if budget is not None and not priors_off:
-        space, left_out = _one_fine_tune(space, budget, measured, priors)
+    held_back, left_out = ((), "") if budget is None or priors_off else _one_fine_tune(space, budget, measured, priors)
     plan = Plan(
         profile, measured, epochs, pruner, priors, skipped, budget, priors_off=priors_off, reused=reuse is not None,
-        steps_per_epoch=steps, cached_from=when, left_out=left_out,
+        steps_per_epoch=steps, cached_from=when, left_out=left_out, held_back=held_back,
     )  # fmt: skip
     return plan, space
 
@@ -259,29 +260,31 @@ def make_plan(
 HEAD_TRIAL_SHARE = 0.05
 
 
-def _one_fine_tune(space: Space, budget: BudgetPlan, measured: Probe, priors: Sequence[Prior]) -> tuple[Space, str]:
-    """The space without its portfolio's head-only recipes when the budget fits one trial and a head-only trial
-    would take more than HEAD_TRIAL_SHARE of the search (its measured pass: ``epoch_seconds_head``), with the
-    plan's line saying so; as it is otherwise. Kept when ``features-fit-well`` fired: then the linear probe is a
-    contender (priors put it first), not only a fallback.
+def _one_fine_tune(
+    space: Space, budget: BudgetPlan, measured: Probe, priors: Sequence[Prior]
+) -> tuple[tuple[Mapping[str, Any], ...], str]:
+    """The portfolio's head-only recipes this run holds back, and the plan's line saying why, when the budget fits
+    one trial and a head-only trial would take more than HEAD_TRIAL_SHARE of the search (its measured pass:
+    ``epoch_seconds_head``); none otherwise. None either when ``features-fit-well`` fired: then the linear probe is
+    a contender (priors put it first), not only a fallback. The space keeps them: the study records its whole
+    portfolio, so the same study resumed with a budget that fits more trials runs them.
 
     >>> _one_fine_tune(load_space("text"), one_trial_budget, measured, ())[1]  # doctest: +SKIP
     'linear_probe left out: one trial fits the 153s search and a head-only trial would take ~14s of it ...'
     """
     if not isinstance(space, SearchSpace) or budget.expected_trials > 1 or measured.epoch_seconds_head is None:
-        return space, ""
+        return (), ""
     if any(prior.name == "features-fit-well" for prior in priors):
-        return space, ""
-    head = [entry for entry in space.portfolio if cost_family(str(entry.get("freeze"))) == "head"]
-    others = tuple(entry for entry in space.portfolio if entry not in head)
-    if not head or not others or measured.epoch_seconds_head <= HEAD_TRIAL_SHARE * budget.search:
-        return space, ""
+        return (), ""
+    head = tuple(entry for entry in space.portfolio if cost_family(str(entry.get("freeze"))) == "head")
+    if not head or len(head) == len(space.portfolio) or measured.epoch_seconds_head <= HEAD_TRIAL_SHARE * budget.search:
+        return (), ""
     names = ", ".join(sorted({str(entry["freeze"]) for entry in head}))
     why = (
         f"{names} left out: one trial fits the {budget.search:.0f}s search and a head-only trial would take "
         f"~{measured.epoch_seconds_head:.0f}s of it (> {HEAD_TRIAL_SHARE:.0%}); the first fine-tune takes it all"
     )
-    return dataclasses.replace(space, portfolio=others), why
+    return head, why
 
 
 def _steps_per_epoch(space: Space, train: int) -> dict[int, int]:

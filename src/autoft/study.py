@@ -253,14 +253,24 @@ def recover_interrupted(study: optuna.Study) -> list[Queued]:
     return [Queued(dict(t.params), {"retry_of": t.number}) for t in pending]
 
 
-def portfolio_left(study: optuna.Study, portfolio: Sequence[Mapping[str, Any]]) -> list[Queued]:
+def portfolio_left(
+    study: optuna.Study, portfolio: Sequence[Mapping[str, Any]], *, held_back: Sequence[Mapping[str, Any]] = ()
+) -> list[Queued]:
     """The space's portfolio, recorded once in a new study (user attr ``portfolio``), less the recipes the
-    study already tried: an interrupted search finishes its portfolio when it resumes, and never repeats it."""
+    study already tried: an interrupted search finishes its portfolio when it resumes, and never repeats it.
+
+    ``held_back``: recipes this run leaves out (the plan's, for a one-trial budget). They stay in the record, so
+    the same study resumed with a larger budget runs them.
+    """
     if not study.trials and "portfolio" not in study.user_attrs:
         study.set_user_attr("portfolio", [dict(recipe) for recipe in portfolio])
     recorded = study.user_attrs.get("portfolio", [])
     tried = [t.params for t in study.get_trials(deepcopy=False)]
-    return [Queued(dict(r)) for r in recorded if not any(all(p.get(k) == v for k, v in r.items()) for p in tried)]
+    return [
+        Queued(dict(r))
+        for r in recorded
+        if r not in held_back and not any(all(p.get(k) == v for k, v in r.items()) for p in tried)
+    ]
 
 
 def systematic_error(study: optuna.Study) -> str | None:
