@@ -101,8 +101,33 @@ def write_variant(variant: str) -> tuple[Path, str]:
 
 def run_autoft(folder: Path, *, task: str, budget: float, seed: int, run_dir: Path) -> dict[str, Any]:
     result = autoft.search(str(MODEL), folder, task=task, trials=None, timeout=budget, run_dir=run_dir, seed=seed)
-    note = {"trials": len(result.study.trials), "note": result.final.describe() if result.final else ""}
+    described = result.final.describe() if result.final else ""
+    note = {"trials": len(result.study.trials), "note": f"{described}; {trials_note(result.study)}"}
     return autoft_scores(autoft.load_model(result.model_dir, device="cpu"), folder, task=task) | note
+
+
+def trials_note(study: Any) -> str:
+    """Each trial in a few words, so a row says what the search ran (its run folder is temporary): recipe, state,
+    best val score, epochs run in how many seconds, and the fitted steps of a last trial stretched to the deadline.
+
+    >>> trials_note(study)  # doctest: +SKIP
+    '#0 linear_probe lr 0.003 b32: COMPLETE val 0.695, 5 ep 31s | #1 full lr 0.0001 b8: COMPLETE val 0.752, ...'
+    """
+    parts = []
+    for t in study.trials:
+        knobs, attrs = t.user_attrs.get("knobs", t.params), t.user_attrs
+        text = f"#{t.number} {knobs.get('freeze')} lr {knobs.get('lr', 0):.3g} b{knobs.get('batch_size')}"
+        text += f": {t.state.name}"
+        if t.value is not None:
+            text += f" val {t.value:.3f}"
+        seconds = attrs.get("epoch_seconds", [])
+        text += f", {len(seconds)} ep {sum(seconds):.0f}s"
+        if "fitted_steps" in attrs:
+            text += f", {attrs['fitted_steps']} steps fitted ({attrs.get('planned_steps')} planned)"
+        if "stopped_by_budget" in attrs:
+            text += ", cut by the budget"
+        parts.append(text)
+    return " | ".join(parts)
 
 
 def autoft_scores(tuned: Any, folder: Path, *, task: str) -> dict[str, float]:
