@@ -483,7 +483,7 @@ def test_a_one_trial_budget_leaves_out_a_costly_head_only_trial_and_says_so(tiny
 
     made, shaped = planned(5.0)  # one trial fits ~40 s of search; a linear probe trial would take 5 s of it
     assert made.budget.expected_trials == 1
-    assert made.held_back == (shaped.portfolio[0],)
+    assert made.held_back == ("linear_probe",)
     assert "portfolio: linear_probe left out: one trial fits" in made.describe()
     # Held back for this run only: the space, whose portfolio the study records, keeps it.
     assert [e["freeze"] for e in shaped.portfolio] == [e["freeze"] for e in space.portfolio]

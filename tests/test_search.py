@@ -142,7 +142,7 @@ def test_a_recipe_held_back_for_one_run_stays_in_the_studys_portfolio_and_a_resu
     budget (no recipe held back) still queues it, and the recipes already run are not queued again."""
     portfolio = autoft.load_space("text").portfolio
     study = optuna.create_study()
-    first = portfolio_left(study, portfolio, held_back=portfolio[:1])
+    first = portfolio_left(study, portfolio, held_back=("linear_probe",))
     assert [q.params for q in first] == [dict(r) for r in portfolio[1:]]
     ran = first[0].params  # the one fine-tune runs
     fixed = {k: optuna.distributions.CategoricalDistribution([v]) for k, v in ran.items()}

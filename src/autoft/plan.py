@@ -59,9 +59,9 @@ class Plan:
     cached_from: str = ""  # when the probe kept in the data cache was measured ('' : not from there)
     steps_per_epoch: Mapping[int, int] = dataclasses.field(default_factory=dict)  # batch size -> optimizer steps
     left_out: str = ""  # the portfolio's head-only recipes left out of a one-trial budget, and why ('' : none)
-    # ... those recipes: this run does not queue them, the study still records them (a resumed search with a
-    # larger budget runs them)
-    held_back: tuple[Mapping[str, Any], ...] = ()
+    # ... their freeze modes: this run does not queue those recipes, the study still records them (the same study
+    # resumed with a larger budget runs them)
+    held_back: tuple[str, ...] = ()
 
     def record(self) -> dict[str, Any]:
         """Plain data for the study's user attr ``plan``: the measurements (a resumed search reuses them), the
@@ -262,8 +262,9 @@ HEAD_TRIAL_SHARE = 0.05
 
 def _one_fine_tune(
     space: Space, budget: BudgetPlan, measured: Probe, priors: Sequence[Prior]
-) -> tuple[tuple[Mapping[str, Any], ...], str]:
-    """The portfolio's head-only recipes this run holds back, and the plan's line saying why, when the budget fits
+) -> tuple[tuple[str, ...], str]:
+    """The freeze modes of the portfolio's head-only recipes this run holds back, and the plan's line saying why,
+    when the budget fits
     one trial and a head-only trial would take more than HEAD_TRIAL_SHARE of the search (its measured pass:
     ``epoch_seconds_head``); none otherwise. None either when ``features-fit-well`` fired: then the linear probe is
     a contender (priors put it first), not only a fallback. The space keeps them: the study records its whole
@@ -279,12 +280,12 @@ def _one_fine_tune(
     head = tuple(entry for entry in space.portfolio if cost_family(str(entry.get("freeze"))) == "head")
     if not head or len(head) == len(space.portfolio) or measured.epoch_seconds_head <= HEAD_TRIAL_SHARE * budget.search:
         return (), ""
-    names = ", ".join(sorted({str(entry["freeze"]) for entry in head}))
+    names = tuple(sorted({str(entry["freeze"]) for entry in head}))
     why = (
-        f"{names} left out: one trial fits the {budget.search:.0f}s search and a head-only trial would take "
+        f"{', '.join(names)} left out: one trial fits the {budget.search:.0f}s search and a head-only trial would take "
         f"~{measured.epoch_seconds_head:.0f}s of it (> {HEAD_TRIAL_SHARE:.0%}); the first fine-tune takes it all"
     )
-    return head, why
+    return names, why
 
 
 def _steps_per_epoch(space: Space, train: int) -> dict[int, int]:

@@ -254,13 +254,13 @@ def recover_interrupted(study: optuna.Study) -> list[Queued]:
 
 
 def portfolio_left(
-    study: optuna.Study, portfolio: Sequence[Mapping[str, Any]], *, held_back: Sequence[Mapping[str, Any]] = ()
+    study: optuna.Study, portfolio: Sequence[Mapping[str, Any]], *, held_back: Sequence[str] = ()
 ) -> list[Queued]:
     """The space's portfolio, recorded once in a new study (user attr ``portfolio``), less the recipes the
     study already tried: an interrupted search finishes its portfolio when it resumes, and never repeats it.
 
-    ``held_back``: recipes this run leaves out (the plan's, for a one-trial budget). They stay in the record, so
-    the same study resumed with a larger budget runs them.
+    ``held_back``: freeze modes whose recipes this run leaves out (the plan's, for a one-trial budget). They stay
+    in the record, so the same study resumed with a larger budget runs them.
     """
     if not study.trials and "portfolio" not in study.user_attrs:
         study.set_user_attr("portfolio", [dict(recipe) for recipe in portfolio])
@@ -269,7 +269,7 @@ def portfolio_left(
     return [
         Queued(dict(r))
         for r in recorded
-        if r not in held_back and not any(all(p.get(k) == v for k, v in r.items()) for p in tried)
+        if r.get("freeze") not in held_back and not any(all(p.get(k) == v for k, v in r.items()) for p in tried)
     ]
 
 
