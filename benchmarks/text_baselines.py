@@ -16,6 +16,9 @@ after one Trainer arm in the same new process; cause not found).
   ``best/`` is scored on test (NER: the word tags it predicts, read at each word's first sub-token). The search's
   timeout covers its trials; the final model, ``trials.csv`` and the report come after it, so its measured wall
   time is printed too.
+- ``autoft_soup``: the same with ``keep_top=3``: the greedy soup of the 3 kept models replaces ``best/`` when its
+  val score is higher; then the single best trial's model is scored on test too (in the note), so one run shows
+  what the soup changed.
 - ``trainer``: ``Trainer`` with its defaults (AdamW lr 5e-5, linear decay, batch 8, 3 epochs) on
   ``AutoModelForSequenceClassification``, dynamic padding (``DataCollatorWithPadding``); a callback stops training
   when the budget is spent but for the test prediction (estimated at a quarter of a training step per batch, at the
@@ -99,9 +102,17 @@ def write_variant(variant: str) -> tuple[Path, str]:
     return write_tweets(ROOT / f"tweets-{variant}", per_class=VARIANTS[variant]), "text"
 
 
-def run_autoft(folder: Path, *, task: str, budget: float, seed: int, run_dir: Path) -> dict[str, Any]:
-    result = autoft.search(str(MODEL), folder, task=task, trials=None, timeout=budget, run_dir=run_dir, seed=seed)
+def run_autoft(
+    folder: Path, *, task: str, budget: float, seed: int, run_dir: Path, keep_top: int = 1
+) -> dict[str, Any]:
+    """autoft's test scores. With ``keep_top`` K >= 2 the greedy soup of the K kept models may become ``best/``;
+    then the single best trial's model (moved to ``top/``) is scored on test too, and the note gives its scores."""
+    result = autoft.search(str(MODEL), folder, task=task, trials=None, timeout=budget, run_dir=run_dir, seed=seed,
+                           keep_top=keep_top)  # fmt: skip
     described = result.final.describe() if result.final else ""
+    if result.final is not None and result.final.kind == "soup":
+        single = autoft.load_model(run_dir / "top" / f"trial-{result.final.trials[0]:04d}", device="cpu")
+        described += f" (the single best trial on test: {json.dumps(autoft_scores(single, folder, task=task))})"
     note = {"trials": len(result.study.trials), "note": f"{described}; {trials_note(result.study)}"}
     return autoft_scores(autoft.load_model(result.model_dir, device="cpu"), folder, task=task) | note
 
@@ -368,14 +379,15 @@ def run_arm(
 ) -> dict:
     """One arm's test scores and notes; its files go to a temporary folder."""
     with tempfile.TemporaryDirectory(prefix="textgaps-baselines-") as tmp:
-        if arm == "autoft":
-            return run_autoft(folder, task=task, budget=budget, seed=seed, run_dir=Path(tmp) / "run")
+        if arm in ("autoft", "autoft_soup"):  # autoft_soup: --keep-top 3, so the greedy soup may replace best/
+            return run_autoft(folder, task=task, budget=budget, seed=seed, run_dir=Path(tmp) / "run",
+                              keep_top=3 if arm == "autoft_soup" else 1)  # fmt: skip
         if arm == "trainer":
             return run_trainer(folder, task=task, budget=budget, seed=seed, output=Path(tmp), started=started)
         if arm == "trainer_hpo":
             return run_trainer_hpo(folder, task=task, budget=budget, seed=seed, output=Path(tmp), started=started,
                                    search_share=search_share)  # fmt: skip
-    raise SystemExit(f"unknown arm {arm!r}; choose from autoft, trainer, trainer_hpo")
+    raise SystemExit(f"unknown arm {arm!r}; choose from autoft, autoft_soup, trainer, trainer_hpo")
 
 
 def child(args: argparse.Namespace) -> None:
