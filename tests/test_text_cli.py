@@ -164,3 +164,25 @@ def test_a_tiny_ner_search_end_to_end(bert: Path, tmp_path: Path, capsys: pytest
     page = (run / "report.html").read_text()
     assert "<mark" in page  # entities highlighted in the gallery
     assert "Best validation entity F1" in page and "Best validation accuracy" not in page
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["text", "ner"])
+def test_a_text_search_soups_its_kept_models_and_the_soup_loads(bert: Path, tmp_path: Path, task: str) -> None:
+    """--keep-top 3 on a text task: the greedy soup weighs the kept fine-tunes on val (the same model, the same
+    pretrained start), and whichever ``best/`` ends up holding loads and predicts."""
+    if task == "ner":
+        data = write_conll(tmp_path / "ner.conll", tagged(60))
+    else:
+        data = tmp_path / "reviews"
+        data.mkdir()
+        write_csv(data / "train.csv", sentences(60, seed=0))
+        write_csv(data / "val.csv", sentences(16, seed=1))
+    options = {"trials": 3, "max_epochs": 2, "keep_top": 3, "seed": 0, "run_dir": tmp_path / "run", "priors": False}
+    result = autoft.search(str(bert), data, task=task, **options)  # the text preset: its portfolio first
+    assert result.final is not None and "needs at least 2 kept models" not in result.final.reason
+    tuned = autoft.load_model(result.model_dir, device="cpu")
+    assert len(tuned.predict(["john lives in paris"])) == 1
+    if result.final.kind == "soup":  # the single best trial's model is kept beside it, loadable
+        single = tmp_path / "run" / "top" / f"trial-{result.final.trials[0]:04d}"
+        assert autoft.load_model(single, device="cpu").meta["trial"] == result.final.trials[0]
