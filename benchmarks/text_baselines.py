@@ -109,7 +109,7 @@ def run_autoft(
     then the single best trial's model (moved to ``top/``) is scored on test too, and the note gives its scores."""
     result = autoft.search(str(MODEL), folder, task=task, trials=None, timeout=budget, run_dir=run_dir, seed=seed,
                            keep_top=keep_top)  # fmt: skip
-    described = result.final.describe() if result.final else ""
+    described = f"{result.final.describe()} ({result.final.reason})" if result.final else ""
     if result.final is not None and result.final.kind == "soup":
         single = autoft.load_model(run_dir / "top" / f"trial-{result.final.trials[0]:04d}", device="cpu")
         described += f" (the single best trial on test: {json.dumps(autoft_scores(single, folder, task=task))})"
