@@ -264,11 +264,10 @@ def _one_fine_tune(
     space: Space, budget: BudgetPlan, measured: Probe, priors: Sequence[Prior]
 ) -> tuple[tuple[str, ...], str]:
     """The freeze modes of the portfolio's head-only recipes this run holds back, and the plan's line saying why,
-    when the budget fits
-    one trial and a head-only trial would take more than HEAD_TRIAL_SHARE of the search (its measured pass:
-    ``epoch_seconds_head``); none otherwise. None either when ``features-fit-well`` fired: then the linear probe is
-    a contender (priors put it first), not only a fallback. The space keeps them: the study records its whole
-    portfolio, so the same study resumed with a budget that fits more trials runs them.
+    when the budget fits one trial and a head-only trial would take more than HEAD_TRIAL_SHARE of the search (its
+    measured pass: ``epoch_seconds_head``); none otherwise. None either when ``features-fit-well`` fired: then the
+    linear probe is a contender (priors put it first), not only a fallback. The space keeps them: the study records
+    its whole portfolio, so the same study resumed with a budget that fits more trials runs them.
 
     >>> _one_fine_tune(load_space("text"), one_trial_budget, measured, ())[1]  # doctest: +SKIP
     'linear_probe left out: one trial fits the 153s search and a head-only trial would take ~14s of it ...'
