@@ -9,11 +9,15 @@
 3. ``memory``: peak memory of that full fine-tuning trial (CUDA: max allocated; CPU: peak RSS).
 4. ``ray``: a two-trial search with ``--backend ray --gpus-per-trial 0.5`` (0 on the CPU), with each trial's node,
    start and end, and whether the two overlapped (both placed on the one device at once).
+5. ``text_loop``: the text task's trial loop (``run_trial``, full fine-tuning, AdamW, one epoch + val) against a
+   bare loop over the same dynamically padded batches (bf16 autocast on CUDA), on a BERT-base shape (12 layers,
+   768 wide, random weights) and sentences of 8-48 words; examples/s of each and their ratio (issue 15's target,
+   >= 0.95x). Needs the ``text`` extra (transformers); ``null`` without it.
 
 Random weights (``pretrained=False``) and random JPEGs: the figures are speed, not accuracy. On CUDA a resnet50
 at 224 px; ``--tiny`` (the default off CUDA) is ``test_resnet`` at 32 px on a few images so CI keeps it working.
 
-    .venv/bin/python benchmarks/gpu.py [--device auto] [--tiny] [--images 2048] [--no-ray]
+    .venv/bin/python benchmarks/gpu.py [--device auto] [--tiny] [--images 2048] [--no-ray] [--no-text]
 """
 
 from __future__ import annotations
@@ -44,6 +48,8 @@ from autoft.trial import resolve_device, run_trial
 
 FULL = {"model": "resnet50", "image_size": 224, "images": 2048, "batch_size": 128}
 TINY = {"model": "test_resnet", "image_size": 32, "images": 48, "batch_size": 16}
+TEXT_FULL = {"layers": 12, "hidden": 768, "examples": 8192, "words": 48, "batch_size": 32}
+TEXT_TINY = {"layers": 2, "hidden": 32, "examples": 64, "words": 12, "batch_size": 16}
 CLASSES = 4
 
 
@@ -221,6 +227,103 @@ def _placement(trial, start, end) -> dict:
             "seconds": seconds}  # fmt: skip
 
 
+def write_text(root: Path, settings: dict, *, seed: int = 0) -> tuple[Path, Path]:
+    """A random BERT of ``settings``' shape with a WordPiece vocabulary of 1,000 words, and ``train.csv`` /
+    ``val.csv`` (an eighth) of sentences of 8 to ``words`` of those words with 3 labels."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    words = [f"w{i}" for i in range(1000)]
+    model_dir, data = root / "bert", root / "text"
+    model_dir.mkdir(parents=True)
+    data.mkdir()
+    (model_dir / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    BertTokenizerFast(vocab_file=str(model_dir / "vocab.txt")).save_pretrained(model_dir)
+    heads = max(2, settings["hidden"] // 64)
+    width = settings["hidden"]
+    config = BertConfig(
+        vocab_size=1005, hidden_size=width, num_hidden_layers=settings["layers"], num_attention_heads=heads,
+        intermediate_size=4 * width, max_position_embeddings=128,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    BertModel(config).save_pretrained(model_dir)
+    rng = np.random.default_rng(seed)
+    count = settings["examples"]
+    for name, rows in (("train", count), ("val", count // 8)):
+        lines = ["text,label"]
+        for i in range(rows):
+            length = int(rng.integers(8, settings["words"] + 1))
+            lines.append(" ".join(rng.choice(words, length)) + f",{('neg', 'neu', 'pos')[i % 3]}")
+        (data / f"{name}.csv").write_text("\n".join(lines) + "\n")
+    return model_dir, data
+
+
+def text_bare_loop(s: Setup, *, batch_size: int) -> float:
+    """The hand-written text loop: one epoch + val over the same batches; returns seconds."""
+    from autoft.tasks.text import tokens
+
+    device = s.device
+    sync(device)
+    started = time.perf_counter()
+    torch.manual_seed(0)
+    model = copy.deepcopy(s.base_model).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.0)
+
+    def on_device(inputs: dict) -> dict:
+        return {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
+
+    model.train()
+    generator = torch.Generator().manual_seed(0)
+    for inputs, labels in tokens.batches(s.dataset.train, batch_size=batch_size, shuffle=True, generator=generator):
+        with autocast(device):
+            loss = F.cross_entropy(model(on_device(inputs)), labels.to(device, non_blocking=True))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    with torch.inference_mode(), autocast(device):
+        for inputs, _ in tokens.batches(s.dataset.val, batch_size=256, shuffle=False):
+            model(on_device(inputs)).argmax(1)
+    sync(device)
+    return time.perf_counter() - started
+
+
+def text_loop(root: Path, device: torch.device, *, tiny: bool) -> dict | None:
+    """autoft's text trial loop against :func:`text_bare_loop` (fastest of 2 each, after a warm-up)."""
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        return None
+    settings = TEXT_TINY if tiny else TEXT_FULL
+    model_dir, data = write_text(root, settings)
+    s = prepare(SearchConfig(model=str(model_dir), data=data, task="text", pretrained=False, device=device.type))
+    s = dataclasses.replace(s, feature_cache=None, prefix_cache=None)  # a full fine-tune uses neither
+    batch = settings["batch_size"]
+    rec = Recipe(freeze="full", optimizer="adamw", lr=5e-5, head_lr_ratio=1.0, layer_decay=1.0, weight_decay=0.0,
+                 epochs=1, warmup_epochs=0, schedule="constant", batch_size=batch, augment="none")  # fmt: skip
+
+    def ours() -> float:
+        sync(device)
+        started = time.perf_counter()
+        run_trial(s, rec, seed=0)
+        sync(device)
+        return time.perf_counter() - started
+
+    text_bare_loop(s, batch_size=batch)  # warm-up for both sides
+    bare = min(text_bare_loop(s, batch_size=batch) for _ in range(2))
+    mine = min(ours() for _ in range(2))
+    seen = len(s.dataset.train)
+    return {
+        "model": f"BERT shape, {settings['layers']} layers x {settings['hidden']}, random weights",
+        "train_examples": seen,
+        "max_length": s.dataset.train.max_length,
+        "batch_size": batch,
+        "autoft_examples_per_s": round(seen / mine, 1),
+        "bare_examples_per_s": round(seen / bare, 1),
+        "ratio": round(bare / mine, 3),
+        "target": ">= 0.95",
+    }
+
+
 def machine(device: torch.device) -> dict:
     out = {"device": device.type, "cpus": os.cpu_count(), "torch": torch.__version__}
     if device.type == "cuda":
@@ -228,10 +331,13 @@ def machine(device: torch.device) -> dict:
     return out | {"python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}
 
 
-def run(*, device: str = "auto", tiny: bool | None = None, images: int | None = None, ray: bool = True) -> dict:
+def run(
+    *, device: str = "auto", tiny: bool | None = None, images: int | None = None, ray: bool = True, text: bool = True
+) -> dict:
     """Every measurement, as one dict (``main`` prints it as JSON)."""
     dev = resolve_device(device)
-    settings = dict(TINY if (tiny if tiny is not None else dev.type != "cuda") else FULL)
+    tiny = tiny if tiny is not None else dev.type != "cuda"
+    settings = dict(TINY if tiny else FULL)
     settings["images"] = images or settings["images"]
     batch = settings["batch_size"]
     began = time.perf_counter()
@@ -263,6 +369,7 @@ def run(*, device: str = "auto", tiny: bool | None = None, images: int | None = 
             "data_path": data_path(s, batch_size=batch, steps=5 if dev.type != "cuda" else 20, mapped=mapped),
             "memory": peak_memory(s, batch_size=batch),
             "ray": ray_search(data, Path(tmp) / "run", settings, dev) if ray else None,
+            "text_loop": text_loop(Path(tmp) / "text-check", dev, tiny=tiny) if text else None,
         }
     return out | {"seconds": round(time.perf_counter() - began, 1), "machine": machine(dev)}
 
@@ -273,8 +380,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tiny", action="store_true", default=None, help="test_resnet at 32 px (default off CUDA)")
     parser.add_argument("--images", type=int, default=None)
     parser.add_argument("--no-ray", dest="ray", action="store_false")
+    parser.add_argument("--no-text", dest="text", action="store_false", help="skip the text loop")
     args = parser.parse_args(argv)
-    print(json.dumps(run(device=args.device, tiny=args.tiny, images=args.images, ray=args.ray)))
+    print(json.dumps(run(device=args.device, tiny=args.tiny, images=args.images, ray=args.ray, text=args.text)))
     sys.stdout.flush()
 
 

@@ -159,6 +159,8 @@ def test_gpu_check_runs_on_the_cpu(one_thread):
     assert out["loop"]["autoft_images_per_s"] > 0 and out["loop"]["bare_images_per_s"] > 0
     assert out["data_path"]["fed_over_consumed"] > 0 and out["memory"]["kind"] == "cpu_peak_rss"
     assert out["data_path"]["mapped_cache"]["fed_images_per_s"] > 0  # read from the cache file
+    text = out["text_loop"]  # a 2-layer BERT on the CPU: both loops ran over the same 64 sentences
+    assert text["train_examples"] == 64 and text["autoft_examples_per_s"] > 0 and text["bare_examples_per_s"] > 0
     assert json.loads(json.dumps(out)) == out
 
 

@@ -53,6 +53,20 @@ def test_cached_partial_fine_tune_equals_the_uncached_one(dataset: data.Dataset,
     _assert_same_outcome(cached, _run(model, _partial(), dataset, None), weight_atol=1e-3)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only: the device is named without its index")
+def test_on_cuda_a_cached_partial_fine_tune_runs_with_its_labels_beside_the_activations(
+    dataset: data.Dataset,
+) -> None:
+    """The first GPU run (2026-12-04): a cache made for device ``cuda`` held activations on ``cuda:0`` and compared
+    the two as different, so it left the labels on the CPU and every cached partial trial failed in index_select."""
+    model, cuda = _model(MODELS[0]), torch.device("cuda")
+    setup = image_setup(model, dataset, device=cuda, prefix_cache="build")
+    outcome = run_trial(setup, _partial(), seed=3)
+    assert setup.prefix_cache.bytes_in("memory") > 0 and outcome.best_epoch >= 0
+    for split in setup.prefix_cache.activations(train_blocks=2):
+        assert split.labels.device == split.images.device
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_every_cut_reproduces_the_models_forward(name: str) -> None:
     model = _model(name).eval()

@@ -187,7 +187,9 @@ class PrefixCache:
             width = activations.shape[1]
             out[rows, :width] = activations.to(out.device)
             out[rows, width:] = 0  # a sequence batch narrower than the split: zeros after it (masked out); else empty
-        return TensorSplit(out, split.labels.to(self.device) if out.device == self.device else split.labels)
+        # The labels go where the activations are (the trial's device, or the CPU for a spill file). Compared by
+        # the tensor's own device: torch.device("cuda") != out.device (cuda:0), which once left them on the CPU.
+        return TensorSplit(out, split.labels.to(out.device))
 
     @torch.no_grad()  # not inference_mode: the suffix's backward saves these activations as its input
     def _forward(self, prefix: nn.Module, inputs: object) -> torch.Tensor:

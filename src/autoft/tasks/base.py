@@ -279,7 +279,7 @@ def take_rows(tensor: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
             out[start : start + len(chunk)] = source[chunk]
             pages.touched(tensor, len(chunk) * source[0].nbytes, pieces=len(chunk))
         return torch.from_numpy(out)
-    return tensor.index_select(0, rows).contiguous()
+    return tensor.index_select(0, rows.to(tensor.device)).contiguous()
 
 
 def cross_entropy_score(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:

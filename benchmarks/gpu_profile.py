@@ -1,0 +1,75 @@
+"""Where autoft's trial loop spends the time the bare loop does not, on a GPU: ``torch.profiler`` over one epoch of
+each (after a warm-up), the text task's BERT shape of ``gpu.py`` or its resnet50 (``--task image``); the top ops
+by self CPU and self CUDA time, and each loop's wall time, to ``--out``.
+
+    python3 benchmarks/gpu_profile.py [--task text] [--out profile.txt]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import tempfile
+import time
+from pathlib import Path
+
+import gpu
+from torch.profiler import ProfilerActivity, profile
+
+from autoft.config import SearchConfig
+from autoft.preparation import prepare
+from autoft.recipe import Recipe
+from autoft.trial import resolve_device, run_trial
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--task", default="text", choices=("text", "image"))
+    parser.add_argument("--out", default="profile.txt")
+    args = parser.parse_args()
+    device = resolve_device("auto")
+    tiny = device.type != "cuda"
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.task == "text":
+            settings = dict(gpu.TEXT_TINY if tiny else gpu.TEXT_FULL)
+            model_dir, data = gpu.write_text(Path(tmp), settings)
+            config = SearchConfig(model=str(model_dir), data=data, task="text", pretrained=False, device=device.type)
+            bare_loop, lr = gpu.text_bare_loop, 5e-5
+        else:
+            settings = dict(gpu.TINY if tiny else gpu.FULL)
+            data = gpu.write_images(Path(tmp) / "data", count=settings["images"], size=settings["image_size"])
+            config = SearchConfig(model=settings["model"], data=data, pretrained=False,
+                                  image_size=settings["image_size"], device=device.type)  # fmt: skip
+            bare_loop, lr = gpu.bare_loop, 1e-4
+        s = dataclasses.replace(prepare(config), feature_cache=None, prefix_cache=None)
+        batch = settings["batch_size"]
+        rec = Recipe(freeze="full", optimizer="adamw", lr=lr, head_lr_ratio=1.0, layer_decay=1.0, weight_decay=0.0,
+                     epochs=1, warmup_epochs=0, schedule="constant", batch_size=batch, augment="none")  # fmt: skip
+
+        def ours() -> float:
+            gpu.sync(device)
+            started = time.perf_counter()
+            run_trial(s, rec, seed=0)
+            gpu.sync(device)
+            return time.perf_counter() - started
+
+        runs = {"bare": lambda: bare_loop(s, batch_size=batch), "autoft": ours}
+        for run in runs.values():
+            run()  # warm-up
+        lines = []
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        for name, run in runs.items():
+            wall = run()
+            with profile(activities=activities) as prof:
+                profiled = run()
+            table = prof.key_averages()
+            lines += [f"== {name}: {wall:.3f} s unprofiled, {profiled:.3f} s profiled",
+                      table.table(sort_by="self_cpu_time_total", row_limit=25)]  # fmt: skip
+            if device.type == "cuda":
+                lines.append(table.table(sort_by="self_cuda_time_total", row_limit=25))
+        Path(args.out).write_text("\n".join(lines))
+        print("\n".join(line for line in lines if line.startswith("==")))
+
+
+if __name__ == "__main__":
+    main()
