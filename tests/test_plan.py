@@ -75,7 +75,7 @@ def _param(space, name):
 
 def test_budget_reserves_spent_and_wrap_up_and_fits_three_full_trials() -> None:
     budget = plan_budget(600, PROBE, PROFILE, spent=30, max_epochs=10, pruner="median")
-    assert budget.wrap_up == pytest.approx(WRAP_UP_FIXED_SECONDS + 0.001 * 600 + 0.03 * 600)  # val + test, once
+    assert budget.wrap_up == pytest.approx(WRAP_UP_FIXED_SECONDS + 0.001 * 300 + 0.03 * 600)  # test, once
     assert budget.search == pytest.approx(600 - 30 - budget.wrap_up)
     epoch = 10 * EPOCH_SAFETY
     assert budget.epoch_seconds == pytest.approx(epoch)  # 10 s measured x the safety margin
@@ -86,6 +86,26 @@ def test_budget_reserves_spent_and_wrap_up_and_fits_three_full_trials() -> None:
     validation = EPOCH_SAFETY * 0.001 * PROFILE.val  # one val evaluation with the margin
     assert budget.validation_seconds == pytest.approx(validation) == applied.validation_seconds
     assert applied.trial_deadline == pytest.approx(applied.search_end - validation)
+
+
+def test_the_wrap_up_reserve_follows_the_machines_load(monkeypatch) -> None:
+    """2 s on an idle machine, scaled by the load per usable core (a busy machine's report is slower too); the
+    flat 5 s where the load cannot be read."""
+    from autoft import budget as budget_module
+
+    monkeypatch.setattr(budget_module.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(budget_module.os, "getloadavg", lambda: (0.4, 0.3, 0.2))
+    assert budget_module.wrap_up_fixed_seconds() == 2.0  # idle: never below the idle figure
+    monkeypatch.setattr(budget_module.os, "getloadavg", lambda: (6.5, 6.0, 5.0))
+    assert budget_module.wrap_up_fixed_seconds() == pytest.approx(6.5)  # 3.25 runnable per core
+
+    def unreadable() -> tuple[float, float, float]:
+        raise OSError("no load average here")
+
+    monkeypatch.setattr(budget_module.os, "getloadavg", unreadable)
+    assert budget_module.wrap_up_fixed_seconds() == WRAP_UP_FIXED_SECONDS
+    quiet = plan_budget(600, PROBE, PROFILE, spent=30, max_epochs=10, pruner="median", wrap_up_fixed=2.0)
+    assert quiet.wrap_up == pytest.approx(2.0 + 0.001 * 300 + 0.03 * 600)
 
 
 def test_a_part_of_an_epoch_fits_where_a_whole_one_does_not() -> None:
@@ -136,15 +156,15 @@ def test_trials_share_the_budget_only_when_each_gets_enough_optimizer_steps() ->
 
 
 def test_a_budget_short_of_a_few_passes_trains_in_rounds_of_fewer_examples() -> None:
-    # 30 s, 20 spent, wrap-up 6.5 s (5 + 600 evaluations x 1 ms + 3%): 3.5 s of search against an 11.5 s pass
-    # (10 s x EPOCH_SAFETY). Three validated rounds of N examples share it: (3.5 / 3 - 0.345 s val) / 12.4 ms.
+    # 30 s, 20 spent, wrap-up 6.2 s (5 + 300 test evaluations x 1 ms + 3%): 3.8 s of search against an 11.5 s
+    # pass (10 s x EPOCH_SAFETY). Three validated rounds of N examples share it: (3.8 / 3 - 0.345 s val) / 12.4 ms.
     budget = plan_budget(30, PROBE, PROFILE, spent=20, max_epochs=10, pruner="median", smallest_round=64)
     validation, per_example = EPOCH_SAFETY * 0.001 * PROFILE.val, (10.0 * EPOCH_SAFETY - 0.345) / PROFILE.train
     assert budget.max_epochs == 3 and budget.expected_trials == 1 and budget.head_passes  # 3 x 0.115 s fit
     slow_head = dataclasses.replace(PROBE, epoch_seconds_head=2.0)
     assert not plan_budget(30, slow_head, PROFILE, spent=20, max_epochs=10, pruner="median").head_passes
-    assert budget.epoch_examples == int((budget.search / 3 - validation) // per_example) == 66
-    assert budget.epoch_seconds == pytest.approx(validation + 66 * per_example)
+    assert budget.epoch_examples == int((budget.search / 3 - validation) // per_example) == 74
+    assert budget.epoch_seconds == pytest.approx(validation + 74 * per_example)
     assert 3 * budget.epoch_seconds <= budget.search  # the rounds fit the search time
     # A round may not hold less than the largest batch: then fewer, longer rounds.
     fewer = plan_budget(30, PROBE, PROFILE, spent=20, max_epochs=10, pruner="median", smallest_round=100)
@@ -414,6 +434,17 @@ def test_a_small_first_sample_decides_when_its_fit_settles_the_priors(tiny_setup
     assert computed == [12] and len(train.labels) == 24  # the cache computes the 12 train rows the probe did not
     whole, _ = measured(False)
     assert whole.examples == 24 + 6 and computed == [12, 6, 12]  # then the other 12 train rows, once
+
+    # A short budget: the rest's pooled pass, predicted from the first part's pace, is more than it affords.
+    asked: list[float] = []
+    computed.clear()
+    uncached = dataclasses.replace(tiny_setup, feature_cache=None)  # another test may have built the fixture's
+    short = probe(uncached, seed=0, steps=5, costs=False, settled=lambda fit: False,
+                  affordable=lambda seconds: asked.append(seconds) or False)  # fmt: skip
+    assert short.examples == 12 + 6 and computed == [12, 6] and len(asked) == 1 and asked[0] > 0
+    computed.clear()
+    roomy = probe(uncached, seed=0, steps=5, costs=False, settled=lambda fit: False, affordable=lambda s: True)
+    assert roomy.examples == 24 + 6 and computed == [12, 6, 12]
 
 
 def test_sample_rows_covers_every_class_within_its_bound() -> None:

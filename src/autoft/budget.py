@@ -8,6 +8,7 @@ The plan is made once, before the first trial; the :class:`Budget` it yields tra
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from autoft.errors import AutoftError
 from autoft.probe import DataProfile, Probe, cost_family
 
-__all__ = ["EPOCH_SAFETY", "LAST_PART", "Budget", "BudgetPlan", "plan_budget"]
+__all__ = ["EPOCH_SAFETY", "LAST_PART", "Budget", "BudgetPlan", "plan_budget", "wrap_up_fixed_seconds"]
 
 
 # One epoch of a sampled recipe may cost more than the probe's (stronger augmentation, smaller batches,
@@ -38,7 +39,12 @@ MIN_USEFUL_STEPS = 120
 # wrap-up (7.8 s test score, 10.0 s report) of which 15.1 s were the two evaluations (720 images x 21 ms), so
 # 2.8 s fixed; the old wrap-up's 5.1 s at load ~10 had three evaluations. 5 s covers a load of ~10. Plus a
 # slack of 3% of the budget for jitter.
-WRAP_UP_FIXED_SECONDS = 5.0
+WRAP_UP_FIXED_SECONDS = 5.0  # where the machine's load cannot be read (wrap_up_fixed_seconds)
+# The same fixed part on an idle machine, scaled by the load: it is Python work (figures, SQLite, HTML) that slows as
+# the trials do. benchmarks/fixed_cost.py on the demo, 2026-12-04, load 1.5 on 2 cores: wrap-up 1.6-2.0 s, of which
+# ~0.9 s the test evaluation (counted apart), so 0.7-1.1 s fixed; at load 6.5 the older wrap-up's was 2.8 s (x3.25
+# load per core: 6.5 s reserved). The flat 5 s left 4-5 s of a quiet 30 s budget unused.
+IDLE_WRAP_UP_FIXED_SECONDS = 2.0
 SLACK = 0.03
 HYPERBAND_FROM_EPOCHS = 9  # rungs at 1, 3, 9 epochs need trials at least this long to cut anything
 # When the search time holds fewer than MIN_USEFUL_EPOCHS passes over train (a 30 s budget; MiniLM on 2,000 tweets
@@ -71,6 +77,22 @@ class BudgetPlan:
     validation_seconds: float = 0.0  # one val evaluation, with the margin: a cut epoch's training ends this early
 
 
+def wrap_up_fixed_seconds() -> float:
+    """The wrap-up's fixed part to reserve now: IDLE_WRAP_UP_FIXED_SECONDS x the 1-minute load average per usable
+    core (at least 1: this search's own threads load the cores it uses); WRAP_UP_FIXED_SECONDS where the load
+    average cannot be read (Windows).
+
+    >>> 2.0 <= wrap_up_fixed_seconds()
+    True
+    """
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return WRAP_UP_FIXED_SECONDS
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return IDLE_WRAP_UP_FIXED_SECONDS * max(1.0, load / max(1, cores))
+
+
 def plan_budget(
     timeout: float,
     measured: Probe,
@@ -84,10 +106,12 @@ def plan_budget(
     steps_per_epoch: int | None = None,
     modes: Collection[str] = (),
     smallest_round: int = 1,
+    wrap_up_fixed: float = WRAP_UP_FIXED_SECONDS,
 ) -> BudgetPlan:
     """Fit the search to ``timeout`` seconds, of which ``spent`` are gone.
 
-    wrap_up = WRAP_UP_FIXED_SECONDS + eval cost of (val + test) + SLACK x timeout, plus the final model's
+    wrap_up = ``wrap_up_fixed`` (the search passes :func:`wrap_up_fixed_seconds`) + eval cost of test (val when
+    there is no test split) + SLACK x timeout, plus the final model's
     cost: a soup of up to ``soup_models`` kept models evaluates val ``soup_models + 1`` times; ``refit`` trains
     once more for max_epochs epochs on train+val (so max_epochs is chosen with that refit reserved too);
     search = timeout - spent - wrap_up; epoch = EPOCH_SAFETY x the measured epoch of the costliest freeze mode among
@@ -103,11 +127,12 @@ def plan_budget(
     >>> plan_budget(600, measured, profile, spent=20, max_epochs=10, pruner="median").max_epochs  # doctest: +SKIP
     10
     """
-    # The exported model is evaluated once on test (the score; the report reuses its logits), the report adds val.
-    evaluations = measured.eval_seconds_per_image * (profile.val + profile.test)
+    # The exported model is evaluated once: on test (the score; the report reuses its logits), else on val (the
+    # report's sections).
+    evaluations = measured.eval_seconds_per_image * (profile.test or profile.val)
     if soup_models >= 2:
         evaluations += (soup_models + 1) * measured.eval_seconds_per_image * profile.val
-    wrap_up = WRAP_UP_FIXED_SECONDS + evaluations + SLACK * timeout
+    wrap_up = wrap_up_fixed + evaluations + SLACK * timeout
     epoch_mode, epoch = _costliest(measured, modes)
     epoch = EPOCH_SAFETY * max(epoch, 1e-3)
     validation = min(epoch, EPOCH_SAFETY * (measured.eval_seconds_per_image or 0.0) * profile.val)

@@ -32,7 +32,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from autoft.budget import EPOCH_SAFETY, BudgetPlan, plan_budget
+from autoft.budget import EPOCH_SAFETY, BudgetPlan, plan_budget, wrap_up_fixed_seconds
 from autoft.preparation import Setup
 from autoft.priors import Prior, apply_priors, choose_priors, fit_settles_priors
 from autoft.probe import DataProfile, Probe, cost_family, probe, profile_data
@@ -220,9 +220,10 @@ def make_plan(
     previous = reuse[1] if reuse is not None else None
     cached = kept.load() if kept is not None and reuse is None else None
     previous = cached[0] if cached is not None else previous
+    affordable = None if timeout is None else (lambda seconds: seconds <= PROBE_SHARE * (timeout - spent()))
     measured = probe(
         setup, seed=seed, linear_probe=not priors_off, costs=timeout is not None, previous=previous,
-        modes=_cost_recipes(space), settled=fit_settles_priors,
+        modes=_cost_recipes(space), settled=fit_settles_priors, affordable=affordable,
     )  # fmt: skip
     if kept is not None and reuse is None and (cached is None or measured is not cached[0]):
         kept.save(measured)  # measured now (all of it, or what the kept one lacked)
@@ -237,7 +238,7 @@ def make_plan(
         budget = plan_budget(
             timeout, measured, profile, spent=spent(), max_epochs=longest, pruner=pruner,
             steps_per_epoch=min(steps.values(), default=None), modes=_freeze_modes(space),
-            smallest_round=max(steps, default=1), **final_model,
+            smallest_round=max(steps, default=1), wrap_up_fixed=wrap_up_fixed_seconds(), **final_model,
         )  # fmt: skip
         epochs, pruner = budget.max_epochs, budget.pruner
         # A linear probe's passes cost little (a frozen forward, or none on cached features): kept whole when they fit.
@@ -253,6 +254,12 @@ def make_plan(
     return plan, space
 
 
+# The linear probe's second sample (the rest of its 1,024 / 512 examples after the first 256 / 128) is computed
+# only while its pooled pass, predicted from the first sample's pace, takes at most this share of the time the
+# budget has left: the look before searching stays a few seconds of a short budget (issue 14). On the demo (digits,
+# 48 px, 2 cores) the rest took ~3.8 s, most of the 30 s budget's plan; the first sample's fit (0.76-0.79 against
+# 0.87-0.88 on all: biased low, docs/benchmarks.md) then decides, so "features-fit-well" fires less, never more.
+PROBE_SHARE = 0.05
 # A budget that fits one trial: the portfolio's head-only recipes run first only while they cost at most this
 # share of the search. The one fine-tune that follows them fills the time left (stretch.StepFit), so a linear
 # probe costs it that many steps: on MiniLM-L6 NER at 3 minutes the probe trial took 18 s of 153 s (~45 of ~370

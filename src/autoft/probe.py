@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -40,6 +41,8 @@ __all__ = [
     "profile_data",
     "sample_rows",
 ]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -216,6 +219,7 @@ def probe(
     steps: int = 100,
     modes: Sequence[Recipe] = (),
     settled: Callable[[float], bool] | None = None,
+    affordable: Callable[[float], bool] | None = None,
 ) -> Probe:
     """Measure what the plan needs, for one prepared model (a ``Setup``): the linear probe (``linear_probe``: for the
     priors) and the epoch costs (``costs``: for a ``--timeout`` budget); what ``previous`` (a resumed study's stored
@@ -224,7 +228,8 @@ def probe(
     The linear probe trains a fresh linear layer on standardized pooled features of a sample (:func:`sample_rows`,
     at most PROBE_TRAIN_EXAMPLES / PROBE_VAL_EXAMPLES) for ``steps`` mini-batch steps of Adam; when ``settled(fit)``
     holds for the fit on the first FIRST_TRAIN_EXAMPLES / FIRST_VAL_EXAMPLES of it, that fit is kept and the rest
-    is not computed. The feature cache is
+    is not computed; so it is when ``affordable(seconds)`` is false for the rest's pooled pass, predicted from the
+    first part's pace (a short budget: the look before searching stays a small share of it). The feature cache is
     not built here (a head-only trial builds it when it first needs it, inside that trial). The epoch cost is
     extrapolated per example from the fastest of a few small timed steps (:func:`_step_cost`): of full fine-tuning,
     and of one recipe per other freeze mode family among ``modes`` (the space's most expensive of each family; one
@@ -246,7 +251,7 @@ def probe(
     accuracy, examples, eval_per_image = kept.linear_probe_accuracy, kept.examples, kept.eval_seconds_per_image
     if linear_probe and accuracy is None and _has_pooled_features(setup.base_model):
         accuracy, examples, pooled_per_image = _staged_linear_probe(
-            setup, chance=chance, seed=seed, steps=steps, settled=settled
+            setup, chance=chance, seed=seed, steps=steps, settled=settled, affordable=affordable
         )
         eval_per_image = eval_per_image or pooled_per_image  # the same forward pass, less the classifier
     elif linear_probe and accuracy is None:  # no pooled features (per-token outputs): at chance fit is 0, no prior
@@ -298,11 +303,18 @@ def sample_rows(labels: torch.Tensor, limit: int, classes: int) -> torch.Tensor:
 
 
 def _staged_linear_probe(
-    setup: Setup, *, chance: float, seed: int, steps: int, settled: Callable[[float], bool] | None
+    setup: Setup,
+    *,
+    chance: float,
+    seed: int,
+    steps: int,
+    settled: Callable[[float], bool] | None,
+    affordable: Callable[[float], bool] | None = None,
 ) -> tuple[float, int, float | None]:
     """The linear probe's val accuracy, the examples it saw and the seconds per example of its pooled pass (None
     when nothing was computed): on the first part of the sample (:func:`sample_rows` of the whole sample), kept
-    when ``settled`` holds for its fit; else on the whole sample, the first part's features reused.
+    when ``settled`` holds for its fit or when ``affordable`` refuses the rest's predicted seconds; else on the
+    whole sample, the first part's features reused.
 
     The features come from the feature cache when something already built it (model selection's linear probe);
     otherwise they are computed here on an eval-mode copy of the model (dropout off, as in the cache) and handed to
@@ -329,10 +341,18 @@ def _staged_linear_probe(
     pooled = {name: _pooled_rows(setup, model, splits[name], first[name]) for name in splits}
     accuracy = _linear_probe(*_labelled(setup, splits, rows, pooled), classes, seed=seed, steps=steps)
     fit = (accuracy - chance) / max(1e-9, 1.0 - chance)
-    if not (settled is not None and settled(fit)) and any(len(r) for r in rest.values()):
-        for name, more in ((name, more) for name, more in rest.items() if len(more)):
-            pooled[name] = torch.cat([pooled[name], _pooled_rows(setup, model, splits[name], more)])
-            rows[name] = torch.cat([rows[name], more])
+    more = any(len(r) for r in rest.values()) and not (settled is not None and settled(fit))
+    if more and affordable is not None:  # the rest's pooled pass, at the first part's pace (its start-up in)
+        _sync(setup.device)
+        pace = (time.perf_counter() - started) / max(1, sum(map(len, first.values())))
+        rest_seconds = pace * sum(map(len, rest.values()))
+        more = affordable(rest_seconds)
+        if not more:
+            log.info("linear probe: fit %.2f kept on the first sample (the rest would take ~%.1fs)", fit, rest_seconds)
+    if more:
+        for name, extra in ((name, extra) for name, extra in rest.items() if len(extra)):
+            pooled[name] = torch.cat([pooled[name], _pooled_rows(setup, model, splits[name], extra)])
+            rows[name] = torch.cat([rows[name], extra])
         accuracy = _linear_probe(*_labelled(setup, splits, rows, pooled), classes, seed=seed, steps=steps)
     _sync(setup.device)
     seen = sum(map(len, rows.values()))
