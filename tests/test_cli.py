@@ -77,6 +77,21 @@ def test_the_command_starts_without_scikit_learn() -> None:
     assert done.returncode == 0 and done.stdout.strip() == "False", done.stderr
 
 
+def test_the_study_storages_imports_load_in_a_thread_of_their_own(tmp_path: Path) -> None:
+    # SQLAlchemy and alembic (1.2 s of a 30 s budget on 2 cores) load while the model and data are prepared.
+    script = (
+        "import sys; from pathlib import Path; from autoft.config import SearchConfig; from autoft import study\n"
+        f"config = SearchConfig(model='m', data=Path('.'), storage='sqlite:///{tmp_path}/s.db')\n"
+        "before = 'sqlalchemy.orm' in sys.modules; thread = study.preload_storage(config); thread.join(60)\n"
+        "print(before, all(name in sys.modules for name in study.STORAGE_MODULES), thread.name)\n"
+        "print(study.preload_storage(SearchConfig(model='m', data=Path('.'), storage='journal.log')))"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.split() == ["False", "True", "autoft-preload-storage", "None"], (
+        done.stdout + done.stderr
+    )
+
+
 def test_the_commands_timeout_counts_from_when_autoft_began_to_load(tmp_path: Path, capsys) -> None:
     # The console script passes autoft's import time (9-10 s on 2 cores): here 28 s already spent of a 30 s budget.
     data = make_image_folder(tmp_path / "data", per_class=4, size=(16, 16))

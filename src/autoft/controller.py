@@ -50,6 +50,7 @@ from autoft.study import (
     no_complete_trial_error,
     open_study,
     portfolio_left,
+    preload_storage,
     recover_interrupted,
     systematic_error,
 )
@@ -197,6 +198,7 @@ def run_search(
     space = space.with_max_epochs(cfg.max_epochs)
     stop, received = threading.Event(), []
     with _stop_on_signals(stop, received):
+        preload_storage(cfg)  # the study's imports load while the model and data do
         setups = setup if isinstance(setup, dict) else {cfg.models[0]: setup} if setup else prepare_models(cfg)
         for candidate in setups.values():
             check_free_space(cfg.run_dir, candidate.base_model)
