@@ -112,12 +112,23 @@ def recipe(batch_size: int) -> Recipe:
     return Recipe(freeze="full", optimizer="adamw", lr=1e-4, epochs=1, batch_size=batch_size, augment="none")
 
 
-def autoft_loop(s: Setup, *, batch_size: int) -> float:
+def text_recipe(batch_size: int) -> Recipe:
+    """The text loop's recipe: what the bare text loop does (AdamW lr 5e-5, no decay, one rate, constant)."""
+    return Recipe(freeze="full", optimizer="adamw", lr=5e-5, head_lr_ratio=1.0, layer_decay=1.0, weight_decay=0.0,
+                  epochs=1, warmup_epochs=0, schedule="constant", batch_size=batch_size, augment="none")  # fmt: skip
+
+
+def timed_trial(s: Setup, rec: Recipe) -> float:
+    """Seconds of one ``run_trial`` of ``rec`` without the caches (a full fine-tune uses neither)."""
     sync(s.device)
     started = time.perf_counter()
-    run_trial(dataclasses.replace(s, prefix_cache=None, feature_cache=None), recipe(batch_size), seed=0)
+    run_trial(dataclasses.replace(s, prefix_cache=None, feature_cache=None), rec, seed=0)
     sync(s.device)
     return time.perf_counter() - started
+
+
+def autoft_loop(s: Setup, *, batch_size: int) -> float:
+    return timed_trial(s, recipe(batch_size))
 
 
 def fed_rate(s: Setup, *, batch_size: int, steps: int) -> tuple[float, tuple]:
@@ -296,21 +307,10 @@ def text_loop(root: Path, device: torch.device, *, tiny: bool) -> dict | None:
     settings = TEXT_TINY if tiny else TEXT_FULL
     model_dir, data = write_text(root, settings)
     s = prepare(SearchConfig(model=str(model_dir), data=data, task="text", pretrained=False, device=device.type))
-    s = dataclasses.replace(s, feature_cache=None, prefix_cache=None)  # a full fine-tune uses neither
     batch = settings["batch_size"]
-    rec = Recipe(freeze="full", optimizer="adamw", lr=5e-5, head_lr_ratio=1.0, layer_decay=1.0, weight_decay=0.0,
-                 epochs=1, warmup_epochs=0, schedule="constant", batch_size=batch, augment="none")  # fmt: skip
-
-    def ours() -> float:
-        sync(device)
-        started = time.perf_counter()
-        run_trial(s, rec, seed=0)
-        sync(device)
-        return time.perf_counter() - started
-
     text_bare_loop(s, batch_size=batch)  # warm-up for both sides
     bare = min(text_bare_loop(s, batch_size=batch) for _ in range(2))
-    mine = min(ours() for _ in range(2))
+    mine = min(timed_trial(s, text_recipe(batch)) for _ in range(2))
     seen = len(s.dataset.train)
     return {
         "model": f"BERT shape, {settings['layers']} layers x {settings['hidden']}, random weights",

@@ -1,5 +1,6 @@
 """Where autoft's trial loop spends the time the bare loop does not, on a GPU: ``torch.profiler`` over one epoch of
-each (after a warm-up), the text task's BERT shape of ``gpu.py`` or its resnet50 (``--task image``); the top ops
+each (after a warm-up), with ``gpu.py``'s recipes, models and data: its BERT shape or its resnet50 (``--task
+image``; until 2026-12-04 this profiled the text recipe's settings there: no weight decay, one rate); the top ops
 by self CPU and self CUDA time, and each loop's wall time, to ``--out``.
 
     python3 benchmarks/gpu_profile.py [--task text] [--out profile.txt]
@@ -8,9 +9,7 @@ by self CPU and self CUDA time, and each loop's wall time, to ``--out``.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import tempfile
-import time
 from pathlib import Path
 
 import gpu
@@ -18,8 +17,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from autoft.config import SearchConfig
 from autoft.preparation import prepare
-from autoft.recipe import Recipe
-from autoft.trial import resolve_device, run_trial
+from autoft.trial import resolve_device
 
 
 def main() -> None:
@@ -34,26 +32,16 @@ def main() -> None:
             settings = dict(gpu.TEXT_TINY if tiny else gpu.TEXT_FULL)
             model_dir, data = gpu.write_text(Path(tmp), settings)
             config = SearchConfig(model=str(model_dir), data=data, task="text", pretrained=False, device=device.type)
-            bare_loop, lr = gpu.text_bare_loop, 5e-5
+            bare_loop, recipe = gpu.text_bare_loop, gpu.text_recipe
         else:
             settings = dict(gpu.TINY if tiny else gpu.FULL)
             data = gpu.write_images(Path(tmp) / "data", count=settings["images"], size=settings["image_size"])
             config = SearchConfig(model=settings["model"], data=data, pretrained=False,
                                   image_size=settings["image_size"], device=device.type)  # fmt: skip
-            bare_loop, lr = gpu.bare_loop, 1e-4
-        s = dataclasses.replace(prepare(config), feature_cache=None, prefix_cache=None)
+            bare_loop, recipe = gpu.bare_loop, gpu.recipe
+        s = prepare(config)
         batch = settings["batch_size"]
-        rec = Recipe(freeze="full", optimizer="adamw", lr=lr, head_lr_ratio=1.0, layer_decay=1.0, weight_decay=0.0,
-                     epochs=1, warmup_epochs=0, schedule="constant", batch_size=batch, augment="none")  # fmt: skip
-
-        def ours() -> float:
-            gpu.sync(device)
-            started = time.perf_counter()
-            run_trial(s, rec, seed=0)
-            gpu.sync(device)
-            return time.perf_counter() - started
-
-        runs = {"bare": lambda: bare_loop(s, batch_size=batch), "autoft": ours}
+        runs = {"bare": lambda: bare_loop(s, batch_size=batch), "autoft": lambda: gpu.timed_trial(s, recipe(batch))}
         for run in runs.values():
             run()  # warm-up
         lines = []
