@@ -19,13 +19,23 @@ export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=f
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/nvidia-smi.txt" 2>&1
 python3 -c "import torch, transformers, timm, optuna; print('torch', torch.__version__, 'transformers', \
 transformers.__version__, 'timm', timm.__version__, 'optuna', optuna.__version__, 'cuda', torch.cuda.is_available())"
-timeout "${GPU_CHECK_SECONDS:-240}" python3 benchmarks/gpu.py --no-ray > "$OUT/gpu.json" 2> "$OUT/gpu.err"
-echo "gpu.py exit $?"; cat "$OUT/gpu.json"; tail -5 "$OUT/gpu.err"
-# The suite, 14 workers (pytest-xdist is on the image), -v so each result is in the log even when the time limit
-# kills the run before its summary (it did on 2026-12-04). Modules that need the demo weights or Ray cannot be
+if [ "${GPU_CHECK:-1}" = 1 ]; then  # GPU_CHECK=0: the ablations and tests alone
+    timeout "${GPU_CHECK_SECONDS:-240}" python3 benchmarks/gpu.py --no-ray > "$OUT/gpu.json" 2> "$OUT/gpu.err"
+    echo "gpu.py exit $?"; cat "$OUT/gpu.json"; tail -5 "$OUT/gpu.err"
+fi
+# Where the trial loop loses to the bare loop: each suspect taken out in turn (gpu_profile.py --ablate).
+for task in ${GPU_ABLATE_TASKS:-text image}; do
+    (cd benchmarks && timeout "${GPU_ABLATE_SECONDS:-150}" python3 gpu_profile.py --ablate --task $task \
+        > "$OUT/ablate-$task.json" 2> "$OUT/ablate-$task.err")
+    echo "ablate $task exit $?"; cat "$OUT/ablate-$task.json"; tail -3 "$OUT/ablate-$task.err"
+done
+# The suite (GPU_TESTS="tests/test_x.py ..." for a part of it), 14 workers (pytest-xdist is on the image), -v so
+# each result is in the log even when the time limit kills the run before its summary (it did on 2026-12-04). Modules that need the demo weights or Ray cannot be
 # collected there and are left out (a collection error counts against --maxfail).
-timeout "${GPU_TESTS_SECONDS:-240}" python3 -m pytest -v -p no:cacheprovider -m "not ray" -o addopts="" -n 14 \
-    --tb=short -W ignore tests --ignore tests/test_benchmarks.py --ignore tests/test_portfolio.py \
+# Two threads per worker, as CI has: 14 workers x 16 threads each crawled (38 tests in 200 s, 2026-12-04). Not one:
+# the cache equality tests of EfficientNet differ by rounding with one thread (the kernels change with the batch).
+OMP_NUM_THREADS=2 timeout "${GPU_TESTS_SECONDS:-240}" python3 -m pytest -v -p no:cacheprovider -m "not ray" -o addopts="" -n 14 \
+    --tb=short -W ignore ${GPU_TESTS:-tests} --ignore tests/test_benchmarks.py --ignore tests/test_portfolio.py \
     --ignore tests/test_ray.py --ignore tests/test_ray_lifecycle.py > "$OUT/tests.log" 2>&1
 echo "tests exit $?"
 grep -E "FAILED|ERROR" "$OUT/tests.log" | head -30

@@ -21,7 +21,8 @@ HAVE_TEXT_DEMO = all(importlib.util.find_spec(m) for m in ("transformers", "gt_a
 
 
 def _run(script: str, *args: str, cwd: Path, pythonpath: tuple[Path, ...] = ()) -> subprocess.CompletedProcess:
-    path = os.pathsep.join(map(str, (*pythonpath, Path(autoft.__file__).parents[1])))
+    inherited = [os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []  # e.g. a GPU image's extra site
+    path = os.pathsep.join(map(str, (*pythonpath, Path(autoft.__file__).parents[1], *inherited)))
     env = os.environ | {"HF_HUB_OFFLINE": "1", "COLUMNS": "120", "PYTHONPATH": path}
     return subprocess.run(
         [sys.executable, str(EXAMPLES / script), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900

@@ -107,6 +107,25 @@ def test_lora_modules_override_and_clear_errors() -> None:
 # ----------------------------------------------------------------------------------------------- merged = unmerged
 
 
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only"))],
+)
+def test_what_leaves_a_trial_is_a_copy_on_the_host_that_later_training_does_not_touch(device: str) -> None:
+    """On CUDA the copies are queued together (pinned, non_blocking) and one sync ends them: they must have landed
+    by the time ``to_host`` returns, and must not follow the weights as training goes on."""
+    model = _model("test_resnet").to(device)
+    adapters.add_lora(model, Recipe(freeze="lora", lora_rank=4, lora_targets="attention+mlp"))
+    before = {k: v.detach().cpu().clone() for k, v in adapters.plain_state(model).items()}
+    state, trained = adapters.plain_state(model), adapters.adapter_state(model)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(1.0)
+    assert {v.device.type for v in [*state.values(), *trained.values()]} == {"cpu"}
+    for key, value in state.items():
+        torch.testing.assert_close(value, before[key], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("name", ["test_vit", "test_resnet"])
 def test_the_merged_plain_model_gives_the_adapted_models_logits(name: str) -> None:
     model = _model(name)

@@ -54,7 +54,8 @@ def _cli_args(tmp_path: Path, trials: int) -> list[str]:
 
 
 def _env() -> dict[str, str]:
-    return os.environ | {"HF_HUB_OFFLINE": "1", "COLUMNS": "120", "PYTHONPATH": str(Path(autoft.__file__).parents[1])}
+    path = os.pathsep.join(filter(None, [str(Path(autoft.__file__).parents[1]), os.environ.get("PYTHONPATH")]))
+    return os.environ | {"HF_HUB_OFFLINE": "1", "COLUMNS": "120", "PYTHONPATH": path}
 
 
 def _trials_in(db: Path) -> list[tuple[int, str, int]]:
