@@ -337,7 +337,9 @@ def test_probe_measures_only_what_a_decision_uses(tiny_setup, monkeypatch) -> No
     assert linear_only.linear_probe_accuracy is not None and not linear_only.has_costs
     monkeypatch.setattr(probe_module, "_linear_probe", never)
     assert probe(tiny_setup, costs=False, previous=linear_only) is linear_only  # nothing left to measure
-    monkeypatch.setattr(probe_module, "_step_cost", lambda setup, recipe, *, batch_size: (0.01, 1, None))
+    monkeypatch.setattr(
+        probe_module, "_step_cost", lambda setup, recipe, *, batch_size, affordable=None: (0.01, 1, None)
+    )
     completed = probe(tiny_setup, linear_probe=False, costs=True, previous=linear_only)
     assert completed.linear_probe_accuracy == linear_only.linear_probe_accuracy  # kept, not measured again
     eval_cost = linear_only.eval_seconds_per_image  # from the probe's own feature pass: not timed again
@@ -369,13 +371,15 @@ def test_the_probe_times_each_offered_mode_and_the_plan_explains_them(tiny_setup
     assert f"({made.budget.epoch_mode}" in text or "head only" in text
     # A resumed study reuses every stored mode cost; a space offering one more family times only that one.
     timed = []
-    monkeypatch.setattr(probe_module, "_step_cost", lambda setup, recipe, *, batch_size: timed.append(recipe.freeze))
+    monkeypatch.setattr(
+        probe_module, "_step_cost", lambda setup, recipe, *, batch_size, affordable=None: timed.append(recipe.freeze)
+    )
     attrs = json.loads(json.dumps({"plan": made.record()}))
     again, _ = plan.make_plan(tiny_setup, space, attrs, seed=0, timeout=600, spent=lambda: 1.0, max_epochs=5,
                               pruner="median", priors_off="test")  # fmt: skip
     assert again.reused and again.probe == made.probe and timed == []
-    monkeypatch.setattr(probe_module, "_step_cost", lambda setup, recipe, *, batch_size: (timed.append(recipe.freeze)
-                        or (0.01, 1, None)))  # fmt: skip
+    monkeypatch.setattr(probe_module, "_step_cost", lambda setup, recipe, *, batch_size, affordable=None: (
+        timed.append(recipe.freeze) or (0.01, 1, None)))  # fmt: skip
     wider, _ = plan.make_plan(tiny_setup, load_space("quick"), attrs, seed=0, timeout=600, spent=lambda: 1.0,
                               max_epochs=5, pruner="median", priors_off="test")  # fmt: skip
     assert timed == ["partial"] and {c.mode for c in wider.probe.modes} == {*costs, "partial"}
@@ -445,6 +449,31 @@ def test_a_small_first_sample_decides_when_its_fit_settles_the_priors(tiny_setup
     computed.clear()
     roomy = probe(uncached, seed=0, steps=5, costs=False, settled=lambda fit: False, affordable=lambda s: True)
     assert roomy.examples == 24 + 6 and computed == [12, 6, 12]
+
+
+@pytest.mark.slow  # trains: a few steps of a real (tiny) model
+def test_a_short_budget_leaves_out_the_timings_it_cannot_afford(tiny_setup, monkeypatch) -> None:
+    """The probe's optional parts ask the budget's allowance in turn: the linear probe's second sample, the
+    evaluation timing (else the pooled pass's pace stands in) and the step timing at the trials' own batch (else
+    the small batch's pace stands). Refused, none of them runs; granted, each does."""
+    monkeypatch.setattr(probe_module, "CHEAP_STEP_SECONDS", math.inf)  # every step is cheap: the re-timing is asked
+    monkeypatch.setattr(probe_module, "FIRST_TRAIN_EXAMPLES", 12)  # a first sample of half the 24 train images
+    timed: list[str] = []
+    fastest = probe_module._fastest
+    monkeypatch.setattr(
+        probe_module, "_fastest", lambda run, device, **kw: timed.append("run") or fastest(run, device, **kw)
+    )
+    setup = dataclasses.replace(tiny_setup, feature_cache=None)
+    asked: list[float] = []
+    short = probe(setup, seed=0, steps=5, settled=lambda fit: False, affordable=lambda s: asked.append(s) or False)
+    assert len(asked) == 3 and all(seconds > 0 for seconds in asked)  # second sample, evaluation, batch-64 steps
+    assert timed == ["run"]  # the small steps alone: the full fine-tune's cost must be measured
+    assert short.examples == 12 + 6  # the first sample's fit
+    pace = short.eval_seconds_per_image  # the pooled pass's: per example of the 18 it saw
+    assert short.epoch_seconds_full == pytest.approx(short.modes[0].seconds_per_example * 24 + pace * 6)
+    timed.clear()
+    roomy = probe(setup, seed=0, steps=5, settled=lambda fit: False, affordable=lambda s: True)
+    assert timed == ["run"] * 3 and roomy.examples == 24 + 6  # evaluation, small steps, the trials' batch
 
 
 def test_sample_rows_covers_every_class_within_its_bound() -> None:

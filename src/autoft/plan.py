@@ -220,10 +220,10 @@ def make_plan(
     previous = reuse[1] if reuse is not None else None
     cached = kept.load() if kept is not None and reuse is None else None
     previous = cached[0] if cached is not None else previous
-    affordable = None if timeout is None else (lambda seconds: seconds <= PROBE_SHARE * (timeout - spent()))
+    allowance = None if timeout is None else Allowance(PROBE_SHARE * (timeout - spent()))
     measured = probe(
         setup, seed=seed, linear_probe=not priors_off, costs=timeout is not None, previous=previous,
-        modes=_cost_recipes(space), settled=fit_settles_priors, affordable=affordable,
+        modes=_cost_recipes(space), settled=fit_settles_priors, affordable=allowance and allowance.grant,
     )  # fmt: skip
     if kept is not None and reuse is None and (cached is None or measured is not cached[0]):
         kept.save(measured)  # measured now (all of it, or what the kept one lacked)
@@ -254,12 +254,36 @@ def make_plan(
     return plan, space
 
 
-# The linear probe's second sample (the rest of its 1,024 / 512 examples after the first 256 / 128) is computed
-# only while its pooled pass, predicted from the first sample's pace, takes at most this share of the time the
-# budget has left: the look before searching stays a few seconds of a short budget (issue 14). On the demo (digits,
-# 48 px, 2 cores) the rest took ~3.8 s, most of the 30 s budget's plan; the first sample's fit (0.76-0.79 against
-# 0.87-0.88 on all: biased low, docs/benchmarks.md) then decides, so "features-fit-well" fires less, never more.
+# The probe's optional measurements together take at most this share of the time a budget has left when the probe
+# starts (an :class:`Allowance`): the look before searching stays a few seconds of a short budget (issue 14).
+# They are, in the order asked: the linear probe's second sample (the rest of its 1,024 / 512 examples; on the
+# demo, digits at 48 px on 2 cores, ~3.8 s: without it the first sample's fit decides, 0.76-0.79 against
+# 0.87-0.88 on all, biased low, so "features-fit-well" fires less, never more), the evaluation timing (~0.45 s:
+# without it the pooled pass's pace, start-up included, is the bound) and each step timing at the trials' own
+# batch (~1.2 s: without it the small batch's pace, which overestimates a batch-64 step's per example: fewer
+# epochs planned, never more than fit, and the last fine-tune fits its steps to the time left anyway).
 PROBE_SHARE = 0.05
+
+
+@dataclass
+class Allowance:
+    """Seconds the probe's optional measurements may still take: each one granted is deducted (its predicted
+    seconds), each one that does not fit is refused and left out.
+
+    >>> allowance = Allowance(1.0)
+    >>> allowance.grant(3.8), allowance.grant(0.45), allowance.grant(0.6), allowance.seconds
+    (False, True, False, 0.55)
+    """
+
+    seconds: float
+
+    def grant(self, seconds: float) -> bool:
+        if seconds > self.seconds:
+            return False
+        self.seconds -= seconds
+        return True
+
+
 # A budget that fits one trial: the portfolio's head-only recipes run first only while they cost at most this
 # share of the search. The one fine-tune that follows them fills the time left (stretch.StepFit), so a linear
 # probe costs it that many steps: on MiniLM-L6 NER at 3 minutes the probe trial took 18 s of 153 s (~45 of ~370

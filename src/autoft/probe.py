@@ -207,6 +207,8 @@ SAMPLE_CHUNK = 256
 # When a step of TIMING_BATCH is this fast, the trials' own batch (RECIPE_BATCH) is timed too and preferred: the
 # faster of RECIPE_STEPS steps (a batch-64 step is most of the probe at low resolution: 0.7 s at 24 px on 2 cores).
 CHEAP_STEP_SECONDS, RECIPE_BATCH, RECIPE_STEPS = 0.25, 64, 2
+# Evaluation is timed on batches of this many examples (a warm-up and two timed).
+EVAL_TIMING_BATCH = 64
 
 
 def probe(
@@ -258,9 +260,9 @@ def probe(
         accuracy = chance
     full, head, mode_costs = kept.epoch_seconds_full, kept.epoch_seconds_head, kept.modes
     if missing:  # the budget's evaluations, timed as they run: batches of 64 (the pooled pass above: 256, start-up in)
-        eval_per_image = kept.eval_seconds_per_image or _eval_seconds_per_image(setup)
+        eval_per_image = kept.eval_seconds_per_image or _timed_eval(setup, eval_per_image, affordable)
         val_seconds = eval_per_image * len(dataset.val)
-        mode_costs += tuple(_mode_cost(setup, recipe, val_seconds=val_seconds) for recipe in missing)
+        mode_costs += tuple(_mode_cost(setup, r, val_seconds=val_seconds, affordable=affordable) for r in missing)
         full = next(c.epoch_seconds for c in mode_costs if c.mode == "full")
         head = eval_per_image * len(dataset.train) + val_seconds
     return Probe(
@@ -410,8 +412,20 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _timed_eval(setup: Setup, pooled: float | None, affordable: Callable[[float], bool] | None) -> float:
+    """Seconds per example of evaluation: timed (:func:`_eval_seconds_per_image`), unless a budget cannot afford
+    its three batches (predicted at the pooled pass's pace) and that pace, ``pooled``, stands in for it: the same
+    forward pass less the classifier, in bigger batches with the start-up in (a little above, on the safe side)."""
+    if pooled is None or affordable is None:
+        return _eval_seconds_per_image(setup)
+    if affordable(3 * EVAL_TIMING_BATCH * pooled):
+        return _eval_seconds_per_image(setup)
+    log.info("evaluation cost: the linear probe's pace (%.4fs per example), not timed", pooled)
+    return pooled
+
+
 @torch.inference_mode()
-def _eval_seconds_per_image(setup: Setup, *, batch_size: int = 64) -> float:
+def _eval_seconds_per_image(setup: Setup, *, batch_size: int = EVAL_TIMING_BATCH) -> float:
     """Seconds per example of an eval-mode forward pass (one warm-up batch, the faster of two timed val batches).
 
     Where evaluation batches examples of similar size together (``Task.eval_order``: text by token count), the
@@ -430,13 +444,15 @@ def _eval_seconds_per_image(setup: Setup, *, batch_size: int = 64) -> float:
         return _fastest(lambda: model(batch), setup.device, repeats=2) / count
 
 
-def _mode_cost(setup: Setup, recipe: Recipe, *, val_seconds: float) -> ModeCost:
+def _mode_cost(
+    setup: Setup, recipe: Recipe, *, val_seconds: float, affordable: Callable[[float], bool] | None = None
+) -> ModeCost:
     """The cost of training with ``recipe``'s freeze mode: :func:`_step_cost`, halving the batch while the device
     runs out of memory (as trials do), extrapolated to an epoch."""
     batch_size = RECIPE_BATCH
     while True:
         try:
-            per_example, trainable, peak = _step_cost(setup, recipe, batch_size=batch_size)
+            per_example, trainable, peak = _step_cost(setup, recipe, batch_size=batch_size, affordable=affordable)
             break
         except torch.OutOfMemoryError:
             if batch_size < 2:
@@ -460,10 +476,14 @@ def _train_seconds_per_image(setup: Setup, *, batch_size: int) -> float:
     return _step_cost(setup, Recipe(), batch_size=batch_size)[0]
 
 
-def _step_cost(setup: Setup, recipe: Recipe, *, batch_size: int) -> tuple[float, int, int | None]:
+def _step_cost(
+    setup: Setup, recipe: Recipe, *, batch_size: int, affordable: Callable[[float], bool] | None = None
+) -> tuple[float, int, int | None]:
     """Seconds per example of a training step (forward, backward, AdamW step) with ``recipe``'s freezing (block
     counts, or the mode's policy: LoRA injected, BitFit, norm) on a model copy: the fastest of TIMED_STEPS steps
-    of TIMING_BATCH examples, or of ``batch_size`` (the trials' batch) when such small steps are cheap (a GPU).
+    of TIMING_BATCH examples, or of ``batch_size`` (the trials' batch) when such small steps are cheap (a GPU)
+    and ``affordable`` grants those steps' predicted seconds (a short budget may not: the small steps' pace, an
+    overestimate, then stands).
     Also the trainable parameters and, on CUDA, the peak device memory the copy and its steps added (else None).
 
     Why a small batch is safe: a step's cost per example falls as its batch grows (the same kernels launched once
@@ -501,7 +521,8 @@ def _step_cost(setup: Setup, recipe: Recipe, *, batch_size: int) -> tuple[float,
     step_on(min(WARM_UP_BATCH, batch_size))[0]()  # the first step's one-off costs, on as few examples as will do
     step, count = step_on(min(TIMING_BATCH, batch_size))
     per_example = _fastest(step, setup.device, repeats=TIMED_STEPS, warm_up=False) / count
-    if per_example * count < CHEAP_STEP_SECONDS and batch_size > count:  # cheap: time the trials' own batch
+    cheap = per_example * count < CHEAP_STEP_SECONDS and batch_size > count
+    if cheap and (affordable is None or affordable(RECIPE_STEPS * batch_size * per_example)):  # the trials' batch
         step, count = step_on(batch_size)  # the copy is warm by now: the faster of two steps, no third
         per_example = _fastest(step, setup.device, repeats=RECIPE_STEPS, warm_up=False) / count
     peak = torch.cuda.max_memory_allocated(setup.device) - held if cuda else None
