@@ -10,7 +10,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from autoft import probe
+from autoft import probe, step_cost
 from autoft.config import SearchConfig
 from autoft.controller import Progress, run_search
 from conftest import make_image_folder
@@ -105,7 +105,7 @@ def test_a_kept_probe_with_mode_costs_comes_back_whole_and_a_bad_mode_is_refused
     """The per-mode step costs (--timeout with LoRA/BitFit/norm in the space) are kept too, and checked on load."""
     from autoft.probe_cache import Slot
 
-    lora = probe.ModeCost("lora", "LoRA r32", 1e-3, 2.5, trainable=1000, parameters=50_000, peak_bytes=None)
+    lora = step_cost.ModeCost("lora", "LoRA r32", 1e-3, 2.5, trainable=1000, parameters=50_000, peak_bytes=None)
     measured = probe.Probe(0.8, 0.25, 4.0, 1.0, 1e-4, seconds=3.0, examples=96, modes=(lora,))
     slot = Slot(tmp_path / "probe-k.json")
     slot.save(measured)

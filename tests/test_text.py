@@ -95,16 +95,16 @@ def test_evaluation_runs_by_length_and_gives_the_logits_in_the_splits_order(
 def test_the_probe_times_evaluation_on_a_batch_of_middle_length(text_setup: Setup, monkeypatch) -> None:
     """Evaluation batches sentences by length, so its cost is timed on the middle batch of that order, not on the
     first val rows padded to their longest."""
-    from autoft import probe
+    from autoft import step_cost
 
-    monkeypatch.setattr(probe, "_fastest", lambda run, device, repeats: 1.0)
+    monkeypatch.setattr(step_cost, "fastest", lambda run, device, repeats: 1.0)
     eval_inputs = text_setup.task.eval_inputs
     seen: list[torch.Tensor] = []
     monkeypatch.setattr(
         type(text_setup.task), "eval_inputs", lambda self, inputs, spec, device: seen.append(inputs["input_ids"])
         or eval_inputs(inputs, spec, device=device),
     )  # fmt: skip
-    probe._eval_seconds_per_image(text_setup, batch_size=4)
+    step_cost.eval_seconds_per_image(text_setup, batch_size=4)
     val = text_setup.dataset.val
     order = text_setup.task.eval_order(val)
     middle = order[(len(order) - 4) // 2 :][:4]

@@ -14,7 +14,8 @@ from collections.abc import Collection
 from dataclasses import dataclass
 
 from autoft.errors import AutoftError
-from autoft.probe import DataProfile, Probe, cost_family
+from autoft.probe import DataProfile, Probe
+from autoft.step_cost import cost_family
 
 __all__ = ["EPOCH_SAFETY", "LAST_PART", "Budget", "BudgetPlan", "plan_budget", "wrap_up_fixed_seconds"]
 

@@ -29,9 +29,9 @@ from typing import TYPE_CHECKING, Any
 
 import optuna
 import torch
-from optuna.trial import FrozenTrial
+from optuna.trial import FrozenTrial, TrialState
 
-from autoft import export, final, plan, probe_cache, results, selection, tasks, warmstart
+from autoft import export, figures, final, plan, probe_cache, results, selection, tasks, warmstart
 from autoft.backends import local
 from autoft.budget import Budget
 from autoft.config import SearchConfig
@@ -39,6 +39,7 @@ from autoft.errors import AutoftError
 from autoft.exploit import Exploit
 from autoft.keeper import RunFolder, check_free_space, check_run_dir, exported_setup
 from autoft.objectives import ParetoPoint
+from autoft.preload import preload
 from autoft.preparation import Setup, prepare_models
 from autoft.recipe import Recipe, describe_knobs
 from autoft.report import write_report
@@ -261,23 +262,32 @@ def _optimize(
     """Run the trials on the chosen backend until ``--trials`` finished, the budget's launch window closed, a
     signal came, or the same error keeps failing trials; the ``queue`` runs first."""
 
+    preloading: list[threading.Thread] = []
+
     def on_trial_end(trial: FrozenTrial) -> None:
         score = trial.values[0] if trial.values else None
         show(Progress("trial_end", trial.number, score=score, best=folder.best, state=trial.state.name))
+        if not preloading and len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) >= 2:
+            # The report's importances will be shown: their imports load while the next trials train.
+            preloading.append(preload(figures.IMPORTANCE_MODULES, name="autoft-preload-importance"))
 
     window = budget.launch_window() if budget else None
     # After the portfolio, its best recipe's neighbours (with --no-warm-start there is no portfolio to follow).
     refill = Exploit(space, cfg.objectives) if cfg.exploit and cfg.warm_start else None
     limits = dict(queue=queue, refill=refill, n_trials=remaining, timeout=window, on_trial_end=on_trial_end)
     should_stop = lambda s: stop.is_set() or systematic_error(s) is not None  # noqa: E731
-    if _backend(cfg) == "ray":
-        from autoft.backends import ray as ray_backend  # ray is optional: imported only when used
+    try:
+        if _backend(cfg) == "ray":
+            from autoft.backends import ray as ray_backend  # ray is optional: imported only when used
 
-        ray_backend.optimize(
-            study, space, runner.detached(), folder.keep, cluster=_cluster(cfg), should_stop=should_stop, **limits
-        )
-    else:
-        local.optimize(study, space, _LocalTrial(runner, folder, show), should_stop=should_stop, **limits)
+            ray_backend.optimize(
+                study, space, runner.detached(), folder.keep, cluster=_cluster(cfg), should_stop=should_stop, **limits
+            )
+        else:
+            local.optimize(study, space, _LocalTrial(runner, folder, show), should_stop=should_stop, **limits)
+    finally:  # the report must not meet a half-imported module: Plotly peeks at sys.modules for pandas
+        for thread in preloading:
+            thread.join()
 
 
 def _select_models(

@@ -133,6 +133,12 @@ def pareto_figure(study: optuna.Study, pareto: dict[str, Any]) -> go.Figure:
     return figure
 
 
+# What importance_data imports: optuna.importance loads scikit-learn and scipy.stats, 3.6 s on 2 cores (2026-12-04,
+# scikit-learn 1.9, scipy 1.17; 1.4 s with older ones). Imported in the wrap-up it overran a 30 s budget by 3 s (its
+# reserve is 2 s on an idle machine), so the controller preloads it while the trials train.
+IMPORTANCE_MODULES = ("optuna.importance",)
+
+
 def importance_data(study: optuna.Study) -> tuple[dict[str, float], str]:
     """fANOVA importances of the parameters every COMPLETE trial shares, most important first, or a reason why not.
 
@@ -150,8 +156,8 @@ def importance_data(study: optuna.Study) -> tuple[dict[str, float], str]:
     varied = [p for p in space if len({repr(t.params[p]) for t in complete}) > 1]
     if not varied:
         return {}, "Parameter importances need parameters that vary between complete trials; none did."
-    # Imported here, not at the top: optuna.importance loads scikit-learn (1.4 s of every command's start on 2 cores),
-    # and a search whose report has no importances to show never needs it.
+    # Imported here, not at the top: a search whose report has no importances to show never needs it. A search
+    # preloads it once a second trial completes (IMPORTANCE_MODULES).
     from optuna.importance import FanovaImportanceEvaluator, get_param_importances
 
     importances = get_param_importances(study, evaluator=FanovaImportanceEvaluator(seed=0), params=varied)

@@ -35,10 +35,11 @@ from typing import Any
 from autoft.budget import EPOCH_SAFETY, BudgetPlan, plan_budget, wrap_up_fixed_seconds
 from autoft.preparation import Setup
 from autoft.priors import Prior, apply_priors, choose_priors, fit_settles_priors
-from autoft.probe import DataProfile, Probe, cost_family, probe, profile_data
+from autoft.probe import DataProfile, Probe, probe, profile_data
 from autoft.probe_cache import Slot
 from autoft.recipe import Recipe
 from autoft.space import SearchSpace, Space
+from autoft.step_cost import cost_family
 
 __all__ = ["Plan", "make_plan", "stored"]
 

@@ -2,19 +2,15 @@
 
 :func:`profile_data` counts examples per split and class (nothing is trained). :func:`probe` measures only what a
 decision uses: a linear probe on the pooled pretrained features of a bounded, class-covering sample (for the priors)
-and the cost of one epoch (for a ``--timeout`` budget): full fine-tuning (a few small timed forward+backward+step
-passes on a copy of the model, extrapolated per example to the train split), each other freeze mode family the
-space offers (partial, LoRA, BitFit, norm: the same timed steps, through the same freezing a trial applies, with
-their trainable parameters and, on CUDA, peak memory: :class:`ModeCost`), head-only training and evaluation.
+and the cost of one epoch (for a ``--timeout`` budget): full fine-tuning and each other freeze mode family the space
+offers (partial, LoRA, BitFit, norm), head-only training and evaluation, timed by :mod:`autoft.step_cost`.
 Everything goes through the setup's task, so any task is probed the same way.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,16 +19,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from autoft import adapters, blocks, features, optim
+from autoft import features, step_cost
 from autoft.preparation import Setup
-from autoft.recipe import LORA_MODES, Recipe
+from autoft.recipe import Recipe
+from autoft.step_cost import ModeCost, cost_family
 from autoft.tasks.base import Dataset, TensorSplit
 
 __all__ = [
     "PROBE_TRAIN_EXAMPLES",
     "PROBE_VAL_EXAMPLES",
-    "TIMED_STEPS",
-    "TIMING_BATCH",
     "DataProfile",
     "ModeCost",
     "Probe",
@@ -101,39 +96,6 @@ def class_counts(labels: torch.Tensor, classes: int) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class ModeCost:
-    """What training with one freeze mode family costs, measured on a model copy (:func:`probe`).
-
-    ``mode``: the family (:func:`cost_family`); ``timed``: the recipe timed for it, the family's most expensive
-    in the space (e.g. LoRA at the largest rank on attention+mlp); ``seconds_per_example`` of a training step;
-    ``epoch_seconds``: that over the train split plus the val evaluation; ``trainable`` of ``parameters`` (the
-    base model's, adapters not counted); ``peak_bytes``: the device memory the step needed beyond what the process
-    already held (``torch.cuda.max_memory_allocated``; None off CUDA).
-    """
-
-    mode: str
-    timed: str
-    seconds_per_example: float
-    epoch_seconds: float
-    trainable: int
-    parameters: int
-    peak_bytes: int | None = None
-
-
-def cost_family(freeze: str) -> str:
-    """Which measured cost a freeze mode's epochs have: modes whose steps cost the same share one timing.
-
-    >>> [cost_family(m) for m in ("lp_ft", "lora_bias", "linear_probe", "my_piece")]
-    ['full', 'lora', 'head', 'full']
-    """
-    if freeze in LORA_MODES:
-        return "lora"
-    if freeze in ("partial", "bitfit", "norm"):
-        return freeze
-    return "head" if freeze == "linear_probe" else "full"  # lp_ft fine-tunes fully; custom pieces: the safe bound
-
-
-@dataclass(frozen=True)
 class Probe:
     """How well the pretrained features already fit, and what an epoch costs, measured on one model.
 
@@ -198,17 +160,9 @@ PROBE_TRAIN_EXAMPLES, PROBE_VAL_EXAMPLES = 1024, 512
 # sample): the rest is computed only near the threshold. On 2,001 tweets with MiniLM-L6 the whole sample's pooled
 # pass took ~15 s of a 180 s budget for a fit of 0.47, where the prior needs 0.95.
 FIRST_TRAIN_EXAMPLES, FIRST_VAL_EXAMPLES = 256, 128
-# The epoch cost: the fastest of TIMED_STEPS full fine-tuning steps of TIMING_BATCH examples, after one untimed
-# warm-up step on WARM_UP_BATCH examples (the first step of a fresh model copy is slow whatever its size: lazy
-# initialization, kernel selection, the optimizer's state).
-TIMED_STEPS, TIMING_BATCH, WARM_UP_BATCH = 3, 16, 2
+
 # The sample is copied out of its split this many examples at a time (features.pooled's batch size).
 SAMPLE_CHUNK = 256
-# When a step of TIMING_BATCH is this fast, the trials' own batch (RECIPE_BATCH) is timed too and preferred: the
-# faster of RECIPE_STEPS steps (a batch-64 step is most of the probe at low resolution: 0.7 s at 24 px on 2 cores).
-CHEAP_STEP_SECONDS, RECIPE_BATCH, RECIPE_STEPS = 0.25, 64, 2
-# Evaluation is timed on batches of this many examples (a warm-up and two timed).
-EVAL_TIMING_BATCH = 64
 
 
 def probe(
@@ -233,9 +187,10 @@ def probe(
     is not computed; so it is when ``affordable(seconds)`` is false for the rest's pooled pass, predicted from the
     first part's pace (a short budget: the look before searching stays a small share of it). The feature cache is
     not built here (a head-only trial builds it when it first needs it, inside that trial). The epoch cost is
-    extrapolated per example from the fastest of a few small timed steps (:func:`_step_cost`): of full fine-tuning,
-    and of one recipe per other freeze mode family among ``modes`` (the space's most expensive of each family; one
-    timing per family, :func:`cost_family`).
+    extrapolated per example from the fastest of a few small timed steps (:func:`autoft.step_cost.mode_cost`): of
+    full fine-tuning, and of one recipe per other freeze mode family among ``modes`` (the space's most expensive of
+    each family; one timing per family, :func:`cost_family`). ``affordable`` also decides the optional timings
+    there (the evaluation's, the trials' batch's steps).
 
     >>> result = probe(prepare(config))  # doctest: +SKIP
     >>> result.linear_probe_accuracy, result.epoch_seconds_full  # doctest: +SKIP
@@ -260,9 +215,11 @@ def probe(
         accuracy = chance
     full, head, mode_costs = kept.epoch_seconds_full, kept.epoch_seconds_head, kept.modes
     if missing:  # the budget's evaluations, timed as they run: batches of 64 (the pooled pass above: 256, start-up in)
-        eval_per_image = kept.eval_seconds_per_image or _timed_eval(setup, eval_per_image, affordable)
+        eval_per_image = kept.eval_seconds_per_image or step_cost.timed_eval(setup, eval_per_image, affordable)
         val_seconds = eval_per_image * len(dataset.val)
-        mode_costs += tuple(_mode_cost(setup, r, val_seconds=val_seconds, affordable=affordable) for r in missing)
+        mode_costs += tuple(
+            step_cost.mode_cost(setup, r, val_seconds=val_seconds, affordable=affordable) for r in missing
+        )
         full = next(c.epoch_seconds for c in mode_costs if c.mode == "full")
         head = eval_per_image * len(dataset.train) + val_seconds
     return Probe(
@@ -345,7 +302,7 @@ def _staged_linear_probe(
     fit = (accuracy - chance) / max(1e-9, 1.0 - chance)
     more = any(len(r) for r in rest.values()) and not (settled is not None and settled(fit))
     if more and affordable is not None:  # the rest's pooled pass, at the first part's pace (its start-up in)
-        _sync(setup.device)
+        step_cost.sync(setup.device)
         pace = (time.perf_counter() - started) / max(1, sum(map(len, first.values())))
         rest_seconds = pace * sum(map(len, rest.values()))
         more = affordable(rest_seconds)
@@ -356,7 +313,7 @@ def _staged_linear_probe(
             pooled[name] = torch.cat([pooled[name], _pooled_rows(setup, model, splits[name], extra)])
             rows[name] = torch.cat([rows[name], extra])
         accuracy = _linear_probe(*_labelled(setup, splits, rows, pooled), classes, seed=seed, steps=steps)
-    _sync(setup.device)
+    step_cost.sync(setup.device)
     seen = sum(map(len, rows.values()))
     per_example = (time.perf_counter() - started) / max(1, seen)  # the first batch's start-up in: a little above
     cache = setup.feature_cache
@@ -405,139 +362,3 @@ def _linear_probe(
             optimizer.step()
     with torch.no_grad():
         return (head(x_val).argmax(1) == val.labels).float().mean().item()
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":  # kernels run asynchronously: wait for them before reading the clock
-        torch.cuda.synchronize(device)
-
-
-def _timed_eval(setup: Setup, pooled: float | None, affordable: Callable[[float], bool] | None) -> float:
-    """Seconds per example of evaluation: timed (:func:`_eval_seconds_per_image`), unless a budget cannot afford
-    its three batches (predicted at the pooled pass's pace) and that pace, ``pooled``, stands in for it: the same
-    forward pass less the classifier, in bigger batches with the start-up in (a little above, on the safe side)."""
-    if pooled is None or affordable is None:
-        return _eval_seconds_per_image(setup)
-    if affordable(3 * EVAL_TIMING_BATCH * pooled):
-        return _eval_seconds_per_image(setup)
-    log.info("evaluation cost: the linear probe's pace (%.4fs per example), not timed", pooled)
-    return pooled
-
-
-@torch.inference_mode()
-def _eval_seconds_per_image(setup: Setup, *, batch_size: int = EVAL_TIMING_BATCH) -> float:
-    """Seconds per example of an eval-mode forward pass (one warm-up batch, the faster of two timed val batches).
-
-    Where evaluation batches examples of similar size together (``Task.eval_order``: text by token count), the
-    timed batch is the middle one of that order, as wide as a typical evaluation batch: the first val rows, padded
-    to their longest, made a MiniLM val pass look ~1.4x its real cost, and the budget reserved that for every
-    validation and the wrap-up."""
-    model = copy.deepcopy(setup.base_model).to(setup.device).eval()
-    task, dataset = setup.task, setup.dataset
-    count = min(batch_size, len(dataset.val))
-    order = task.eval_order(dataset.val)
-    if order is not None:
-        middle = max(0, (len(order) - count) // 2)
-        dataset = dataclasses.replace(dataset, val=task.select(dataset.val, order[middle : middle + count]))
-    batch = task.example_inputs(dataset, setup.spec, device=setup.device, count=count)
-    with features.autocast(setup.device):
-        return _fastest(lambda: model(batch), setup.device, repeats=2) / count
-
-
-def _mode_cost(
-    setup: Setup, recipe: Recipe, *, val_seconds: float, affordable: Callable[[float], bool] | None = None
-) -> ModeCost:
-    """The cost of training with ``recipe``'s freeze mode: :func:`_step_cost`, halving the batch while the device
-    runs out of memory (as trials do), extrapolated to an epoch."""
-    batch_size = RECIPE_BATCH
-    while True:
-        try:
-            per_example, trainable, peak = _step_cost(setup, recipe, batch_size=batch_size, affordable=affordable)
-            break
-        except torch.OutOfMemoryError:
-            if batch_size < 2:
-                raise
-            batch_size //= 2
-            if setup.device.type == "cuda":
-                torch.cuda.empty_cache()
-    return ModeCost(
-        mode=cost_family(recipe.freeze),
-        timed=recipe.describe().split(",")[0],  # what trains: "full fine-tuning", "LoRA r32 on attention+mlp", ...
-        seconds_per_example=per_example,
-        epoch_seconds=per_example * len(setup.dataset.train) + val_seconds,
-        trainable=trainable,
-        parameters=blocks.count_parameters(setup.base_model),
-        peak_bytes=peak,
-    )
-
-
-def _train_seconds_per_image(setup: Setup, *, batch_size: int) -> float:
-    """Seconds per example of a full fine-tuning step (:func:`_step_cost` of the default recipe)."""
-    return _step_cost(setup, Recipe(), batch_size=batch_size)[0]
-
-
-def _step_cost(
-    setup: Setup, recipe: Recipe, *, batch_size: int, affordable: Callable[[float], bool] | None = None
-) -> tuple[float, int, int | None]:
-    """Seconds per example of a training step (forward, backward, AdamW step) with ``recipe``'s freezing (block
-    counts, or the mode's policy: LoRA injected, BitFit, norm) on a model copy: the fastest of TIMED_STEPS steps
-    of TIMING_BATCH examples, or of ``batch_size`` (the trials' batch) when such small steps are cheap (a GPU)
-    and ``affordable`` grants those steps' predicted seconds (a short budget may not: the small steps' pace, an
-    overestimate, then stands).
-    Also the trainable parameters and, on CUDA, the peak device memory the copy and its steps added (else None).
-
-    Why a small batch is safe: a step's cost per example falls as its batch grows (the same kernels launched once
-    for more examples), so extrapolating from a small batch overestimates a batch-64 epoch; the plan then gives
-    trials fewer epochs, never more than fit. A trial is then judged by its own pace (``Budget.next_epoch_fits``),
-    and the deadline stops the last one with its best epoch kept.
-    """
-    cuda = setup.device.type == "cuda"
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(setup.device)
-    held = torch.cuda.memory_allocated(setup.device) if cuda else 0
-    model = copy.deepcopy(setup.base_model).to(setup.device)
-    blocks.apply_freeze(model, train_blocks=recipe.train_blocks_at(recipe.epochs))  # lp_ft: its fine-tuning phase
-    policy = adapters.policy(recipe)
-    if policy is not None:  # as a trial does: BitFit, norm, LoRA (injected into the copy) choose what trains
-        policy(model, recipe)
-    blocks.set_train_mode(model, freeze_bn_stats=recipe.freeze_bn_stats)
-    recipe = dataclasses.replace(recipe, batch_size=batch_size)
-    optimizer = optim.create_optimizer(model, recipe)
-
-    def step_on(count: int) -> tuple[Callable[[], None], int]:
-        """One training step on the first ``count`` train examples (prepared once, outside the timing)."""
-        inputs, labels = next(iter(setup.task.batches(setup.dataset.train, batch_size=count, shuffle=False)))
-        batch, labels = setup.task.eval_inputs(inputs, setup.spec, device=setup.device), labels.to(setup.device)
-
-        def step() -> None:
-            with features.autocast(setup.device):
-                loss = setup.task.loss(model(batch), labels, recipe)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-
-        return step, len(labels)
-
-    step_on(min(WARM_UP_BATCH, batch_size))[0]()  # the first step's one-off costs, on as few examples as will do
-    step, count = step_on(min(TIMING_BATCH, batch_size))
-    per_example = _fastest(step, setup.device, repeats=TIMED_STEPS, warm_up=False) / count
-    cheap = per_example * count < CHEAP_STEP_SECONDS and batch_size > count
-    if cheap and (affordable is None or affordable(RECIPE_STEPS * batch_size * per_example)):  # the trials' batch
-        step, count = step_on(batch_size)  # the copy is warm by now: the faster of two steps, no third
-        per_example = _fastest(step, setup.device, repeats=RECIPE_STEPS, warm_up=False) / count
-    peak = torch.cuda.max_memory_allocated(setup.device) - held if cuda else None
-    return per_example, blocks.count_parameters(model, trainable_only=True), peak
-
-
-def _fastest(run: Callable[[], object], device: torch.device, *, repeats: int, warm_up: bool = True) -> float:
-    """Seconds of the fastest of ``repeats`` calls of ``run``, after one untimed warm-up call (allocations,
-    kernel selection) unless ``warm_up`` is False. The fastest, not the mean: another process on the machine only
-    ever slows a call down."""
-    fastest = math.inf
-    for call in range(repeats + int(warm_up)):
-        _sync(device)
-        started = time.perf_counter()
-        run()
-        _sync(device)
-        fastest = min(fastest, time.perf_counter() - started) if call or not warm_up else fastest
-    return fastest

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from autoft import probe
+from autoft import probe, step_cost
 from autoft.preparation import Setup
 
 __all__ = ["Slot", "slot"]
@@ -106,7 +106,7 @@ def key(setup: Setup, *, seed: int) -> str:
         VERSION, str(dataset.cache_entry.name if dataset.cache_entry else ""), len(dataset.train), len(dataset.val),
         type(setup.base_model).__name__, repr(setup.spec), seed, probe.PROBE_TRAIN_EXAMPLES, probe.PROBE_VAL_EXAMPLES,
         probe.FIRST_TRAIN_EXAMPLES, probe.FIRST_VAL_EXAMPLES,
-        probe.TIMED_STEPS, probe.TIMING_BATCH, probe.RECIPE_BATCH, probe.RECIPE_STEPS, str(device),
+        step_cost.TIMED_STEPS, step_cost.TIMING_BATCH, step_cost.RECIPE_BATCH, step_cost.RECIPE_STEPS, str(device),
         torch.get_num_threads(), torch.cuda.get_device_name(device) if device.type == "cuda" else "", torch.__version__,
     ]  # fmt: skip
     digest.update(json.dumps(parts).encode())

@@ -7,7 +7,6 @@ rebuilt from the configuration each time (Optuna does not store them).
 
 from __future__ import annotations
 
-import importlib
 import logging
 import threading
 import warnings
@@ -21,6 +20,7 @@ from optuna.trial import FrozenTrial, TrialState
 from autoft import objectives
 from autoft.config import SearchConfig
 from autoft.errors import AutoftError
+from autoft.preload import preload
 from autoft.recipe import Recipe
 
 __all__ = [
@@ -48,24 +48,13 @@ STORAGE_MODULES = (
 
 
 def preload_storage(config: SearchConfig) -> threading.Thread | None:
-    """Import what a database storage needs in a background thread, so that loading them overlaps the model's and
-    the data's preparation (mostly C that releases the GIL) instead of following it. ``open_study`` needs no
-    wait: Python's per-module import locks make it wait for a module the thread is importing, never import one
-    twice. A failed import is left for ``open_study`` to meet and report. None for a storage that is no database.
+    """Import what a database storage needs in a background thread (:func:`autoft.preload.preload`), so that
+    loading them overlaps the model's and the data's preparation (mostly C that releases the GIL) instead of
+    following it. None for a storage that is no database.
     """
     if not str(config.storage).startswith(("sqlite", "mysql", "postgresql")):
         return None
-
-    def load() -> None:
-        for name in STORAGE_MODULES:
-            try:
-                importlib.import_module(name)
-            except Exception:  # broad on purpose: open_study imports them again and says what is wrong
-                return
-
-    thread = threading.Thread(target=load, name="autoft-preload-storage", daemon=True)
-    thread.start()
-    return thread
+    return preload(STORAGE_MODULES, name="autoft-preload-storage")
 
 
 def open_study(config: SearchConfig) -> optuna.Study:
