@@ -4,8 +4,9 @@ Methods (baselines.py): ``untuned_default`` (one full fine-tune, Adam lr 1e-3), 
 hand-written Optuna TPE script over the default space's knobs, plain loop), ``handwritten_simple`` (the short
 script a person writes: freeze head / last 2 / none, lr, weight decay, AdamW or SGD, 1-5 epochs, batch 32) and
 ``autoft`` (``autoft.search`` with its defaults). Ablations when named in ``--methods``: ``handwritten_random``,
-``autoft_no_priors``, ``autoft_no_exploit``. Each gets the budget as its timeout (Optuna's: a trial running at
-the timeout stops after the epoch that crosses it; autoft's: its whole call). The hand-written scripts and the
+``autoft_no_priors``, ``autoft_no_exploit``, ``autoft_pruner_<name>`` (``--pruner <name>``). Each gets the
+budget as its timeout (Optuna's: a trial running at the timeout stops after the epoch that crosses it; autoft's:
+its whole call). The hand-written scripts and the
 untuned recipe get the loaded model and decoded data for free, outside their budget; autoft's budget covers its
 whole call (loading, decoding, probe, search, test score, report), the harder condition. Every method runs
 alone, one after the other. Each finished run is appended to the CSV at once; running the same command again
@@ -44,7 +45,10 @@ HANDWRITTEN = ("handwritten_tpe", "handwritten_random", "handwritten_simple")
 # Ablation arms, run only when named in --methods: autoft with --no-priors shows what the priors change (on
 # data sets where a rule fires; ``dots`` and ``digits-few`` were built for the two rules it removed); with
 # --no-exploit, what the exploit phase adds after the portfolio; the random-search script, the sampler's share.
-ABLATIONS = ("autoft_no_priors", "autoft_no_exploit", "handwritten_random")
+# ``autoft_pruner_<name>`` (e.g. autoft_pruner_none, autoft_pruner_sha): autoft with ``--pruner <name>``, what the
+# pruner costs or saves against the default median pruner.
+PRUNER_ARMS = tuple(f"autoft_pruner_{name}" for name in ("none", "sha", "hyperband", "wilcoxon"))
+ABLATIONS = ("autoft_no_priors", "autoft_no_exploit", "handwritten_random", *PRUNER_ARMS)
 COLUMNS = ("dataset", "budget_s", "seed", "method", "test_accuracy", "val_accuracy", "trials", "seconds", "finished")
 
 
@@ -95,10 +99,11 @@ def run_method(
     run_dir = args.run_root / f"{data_dir.name}-{budget:.0f}s-seed{seed}-{method}"
     shutil.rmtree(run_dir, ignore_errors=True)  # a run interrupted earlier: start afresh, not continue it
     portfolio = portfolio_without(data_dir.name, args.loto, args.run_root) if args.loto else None
+    options = {"pruner": method.removeprefix("autoft_pruner_")} if method in PRUNER_ARMS else {}
     return autoft_search(
         data_dir, model=MODEL, run_dir=run_dir, trials=None, timeout=budget, seed=seed, max_epochs=args.max_epochs,
         weights=args.weights, image_size=args.image_size, device="cpu", priors=method != "autoft_no_priors",
-        exploit=method != "autoft_no_exploit", portfolio=portfolio,
+        exploit=method != "autoft_no_exploit", portfolio=portfolio, **options,
     )  # fmt: skip
 
 
@@ -184,7 +189,7 @@ def targets(cells: list[dict[str, Any]], rows: list[dict[str, Any]]) -> dict[str
     ablations = {
         f"{d} {b / 60:g} min autoft - {a}": round(v["autoft"] - v[a], 2)
         for (d, b), v in grouped.items()
-        for a in ("autoft_no_priors", "autoft_no_exploit")
+        for a in ("autoft_no_priors", "autoft_no_exploit", *PRUNER_ARMS)
         if "autoft" in v and a in v
     }
     return {
