@@ -39,7 +39,7 @@ from autoft.errors import AutoftError
 from autoft.exploit import Exploit
 from autoft.keeper import RunFolder, check_free_space, check_run_dir, exported_setup
 from autoft.objectives import ParetoPoint
-from autoft.preload import preload
+from autoft.preload import preload, settle_environment
 from autoft.preparation import Setup, prepare_models
 from autoft.recipe import Recipe, describe_knobs
 from autoft.report import write_report
@@ -199,6 +199,7 @@ def run_search(
     space = space.with_max_epochs(cfg.max_epochs)
     stop, received = threading.Event(), []
     with _stop_on_signals(stop, received):
+        settle_environment(figures.IMPORTANCE_ENVIRONMENT)  # before any thread: the trials' preload writes none
         preload_storage(cfg)  # the study's imports load while the model and data do
         setups = setup if isinstance(setup, dict) else {cfg.models[0]: setup} if setup else prepare_models(cfg)
         for candidate in setups.values():

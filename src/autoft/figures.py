@@ -137,6 +137,9 @@ def pareto_figure(study: optuna.Study, pareto: dict[str, Any]) -> go.Figure:
 # scikit-learn 1.9, scipy 1.17; 1.4 s with older ones). Imported in the wrap-up it overran a 30 s budget by 3 s (its
 # reserve is 2 s on an idle machine), so the controller preloads it while the trials train.
 IMPORTANCE_MODULES = ("optuna.importance",)
+# What importing them writes to the environment (scikit-learn's __init__, 1.9), set before they load in a thread:
+# autoft.preload says why. tests/test_preload.py checks that the import writes nothing else.
+IMPORTANCE_ENVIRONMENT = {"KMP_DUPLICATE_LIB_OK": "True", "KMP_INIT_AT_FORK": "FALSE"}
 
 
 def importance_data(study: optuna.Study) -> tuple[dict[str, float], str]:

@@ -374,9 +374,12 @@ def optimize(
     ...          n_trials=10, timeout=None, on_trial_end=print, should_stop=lambda s: False)  # doctest: +SKIP
     """
     launch_end = None if timeout is None else time.monotonic() + timeout
-    connected = _connect(cluster.address)
+    # Written before Ray's threads start (they call getenv at any time; autoft.preload says why that matters), and
+    # only when not set yet, so a second search in a process where Ray already runs writes nothing.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no tables of Tune's own on the terminal
-    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # Ctrl-C is the controller's: it records, Tune's would not
+    if os.environ.get("TUNE_DISABLE_SIGINT_HANDLER") != "1":  # Ctrl-C is the controller's: it records, Tune's not
+        os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    connected = _connect(cluster.address)
     holder = _Holder.remote()
     bridge = _Bridge(
         study, space, keep, holder,
