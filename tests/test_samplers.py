@@ -9,9 +9,13 @@ import pytest
 from optuna.trial import TrialState
 
 import autoft
+from autoft.backends import local
+from autoft.budget import CHEAP_FINISH, Budget, plan_budget
 from autoft.config import PRUNERS, SAMPLERS
+from autoft.objectives import EpochReports
 from autoft.space import Param, SearchSpace
 from autoft.study import _KeepsLpFt, _WithoutBudgetCuts, create_pruner, create_sampler, in_lp_ft_dip
+from autoft.trial import EpochMetrics, TrialOutcome
 from conftest import make_image_folder
 
 # Two continuous knobs (so GP, CMA-ES and QMC model something after the 3 startup trials), cheap trials.
@@ -98,6 +102,60 @@ def test_the_pruner_does_not_stop_lp_ft_at_its_unfreezing_dip() -> None:
     assert not study.pruner.prune(study, lp_ft)
     assert study.pruner.prune(study, full)  # the same curve without LP-FT's reason is cut
     assert study.pruner.prune(study, _running(study, "lp_ft", [*dip, 0.3]))  # still down one epoch later: cut
+
+
+def _strong_study(directions: list[str]) -> optuna.Study:
+    """A study whose three finished trials climbed to 0.9: a median pruner stops a trial at 0.2 after epoch 1."""
+    study = optuna.create_study(directions=directions, pruner=create_pruner("median", max_epochs=9))
+    for _ in range(3):
+        curve = [0.8, 0.85, 0.9, 0.9]
+        values = [0.9] + [10.0] * (len(directions) - 1)
+        study.add_trial(optuna.trial.create_trial(values=values, intermediate_values=dict(enumerate(curve)),
+                                                  user_attrs={"val_accuracy": curve}))  # fmt: skip
+    return study
+
+
+@pytest.mark.parametrize("directions", [["maximize"], ["maximize", "minimize"]])
+def test_the_pruner_spares_a_trial_whose_rest_costs_less_than_the_finish_allowance(directions: list[str]) -> None:
+    study = _strong_study(directions)
+    epochs = EpochReports(study, finish_allowance=5.0)
+    dear, cheap = study.ask(), study.ask()
+    for trial in (dear, cheap):
+        assert not epochs.report(trial, 0, 0.1, seconds_left=30.0)  # the warm-up epoch: never judged
+    assert epochs.report(dear, 1, 0.2, seconds_left=5.5)  # stopping it frees 5.5 s: stopped
+    assert not epochs.report(cheap, 1, 0.2, seconds_left=4.0)  # 4 s to its end: it runs on...
+    assert not epochs.report(cheap, 2, 0.2, seconds_left=2.0)
+    assert study.trials[cheap.number].user_attrs["pruning_waived"] == 1  # ...and the record says from when
+    assert "pruning_waived" not in study.trials[dear.number].user_attrs
+    assert not EpochReports(study).report(study.ask(), 1, 0.95, seconds_left=0.0)  # a good trial is never stopped
+
+
+def test_a_budget_allows_a_share_of_its_search_time_to_finish_a_trial() -> None:
+    from test_plan import PROBE, PROFILE  # the plan tests' measured probe and data
+
+    planned = plan_budget(600, PROBE, PROFILE, spent=30, max_epochs=10, pruner="median")
+    assert Budget.from_plan(planned, started=0.0).finish_allowance == pytest.approx(CHEAP_FINISH * planned.search)
+    assert Budget(search_end=0.0, epoch_seconds=1.0).finish_allowance == 0.0  # a hand-made budget: the pruner decides
+
+
+@pytest.mark.parametrize(("epoch_seconds", "state"), [(10.0, TrialState.PRUNED), (1.0, TrialState.COMPLETE)])
+def test_the_local_backend_counts_a_trials_remaining_epochs_at_its_own_pace(epoch_seconds: float, state) -> None:
+    # 4 epochs; judged after epoch 1 with 2 left: 20 s is more than the 5 s allowance, 2 s is not.
+    study = _strong_study(["maximize"])
+    space = SearchSpace([Param("lr", "float", low=1e-4, high=1e-1, log=True), Param("epochs", "fixed", value=4)])
+
+    def execute(number: int, params: dict, report) -> TrialOutcome:
+        history = []
+        for epoch in range(params["epochs"]):
+            history.append(EpochMetrics(epoch, train_loss=1.0, val_loss=1.0, val_accuracy=0.2, seconds=epoch_seconds))
+            if report(epoch, history[-1]):
+                return TrialOutcome(best_score=0.2, best_epoch=0, history=history, stopped_early=True)
+        return TrialOutcome(best_score=0.2, best_epoch=0, history=history)
+
+    local.optimize(study, space, execute, n_trials=1, timeout=None, on_trial_end=lambda t: None, should_stop=bool,
+                   finish_allowance=5.0)  # fmt: skip
+    assert study.trials[-1].state == state
+    assert study.trials[-1].user_attrs.get("pruning_waived") == (1 if state == TrialState.COMPLETE else None)
 
 
 @pytest.mark.parametrize("name", ["median", "hyperband", "sha", "wilcoxon"])

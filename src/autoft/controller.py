@@ -275,7 +275,8 @@ def _optimize(
     window = budget.launch_window() if budget else None
     # After the portfolio, its best recipe's neighbours (with --no-warm-start there is no portfolio to follow).
     refill = Exploit(space, cfg.objectives) if cfg.exploit and cfg.warm_start else None
-    limits = dict(queue=queue, refill=refill, n_trials=remaining, timeout=window, on_trial_end=on_trial_end)
+    limits = dict(queue=queue, refill=refill, n_trials=remaining, timeout=window, on_trial_end=on_trial_end,
+                  finish_allowance=budget.finish_allowance if budget else 0.0)  # fmt: skip
     should_stop = lambda s: stop.is_set() or systematic_error(s) is not None  # noqa: E731
     try:
         if _backend(cfg) == "ray":

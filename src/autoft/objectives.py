@@ -19,6 +19,7 @@ study's own pruner to the accuracy curves through a single-objective shadow stud
 from __future__ import annotations
 
 import copy
+import math
 import statistics
 import time
 from collections.abc import Sequence
@@ -134,10 +135,16 @@ class EpochReports:
     curve goes to the trial's user attr ``val_accuracy`` (not its intermediate values: Optuna's TPE fails on a
     multi-objective study whose pruned trials have them) and the same pruner judges it in an in-memory
     single-objective shadow study that mirrors every finished trial's accuracy curve.
+
+    ``finish_allowance``: a trial whose remaining epochs cost at most this many seconds is not stopped, whatever
+    the pruner says (recorded as the user attr ``pruning_waived``, the first epoch it was waived at): stopping it
+    frees too little of the budget to pay for the chance of losing the best trial (:data:`autoft.budget.
+    CHEAP_FINISH`). 0: the pruner alone decides.
     """
 
-    def __init__(self, study: optuna.Study):
+    def __init__(self, study: optuna.Study, *, finish_allowance: float = 0.0):
         self.study = study
+        self.finish_allowance = finish_allowance
         self.multi = len(study.directions) > 1
         self.curves: dict[int, list[float]] = {}
         self.shadow_ids: dict[int, int] = {}  # real trial number -> shadow trial id, while it runs
@@ -148,8 +155,18 @@ class EpochReports:
             else None
         )
 
-    def report(self, trial: optuna.Trial, epoch: int, value: float) -> bool:
-        """Record ``value`` for ``epoch``; True when the pruner says the trial should stop."""
+    def report(self, trial: optuna.Trial, epoch: int, value: float, *, seconds_left: float = math.inf) -> bool:
+        """Record ``value`` for ``epoch``; True when the pruner says the trial should stop and finishing it (its
+        remaining epochs, ``seconds_left``) would cost more than the finish allowance."""
+        if not self._pruner_stops(trial, epoch, value):
+            return False
+        if seconds_left > self.finish_allowance:
+            return True
+        if "pruning_waived" not in trial.user_attrs:
+            trial.set_user_attr("pruning_waived", epoch)
+        return False
+
+    def _pruner_stops(self, trial: optuna.Trial, epoch: int, value: float) -> bool:
         if not self.multi:
             trial.report(value, epoch)
             return trial.should_prune()

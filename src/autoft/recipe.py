@@ -117,6 +117,11 @@ class Recipe:
                 raise AutoftError(f"Recipe field {name}={value!r} is out of range; it must be {rule}.")
 
     @classmethod
+    def epochs_of(cls, params: dict[str, Any]) -> int:
+        """The epochs ``params`` ask for, without checking the rest (a bad knob fails the trial where it runs)."""
+        return int(params.get("epochs", cls.__dataclass_fields__["epochs"].default))
+
+    @classmethod
     def from_params(cls, params: dict[str, Any]) -> Recipe:
         """Build a recipe from a space's chosen values; unknown keys are an error, missing ones take defaults.
 

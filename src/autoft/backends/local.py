@@ -17,6 +17,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from autoft.objectives import EpochReports, study_objectives, trial_values
+from autoft.recipe import Recipe
 from autoft.space import Space
 from autoft.study import Queued, Refill
 from autoft.trial import EpochMetrics, Report, TrialOutcome
@@ -33,16 +34,20 @@ class TrialInterrupted(Exception):
     """The trial was stopped by a signal before it finished; it is recorded FAIL and retried on resume."""
 
 
-def _objective(space: Space, execute: Execute, study: optuna.Study) -> Callable[[optuna.Trial], float | list[float]]:
-    epochs, names = EpochReports(study), study_objectives(study)
+def _objective(
+    space: Space, execute: Execute, study: optuna.Study, finish_allowance: float
+) -> Callable[[optuna.Trial], float | list[float]]:
+    epochs, names = EpochReports(study, finish_allowance=finish_allowance), study_objectives(study)
 
     def objective(trial: optuna.Trial) -> float | list[float]:
         params = space.sample(trial)
         # The knobs as the recipe sees them: fixed values and define-by-run names are not in trial.params.
         trial.set_user_attr("knobs", params)
+        planned = Recipe.epochs_of(params)
 
         def report(epoch: int, metrics: EpochMetrics) -> bool:
-            return epochs.report(trial, epoch, metrics.val_accuracy)
+            left = (planned - epoch - 1) * metrics.seconds
+            return epochs.report(trial, epoch, metrics.val_accuracy, seconds_left=left)
 
         try:
             outcome = execute(trial.number, params, report)
@@ -83,8 +88,10 @@ def optimize(
     should_stop: Callable[[optuna.Study], bool],
     queue: Sequence[Queued] = (),
     refill: Refill | None = None,
+    finish_allowance: float = 0.0,
 ) -> None:
     """Run up to ``n_trials`` trials in this process, the ``queue`` first; none starts after ``timeout`` seconds.
+    The pruner does not stop a trial with at most ``finish_allowance`` seconds left to run.
 
     When the queue is empty, ``refill(study)`` may queue more (the exploit phase, :mod:`autoft.exploit`) before
     the sampler is asked.
@@ -95,7 +102,7 @@ def optimize(
     >>> optimize(study, load_space("default"), execute, n_trials=10, timeout=None,
     ...          on_trial_end=print, should_stop=lambda s: False)  # doctest: +SKIP
     """
-    objective, pending, stopping = _objective(space, execute, study), list(queue), []
+    objective, pending, stopping = _objective(space, execute, study, finish_allowance), list(queue), []
     launch_end = None if timeout is None else time.monotonic() + timeout
     ran = 0
 

@@ -48,6 +48,7 @@ from ray.tune.stopper import Stopper
 
 from autoft.errors import AutoftError
 from autoft.objectives import EpochReports, study_objectives, trial_values
+from autoft.recipe import Recipe
 from autoft.space import Space
 from autoft.study import Queued, Refill
 from autoft.tasks import base
@@ -104,7 +105,7 @@ def _trainable(config: dict, worker: Worker, holder: Any) -> None:
         return
     number, params = job
     node = ray.get_runtime_context().get_node_id()
-    epochs = int(params.get("epochs", 0))
+    epochs = Recipe.epochs_of(params)
 
     def report(epoch: int, metrics: EpochMetrics) -> bool:
         tune.report(
@@ -146,6 +147,7 @@ class _Bridge:
         should_stop: Callable[[optuna.Study], bool],
         queue: Sequence[Queued] = (),
         refill: Refill | None = None,
+        finish_allowance: float = 0.0,
     ):
         self.study, self.space, self.keep, self.holder, self.queue = study, space, keep, holder, list(queue)
         self.refill = refill
@@ -155,7 +157,8 @@ class _Bridge:
         self.params: dict[str, dict] = {}  # the knobs each trial trains with (fixed values included)
         self.history: dict[str, list[dict]] = {}
         self.slots, self.started, self.stopping, self.polled = 0, 0, False, 0.0
-        self.epochs, self.objectives = EpochReports(study), study_objectives(study)
+        self.epochs = EpochReports(study, finish_allowance=finish_allowance)
+        self.objectives = study_objectives(study)
 
     def __getstate__(self) -> dict:
         # Tune pickles its searcher, stopper and callbacks to resume its own experiments. autoft resumes from
@@ -210,7 +213,8 @@ class _Bridge:
         if not self.history[trial_id]:
             trial.set_user_attr("node_id", result["node_id"])
         self.history[trial_id].append(result)
-        prune = self.epochs.report(trial, result["epoch"], result["val_accuracy"])
+        left = (result["epochs"] - result["epoch"] - 1) * result["seconds"]
+        prune = self.epochs.report(trial, result["epoch"], result["val_accuracy"], seconds_left=left)
         last_epoch = result["epoch"] + 1 >= result["epochs"]
         return not last_epoch and prune  # like the local backend: a full run is COMPLETE
 
@@ -361,6 +365,7 @@ def optimize(
     should_stop: Callable[[optuna.Study], bool],
     queue: Sequence[Queued] = (),
     refill: Refill | None = None,
+    finish_allowance: float = 0.0,
 ) -> None:
     """Run up to ``n_trials`` trials as Ray Tune trials on ``cluster``, the ``queue`` first (each added to the
     study only as its trial starts), then what ``refill(study)`` queues when it runs dry (the exploit phase);
@@ -368,7 +373,7 @@ def optimize(
 
     ``timeout`` is a launch window, as in the local backend: trials running when it closes run on (the worker's
     own deadline rule ends them). ``should_stop`` becoming true (Ctrl-C) ends the running trials, recorded FAIL
-    + ``interrupted``.
+    + ``interrupted``. The pruner does not stop a trial with at most ``finish_allowance`` seconds left to run.
 
     >>> optimize(study, load_space("default"), executor.worker, executor.keep, cluster=Cluster(),
     ...          n_trials=10, timeout=None, on_trial_end=print, should_stop=lambda s: False)  # doctest: +SKIP
@@ -384,7 +389,7 @@ def optimize(
     bridge = _Bridge(
         study, space, keep, holder,
         n_trials=n_trials, launch_end=launch_end, on_trial_end=on_trial_end, should_stop=should_stop, queue=queue,
-        refill=refill,
+        refill=refill, finish_allowance=finish_allowance,
     )  # fmt: skip
     # Put in the object store once; on this machine (a local Ray) mapped data goes as its cache file's path, so the
     # workers map the one copy in the page cache instead of each unpickling its own (a cluster's nodes get bytes).
